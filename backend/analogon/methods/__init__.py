@@ -1,0 +1,48 @@
+"""The method registry. Each method is one module that reads like its paper."""
+from __future__ import annotations
+
+import importlib
+
+from .base import Method
+
+_REGISTRY: dict[str, Method] = {}
+# The built-in methods, imported on first use of the registry.
+BUILTIN = ("pixels", "appearance", "dia", "difference")
+_loaded = False
+
+
+def register(method: Method) -> Method:
+    _REGISTRY[method.id] = method
+    return method
+
+
+def unregister(method_id: str) -> None:
+    _REGISTRY.pop(method_id, None)
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in BUILTIN:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+def get(method_id: str) -> Method:
+    _load_builtins()
+    try:
+        return _REGISTRY[method_id]
+    except KeyError:
+        from ..errors import AnalogonError
+
+        raise AnalogonError(
+            "unknown_method", f"No method called {method_id!r}.",
+            {"available": sorted(_REGISTRY)}, status=404,
+        ) from None
+
+
+def all_methods() -> list[Method]:
+    _load_builtins()
+    order = {m: i for i, m in enumerate(BUILTIN)}
+    return sorted(_REGISTRY.values(), key=lambda m: (order.get(m.id, 99), m.id))

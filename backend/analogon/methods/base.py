@@ -1,0 +1,201 @@
+"""What every method is: typed parameters, named image roles, and a run function.
+
+A method module defines a pydantic ``Params`` model (every field with a default, a range
+where one makes sense, and a description: the panel builds its form from the JSON schema),
+the roles it takes, and ``run(ctx, inputs, params) -> MethodResult``. It registers an
+instance with :func:`analogon.methods.register`.
+
+The engine (``analogon.server``/``analogon.cli``) resolves the model, decodes and places
+the images, validates the parameters and calls ``run``; it never knows a method's insides.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import AnalogonError, JobCancelled  # noqa: F401  (re-exported for methods)
+
+RoleKind = Literal["image", "map", "mask"]
+
+
+@dataclass(frozen=True)
+class Role:
+    """An image input of a method, as the panel shows it."""
+
+    name: str
+    title: str
+    kind: RoleKind = "image"
+    required: bool = True
+    multiple: bool = False
+    help: str = ""
+    # The role whose size this one is placed onto (None: the image keeps its own size).
+    canvas: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+
+# Every method takes these two optional roles; the engine handles their final compositing.
+EDIT_MAP_ROLE = Role(
+    "edit_map", "Edit map", "map", required=False,
+    help="Grey-scale: brighter = more change, black = keep exactly.",
+)
+MASK_ROLE = Role(
+    "mask", "Mask", "mask", required=False,
+    help="Only the selected area may change.",
+)
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class LayerImage:
+    """One decoded input image: RGBA8, already placed on its canvas."""
+
+    rgba: np.ndarray  # (H, W, 4) uint8
+    sha: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)"""
+        return self.rgba.shape[1], self.rgba.shape[0]
+
+
+@dataclass
+class Inputs:
+    """The job's images by role name. Multiple roles hold lists."""
+
+    images: dict[str, LayerImage | list[LayerImage]]
+
+    def get(self, name: str) -> LayerImage | None:
+        v = self.images.get(name)
+        if isinstance(v, list):
+            return v[0] if v else None
+        return v
+
+    def all(self, name: str) -> list[LayerImage]:
+        v = self.images.get(name)
+        if v is None:
+            return []
+        return v if isinstance(v, list) else [v]
+
+    def __contains__(self, name: str) -> bool:
+        return bool(self.all(name))
+
+
+@dataclass
+class ResultImage:
+    rgba: np.ndarray  # (H, W, 4) uint8
+    label: str = ""
+
+
+@dataclass
+class MethodResult:
+    images: list[ResultImage]
+    # Parameters worth reporting beyond the validated params (e.g. resolved prompts, sizes).
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set the class attributes and implement :meth:`run`."""
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    description: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]]
+    roles: ClassVar[tuple[Role, ...]]
+    # The role whose image is the edit target: results have its size, and edit_map/mask are
+    # placed on its canvas and composited against it.
+    target_role: ClassVar[str]
+    # Parameters `analogon demo` uses on the embedded tiny models (fast settings).
+    demo_params: ClassVar[dict[str, Any]] = {}
+
+    def all_roles(self) -> tuple[Role, ...]:
+        names = {r.name for r in self.roles}
+        extra = tuple(r for r in (EDIT_MAP_ROLE, MASK_ROLE) if r.name not in names)
+        extra = tuple(dataclasses.replace(r, canvas=self.target_role) for r in extra)
+        return self.roles + extra
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "description": self.description,
+            "help": self.help,
+            "target_role": self.target_role,
+            "roles": [r.to_json() for r in self.all_roles()],
+            "params": self.Params.model_json_schema(),
+        }
+
+    def run(self, ctx: "JobContext", inputs: Inputs, params: MethodParams) -> MethodResult:
+        raise NotImplementedError
+
+
+ProgressFn = Callable[[str, int | None, int | None], None]
+PreviewFn = Callable[[np.ndarray, int | None], None]
+
+
+class JobContext:
+    """What a running method may use: the model, the cache, the seed, and the job's voice.
+
+    ``progress``/``preview``/``check_cancelled`` are cheap; call ``check_cancelled`` at least
+    once per denoising step (``step_callback`` does both).
+    """
+
+    def __init__(
+        self,
+        model: Any,  # analogon.models.ModelBundle
+        cache: Any,  # analogon.core.cache.Cache
+        seed: int,
+        progress: ProgressFn | None = None,
+        preview: PreviewFn | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ):
+        self.model = model
+        self.cache = cache
+        self.seed = int(seed)
+        self._progress = progress
+        self._preview = preview
+        self._cancelled = cancelled
+        self.stage = ""
+
+    # -- voice ------------------------------------------------------------------------
+    def progress(self, stage: str, step: int | None = None, total: int | None = None) -> None:
+        self.stage = stage
+        self.check_cancelled()
+        if self._progress is not None:
+            self._progress(stage, step, total)
+
+    def preview(self, rgb: np.ndarray, step: int | None = None) -> None:
+        if self._preview is not None:
+            self._preview(rgb, step)
+
+    def check_cancelled(self) -> None:
+        if self._cancelled is not None and self._cancelled():
+            raise JobCancelled()
+
+    def step_callback(self, stage: str, total: int) -> Callable[[int], None]:
+        """A per-step callback for sampler loops: reports progress and honours cancel."""
+
+        def cb(step: int) -> None:
+            self.progress(stage, step, total)
+
+        return cb
+
+    # -- randomness -------------------------------------------------------------------
+    def generator(self, device: Any = "cpu", offset: int = 0):
+        import torch
+
+        g = torch.Generator(device=str(device) if str(device) != "mps" else "cpu")
+        g.manual_seed(self.seed + offset)
+        return g

@@ -1,0 +1,369 @@
+"""Model specs to ready pipelines, kept warm.
+
+A spec is one of
+- an embedded name: ``tiny-sd``, ``tiny-sdxl`` (random weights, built in code), ``toy-sd``
+  (the trained toy-world model shipped in the package);
+- a local diffusers folder (has ``model_index.json``);
+- a single ``.safetensors``/``.ckpt`` checkpoint as Krita/ComfyUI users keep them;
+- a Hugging Face repo id (``org/name``), loaded from the local hub cache, or downloaded when
+  the network allows.
+
+The family (``sd1``, ``sd2``, ``sdxl``) is detected from the files, never from the name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ModelError
+
+Family = Literal["sd1", "sd2", "sdxl"]
+
+NATIVE_SIZE: dict[str, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+EMBEDDED = ("tiny-sd", "tiny-sdxl", "toy-sd")
+DEFAULT_MODEL = "tiny-sd"
+
+
+@dataclass
+class LoadOptions:
+    device: str | None = None  # None: cuda > mps > cpu
+    dtype: str | None = None  # None: float16 on cuda/mps, float32 on cpu
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+
+    def key(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded pipeline and what the methods need to know about it."""
+
+    spec: str
+    family: Family
+    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    device: torch.device
+    dtype: torch.dtype
+    source: str  # embedded | local | single_file | hub
+    # A stable identity for cache keys: changes when the weights change.
+    key: str
+    native_size: int = 512
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # components, for readability in the methods
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def text_encoder_2(self):
+        return getattr(self.pipe, "text_encoder_2", None)
+
+    @property
+    def tokenizer_2(self):
+        return getattr(self.pipe, "tokenizer_2", None)
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.spec, "family": self.family, "source": self.source,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+
+
+# -- device and dtype ----------------------------------------------------------------------
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    if requested:
+        try:
+            return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}[requested]
+        except KeyError:
+            raise ModelError("bad_dtype", f"Unknown dtype {requested!r}.", status=400) from None
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+# -- family detection --------------------------------------------------------------------
+
+def family_from_diffusers_folder(path: Path) -> Family:
+    index = json.loads((path / "model_index.json").read_text())
+    cls = index.get("_class_name", "")
+    if "XL" in cls or "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
+        return "sdxl"
+    unet_cfg = path / "unet" / "config.json"
+    if unet_cfg.exists():
+        cfg = json.loads(unet_cfg.read_text())
+        if cfg.get("addition_embed_type") == "text_time":
+            return "sdxl"
+        if cfg.get("cross_attention_dim") == 1024:
+            return "sd2"
+    sched = path / "scheduler" / "scheduler_config.json"
+    if sched.exists() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def family_from_state_dict_keys(keys: list[str] | set[str]) -> Family:
+    """Original (LDM) single-file layout: which text encoder is inside tells the family."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    # diffusers layout saved as one file
+    if any(k.startswith("text_encoder_2.") for k in keys) or any("add_embedding" in k for k in keys):
+        return "sdxl"
+    raise ModelError(
+        "unknown_checkpoint",
+        "This checkpoint is not a Stable Diffusion 1.x, 2.x or SDXL model (no known text "
+        "encoder inside).",
+        status=400,
+    )
+
+
+def _pipeline_class(family: Family):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _folder_key(path: Path) -> str:
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+MISSING_MODEL_HELP = (
+    "Model weights cannot be downloaded here. Point the model field at a local diffusers "
+    "folder (one with model_index.json) or at a single .safetensors checkpoint file, or use "
+    "an embedded model: " + ", ".join(EMBEDDED) + "."
+)
+
+
+def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
+    """Resolve and load one model spec. Raises ModelError with a readable message."""
+    options = options or LoadOptions()
+    device = pick_device(options.device)
+    dtype = pick_dtype(device, options.dtype)
+    spec = spec.strip()
+    if not spec:
+        raise ModelError("no_model", "No model given. " + MISSING_MODEL_HELP, status=400)
+
+    if spec in ("tiny-sd", "tiny-sdxl"):
+        from .tiny import TINY_BUILDERS
+
+        builder, family = TINY_BUILDERS[spec]
+        pipe = builder(torch.float32)
+        source, key = "embedded", spec
+    elif spec == "toy-sd":
+        from .toy import toy_sd_path
+
+        path = toy_sd_path()
+        pipe, family = _load_folder(path, dtype)
+        source, key = "embedded", "toy-sd:" + _folder_key(path)
+    else:
+        path = Path(os.path.expanduser(spec))
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise ModelError(
+                    "not_a_model_folder",
+                    f"{path} is a folder but not a diffusers model (no model_index.json).",
+                    status=400,
+                )
+            pipe, family = _load_folder(path, dtype)
+            source, key = "local", "dir:" + _folder_key(path)
+        elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+            if not path.exists():
+                raise ModelError("model_not_found", f"No checkpoint file at {path}.")
+            from .single_file import load_single_file
+
+            pipe, family = load_single_file(path, dtype)
+            source, key = "single_file", "file:" + _file_key(path)
+        elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+            pipe, family = _load_hub(spec, dtype)
+            source, key = "hub", "hub:" + spec
+        else:
+            raise ModelError("model_not_found", f"No model called {spec!r}. " + MISSING_MODEL_HELP)
+
+    pipe = _place(pipe, family, device, dtype, options)
+    return ModelBundle(
+        spec=spec, family=family, pipe=pipe, device=device, dtype=dtype, source=source,
+        key=key, native_size=_native_size(spec, family),
+    )
+
+
+def _native_size(spec: str, family: Family) -> int:
+    if spec in ("tiny-sd", "tiny-sdxl"):
+        return 64  # toy-sized: keeps tests fast
+    if spec == "toy-sd":
+        from .toy import TOY_NATIVE_SIZE
+
+        return TOY_NATIVE_SIZE
+    return NATIVE_SIZE[family]
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    family = family_from_diffusers_folder(path)
+    cls = _pipeline_class(family)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if family != "sdxl":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_pretrained(str(path), dtype=dtype, **kwargs)
+    except TypeError:  # older diffusers: torch_dtype
+        pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs)
+    return pipe, family
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype):
+    """A hub id: the local cache first; the network only when allowed and reachable."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        folder = snapshot_download(
+            repo_id, local_files_only=True,
+            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+        )
+    except Exception:
+        if offline:
+            raise ModelError(
+                "model_not_available",
+                f"{repo_id} is not in the local Hugging Face cache and the hub is offline. "
+                + MISSING_MODEL_HELP,
+            ) from None
+        try:
+            folder = snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                etag_timeout=10,
+            )
+        except Exception as e:
+            raise ModelError(
+                "model_not_available",
+                f"Could not download {repo_id} ({type(e).__name__}). " + MISSING_MODEL_HELP,
+            ) from None
+    return _load_folder(Path(folder), dtype)
+
+
+def _place(pipe, family: Family, device: torch.device, dtype: torch.dtype, options: LoadOptions):
+    if pipe.unet.dtype != dtype:
+        pipe.to(dtype=dtype)
+    # SDXL's VAE overflows in fp16: keep it in fp32 (the pipelines' force_upcast).
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(dtype=torch.float32)
+    if options.cpu_offload and device.type != "cpu":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+    try:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    except Exception:  # pragma: no cover - very old diffusers
+        pass
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    return pipe
+
+
+class ModelManager:
+    """Keeps the last ``capacity`` models warm. Thread-safe; loads outside the lock's way."""
+
+    def __init__(self, capacity: int = 1, options: LoadOptions | None = None):
+        self.capacity = max(1, capacity)
+        self.options = options or LoadOptions()
+        self._models: OrderedDict[str, ModelBundle] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, spec: str) -> ModelBundle:
+        with self._lock:
+            if spec in self._models:
+                self._models.move_to_end(spec)
+                return self._models[spec]
+        bundle = load_bundle(spec, self.options)
+        with self._lock:
+            self.loads += 1
+            self._models[spec] = bundle
+            while len(self._models) > self.capacity:
+                _, old = self._models.popitem(last=False)
+                del old
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return bundle
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def available(self) -> list[dict[str, Any]]:
+        loaded = set(self.loaded())
+        out = []
+        for name in EMBEDDED:
+            fam = "sdxl" if name == "tiny-sdxl" else "sd1"
+            if name == "toy-sd":
+                from .toy import toy_sd_available
+
+                if not toy_sd_available():
+                    continue
+            out.append({"id": name, "family": fam, "source": "embedded", "loaded": name in loaded})
+        for name in loaded:
+            if name not in EMBEDDED:
+                b = self._models.get(name)
+                out.append({"id": name, "family": b.family if b else None,
+                            "source": b.source if b else "local", "loaded": True})
+        return out
