@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 from .base import Method
 
@@ -9,6 +10,8 @@ _REGISTRY: dict[str, Method] = {}
 # The built-in methods, imported on first use of the registry.
 BUILTIN = ("pixels", "appearance", "dia", "difference")
 _loaded = False
+# Built-in modules that could not be imported: name -> reason (shown by `analogon doctor`).
+UNAVAILABLE: dict[str, str] = {}
 
 
 def register(method: Method) -> Method:
@@ -26,7 +29,18 @@ def _load_builtins() -> None:
         return
     _loaded = True
     for name in BUILTIN:
-        importlib.import_module(f"{__name__}.{name}")
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                UNAVAILABLE[name] = "not installed"
+                logging.getLogger(__name__).warning("built-in method %r is not available", name)
+            else:  # the module exists but needs something missing
+                UNAVAILABLE[name] = f"cannot import {e.name}"
+                logging.getLogger(__name__).exception("built-in method %r failed to import", name)
+        except Exception as e:  # a broken method must not take the others down
+            UNAVAILABLE[name] = f"{type(e).__name__}: {e}"
+            logging.getLogger(__name__).exception("built-in method %r failed to import", name)
 
 
 def get(method_id: str) -> Method:
