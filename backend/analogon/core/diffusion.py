@@ -1,0 +1,224 @@
+"""The diffusion building blocks every method shares, on a ModelBundle's stock components.
+
+- ``Conditioning``: the UNet's text conditioning for SD 1.x/2.x (hidden states) and SDXL
+  (hidden states + pooled embedding + size ids), batched and concatenated as one value.
+- ``encode_prompt``: the pipeline's own prompt encoder, wrapped into Conditioning.
+- ``vae_encode`` / ``vae_decode``: scaled latents, in the VAE's dtype (SDXL's VAE stays fp32).
+- ``make_scheduler``, ``img2img_timesteps``, ``noised``: schedulers by name, the img2img
+  truncation diffusers uses, and noising at one timestep that is immune to ``set_begin_index``.
+- ``predict_noise``: one (optionally classifier-free guided) UNet call.
+- ``sample``: a guided denoising loop with a per-step hook (edit maps use it), progress and cancel.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+SCHEDULER_NAMES = tuple(SCHEDULERS)
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for the UNet. ``pooled``/``time_ids`` are set for SDXL only."""
+
+    hidden: torch.Tensor  # (B, 77, D)
+    pooled: torch.Tensor | None = None  # (B, P)
+    time_ids: torch.Tensor | None = None  # (B, 6)
+
+    @property
+    def batch(self) -> int:
+        return self.hidden.shape[0]
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kw
+
+    def repeat(self, n: int) -> "Conditioning":
+        return self.map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Conditioning":
+        return Conditioning(*(None if v is None else fn(v) for v in dataclasses.astuple(self)))
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        fields = list(zip(*(dataclasses.astuple(c) for c in items)))
+        return Conditioning(*(None if f[0] is None else torch.cat(f) for f in fields))
+
+    def lerp_delta(self, plus: "Conditioning", minus: "Conditioning", scale: float) -> "Conditioning":
+        """self + scale·(plus − minus), field by field (used by analogies in embedding space)."""
+        def f(a, b, c):
+            return None if a is None else a + scale * (b - c)
+        s, p, m = dataclasses.astuple(self), dataclasses.astuple(plus), dataclasses.astuple(minus)
+        return Conditioning(*(f(a, b, c) if i < 2 else a for i, (a, b, c) in enumerate(zip(s, p, m))))
+
+
+def sdxl_time_ids(size_hw: tuple[int, int], device, dtype) -> torch.Tensor:
+    """(original size, crop top-left, target size) for SDXL's micro-conditioning."""
+    h, w = size_hw
+    return torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_prompt(bundle, prompt: str, negative: str = "", image_hw: tuple[int, int] | None = None
+                  ) -> tuple[Conditioning, Conditioning]:
+    """(conditional, unconditional) Conditioning for a prompt, using the pipeline's encoder."""
+    pipe = bundle.pipe
+    dev = bundle.device
+    if bundle.is_sdxl:
+        pe, ne, pp, npool = pipe.encode_prompt(
+            prompt=prompt, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative or None,
+        )
+        hw = image_hw or (bundle.native_size, bundle.native_size)
+        ids = sdxl_time_ids(hw, dev, pe.dtype)
+        return Conditioning(pe, pp, ids), Conditioning(ne, npool, ids)
+    pe, ne = pipe.encode_prompt(prompt, dev, 1, True, negative_prompt=negative or None)
+    return Conditioning(pe), Conditioning(ne)
+
+
+def with_size(cond: Conditioning, image_hw: tuple[int, int]) -> Conditioning:
+    """SDXL: the same conditioning with size ids for another working size."""
+    if cond.time_ids is None:
+        return cond
+    ids = sdxl_time_ids(image_hw, cond.time_ids.device, cond.time_ids.dtype).repeat(cond.batch, 1)
+    return Conditioning(cond.hidden, cond.pooled, ids)
+
+
+# -- VAE ------------------------------------------------------------------------------------
+
+def vae_encode(bundle, image: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] to scaled latents in the UNet's dtype. The distribution's mean
+    unless ``sample`` (deterministic by default)."""
+    vae = bundle.vae
+    x = image.to(device=bundle.device, dtype=vae.dtype)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = (z - shift) * vae.config.scaling_factor
+    return z.to(bundle.unet.dtype)
+
+
+def vae_decode(bundle, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Scaled latents to (B, 3, H, W) in [-1, 1] (float32)."""
+    vae = bundle.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    if grad:
+        return vae.decode(z).sample.float()
+    with torch.no_grad():
+        return vae.decode(z).sample.float()
+
+
+# -- schedulers -------------------------------------------------------------------------------
+
+def make_scheduler(bundle, name: str = "ddim", steps: int = 50, **overrides):
+    """A fresh scheduler of the given kind, configured from the model's own scheduler config,
+    with ``set_timesteps(steps)`` done."""
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, SCHEDULERS[name])
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}; one of {SCHEDULER_NAMES}") from None
+    sched = cls.from_config(bundle.scheduler.config, **overrides)
+    sched.set_timesteps(steps, device=bundle.device)
+    return sched
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps diffusers' img2img runs for ``strength`` (the last ⌈steps·strength⌉)."""
+    init = min(int(steps * strength), steps)
+    start = max(steps - init, 0)
+    return scheduler.timesteps[start * scheduler.order:]
+
+
+def noised(scheduler, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    """x0 noised to timestep t with the scheduler's own ``add_noise``, one timestep at a time.
+
+    Some schedulers read their begin/step index instead of ``t`` once a pipeline called
+    ``set_begin_index``; we clear it for the call so that ``t`` decides."""
+    tt = torch.as_tensor(t, device=x0.device).reshape(1)
+    saved = getattr(scheduler, "_begin_index", None)
+    if saved is not None:
+        scheduler._begin_index = None
+    try:
+        return scheduler.add_noise(x0, noise, tt)
+    finally:
+        if saved is not None:
+            scheduler._begin_index = saved
+
+
+def init_noise(bundle, latent_shape, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(latent_shape, generator=generator, device="cpu", dtype=torch.float32).to(
+        bundle.device, bundle.unet.dtype)
+
+
+# -- the UNet -----------------------------------------------------------------------------------
+
+def predict_noise(bundle, latents: torch.Tensor, t, cond: Conditioning,
+                  uncond: Conditioning | None = None, guidance: float = 1.0,
+                  scheduler=None, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+    """The UNet's noise prediction for ``latents`` at ``t``; classifier-free guided in one batched
+    call when ``uncond`` is given and ``guidance != 1``. ``scheduler.scale_model_input`` is applied
+    when a scheduler is given."""
+    unet = bundle.unet
+    x = scheduler.scale_model_input(latents, t) if scheduler is not None else latents
+    b = latents.shape[0]
+    if cond.batch != b:
+        cond = cond.repeat(b // cond.batch)
+    if uncond is not None and guidance != 1.0:
+        if uncond.batch != b:
+            uncond = uncond.repeat(b // uncond.batch)
+        both = Conditioning.cat([uncond, cond])
+        out = unet(torch.cat([x, x]), t, cross_attention_kwargs=cross_attention_kwargs,
+                   **both.unet_kwargs()).sample
+        e_u, e_c = out.chunk(2)
+        return e_u + guidance * (e_c - e_u)
+    return unet(x, t, cross_attention_kwargs=cross_attention_kwargs, **cond.unet_kwargs()).sample
+
+
+StepHook = Callable[[int, Any, torch.Tensor], torch.Tensor]
+
+
+def sample(bundle, scheduler, latents: torch.Tensor, timesteps, cond: Conditioning,
+           uncond: Conditioning | None = None, guidance: float = 1.0,
+           before_step: StepHook | None = None, on_step: Callable[[int], None] | None = None,
+           generator: torch.Generator | None = None, eta: float | None = None) -> torch.Tensor:
+    """Run the scheduler over ``timesteps`` from ``latents``.
+
+    ``before_step(i, t, latents) -> latents`` runs before each UNet call (edit-map resets,
+    latent surgery); ``on_step(i)`` after each step (progress, cancel: it may raise)."""
+    extra: dict[str, Any] = {}
+    import inspect
+
+    params = inspect.signature(scheduler.step).parameters
+    if generator is not None and "generator" in params:
+        extra["generator"] = generator
+    if eta is not None and "eta" in params:
+        extra["eta"] = eta
+    for i, t in enumerate(timesteps):
+        if before_step is not None:
+            latents = before_step(i, t, latents)
+        with torch.no_grad():
+            eps = predict_noise(bundle, latents, t, cond, uncond, guidance, scheduler=scheduler)
+            latents = scheduler.step(eps, t, latents, **extra).prev_sample
+        if on_step is not None:
+            on_step(i + 1)
+    return latents
