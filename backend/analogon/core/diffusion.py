@@ -25,7 +25,6 @@ SCHEDULERS: dict[str, str] = {
     "unipc": "UniPCMultistepScheduler",
     "pndm": "PNDMScheduler",
     "ddpm": "DDPMScheduler",
-    "lms": "LMSDiscreteScheduler",
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 
