@@ -217,7 +217,7 @@ def decode_inputs(job: PreparedJob, source: ImageSource) -> Inputs:
         return None
 
     def load(ref: ImageRef) -> np.ndarray:
-        return as_rgba(source.load(ref.sha))
+        return np.array(as_rgba(source.load(ref.sha)), copy=True)  # the method may edit it
 
     # images without a canvas first: they are the canvases of the others
     pending: list[tuple[str, list[ImageRef], bool]] = []

@@ -1,0 +1,347 @@
+"""The FastAPI application: see docs/protocol.md for the contract it implements."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__, engine
+from ..errors import AnalogonError
+from .jobs import TERMINAL, JobQueue
+from .store import PNG, RGBA, ImageStore, Limits, check_sha, too_large
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7871
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+KEEPALIVE_S = 15.0
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("ANALOGON_STATE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "analogon"
+
+
+def default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "analogon"
+
+
+@dataclass
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    state_dir: Path | None = None  # None: default_state_dir()
+    default_model: str = "tiny-sd"
+    device: str | None = None
+    dtype: str | None = None
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    cache_dir: Path | None = None  # None: default_cache_dir(); "" -> memory only
+    cache_disk_cap_bytes: int = 4 * 1024**3
+    allow_remote: bool = False
+    token: str | None = None  # None: a fresh random token
+    limits: Limits = field(default_factory=Limits)
+    warm_models: int = 1
+    image_store_cap_bytes: int = 8 * 1024**3
+
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else default_state_dir()
+
+
+def error_response(status: int, code: str, message: str, detail: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message, "detail": detail}, status_code=status,
+                        headers=headers)
+
+
+class GuardMiddleware:
+    """Loopback Host check and bearer-token check, before anything else runs."""
+
+    def __init__(self, app, token: str, allow_remote: bool):
+        self.app = app
+        self.token = token.encode()
+        self.allow_remote = allow_remote
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not self.allow_remote and not _is_loopback_host(headers.get("host", "")):
+            resp = error_response(403, "forbidden_host", "This backend only answers requests addressed "
+                                  "to 127.0.0.1 or localhost.", {"host": headers.get("host")})
+            return await resp(scope, receive, send)
+        if not (scope["path"] == "/v1/health" and scope["method"] in ("GET", "HEAD")):
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+            if not given or not hmac.compare_digest(given, self.token):
+                resp = error_response(
+                    401, "unauthorized",
+                    "Missing or wrong token. The token is in server.json in the backend's state folder."
+                    if given or auth else "This request needs the backend's token (Authorization: Bearer ...).",
+                    headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.strip().lower()
+    if not host:
+        return False
+    if host.startswith("["):
+        name = host[: host.find("]") + 1] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name in LOOPBACK_NAMES
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="Method id, from /v1/methods.")
+    model: str | None = Field(None, description="Model spec; absent: the server's default model.")
+    seed: int | None = Field(None, ge=0, le=engine.MAX_SEED, description="Absent or null: random.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    images: dict[str, Any] = Field(default_factory=dict,
+                                   description="Role name -> sha, {sha,x,y,scale}, or a list of those.")
+
+
+def memory_info() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as f:
+            out["process_rss_bytes"] = int(f.read().split()[1]) * page
+        out["system_total_bytes"] = os.sysconf("SC_PHYS_PAGES") * page
+        out["system_available_bytes"] = os.sysconf("SC_AVPHYS_PAGES") * page
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            out.update(gpu_total_bytes=total, gpu_free_bytes=free,
+                       gpu_allocated_bytes=torch.cuda.memory_allocated())
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application. Its state (store, models, queue) lives in ``app.state``; the worker
+    starts with the app's lifespan (or ``app.state.queue.start()`` by hand)."""
+    from contextlib import asynccontextmanager
+
+    from ..core.cache import Cache
+    from ..methods import UNAVAILABLE, all_methods
+    from ..models import LoadOptions, ModelManager, pick_device, pick_dtype
+
+    settings = settings or Settings()
+    token = settings.token or secrets.token_urlsafe(32)
+    state_dir = settings.resolved_state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    options = LoadOptions(device=settings.device, dtype=settings.dtype,
+                          cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(device, settings.dtype)
+    store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes)
+    if settings.cache_dir == "" or settings.cache_dir == Path(""):
+        cache = Cache(None)
+    else:
+        cache = Cache(settings.cache_dir or default_cache_dir(), disk_cap_bytes=settings.cache_disk_cap_bytes)
+    models = ModelManager(settings.warm_models, options)
+    queue = JobQueue(store, models, cache, device_name=str(device))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        queue.start()
+        app.state.closing = False
+        try:
+            yield
+        finally:
+            app.state.closing = True
+            await asyncio.to_thread(queue.stop)
+
+    app = FastAPI(
+        title="Analogon backend", version=__version__, lifespan=lifespan,
+        description="Example-based image editing for Krita. See docs/protocol.md.",
+        docs_url=None, redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.token = token
+    app.state.store = store
+    app.state.models = models
+    app.state.cache = cache
+    app.state.queue = queue
+    app.state.closing = False
+    app.add_middleware(GuardMiddleware, token=token, allow_remote=settings.allow_remote)
+
+    # -- errors -------------------------------------------------------------------------
+    @app.exception_handler(AnalogonError)
+    async def _analogon_error(request: Request, exc: AnalogonError):
+        return error_response(exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = json.loads(json.dumps(exc.errors(), default=str))
+        for e in errors:
+            e.pop("url", None)
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "bad_json", "The request body is not valid JSON.", errors)
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+                 for e in errors[:5]]
+        return error_response(422, "invalid_params", "The request is not valid: " + "; ".join(parts) + ".",
+                              errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        codes = {404: ("not_found", "There is nothing at this address."),
+                 405: ("method_not_allowed", "This address does not take this kind of request.")}
+        code, message = codes.get(exc.status_code, (f"http_{exc.status_code}", str(exc.detail)))
+        return error_response(exc.status_code, code, message, None, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"The backend failed: {type(exc).__name__}: {exc}")
+
+    # -- service ------------------------------------------------------------------------
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok", "version": __version__, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "memory": memory_info(),
+            "loaded_models": models.loaded(), "default_model": settings.default_model,
+            "queue": queue.queue_length(), "limits": settings.limits.to_json(),
+        }
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {"default": settings.default_model, "models": models.available()}
+
+    @app.get("/v1/methods")
+    def list_methods() -> dict[str, Any]:
+        return {"methods": [m.describe() for m in all_methods()], "unavailable": dict(UNAVAILABLE)}
+
+    # -- images -------------------------------------------------------------------------
+    image_body = {"requestBody": {"required": True, "content": {
+        PNG: {"schema": {"type": "string", "format": "binary"}},
+        RGBA: {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.put("/v1/images/{sha}", status_code=201, openapi_extra=image_body,
+             responses={200: {"description": "Already stored (no-op)."}})
+    async def put_image(sha: str, request: Request):
+        check_sha(sha)
+        limit = settings.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_large(f"The upload is {int(length)} bytes; the limit is {limit}.",
+                            max_body_bytes=limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"The upload is over the limit of {limit} bytes.", max_body_bytes=limit)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        w, h = _int_header(request, "x-image-width"), _int_header(request, "x-image-height")
+        info, created = await asyncio.to_thread(
+            store.put_bytes, sha, body, request.headers.get("content-type", ""), w, h)
+        return JSONResponse(info.to_json(), status_code=201 if created else 200)
+
+    @app.head("/v1/images/{sha}")
+    def head_image(sha: str):
+        check_sha(sha)
+        info = store.info(sha) if sha in store else None
+        if info is None:
+            return Response(status_code=404)
+        return Response(status_code=200, headers={"X-Image-Width": str(info.width),
+                                                  "X-Image-Height": str(info.height)})
+
+    @app.get("/v1/images/{sha}", response_class=Response,
+             responses={200: {"content": {PNG: {}, RGBA: {}}}})
+    async def get_image(sha: str, format: str = "png"):
+        check_sha(sha)
+        if format not in ("png", "rgba"):
+            raise AnalogonError("bad_format", "format is png or rgba.", {"format": format}, status=400)
+        data, info = await asyncio.to_thread(store.get_bytes, sha, format)
+        return Response(data, media_type=PNG if format == "png" else RGBA,
+                        headers={"X-Image-Width": str(info.width), "X-Image-Height": str(info.height)})
+
+    # -- jobs ---------------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=202)
+    def submit(req: JobRequest) -> dict[str, Any]:
+        prepared = engine.prepare(req.method, req.params, req.images, req.model, req.seed,
+                                  settings.default_model, source=store)
+        job = queue.submit(prepared)
+        return {"id": job.id, "status": job.status, "position": queue.position(job),
+                "seed": prepared.seed}
+
+    @app.get("/v1/jobs/{job_id}")
+    def job_status(job_id: str) -> dict[str, Any]:
+        return queue.status_json(queue.get(job_id))
+
+    @app.delete("/v1/jobs/{job_id}")
+    def cancel(job_id: str) -> dict[str, Any]:
+        job = queue.cancel(job_id)
+        return {"id": job.id, "status": job.status}
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(job_id: str, request: Request):
+        job = queue.get(job_id)
+        last = request.headers.get("last-event-id", "")
+        start = int(last) if last.isdigit() else 0
+
+        async def stream():
+            ev = job.subscribe()
+            seq = start
+            try:
+                while True:
+                    ev.clear()
+                    for n, kind, data in job.events_after(seq):
+                        seq = n
+                        yield f"id: {n}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                        if kind in TERMINAL:
+                            return
+                    if app.state.closing:
+                        return
+                    try:
+                        await asyncio.wait_for(ev.wait(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield b": keepalive\n\n"
+            finally:
+                job.unsubscribe(ev)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _int_header(request: Request, name: str) -> int | None:
+    v = request.headers.get(name)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise AnalogonError("bad_image", f"The {name} header must be a whole number.", status=400) from None
