@@ -1,0 +1,685 @@
+"""HTTP + server-sent-events client for the Analogon backend, on QtNetwork.
+
+Everything is asynchronous (Krita's UI thread must never block): one-shot requests take a
+callback, the event stream and the job runner are QObjects with signals. See
+docs/protocol.md for the contract.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .qt import (
+    QByteArray, QImage, QNetworkAccessManager, QNetworkReply, QNetworkRequest, QObject,
+    QTimer, QUrl, pyqtSignal, to_bytes,
+)
+
+RGBA_CONTENT_TYPE = "application/x-analogon-rgba"
+DEFAULT_TIMEOUT_MS = 15_000
+
+
+class ApiError(Exception):
+    """A failed request, with a message a painter can read."""
+
+    def __init__(self, code: str, message: str, status: int | None = None, detail: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Response:
+    status: int | None
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    error: ApiError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.status is not None and 200 <= self.status < 300
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8")) if self.body else None
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _network_message(reply, url: str) -> tuple[str, str]:
+    err = reply.error()
+    E = QNetworkReply.NetworkError
+    if err == E.ConnectionRefusedError:
+        return "unreachable", f"The Analogon backend is not running at {url} (connection refused)."
+    if err == E.HostNotFoundError:
+        return "unreachable", f"The backend address {url} cannot be found."
+    if err == E.RemoteHostClosedError:
+        return "connection_lost", "The backend closed the connection (did it stop or crash?)."
+    if err == E.TimeoutError:
+        return "timeout", "The backend did not answer in time."
+    if err == E.OperationCanceledError:
+        return "aborted", "The request was cancelled."
+    return "network_error", f"Cannot talk to the backend at {url}: {reply.errorString()}"
+
+
+class Call(QObject):
+    """One request in flight: a timeout that restarts on progress, and abort()."""
+
+    def __init__(self, client: "Client", reply, callback, timeout_ms: int, url: str):
+        super().__init__(client)
+        self.client = client
+        self.reply = reply
+        self.callback = callback
+        self.url = url
+        self.timed_out = False
+        self.aborted = False
+        self._done = False
+        self.timer = QTimer(self)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(max(1, int(timeout_ms)))
+        self.timer.timeout.connect(self._on_timeout)
+        reply.finished.connect(self._on_finished)
+        reply.uploadProgress.connect(self._restart)
+        reply.downloadProgress.connect(self._restart)
+        self.timer.start()
+
+    def _restart(self, *_):
+        if not self._done:
+            self.timer.start()
+
+    def _on_timeout(self):
+        self.timed_out = True
+        self.reply.abort()
+
+    def abort(self):
+        if self._done:
+            return
+        self.aborted = True
+        self.reply.abort()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def _on_finished(self):
+        if self._done:
+            return
+        self._done = True
+        self.timer.stop()
+        reply = self.reply
+        status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute)
+        body = to_bytes(reply.readAll())
+        headers = {}
+        for pair in reply.rawHeaderPairs():
+            headers[to_bytes(pair[0]).decode("latin-1").lower()] = to_bytes(pair[1]).decode("latin-1")
+        resp = Response(int(status) if status is not None else None, body, headers)
+        if self.timed_out:
+            secs = self.timer.interval() / 1000
+            resp.error = ApiError("timeout", f"The backend did not answer within {secs:g} s.")
+            resp.status = None
+        elif self.aborted:
+            resp.error = ApiError("aborted", "The request was cancelled.")
+            resp.status = None
+        elif resp.status is None:
+            code, msg = _network_message(reply, self.client.base_url)
+            resp.error = ApiError(code, msg)
+        elif not (200 <= resp.status < 300):
+            resp.error = _http_error(resp)
+        reply.deleteLater()
+        self.deleteLater()
+        if self.callback is not None:
+            self.callback(resp)
+
+
+def _http_error(resp: Response) -> ApiError:
+    code, message, detail = f"http_{resp.status}", f"The backend answered with error {resp.status}.", None
+    try:
+        data = json.loads(resp.body.decode("utf-8"))
+        if isinstance(data, dict):
+            code = data.get("code") or code
+            message = data.get("message") or message
+            detail = data.get("detail")
+            if not isinstance(message, str):
+                message = str(message)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if resp.status == 401:
+        message = ("The backend refused the access token. If you restarted the backend, "
+                   "press Connect again so that the new token is read.")
+    return ApiError(code, message, resp.status, detail)
+
+
+class Client(QObject):
+    """Talks to one backend: base URL + bearer token."""
+
+    def __init__(self, base_url: str, token: str | None = None, parent: QObject | None = None,
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS):
+        super().__init__(parent)
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_ms = timeout_ms
+        self.nam = QNetworkAccessManager(self)
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _request(self, path: str, headers: dict[str, str] | None = None):
+        req = QNetworkRequest(QUrl(self.base_url + path))
+        if self.token:
+            req.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
+        for k, v in (headers or {}).items():
+            req.setRawHeader(k.encode(), str(v).encode())
+        return req
+
+    def send(self, verb: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None, callback: Callable[[Response], None] | None = None,
+             timeout_ms: int | None = None, retry: bool = True) -> Call:
+        """Send a request; ``callback(Response)`` is called once. Idempotent requests are
+        retried once when a kept-alive connection turns out to be closed."""
+        req = self._request(path, headers)
+        verb = verb.upper()
+        if verb == "GET":
+            reply = self.nam.get(req)
+        elif verb == "HEAD":
+            reply = self.nam.head(req)
+        elif verb == "DELETE":
+            reply = self.nam.deleteResource(req)
+        elif verb == "PUT":
+            reply = self.nam.put(req, QByteArray(body or b""))
+        elif verb == "POST":
+            reply = self.nam.post(req, QByteArray(body or b""))
+        else:
+            reply = self.nam.sendCustomRequest(req, verb.encode(), QByteArray(body or b""))
+
+        def on_done(resp: Response):
+            if (retry and verb in ("GET", "HEAD", "DELETE") and resp.error is not None
+                    and resp.error.code == "connection_lost"):
+                self.send(verb, path, body, headers, callback, timeout_ms, retry=False)
+                return
+            if callback is not None:
+                callback(resp)
+
+        return Call(self, reply, on_done, timeout_ms or self.timeout_ms, self.base_url)
+
+    def send_json(self, verb: str, path: str, payload: Any, callback, timeout_ms: int | None = None) -> Call:
+        body = json.dumps(payload).encode("utf-8")
+        return self.send(verb, path, body, {"Content-Type": "application/json"}, callback, timeout_ms)
+
+    # -- endpoints ------------------------------------------------------------------------
+    def health(self, callback, timeout_ms: int | None = None) -> Call:
+        return self.send("GET", "/v1/health", callback=callback, timeout_ms=timeout_ms)
+
+    def methods(self, callback) -> Call:
+        return self.send("GET", "/v1/methods", callback=callback)
+
+    def models(self, callback) -> Call:
+        return self.send("GET", "/v1/models", callback=callback)
+
+    def job(self, job_id: str, callback) -> Call:
+        return self.send("GET", f"/v1/jobs/{job_id}", callback=callback)
+
+    def cancel_job(self, job_id: str, callback=None) -> Call:
+        return self.send("DELETE", f"/v1/jobs/{job_id}", callback=callback)
+
+    def has_image(self, sha: str, callback) -> Call:
+        return self.send("HEAD", f"/v1/images/{sha}", callback=callback)
+
+    def put_image(self, payload: "ImagePayload", callback, timeout_ms: int | None = None) -> Call:
+        return self.send("PUT", f"/v1/images/{payload.sha}", payload.body, payload.headers(),
+                         callback, timeout_ms)
+
+    def get_image_rgba(self, sha: str, callback) -> Call:
+        return self.send("GET", f"/v1/images/{sha}?format=rgba", callback=callback, timeout_ms=60_000)
+
+    def events(self, job_id: str, parent: QObject | None = None) -> "EventStream":
+        return EventStream(self, job_id, parent or self)
+
+
+@dataclass
+class ImagePayload:
+    """An image as it is uploaded: raw RGBA8 (default) or PNG bytes."""
+
+    body: bytes
+    width: int
+    height: int
+    format: str = "rgba"  # or "png"
+    sha: str = ""
+
+    def __post_init__(self):
+        if not self.sha:
+            self.sha = sha256_hex(self.body)
+
+    @classmethod
+    def from_rgba(cls, rgba: bytes, width: int, height: int, fmt: str = "rgba") -> "ImagePayload":
+        if len(rgba) != width * height * 4:
+            raise ValueError(f"expected {width * height * 4} bytes of RGBA, got {len(rgba)}")
+        if fmt == "png":
+            from .qt import image_to_bytes, rgba_image
+
+            return cls(image_to_bytes(rgba_image(rgba, width, height)), width, height, "png")
+        return cls(bytes(rgba), width, height, "rgba")
+
+    def headers(self) -> dict[str, str]:
+        if self.format == "png":
+            return {"Content-Type": "image/png"}
+        return {"Content-Type": RGBA_CONTENT_TYPE, "X-Image-Width": str(self.width),
+                "X-Image-Height": str(self.height)}
+
+
+TERMINAL_EVENTS = ("done", "error", "cancelled")
+
+
+class SseParser:
+    """Incremental text/event-stream parser: feed bytes, get (event, data) pairs."""
+
+    def __init__(self):
+        self._buf = b""
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        self._buf += chunk
+        out = []
+        while True:
+            idx = self._buf.find(b"\n")
+            if idx < 0:
+                break
+            line = self._buf[:idx].rstrip(b"\r").decode("utf-8", "replace")
+            self._buf = self._buf[idx + 1:]
+            if not line:
+                if self._data or self._event:
+                    out.append((self._event or "message", "\n".join(self._data)))
+                self._event, self._data = "", []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "event":
+                self._event = value
+            elif name == "data":
+                self._data.append(value)
+        return out
+
+
+class EventStream(QObject):
+    """Follows GET /v1/jobs/{id}/events, reading as bytes arrive (readyRead).
+
+    If the connection drops before a terminal event it reconnects; the server replays the
+    events so far, and the ones already delivered are skipped. Emits ``event(type, data)``
+    for each event and ``failed(message)`` when it gives up.
+    """
+
+    event = pyqtSignal(str, object)
+    failed = pyqtSignal(str)
+
+    def __init__(self, client: Client, job_id: str, parent: QObject | None = None,
+                 max_reconnects: int = 5, idle_timeout_ms: int = 120_000, reconnect_delay_ms: int = 500):
+        super().__init__(parent)
+        self.client = client
+        self.job_id = job_id
+        self.max_reconnects = max_reconnects
+        self.reconnect_delay_ms = reconnect_delay_ms
+        self.reconnects = 0
+        self.seen = 0
+        self.finished = False
+        self._reply = None
+        self._parser = SseParser()
+        self._index = 0
+        self._idle = QTimer(self)
+        self._idle.setSingleShot(True)
+        self._idle.setInterval(idle_timeout_ms)
+        self._idle.timeout.connect(self._on_idle)
+
+    def start(self):
+        self._open()
+
+    def _open(self):
+        req = self.client._request(f"/v1/jobs/{self.job_id}/events", {"Accept": "text/event-stream"})
+        self._parser = SseParser()
+        self._index = 0
+        self._reply = self.client.nam.get(req)
+        self._reply.readyRead.connect(self._on_ready)
+        self._reply.finished.connect(self._on_finished)
+        self._idle.start()
+
+    def _on_ready(self):
+        reply = self.sender() or self._reply
+        if reply is not self._reply:
+            return
+        self._idle.start()
+        for etype, raw in self._parser.feed(to_bytes(reply.readAll())):
+            self._index += 1
+            if self._index <= self.seen:  # replayed after a reconnect
+                continue
+            self.seen = self._index
+            try:
+                data = json.loads(raw) if raw else {}
+            except ValueError:
+                data = {"raw": raw}
+            if etype in TERMINAL_EVENTS:
+                self.finished = True
+                self._idle.stop()
+            self.event.emit(etype, data)
+            if self.finished:
+                self.close()
+                return
+
+    def _on_idle(self):
+        if self._reply is not None and not self.finished:
+            self._reply.abort()  # finished -> reconnect
+
+    def _on_finished(self):
+        reply = self.sender() or self._reply
+        if reply is not self._reply:
+            return
+        if reply.bytesAvailable():
+            self._on_ready()
+        if self.finished or self._reply is None:
+            return
+        status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute)
+        if status is not None and int(status) >= 400:
+            err = _http_error(Response(int(status), to_bytes(reply.readAll())))
+            self._give_up(err.message)
+            return
+        self._reply = None
+        reply.deleteLater()
+        if self.reconnects >= self.max_reconnects:
+            _, msg = _network_message(reply, self.client.base_url)
+            self._give_up("Lost the connection to the backend while following the job. " + msg)
+            return
+        self.reconnects += 1
+        QTimer.singleShot(self.reconnect_delay_ms * self.reconnects, self._reopen)
+
+    def _reopen(self):
+        if not self.finished and self._reply is None:
+            self._open()
+
+    def _give_up(self, message: str):
+        self.finished = True
+        self.close()
+        self.failed.emit(message)
+
+    def close(self):
+        self._idle.stop()
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            try:
+                reply.readyRead.disconnect(self._on_ready)
+                reply.finished.disconnect(self._on_finished)
+            except (TypeError, RuntimeError):
+                pass
+            reply.abort()
+            reply.deleteLater()
+
+
+@dataclass
+class ImageRef:
+    """An image for a role: payload (uploaded) placed at (x, y) on the target canvas."""
+
+    payload: ImagePayload
+    x: int | None = None
+    y: int | None = None
+    scale: float = 1.0
+    sha: str = ""  # for images already on the server (a previous result)
+
+    def ref_json(self):
+        sha = self.payload.sha if self.payload is not None else self.sha
+        if self.x is None and self.y is None and self.scale == 1.0:
+            return sha
+        return {"sha": sha, "x": int(self.x or 0), "y": int(self.y or 0), "scale": float(self.scale)}
+
+
+@dataclass
+class JobSpec:
+    method: str
+    images: dict[str, ImageRef | list[ImageRef]]
+    params: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    seed: int | None = None
+
+    def payloads(self) -> list[ImagePayload]:
+        seen, out = set(), []
+        for v in self.images.values():
+            for ref in (v if isinstance(v, list) else [v]):
+                p = ref.payload
+                if p is not None and p.sha not in seen:
+                    seen.add(p.sha)
+                    out.append(p)
+        return out
+
+    def body(self) -> dict[str, Any]:
+        images = {}
+        for role, v in self.images.items():
+            images[role] = [r.ref_json() for r in v] if isinstance(v, list) else v.ref_json()
+        body: dict[str, Any] = {"method": self.method, "params": self.params, "images": images}
+        if self.model:
+            body["model"] = self.model
+        if self.seed is not None:
+            body["seed"] = int(self.seed)
+        return body
+
+
+@dataclass
+class JobResult:
+    images: list[tuple[bytes, int, int, str, str]]  # (rgba, width, height, label, sha)
+    seed: int | None
+    params: dict[str, Any]
+    timings: dict[str, Any]
+    job_id: str
+
+
+class JobRunner(QObject):
+    """Runs one job: uploads (skipping images the server has), submits, follows the events,
+    downloads the results. ``cancel()`` works in every phase, uploads included."""
+
+    stage = pyqtSignal(str)
+    progress = pyqtSignal(str, int, int)  # stage, step, total (-1 when unknown)
+    preview = pyqtSignal(object)  # QImage
+    done = pyqtSignal(object)  # JobResult
+    failed = pyqtSignal(str)
+    cancelled = pyqtSignal()
+
+    def __init__(self, client: Client, spec: JobSpec, parent: QObject | None = None,
+                 upload_timeout_ms: int = 60_000):
+        super().__init__(parent)
+        self.client = client
+        self.spec = spec
+        self.upload_timeout_ms = upload_timeout_ms
+        self.job_id: str | None = None
+        self.state = "idle"  # uploading, submitting, running, downloading, finished
+        self.uploaded: list[str] = []
+        self.skipped: list[str] = []
+        self._call: Call | None = None
+        self._stream: EventStream | None = None
+        self._cancel_requested = False
+        self._pending: list[ImagePayload] = []
+        self._results: list = []
+        self._done_data: dict | None = None
+
+    # -- phases ---------------------------------------------------------------------------
+    def start(self):
+        self._pending = list(self.spec.payloads())
+        self.state = "uploading"
+        self.stage.emit("uploading")
+        self._next_upload()
+
+    def _next_upload(self):
+        if self._cancel_requested:
+            return self._finish_cancelled()
+        if not self._pending:
+            return self._submit()
+        payload = self._pending[0]
+        self._call = self.client.has_image(payload.sha, lambda r, p=payload: self._after_head(p, r))
+
+    def _after_head(self, payload: ImagePayload, resp: Response):
+        self._call = None
+        if self._cancel_requested:
+            return self._finish_cancelled()
+        if resp.status == 200:
+            self.skipped.append(payload.sha)
+            self._pending.pop(0)
+            return self._next_upload()
+        if resp.status != 404 and resp.error is not None:
+            return self._fail(resp.error.message)
+        self._call = self.client.put_image(payload, lambda r, p=payload: self._after_put(p, r),
+                                           timeout_ms=self.upload_timeout_ms)
+
+    def _after_put(self, payload: ImagePayload, resp: Response):
+        self._call = None
+        if self._cancel_requested:
+            return self._finish_cancelled()
+        if resp.error is not None:
+            return self._fail(f"Uploading an image failed: {resp.error.message}")
+        self.uploaded.append(payload.sha)
+        self._pending.pop(0)
+        self._next_upload()
+
+    def _submit(self):
+        self.state = "submitting"
+        self.stage.emit("submitting")
+        self._call = self.client.send_json("POST", "/v1/jobs", self.spec.body(), self._after_submit)
+
+    def _after_submit(self, resp: Response):
+        self._call = None
+        if resp.error is not None:
+            if self._cancel_requested:
+                return self._finish_cancelled()
+            return self._fail(_job_error_message(resp.error))
+        data = resp.json() or {}
+        self.job_id = data.get("id")
+        if self._cancel_requested:  # cancelled while the POST was in flight
+            self.client.cancel_job(self.job_id)
+            return self._finish_cancelled()
+        self.state = "running"
+        self.stage.emit("queued")
+        self._stream = self.client.events(self.job_id, self)
+        self._stream.event.connect(self._on_event)
+        self._stream.failed.connect(self._on_stream_failed)
+        self._stream.start()
+
+    def _on_event(self, etype: str, data: dict):
+        if etype == "queued":
+            self.stage.emit("queued")
+        elif etype == "started":
+            self.stage.emit("starting")
+        elif etype == "progress":
+            stage = str(data.get("stage") or "")
+            step, total = data.get("step"), data.get("total")
+            self.progress.emit(stage, int(step) if step is not None else -1,
+                               int(total) if total is not None else -1)
+        elif etype == "preview":
+            try:
+                img = QImage.fromData(QByteArray(base64.b64decode(data.get("png", ""))), "PNG")
+            except (ValueError, TypeError):
+                img = None
+            if img is not None and not img.isNull():
+                self.preview.emit(img)
+        elif etype == "done":
+            if self._cancel_requested:
+                return self._finish_cancelled()
+            self._done_data = data
+            self._download()
+        elif etype == "error":
+            self._fail(data.get("message") or "The backend reported an error.")
+        elif etype == "cancelled":
+            self._finish_cancelled()
+
+    def _on_stream_failed(self, message: str):
+        if self._cancel_requested:
+            return self._finish_cancelled()
+        self._fail(message)
+
+    def _download(self):
+        self.state = "downloading"
+        self.stage.emit("downloading")
+        self._to_fetch = list((self._done_data or {}).get("images") or [])
+        self._results = []
+        self._next_download()
+
+    def _next_download(self):
+        if self._cancel_requested:
+            return self._finish_cancelled()
+        if not self._to_fetch:
+            d = self._done_data or {}
+            self.state = "finished"
+            return self.done.emit(JobResult(self._results, d.get("seed"), d.get("params") or {},
+                                            d.get("timings") or {}, self.job_id or ""))
+        info = self._to_fetch.pop(0)
+        self._call = self.client.get_image_rgba(info["sha"], lambda r, i=info: self._after_download(i, r))
+
+    def _after_download(self, info: dict, resp: Response):
+        self._call = None
+        if resp.error is not None:
+            return self._fail(f"Downloading the result failed: {resp.error.message}")
+        w = int(resp.headers.get("x-image-width", info.get("width", 0)))
+        h = int(resp.headers.get("x-image-height", info.get("height", 0)))
+        if len(resp.body) != w * h * 4:
+            return self._fail("The backend sent a result image of the wrong size.")
+        self._results.append((resp.body, w, h, info.get("label", ""), info["sha"]))
+        self._next_download()
+
+    # -- endings --------------------------------------------------------------------------
+    def cancel(self):
+        """Stop the job: aborts an upload in progress, or asks the backend to cancel."""
+        if self.state in ("finished", "idle") or self._cancel_requested:
+            if self.state == "idle":
+                self._cancel_requested = True
+                self._finish_cancelled()
+            return
+        self._cancel_requested = True
+        if self.state == "uploading" and self._call is not None:
+            self._call.abort()  # the callback then finishes as cancelled
+        elif self.state == "running" and self.job_id:
+            self.client.cancel_job(self.job_id, self._after_cancel_request)
+        elif self.state == "downloading":
+            if self._call is not None:
+                self._call.abort()
+            else:
+                self._finish_cancelled()
+        # submitting: _after_submit sends the DELETE once the id is known
+
+    def _after_cancel_request(self, resp: Response):
+        if self.state == "finished":
+            return
+        if resp.error is not None and resp.status not in (409,):
+            # The job may have ended already; the stream tells. If the stream is gone, end here.
+            if self._stream is None or self._stream.finished:
+                self._finish_cancelled()
+
+    def _finish_cancelled(self):
+        if self.state == "finished":
+            return
+        self.state = "finished"
+        self._close_stream()
+        self.cancelled.emit()
+
+    def _fail(self, message: str):
+        if self.state == "finished":
+            return
+        self.state = "finished"
+        self._close_stream()
+        self.failed.emit(message)
+
+    def _close_stream(self):
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _job_error_message(err: ApiError) -> str:
+    if err.code == "invalid_params" and isinstance(err.detail, list):
+        parts = []
+        for d in err.detail[:5]:
+            if isinstance(d, dict):
+                loc = ".".join(str(x) for x in d.get("loc", []) if x not in ("body", "params"))
+                parts.append(f"{loc}: {d.get('msg', '')}" if loc else str(d.get("msg", "")))
+        if parts:
+            return f"{err.message} ({'; '.join(parts)})"
+    return err.message

@@ -1,0 +1,741 @@
+"""The panel's brain, without widgets: observable state plus the work (connect, start the
+backend, read layers, run jobs, insert results, history, sequences).
+
+The docker binds widgets to this object; the tests drive it directly, in a fake Krita and in
+the real one.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import document as kdoc
+from .backend_process import DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, read_server_info
+from .client import Client, ImagePayload, ImageRef, JobResult, JobRunner, JobSpec, Response
+from .document import AdapterError, Rect
+from .forms import Field, FormError, coerce_all, fields_from_schema
+from .qt import QObject, Qt, QTimer, pyqtSignal, rgba_image
+from .settings import Settings
+
+SELECTION = "@selection"  # the mask role's value for "the current selection"
+MAX_SEED = 2**31 - 1
+
+
+def _norm(text: str) -> str:
+    return (str(text).lower().replace("\u2032", "'").replace("\u2019", "'").replace("prime", "'")
+            .replace(" ", "").replace("_", "").replace("-", ""))
+
+
+@dataclass
+class Pass:
+    """One finished pass, as the history shows it."""
+
+    method: str
+    title: str
+    params: dict[str, Any]
+    seed: int | None
+    model: str
+    roles: dict[str, list[str]]
+    layer_id: str
+    layer_name: str
+    roi: list[int]
+    from_selection: bool
+    thumbnail: Any = None  # QImage
+    result_sha: str = ""
+    sequence: tuple[int, int] | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        bits = [f"{k}={v}" for k, v in sorted(self.params.items()) if not isinstance(v, (list, dict))]
+        return f"{self.layer_name} \u2014 " + ", ".join(bits[:6])
+
+
+@dataclass
+class PreparedPass:
+    spec: JobSpec
+    doc: Any
+    target: Any  # the node the result goes above
+    roi: Rect
+    from_selection: bool
+    mask: bytes | None
+    roles: dict[str, list[str]]
+    index: int = 0
+    count: int = 1
+
+
+class Controller(QObject):
+    connectionChanged = pyqtSignal(str, str)  # state, message
+    methodsChanged = pyqtSignal()
+    modelsChanged = pyqtSignal()
+    methodChanged = pyqtSignal(str)
+    rolesChanged = pyqtSignal()
+    layersChanged = pyqtSignal()
+    documentChanged = pyqtSignal()
+    busyChanged = pyqtSignal(bool)
+    progressChanged = pyqtSignal(str, int, int)  # stage, step, total (-1 unknown)
+    previewChanged = pyqtSignal(object)
+    errorChanged = pyqtSignal(str)
+    messageChanged = pyqtSignal(str)
+    historyChanged = pyqtSignal()
+    resultAdded = pyqtSignal(object)  # Pass
+    finished = pyqtSignal(str)  # "done" | "error" | "cancelled"
+
+    _instance: "Controller | None" = None
+
+    @classmethod
+    def instance(cls) -> "Controller":
+        if cls._instance is None:
+            cls._instance = Controller()
+        return cls._instance
+
+    def __init__(self, settings: Settings | None = None, app: Any = None, parent: QObject | None = None):
+        super().__init__(parent)
+        self.settings = settings or Settings(app)
+        self.app = app if app is not None else self.settings.app
+        self.connection = "disconnected"
+        self.connection_message = "Not connected."
+        self.server: ServerInfo | None = None
+        self.client: Client | None = None
+        self.process = BackendProcess(self)
+        self.process.stateChanged.connect(self._on_process_state)
+        self.process.ready.connect(self._on_process_ready)
+        self.health: dict[str, Any] = {}
+        self.methods: list[dict[str, Any]] = []
+        self.models: list[dict[str, Any]] = []
+        self.default_model = ""
+        self.model = self.settings.get("model")
+        self.method_id = self.settings.get("method")
+        self.params: dict[str, dict[str, Any]] = {}
+        self.seed = self.settings.get_int("seed")
+        self.random_seed = self.settings.get_bool("random_seed")
+        self.progressive = self.settings.get_bool("progressive")
+        self.busy = False
+        self.stage = ""
+        self.error = ""
+        self.message = ""
+        self.preview = None
+        self.history: list[Pass] = []
+        self._doc = None
+        self._doc_roles: dict[str, dict[str, dict[str, list[str]]]] = {}
+        self._layer_signature: tuple = ()
+        self._runner: JobRunner | None = None
+        self._queue: list[PreparedPass] = []
+        self._current: PreparedPass | None = None
+        self._insert_above = None
+        self._chain_sha = ""
+        self._cancelling = False
+        self._connecting = False
+        self._after_connect: list[Callable[[bool], None]] = []
+        self._health_timer = QTimer(self)
+        self._health_timer.setInterval(5000)
+        self._health_timer.timeout.connect(self._on_health_tick)
+
+    # == connection ======================================================================
+    def _set_connection(self, state: str, message: str):
+        if (state, message) != (self.connection, self.connection_message):
+            self.connection, self.connection_message = state, message
+            self.connectionChanged.emit(state, message)
+
+    @property
+    def connected(self) -> bool:
+        return self.connection == "connected"
+
+    def server_address(self) -> ServerInfo:
+        """Where to find the backend: one we started, else the settings, else server.json."""
+        if self.process.state == "ready" and self.process.info is not None:
+            return self.process.info
+        state_dir = self.settings.get("state_dir").strip() or str(default_state_dir())
+        info = read_server_info(state_dir)
+        url = self.settings.get("backend_url").strip().rstrip("/")
+        if url:
+            return ServerInfo(url, info.token if info else None)
+        return info or ServerInfo(DEFAULT_URL, None)
+
+    def connect_backend(self, then: Callable[[bool], None] | None = None):
+        """(Re)connect: health, then methods and models. ``then(ok)`` is called at the end."""
+        if then is not None:
+            self._after_connect.append(then)
+        if self._connecting:
+            return
+        self._connecting = True
+        info = self.server_address()
+        if self.client is None or self.client.base_url != info.url or self.client.token != info.token:
+            if self.client is not None:
+                self.client.deleteLater()
+            self.client = Client(info.url, info.token, self)
+        self.server = info
+        if self.connection != "connected" and self.process.state != "starting":
+            self._set_connection("connecting", f"Connecting to {info.url}\u2026")
+        self.client.health(self._after_health, timeout_ms=5000)
+
+    def _after_health(self, resp: Response):
+        if not resp.ok:
+            reason = resp.error.message if resp.error else "no answer"
+            if self.process.state != "starting":
+                self._set_connection("unreachable", reason)
+            return self._connect_done(False)
+        self.health = resp.json() or {}
+        self.client.methods(self._after_methods)
+
+    def _after_methods(self, resp: Response):
+        if not resp.ok:
+            self._set_connection("unreachable", resp.error.message if resp.error else "no methods")
+            return self._connect_done(False)
+        self.methods = list((resp.json() or {}).get("methods") or [])
+        ids = [m["id"] for m in self.methods]
+        if self.method_id not in ids:
+            self.method_id = "pixels" if "pixels" in ids else (ids[0] if ids else "")
+        self.methodsChanged.emit()
+        self.methodChanged.emit(self.method_id)
+        self._ensure_roles()
+        self.client.models(self._after_models)
+
+    def _after_models(self, resp: Response):
+        if resp.ok:
+            data = resp.json() or {}
+            self.models = list(data.get("models") or [])
+            self.default_model = data.get("default") or ""
+            self.modelsChanged.emit()
+        version = self.health.get("version", "")
+        device = self.health.get("device", "")
+        where = self.server.url if self.server else ""
+        text = f"Connected to {where}" + (f" (v{version}, {device})" if version or device else "")
+        self._set_connection("connected", text)
+        self._connect_done(True)
+
+    def _connect_done(self, ok: bool):
+        self._connecting = False
+        callbacks, self._after_connect = self._after_connect, []
+        for cb in callbacks:
+            cb(ok)
+
+    def start_backend(self):
+        """Start a local backend (the configured command) and connect to it when ready."""
+        if self.process.running:
+            return self.connect_backend()
+        self._set_connection("starting", "Starting the backend\u2026")
+        self.process.start(self.settings.get("backend_command"), self.model or None)
+
+    def stop_backend(self):
+        self.process.stop()
+        self._set_connection("disconnected", "The backend was stopped.")
+
+    def _on_process_state(self, state: str, message: str):
+        if state == "failed":
+            self._set_connection("unreachable", message)
+            self._connect_done(False)
+        elif state == "starting":
+            self._set_connection("starting", message)
+
+    def _on_process_ready(self, info: ServerInfo):
+        self.connect_backend()
+
+    def start_monitoring(self):
+        """Keep an eye on the backend (reconnects when it comes back)."""
+        if self._health_timer.isActive():
+            return
+        self._health_timer.start()
+        if self.settings.get_bool("autostart"):
+            self.start_backend()
+        else:
+            self.connect_backend()
+
+    def _on_health_tick(self):
+        if self._connecting or self.busy or self.process.state == "starting":
+            return
+        if self.connected and self.client is not None:
+            def check(resp: Response):
+                if not resp.ok:
+                    self._set_connection("unreachable", resp.error.message if resp.error else "no answer")
+            self.client.health(check, timeout_ms=4000)
+        elif self.connection in ("unreachable", "disconnected"):
+            self.connect_backend()
+
+    def shutdown(self):
+        """Krita is closing: stop a backend we started."""
+        self._health_timer.stop()
+        if self._runner is not None:
+            self._runner.cancel()
+        self.process.stop(wait_ms=3000)
+
+    # == document & layers ===============================================================
+    def document(self):
+        if self._doc is not None:
+            return self._doc
+        return self.app.activeDocument() if self.app is not None else None
+
+    def _doc_key(self, doc) -> str:
+        if doc is None:
+            return ""
+        try:
+            return str(doc.rootNode().uniqueId())
+        except Exception:
+            return str(id(doc))
+
+    def set_document(self, doc):
+        """Follow the active document (the docker calls this on canvasChanged)."""
+        if self._doc_key(doc) == self._doc_key(self._doc) and doc is not None:
+            self._doc = doc
+            return
+        self._doc = doc
+        self._layer_signature = ()
+        self.documentChanged.emit()
+        self.refresh_layers(force=True)
+        self._ensure_roles()
+
+    def layers(self) -> list[tuple[str, str]]:
+        """(id, name) of the layers a role may use, top first; nested names with their group."""
+        doc = self.document()
+        return [(kdoc.layer_id(n), str(n.name())) for n in kdoc.pickable_layers(doc)] if doc else []
+
+    def refresh_layers(self, force: bool = False) -> bool:
+        doc = self.document()
+        sig = tuple((kdoc.layer_id(n), str(n.name()), bool(n.visible()))
+                    for n in kdoc.pickable_layers(doc)) if doc else ()
+        if sig != self._layer_signature or force:
+            self._layer_signature = sig
+            self._drop_missing_roles()
+            self.layersChanged.emit()
+            return True
+        return False
+
+    # == methods, roles, params ==========================================================
+    def method(self, method_id: str | None = None) -> dict[str, Any] | None:
+        mid = method_id or self.method_id
+        return next((m for m in self.methods if m.get("id") == mid), None)
+
+    def set_method(self, method_id: str):
+        if method_id == self.method_id:
+            return
+        self.method_id = method_id
+        self.settings.set("method", method_id)
+        self.methodChanged.emit(method_id)
+        self._ensure_roles()
+
+    def target_role(self, desc: dict | None = None) -> str:
+        desc = desc or self.method() or {}
+        if desc.get("target_role"):
+            return desc["target_role"]
+        req = [r for r in desc.get("roles", []) if r.get("kind") == "image" and r.get("required")]
+        return req[-1]["name"] if req else ""
+
+    def fields(self, method_id: str | None = None) -> list[Field]:
+        desc = self.method(method_id)
+        return fields_from_schema(desc.get("params")) if desc else []
+
+    def param_values(self, method_id: str | None = None) -> dict[str, Any]:
+        mid = method_id or self.method_id
+        if mid not in self.params:
+            saved = self.settings.get_json(f"params.{mid}", {}) or {}
+            values = {f.name: f.default for f in self.fields(mid)}
+            for k, v in saved.items():
+                if k in values:
+                    values[k] = v
+            self.params[mid] = values
+        return self.params[mid]
+
+    def set_param(self, name: str, value: Any, method_id: str | None = None):
+        self.param_values(method_id)[name] = value
+
+    def reset_params(self, method_id: str | None = None):
+        mid = method_id or self.method_id
+        self.params[mid] = {f.name: f.default for f in self.fields(mid)}
+        self.settings.set_json(f"params.{mid}", self.params[mid])
+
+    def _roles_store(self) -> dict[str, dict[str, list[str]]]:
+        return self._doc_roles.setdefault(self._doc_key(self.document()), {})
+
+    def roles(self, method_id: str | None = None) -> dict[str, list[str]]:
+        mid = method_id or self.method_id
+        store = self._roles_store()
+        if mid not in store:
+            store[mid] = self.default_roles(self.method(mid))
+        return store[mid]
+
+    def set_role(self, role: str, layer_ids: list[str] | str | None, method_id: str | None = None):
+        if layer_ids is None:
+            layer_ids = []
+        elif isinstance(layer_ids, str):
+            layer_ids = [layer_ids]
+        self.roles(method_id)[role] = list(layer_ids)
+        self.rolesChanged.emit()
+
+    def _ensure_roles(self):
+        if self.method():
+            self.roles()
+        self.rolesChanged.emit()
+
+    def _drop_missing_roles(self):
+        doc = self.document()
+        if doc is None:
+            return
+        ids = {kdoc.layer_id(n) for n in kdoc.pickable_layers(doc)}
+        for roles in self._roles_store().values():
+            for name, chosen in roles.items():
+                roles[name] = [c for c in chosen if c == SELECTION or c in ids]
+
+    def default_roles(self, desc: dict | None) -> dict[str, list[str]]:
+        """Sensible picks: a layer named like the role; the active layer as the target; the
+        nearest layers above it for the other images; the nearest edit map above the target;
+        the selection as the mask."""
+        out: dict[str, list[str]] = {}
+        doc = self.document()
+        if not desc or doc is None:
+            return out
+        layers = kdoc.pickable_layers(doc)  # top first
+        images = [n for n in layers if not kdoc.is_edit_map(n)]
+        roles = desc.get("roles", [])
+        target_name = self.target_role(desc)
+        used: set[str] = set()
+        for r in roles:
+            if r.get("kind") != "image":
+                continue
+            keys = {_norm(r.get("name", "")), _norm(r.get("title", ""))}
+            for n in images:
+                if _norm(n.name()) in keys and kdoc.layer_id(n) not in used:
+                    out[r["name"]] = [kdoc.layer_id(n)]
+                    used.add(kdoc.layer_id(n))
+                    break
+        active = doc.activeNode()
+        target = None
+        if target_name and target_name not in out:
+            if active is not None and kdoc.layer_id(active) not in used and not kdoc.is_edit_map(active) \
+                    and any(kdoc.layer_id(active) == kdoc.layer_id(n) for n in images):
+                target = active
+            else:
+                target = next((n for n in reversed(images) if kdoc.layer_id(n) not in used
+                               and n.visible()), None)
+            if target is not None:
+                out[target_name] = [kdoc.layer_id(target)]
+                used.add(kdoc.layer_id(target))
+        elif target_name in out:
+            target = kdoc.find_layer(doc, out[target_name][0])
+        order = [kdoc.layer_id(n) for n in images]
+        tpos = order.index(kdoc.layer_id(target)) if target is not None else len(order)
+        nearby = list(reversed(order[:tpos])) + order[tpos + 1:]  # above (nearest first), then below
+        for r in roles:
+            name = r["name"]
+            if r.get("kind") != "image" or name in out or not r.get("required"):
+                continue
+            pick = next((i for i in nearby if i not in used), None)
+            if pick is not None:
+                out[name] = [pick]
+                used.add(pick)
+        for r in roles:
+            if r.get("kind") == "map" and r["name"] not in out:
+                maps = [n for n in layers if kdoc.is_edit_map(n)]
+                above = None
+                if target is not None:
+                    all_ids = [kdoc.layer_id(n) for n in layers]
+                    t = all_ids.index(kdoc.layer_id(target)) if kdoc.layer_id(target) in all_ids else 0
+                    above = next((n for n in reversed(layers[:t]) if kdoc.is_edit_map(n)), None)
+                pick = above or (maps[0] if maps else None)
+                out[r["name"]] = [kdoc.layer_id(pick)] if pick is not None else []
+            elif r.get("kind") == "mask" and r["name"] not in out:
+                out[r["name"]] = [SELECTION]
+        for r in roles:
+            out.setdefault(r["name"], [])
+        return out
+
+    def multiple_image_role(self, desc: dict | None = None) -> dict | None:
+        desc = desc or self.method() or {}
+        return next((r for r in desc.get("roles", []) if r.get("kind") == "image" and r.get("multiple")), None)
+
+    # == settings ========================================================================
+    def set_model(self, model: str):
+        self.model = model.strip()
+        self.settings.set("model", self.model)
+
+    def set_seed(self, seed: int, random_seed: bool | None = None):
+        self.seed = max(0, min(MAX_SEED, int(seed)))
+        if random_seed is not None:
+            self.random_seed = bool(random_seed)
+        self.settings.set("seed", self.seed)
+        self.settings.set("random_seed", self.random_seed)
+
+    def set_progressive(self, on: bool):
+        self.progressive = bool(on)
+        self.settings.set("progressive", self.progressive)
+
+    # == errors & messages ===============================================================
+    def set_error(self, text: str):
+        self.error = text
+        self.errorChanged.emit(text)
+
+    def set_message(self, text: str):
+        self.message = text
+        self.messageChanged.emit(text)
+
+    def _set_busy(self, busy: bool):
+        if busy != self.busy:
+            self.busy = busy
+            self.busyChanged.emit(busy)
+
+    # == edit maps =======================================================================
+    def new_edit_map(self):
+        """Create an edit map above the current target layer and pick it for the edit map role."""
+        self.set_error("")
+        doc = self.document()
+        try:
+            kdoc.check_document(doc)
+            target = None
+            tid = (self.roles().get(self.target_role()) or [None])[0] if self.method() else None
+            target = kdoc.find_layer(doc, tid) if tid else doc.activeNode()
+            if target is None:
+                raise AdapterError("Pick the layer to edit first.")
+            node = kdoc.create_edit_map(doc, target)
+        except AdapterError as e:
+            self.set_error(e.message)
+            return None
+        self.refresh_layers(force=True)
+        if self.method():
+            for r in self.method().get("roles", []):
+                if r.get("kind") == "map":
+                    self.set_role(r["name"], [kdoc.layer_id(node)])
+                    break
+        self.set_message("Paint the edit map: white = change, black = keep.")
+        return node
+
+    # == generating ======================================================================
+    def prepare(self, method_id: str | None = None) -> list[PreparedPass]:
+        """Read everything a run needs from the document; AdapterError/FormError with a
+        readable message when something is missing or unusable (nothing is sent then)."""
+        desc = self.method(method_id)
+        if desc is None:
+            raise AdapterError("Choose a method (the list comes from the backend: connect first).")
+        doc = self.document()
+        kdoc.check_document(doc)
+        params = coerce_all(self.fields(desc["id"]), self.param_values(desc["id"]))
+        roles = {k: list(v) for k, v in self.roles(desc["id"]).items()}
+        padding = self.settings.get_int("padding")
+        feather = self.settings.get_int("feather")
+        roi, from_sel = kdoc.region_of_interest(doc, padding)
+        target_name = self.target_role(desc)
+        fmt = self.settings.get("image_format") or "rgba"
+        images: dict[str, Any] = {}
+        target_node = None
+        for role in desc.get("roles", []):
+            name, title = role["name"], role.get("title") or role["name"]
+            chosen = roles.get(name) or []
+            if role.get("kind") == "mask":
+                if chosen and chosen[0] == SELECTION:
+                    mask = kdoc.selection_mask(doc, roi) if from_sel else None
+                    if mask is not None:
+                        images[name] = ImageRef(ImagePayload.from_rgba(kdoc.mask_to_rgba(mask), roi.w, roi.h, fmt))
+                    continue
+            if not chosen:
+                if role.get("required"):
+                    raise AdapterError(f"Pick a layer for \u201c{title}\u201d.")
+                continue
+            refs = []
+            for lid in chosen if role.get("multiple") else chosen[:1]:
+                node = kdoc.find_layer(doc, lid)
+                if node is None:
+                    raise AdapterError(f"The layer chosen for \u201c{title}\u201d no longer exists. Pick another one.")
+                is_target = name == target_name
+                ri = kdoc.role_image(doc, node, role, roi, is_target)
+                if is_target:
+                    target_node = node
+                payload = ImagePayload.from_rgba(ri.rgba, ri.width, ri.height, fmt)
+                refs.append(ImageRef(payload, ri.x, ri.y))
+            images[name] = refs if role.get("multiple") else refs[0]
+        if target_node is None:
+            raise AdapterError("Pick the layer to edit (the target) first.")
+        mask = kdoc.feathered_mask(doc, roi, feather) if from_sel else None
+        seed = random.randint(0, MAX_SEED) if self.random_seed else self.seed
+        model = self.model or None
+        base = PreparedPass(JobSpec(desc["id"], images, params, model, seed), doc, target_node, roi,
+                            from_sel, mask, roles)
+        multi = self.multiple_image_role(desc)
+        if not (self.progressive and multi and isinstance(images.get(multi["name"]), list)
+                and len(images[multi["name"]]) > 1):
+            return [base]
+        # One pass per exemplar; each result is the next pass's target.
+        exemplars = images[multi["name"]]
+        maps_role = next((r["name"] for r in desc.get("roles", []) if r.get("kind") == "map" and r.get("multiple")), None)
+        maps = images.get(maps_role) if maps_role else None
+        passes = []
+        for i, ex in enumerate(exemplars):
+            imgs = dict(images)
+            imgs[multi["name"]] = [ex]
+            if isinstance(maps, list) and len(maps) == len(exemplars):
+                imgs[maps_role] = [maps[i]]
+            spec = JobSpec(desc["id"], imgs, params, model, seed)
+            sub_roles = dict(roles)
+            sub_roles[multi["name"]] = [roles[multi["name"]][i]]
+            passes.append(PreparedPass(spec, doc, target_node, roi, from_sel, mask, sub_roles, i, len(exemplars)))
+        return passes
+
+    def generate(self, method_id: str | None = None) -> bool:
+        """What the Generate button does. Returns False when nothing was started (the
+        reason is in ``error``)."""
+        if self.busy:
+            return False
+        self.set_error("")
+        self.set_message("")
+        if not self.connected:
+            self.connect_backend(lambda ok: self._generate_connected(ok, method_id))
+            return True
+        return self._generate_connected(True, method_id)
+
+    def _generate_connected(self, ok: bool, method_id: str | None) -> bool:
+        if not ok:
+            self.set_error(f"Cannot generate: {self.connection_message} Press \u201cStart backend\u201d, "
+                           "or check the backend address in the settings.")
+            self.finished.emit("error")
+            return False
+        try:
+            passes = self.prepare(method_id)
+        except (AdapterError, FormError) as e:
+            self.set_error(str(e))
+            self.finished.emit("error")
+            return False
+        mid = passes[0].spec.method
+        self.settings.set_json(f"params.{mid}", self.param_values(mid))
+        self._queue = passes
+        self._insert_above = passes[0].target
+        self._chain_sha = ""
+        self._cancelling = False
+        self._set_busy(True)
+        self._run_next()
+        return True
+
+    def _run_next(self):
+        if not self._queue:
+            return self._end("done")
+        prepared = self._queue.pop(0)
+        self._current = prepared
+        spec = prepared.spec
+        if prepared.index > 0 and self._chain_sha:
+            spec.images[self.target_role(self.method(spec.method))] = ImageRef(None, sha=self._chain_sha)
+        runner = JobRunner(self.client, spec, self)
+        self._runner = runner
+        prefix = f"pass {prepared.index + 1}/{prepared.count}: " if prepared.count > 1 else ""
+        runner.stage.connect(lambda s: self._on_stage(prefix + s))
+        runner.progress.connect(lambda s, a, b: self._on_progress(prefix + s, a, b))
+        runner.preview.connect(self._on_preview)
+        runner.done.connect(self._on_done)
+        runner.failed.connect(self._on_failed)
+        runner.cancelled.connect(self._on_cancelled)
+        runner.start()
+
+    def _on_stage(self, stage: str):
+        self.stage = stage
+        self.progressChanged.emit(stage, -1, -1)
+
+    def _on_progress(self, stage: str, step: int, total: int):
+        self.stage = stage
+        self.progressChanged.emit(stage, step, total)
+
+    def _on_preview(self, image):
+        self.preview = image
+        self.previewChanged.emit(image)
+
+    def _on_done(self, result: JobResult):
+        prepared = self._current
+        if self._cancelling or prepared is None:
+            return self._on_cancelled()
+        if not result.images:
+            return self._on_failed("The backend finished without a result image.")
+        doc = prepared.doc
+        suffix = f"(pass {prepared.index + 1}/{prepared.count})" if prepared.count > 1 else ""
+        seed = result.seed if result.seed is not None else prepared.spec.seed
+        desc = self.method(prepared.spec.method) or {}
+        added = []
+        try:
+            for k, (rgba, w, h, label, sha) in enumerate(result.images):
+                extra = suffix if k == 0 else f"{suffix} {label or k + 1}".strip()
+                name = kdoc.result_layer_name(prepared.spec.method, seed, extra)
+                node = kdoc.insert_result(doc, self._insert_above, rgba, w, h, prepared.roi, name,
+                                          prepared.mask)
+                added.append((node, rgba, w, h, sha))
+        except AdapterError as e:
+            return self._on_failed(e.message)
+        except Exception as e:  # never lose the session over an odd host error
+            return self._on_failed(f"Could not add the result layer: {e}")
+        node, rgba, w, h, sha = added[0]
+        self._insert_above = node
+        self._chain_sha = sha
+        thumb = rgba_image(rgba, w, h).scaled(96, 96, Qt.AspectRatioMode.KeepAspectRatio,
+                                              Qt.TransformationMode.SmoothTransformation)
+        entry = Pass(prepared.spec.method, desc.get("title", prepared.spec.method),
+                     dict(result.params or prepared.spec.params), seed, prepared.spec.model or "",
+                     prepared.roles, kdoc.layer_id(node), str(node.name()), prepared.roi.to_list(),
+                     prepared.from_selection, thumb, sha,
+                     (prepared.index, prepared.count) if prepared.count > 1 else None, result.timings)
+        self.history.insert(0, entry)
+        self.historyChanged.emit()
+        self.refresh_layers(force=True)
+        self.resultAdded.emit(entry)
+        self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d.")
+        self._run_next()
+
+    def _on_failed(self, message: str):
+        self._queue = []
+        self.set_error(message)
+        self._end("error")
+
+    def _on_cancelled(self):
+        self._queue = []
+        self.set_message("Cancelled. No layer was added." if not self.history or self._current is None
+                         or self._current.index == 0 else "Cancelled; the passes already done were kept.")
+        self._end("cancelled")
+
+    def _end(self, how: str):
+        self._runner = None
+        self._current = None
+        self._cancelling = False
+        self.stage = ""
+        self._set_busy(False)
+        self.progressChanged.emit("", -1, -1)
+        self.finished.emit(how)
+
+    def cancel(self):
+        if not self.busy:
+            return
+        self._cancelling = True
+        self._queue = []
+        if self._runner is not None:
+            self._runner.cancel()
+        else:
+            self._end("cancelled")
+
+    # == history =========================================================================
+    def apply_again(self, index: int) -> bool:
+        """Run a pass of the history again: same method, parameters, seed and layers."""
+        try:
+            entry = self.history[index]
+        except IndexError:
+            return False
+        if self.method(entry.method) is None:
+            self.set_error(f"The backend no longer offers the method \u201c{entry.method}\u201d.")
+            return False
+        self.set_method(entry.method)
+        self.params[entry.method] = {k: v for k, v in entry.params.items()
+                                     if k in {f.name for f in self.fields(entry.method)}}
+        for role, ids in entry.roles.items():
+            self.roles(entry.method)[role] = list(ids)
+        self.rolesChanged.emit()
+        if entry.seed is not None:
+            self.set_seed(entry.seed, False)
+        if entry.model:
+            self.set_model(entry.model)
+        return self.generate(entry.method)
+
+    def use_as_source(self, index: int) -> bool:
+        """Make a pass's result layer the target of the next pass."""
+        try:
+            entry = self.history[index]
+        except IndexError:
+            return False
+        doc = self.document()
+        if kdoc.find_layer(doc, entry.layer_id) is None:
+            self.set_error(f"The layer \u201c{entry.layer_name}\u201d was removed.")
+            return False
+        target = self.target_role()
+        if not target:
+            return False
+        self.set_role(target, [entry.layer_id])
+        self.set_message(f"\u201c{entry.layer_name}\u201d is now the {target}.")
+        return True

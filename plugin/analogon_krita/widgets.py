@@ -1,0 +1,200 @@
+"""Widgets the panel is made of: parameter forms from schema fields, layer pickers."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .forms import Field
+from .qt import Qt, QtWidgets, pyqtSignal
+
+QWidget = QtWidgets.QWidget
+
+
+class ParamForm(QWidget):
+    """A form generated from :class:`forms.Field` s. ``changed(name, value)`` on edits."""
+
+    changed = pyqtSignal(str, object)
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.layout_ = QtWidgets.QFormLayout(self)
+        self.layout_.setContentsMargins(0, 0, 0, 0)
+        self.layout_.setFieldGrowthPolicy(QtWidgets.QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.fields: list[Field] = []
+        self.editors: dict[str, QWidget] = {}
+        self._loading = False
+
+    def build(self, fields: list[Field], values: dict[str, Any]):
+        while self.layout_.rowCount():
+            self.layout_.removeRow(0)
+        self.editors = {}
+        self.fields = list(fields)
+        self._loading = True
+        for f in fields:
+            editor = self._editor(f)
+            editor.setToolTip(f.tooltip)
+            editor.setObjectName(f"param_{f.name}")
+            label = QtWidgets.QLabel(f.title)
+            label.setToolTip(f.tooltip)
+            self.layout_.addRow(label, editor)
+            self.editors[f.name] = editor
+            self.set_value(f.name, values.get(f.name, f.default))
+        self._loading = False
+
+    def _emit(self, name: str):
+        if not self._loading:
+            self.changed.emit(name, self.value(name))
+
+    def _editor(self, f: Field) -> QWidget:
+        if f.kind == "bool":
+            w = QtWidgets.QCheckBox()
+            w.toggled.connect(lambda _=None, n=f.name: self._emit(n))
+        elif f.kind == "int":
+            w = QtWidgets.QSpinBox()
+            lo, hi = f.spin_range()
+            w.setRange(int(lo), int(hi))
+            w.valueChanged.connect(lambda _=None, n=f.name: self._emit(n))
+        elif f.kind == "float":
+            w = QtWidgets.QDoubleSpinBox()
+            lo, hi = f.spin_range()
+            w.setDecimals(f.decimals())
+            w.setRange(lo, hi)
+            span = (hi - lo) if f.minimum is not None and f.maximum is not None else 10.0
+            w.setSingleStep(max(10 ** -w.decimals(), round(span / 100, w.decimals())))
+            w.valueChanged.connect(lambda _=None, n=f.name: self._emit(n))
+        elif f.kind == "enum":
+            w = QtWidgets.QComboBox()
+            for c in f.choices:
+                w.addItem(str(c), c)
+            w.currentIndexChanged.connect(lambda _=None, n=f.name: self._emit(n))
+        elif f.multiline:
+            w = QtWidgets.QPlainTextEdit()
+            w.setMaximumHeight(60)
+            w.textChanged.connect(lambda n=f.name: self._emit(n))
+        else:
+            w = QtWidgets.QLineEdit()
+            if f.kind == "json":
+                w.setPlaceholderText("JSON")
+            elif f.nullable:
+                w.setPlaceholderText("(automatic)")
+            w.textChanged.connect(lambda _=None, n=f.name: self._emit(n))
+        return w
+
+    def field(self, name: str) -> Field:
+        return next(f for f in self.fields if f.name == name)
+
+    def value(self, name: str) -> Any:
+        f, w = self.field(name), self.editors[name]
+        if f.kind == "bool":
+            return w.isChecked()
+        if f.kind in ("int", "float"):
+            return w.value()
+        if f.kind == "enum":
+            return w.currentData()
+        text = w.toPlainText() if isinstance(w, QtWidgets.QPlainTextEdit) else w.text()
+        if f.kind == "json":
+            return text
+        if f.nullable and text == "":
+            return None
+        return text
+
+    def values(self) -> dict[str, Any]:
+        return {f.name: self.value(f.name) for f in self.fields}
+
+    def set_value(self, name: str, value: Any):
+        f, w = self.field(name), self.editors[name]
+        loading, self._loading = self._loading, True
+        try:
+            if f.kind == "bool":
+                w.setChecked(bool(value))
+            elif f.kind == "int":
+                w.setValue(int(value) if value is not None else 0)
+            elif f.kind == "float":
+                w.setValue(float(value) if value is not None else 0.0)
+            elif f.kind == "enum":
+                idx = next((i for i, c in enumerate(f.choices) if c == value or str(c) == str(value)), 0)
+                w.setCurrentIndex(idx)
+            else:
+                text = "" if value is None else (json.dumps(value) if f.kind == "json" and not isinstance(value, str) else str(value))
+                if isinstance(w, QtWidgets.QPlainTextEdit):
+                    w.setPlainText(text)
+                else:
+                    w.setText(text)
+        finally:
+            self._loading = loading
+
+
+NONE_LABEL = "(none)"
+SELECTION_LABEL = "(current selection)"
+
+
+class LayerPicker(QWidget):
+    """Picks the layer(s) for one role: a combo box, or a checkable list for roles that
+    take several layers. ``picked(role, ids)`` when the user changes it."""
+
+    picked = pyqtSignal(str, list)
+
+    def __init__(self, role: dict, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.role = role
+        self.multiple = bool(role.get("multiple")) and role.get("kind") == "image"
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self._loading = False
+        if self.multiple:
+            self.list = QtWidgets.QListWidget()
+            self.list.setMaximumHeight(90)
+            self.list.itemChanged.connect(self._on_list)
+            lay.addWidget(self.list)
+            self.combo = None
+        else:
+            self.combo = QtWidgets.QComboBox()
+            self.combo.currentIndexChanged.connect(self._on_combo)
+            lay.addWidget(self.combo)
+            self.list = None
+        self.setToolTip(role.get("help", ""))
+        self.setObjectName(f"role_{role.get('name')}")
+
+    def set_layers(self, layers: list[tuple[str, str]], chosen: list[str], selection_id: str):
+        self._loading = True
+        try:
+            if self.multiple:
+                self.list.clear()
+                for lid, name in layers:
+                    item = QtWidgets.QListWidgetItem(name)
+                    item.setData(Qt.ItemDataRole.UserRole, lid)
+                    item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                    item.setCheckState(Qt.CheckState.Checked if lid in chosen else Qt.CheckState.Unchecked)
+                    self.list.addItem(item)
+            else:
+                self.combo.clear()
+                if self.role.get("kind") == "mask":
+                    self.combo.addItem(SELECTION_LABEL, selection_id)
+                if not self.role.get("required") or not layers:
+                    self.combo.addItem(NONE_LABEL, "")
+                for lid, name in layers:
+                    self.combo.addItem(name, lid)
+                want = chosen[0] if chosen else ""
+                idx = self.combo.findData(want)
+                self.combo.setCurrentIndex(idx if idx >= 0 else 0)
+        finally:
+            self._loading = False
+
+    def chosen(self) -> list[str]:
+        if self.multiple:
+            out = []
+            for i in range(self.list.count()):
+                item = self.list.item(i)
+                if item.checkState() == Qt.CheckState.Checked:
+                    out.append(item.data(Qt.ItemDataRole.UserRole))
+            return out
+        data = self.combo.currentData()
+        return [data] if data else []
+
+    def _on_combo(self, _=None):
+        if not self._loading:
+            self.picked.emit(self.role["name"], self.chosen())
+
+    def _on_list(self, _=None):
+        if not self._loading:
+            self.picked.emit(self.role["name"], self.chosen())
