@@ -1,0 +1,131 @@
+"""`analogon bench`: benchmark sections that print tables and write JSON. Never asserts timings.
+
+A section is a module in this package that calls :func:`register` at import time::
+
+    from analogon.bench import register
+
+    def run(opts) -> list[dict]:          # rows of one table
+        ...
+    register("pixels", run, "PIXELS: seconds per pass at 512 and 1024")
+
+Method engineers add ``bench/<method>.py``; ``analogon bench --list`` shows them all.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import pkgutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class Section:
+    name: str
+    run: Callable[[argparse.Namespace], list[dict[str, Any]]]
+    help: str = ""
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+SECTIONS: dict[str, Section] = {}
+
+
+def register(name: str, run: Callable[[argparse.Namespace], list[dict[str, Any]]], help: str = "",
+             add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Section:
+    SECTIONS[name] = Section(name, run, help, add_arguments)
+    return SECTIONS[name]
+
+
+def discover() -> dict[str, Section]:
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            try:
+                importlib.import_module(f"{__name__}.{mod.name}")
+            except Exception as e:  # a broken section must not hide the others
+                print(f"bench: section module {mod.name} failed to import: {e}", file=sys.stderr)
+    return SECTIONS
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    sections = discover()
+    p = argparse.ArgumentParser(prog="analogon bench", description="Benchmarks: tables and JSON.")
+    p.add_argument("sections", nargs="*", help=f"sections to run (default: all): {', '.join(sections)}")
+    p.add_argument("--list", action="store_true", help="list the sections")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    p.add_argument("--repeat", type=int, default=3, help="repeats per measurement (median reported)")
+    p.add_argument("--device", help="device for sections that load models")
+    p.add_argument("--quality", action="store_true", help="run the quality suite instead (analogon.quality)")
+    for s in sections.values():
+        if s.add_arguments is not None:
+            s.add_arguments(p)
+    opts = p.parse_args(argv)
+    if opts.list:
+        for s in sections.values():
+            print(f"{s.name:12s} {s.help}")
+        return 0
+    names = opts.sections or list(sections)
+    unknown = [n for n in names if n not in sections]
+    if unknown:
+        print(f"analogon bench: unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}",
+              file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "sections": {}}
+    for n in names:
+        print(f"== {n}: {sections[n].help}", flush=True)
+        t0 = time.perf_counter()
+        rows = sections[n].run(opts)
+        result["sections"][n] = {"rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
+        print(format_table(rows), flush=True)
+        print()
+    if opts.json:
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {opts.json}")
+    return 0

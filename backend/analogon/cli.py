@@ -1,0 +1,577 @@
+"""The `analogon` command: serve | run | demo | doctor | bench | train-toy."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AnalogonError
+
+log = logging.getLogger("analogon")
+
+
+def _die(message: str, code: int = 2) -> int:
+    print(f"analogon: {message}", file=sys.stderr)
+    return code
+
+
+def _add_model_options(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    p.add_argument("--model", default=model_default,
+                   help="model: tiny-sd, tiny-sdxl, toy-sd, a local diffusers folder, a single "
+                        ".safetensors checkpoint, or a Hugging Face repo id already in the local cache")
+    p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="default: float16 on GPUs, float32 on CPU")
+    p.add_argument("--cpu-offload", action="store_true", help="keep idle model parts in CPU memory (small GPUs)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (small GPUs)")
+    p.add_argument("--cache-dir", help="folder for cached inversions (default: ~/.cache/analogon; "
+                                       "'' keeps them in memory only)")
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="analogon", description="Example-based image editing backend for Krita.")
+    p.add_argument("--version", action="version", version=f"analogon {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the local backend server for the Krita plugin")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=7871, help="port (default 7871; 0 picks a free one)")
+    s.add_argument("--state-dir", help="where server.json (address + token) and images are kept")
+    s.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --host and any Host header (exposes the backend; warns)")
+    _add_model_options(s, "tiny-sd")
+
+    r = sub.add_parser("run", help="run one method on image files: analogon run METHOD --help",
+                       add_help=False)
+    r.add_argument("method", nargs="?", help="method id (see `analogon run --list`)")
+    r.add_argument("--list", action="store_true", help="list the methods")
+    r.add_argument("-h", "--help", action="store_true")
+
+    d = sub.add_parser("demo", help="every method on sample images; results, contact sheet, timings")
+    d.add_argument("-o", "--output", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--methods", help="comma-separated method ids (default: all)")
+    d.add_argument("--size", type=int, default=None, help="sample image size (default: the model's native size)")
+    d.add_argument("--seed", type=int, default=0)
+    _add_model_options(d, None)
+
+    sub.add_parser("doctor", help="what is installed: versions, device, memory, Krita, the plugin")
+
+    b = sub.add_parser("bench", help="benchmarks (sections: see --list); --quality runs the quality suite",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+
+    t = sub.add_parser("train-toy", help="train the toy-world model (toy-sd)", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _base_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "run":
+            return cmd_run(args, extra)
+        if args.command in ("bench", "train-toy"):
+            rest = list(args.rest) + extra
+            return cmd_bench(rest) if args.command == "bench" else cmd_train_toy(rest)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor}[args.command](args)
+    except AnalogonError as e:
+        return _die(f"{e.message} [{e.code}]", 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+def _cache_dir_arg(value: str | None):
+    if value is None:
+        return None
+    return "" if value == "" else Path(value).expanduser()
+
+
+def cmd_serve(args) -> int:
+    from .server import Settings, serve
+
+    settings = Settings(
+        host=args.host, port=args.port,
+        state_dir=Path(args.state_dir).expanduser() if args.state_dir else None,
+        default_model=args.model, device=args.device, dtype=args.dtype,
+        cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
+        cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
+    )
+    return serve(settings, log_level="debug" if args.verbose else "info")
+
+
+# -- run -------------------------------------------------------------------------------------
+
+def _schema_type(prop: dict[str, Any]) -> tuple[str | None, list | None]:
+    """(json type, enum) of a schema property, looking through Optional (anyOf with null)."""
+    if "enum" in prop:
+        return prop.get("type"), prop["enum"]
+    if "const" in prop:
+        return prop.get("type"), [prop["const"]]
+    if "anyOf" in prop:
+        options = [o for o in prop["anyOf"] if o.get("type") != "null"]
+        if len(options) == 1:
+            return _schema_type(options[0])
+        return None, None
+    return prop.get("type"), None
+
+
+def _json_or_str(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _param_help(prop: dict[str, Any]) -> str:
+    bits = [prop.get("description", "").rstrip(".")]
+    rng = []
+    for key, sym in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+        if key in prop:
+            rng.append(f"{sym}{prop[key]}")
+    if rng:
+        bits.append(" ".join(rng))
+    if "default" in prop:
+        bits.append(f"default {json.dumps(prop['default'])}")
+    return "; ".join(b for b in bits if b)
+
+
+def method_parser(method) -> argparse.ArgumentParser:
+    """An argument parser for one method: its parameters, from the pydantic JSON schema, and
+    its image roles."""
+    p = argparse.ArgumentParser(
+        prog=f"analogon run {method.id}", description=f"{method.title}. {method.description}".strip(),
+        epilog="Images: FILE, or FILE@x,y[,scale] to place a layer on the target's canvas "
+               "(scaled by scale, top-left corner at x,y).")
+    taken = {"-o", "--output", "--model", "--seed", "--device", "--dtype", "--cpu-offload",
+             "--vae-tiling", "--cache-dir", "--json", "-h", "--help"}
+    p.add_argument("-o", "--output", required=True, help="result PNG (more results: NAME-2.png, ...)")
+    p.add_argument("--seed", type=int, help="random seed (default: random; the used seed is printed)")
+    p.add_argument("--json", action="store_true", help="print the run's report as JSON")
+    _add_model_options(p, "tiny-sd")
+    g = p.add_argument_group("images")
+    role_dest: dict[str, str] = {}
+    for role in method.all_roles():
+        opt = "--" + role.name.replace("_", "-")
+        if opt in taken:
+            opt = "--image-" + role.name.replace("_", "-")
+        taken.add(opt)
+        dest = "role__" + role.name
+        role_dest[role.name] = dest
+        kw: dict[str, Any] = {"dest": dest, "metavar": "FILE",
+                              "help": f"{role.title} ({role.kind}{', required' if role.required else ''}"
+                                      f"{', repeatable' if role.multiple else ''}). {role.help}".strip()}
+        if role.multiple:
+            kw["action"] = "append"
+        g.add_argument(opt, **kw)
+    schema = method.Params.model_json_schema()
+    g = p.add_argument_group("parameters")
+    param_dest: dict[str, str] = {}
+    for name, prop in schema.get("properties", {}).items():
+        if "$ref" in prop and "$defs" in schema:
+            prop = {**schema["$defs"].get(prop["$ref"].split("/")[-1], {}), **{k: v for k, v in prop.items() if k != "$ref"}}
+        opt = "--" + name.replace("_", "-")
+        if opt in taken:
+            opt = "--param-" + name.replace("_", "-")
+        taken.add(opt)
+        dest = "param__" + name
+        param_dest[name] = dest
+        typ, enum = _schema_type(prop)
+        kw = {"dest": dest, "default": None, "help": _param_help(prop)}
+        if typ == "boolean":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif enum is not None:
+            kw["choices"] = enum
+            kw["type"] = type(enum[0]) if enum and not isinstance(enum[0], bool) else str
+        elif typ == "integer":
+            kw["type"] = int
+        elif typ == "number":
+            kw["type"] = float
+        elif typ == "string":
+            kw["type"] = str
+        else:
+            kw["type"] = _json_or_str
+            kw["metavar"] = "JSON"
+        g.add_argument(opt, **kw)
+    p.set_defaults(_roles=role_dest, _params=param_dest)
+    return p
+
+
+def parse_image_arg(value: str) -> tuple[Path, dict[str, Any] | None]:
+    """FILE or FILE@x,y[,scale]."""
+    path, placement = value, None
+    if "@" in value:
+        head, _, tail = value.rpartition("@")
+        parts = tail.split(",")
+        try:
+            if len(parts) in (2, 3):
+                placement = {"x": int(parts[0]), "y": int(parts[1]),
+                             "scale": float(parts[2]) if len(parts) == 3 else 1.0}
+                path = head
+        except ValueError:
+            placement = None
+    return Path(path).expanduser(), placement
+
+
+def read_image_file(path: Path):
+    from .core.images import as_rgba
+    from .server.store import Limits, decode_png
+
+    if not path.exists():
+        raise AnalogonError("file_not_found", f"No image file at {path}.")
+    return as_rgba(decode_png(path.read_bytes(), Limits()))
+
+
+def write_png(path: Path, rgba) -> None:
+    from .server.store import encode_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(rgba, compress_level=6))
+
+
+def _make_models(args):
+    from .models import LoadOptions, ModelManager
+
+    return ModelManager(1, LoadOptions(device=args.device, dtype=args.dtype,
+                                       cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling))
+
+
+def _make_cache(args):
+    from .core.cache import Cache
+    from .server.app import default_cache_dir
+
+    d = _cache_dir_arg(args.cache_dir)
+    return Cache(None) if d == "" else Cache(d or default_cache_dir())
+
+
+def cmd_run(args, extra: list[str]) -> int:
+    from . import engine
+    from .methods import all_methods, get
+
+    if args.list or not args.method:
+        if args.help and not args.method:
+            print("usage: analogon run METHOD [options]   (analogon run METHOD --help for its options)")
+        print("methods:")
+        for m in all_methods():
+            print(f"  {m.id:12s} {m.title}")
+        return 0 if (args.list or args.help) else 2
+    method = get(args.method)
+    p = method_parser(method)
+    if args.help:
+        p.print_help()
+        return 0
+    a = p.parse_args(extra)
+    params = {name: getattr(a, dest) for name, dest in a._params.items() if getattr(a, dest) is not None}
+    source = engine.MemorySource()
+    images: dict[str, Any] = {}
+    for role_name, dest in a._roles.items():
+        val = getattr(a, dest)
+        if val is None:
+            continue
+        refs = []
+        for item in (val if isinstance(val, list) else [val]):
+            path, placement = parse_image_arg(item)
+            sha = source.add(read_image_file(path))
+            refs.append({"sha": sha, **placement} if placement else sha)
+        images[role_name] = refs if isinstance(val, list) else refs[0]
+    job = engine.prepare(method.id, params, images, a.model, a.seed, "tiny-sd", source=source)
+    t0 = time.perf_counter()
+    last = [""]
+
+    def progress(stage, step, total):
+        line = f"{stage} {step}/{total}" if total else stage
+        if sys.stderr.isatty():
+            print(f"\r{line:40s}", end="", file=sys.stderr, flush=True)
+        elif stage != last[0]:
+            print(line, file=sys.stderr)
+        last[0] = stage
+
+    res = engine.execute(job, source=source, models=_make_models(a), cache=_make_cache(a), progress=progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    out = Path(a.output)
+    written = []
+    for i, img in enumerate(res.images):
+        path = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
+        write_png(path, img.rgba)
+        written.append(str(path))
+    report = {"method": method.id, "model": res.model, "seed": res.seed, "params": res.params,
+              "info": res.info, "timings": res.timings, "outputs": written,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{method.id}: wrote {', '.join(written)} (seed {res.seed}, {report['seconds']} s)")
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+def default_demo_model() -> str:
+    try:
+        from .models.toy import toy_sd_available
+
+        if toy_sd_available():
+            return "toy-sd"
+    except Exception:  # pragma: no cover
+        pass
+    return "tiny-sd"
+
+
+def demo_inputs(method, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample images for a method's roles: (images by sha for the engine, source)."""
+    from . import engine
+    from .samples import analogy_set, image_for_role
+
+    samples = analogy_set(size)
+    source = engine.MemorySource()
+    images: dict[str, Any] = {}
+    placed_i = 0
+    for role in method.all_roles():
+        if not role.required and (role.kind == "mask" or (role.kind == "image" and not role.multiple)):
+            continue  # optional maps and exemplar lists are shown; masks and extras are not
+        img, patch = image_for_role(role.name, role.kind, samples)
+        sha = source.add(img)
+        ref: Any = sha
+        if patch and (role.canvas or role.name != method.target_role):
+            off = size // 8 + placed_i * size // 3
+            ref = {"sha": sha, "x": off, "y": size // 4, "scale": 1.0}
+            placed_i += 1
+        images[role.name] = [ref] if role.multiple else ref
+    return images, source
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[str, Any]]]], cell: int = 128):
+    """One PNG: a row per method with its inputs and results, labelled."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    label_h = 14
+    cols = max((len(r[1]) for r in rows), default=1)
+    title_w = 110
+    sheet = Image.new("RGB", (title_w + cols * (cell + 4), max(1, len(rows)) * (cell + label_h + 6)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for ri, (title, cells) in enumerate(rows):
+        y = ri * (cell + label_h + 6) + 2
+        draw.text((4, y + cell // 2), title[:18], fill="black")
+        for ci, (label, rgba) in enumerate(cells):
+            x = title_w + ci * (cell + 4)
+            if rgba is None:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline="red")
+                draw.text((x + 4, y + cell // 2), "failed", fill="red")
+            else:
+                im = Image.fromarray(np.asarray(rgba), "RGBA")
+                im.thumbnail((cell, cell), Image.Resampling.NEAREST if max(im.size) < cell else
+                             Image.Resampling.LANCZOS)
+                if max(im.size) < cell:
+                    s = cell / max(im.size)
+                    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))),
+                                   Image.Resampling.NEAREST)
+                checker = Image.new("RGB", im.size, (200, 200, 200))
+                checker.paste(im, (0, 0), im)
+                sheet.paste(checker, (x, y))
+            draw.text((x + 2, y + cell + 1), label[:20], fill="black")
+    return sheet
+
+
+def cmd_demo(args) -> int:
+    from . import engine
+    from .methods import UNAVAILABLE, all_methods, get
+
+    model = args.model or default_demo_model()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ms = [get(m.strip()) for m in args.methods.split(",")] if args.methods else all_methods()
+    if not ms:
+        return _die("no methods are available: " + json.dumps(UNAVAILABLE), 1)
+    models = _make_models(args)
+    cache = _make_cache(args)
+    t = time.perf_counter()
+    bundle = models.get(model)
+    load_s = time.perf_counter() - t
+    size = args.size or bundle.native_size
+    print(f"demo: model {model} ({bundle.family}, {bundle.device}, loaded in {load_s:.2f} s), "
+          f"images {size}x{size}, output {out}")
+    rows, table = [], []
+    for m in ms:
+        images, source = demo_inputs(m, size)
+        cells = []
+        for role, ref in images.items():
+            for r in (ref if isinstance(ref, list) else [ref]):
+                sha = r["sha"] if isinstance(r, dict) else r
+                cells.append((role, source.load(sha)))
+        entry: dict[str, Any] = {"method": m.id, "model": model}
+        t0 = time.perf_counter()
+        try:
+            job = engine.prepare(m.id, dict(m.demo_params), images, model, args.seed, model, source=source)
+            res = engine.execute(job, source=source, models=models, cache=cache)
+            files = []
+            for i, img in enumerate(res.images):
+                path = out / (f"{m.id}.png" if i == 0 else f"{m.id}-{i + 1}.png")
+                write_png(path, img.rgba)
+                files.append(path.name)
+                cells.append((f"result {img.label}".strip(), img.rgba))
+            entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3), outputs=files,
+                         seed=res.seed, params=res.params, timings=res.timings)
+        except Exception as e:  # a failing method is reported, not fatal
+            msg = e.message if isinstance(e, AnalogonError) else f"{type(e).__name__}: {e}"
+            log.debug("demo %s failed", m.id, exc_info=True)
+            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=msg)
+            cells.append(("failed", None))
+        table.append(entry)
+        rows.append((m.id, cells))
+        print(f"  {m.id:12s} {entry['status']:7s} {entry['seconds']:8.2f} s"
+              + (f"  {entry.get('error')}" if entry["status"] != "ok" else ""))
+    for name, why in UNAVAILABLE.items():
+        table.append({"method": name, "model": model, "status": "unavailable", "seconds": 0.0, "error": why})
+    contact_sheet(rows).save(out / "contact_sheet.png")
+    (out / "timings.json").write_text(json.dumps({"model": model, "size": size, "load_seconds": round(load_s, 3),
+                                                  "methods": table}, indent=2))
+    lines = ["| method | status | seconds | outputs / error |", "|---|---|---:|---|"]
+    for e in table:
+        lines.append(f"| {e['method']} | {e['status']} | {e['seconds']:.2f} | "
+                     f"{', '.join(e.get('outputs', [])) or e.get('error', '')} |")
+    (out / "timings.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'contact_sheet.png'}, {out / 'timings.md'}, {out / 'timings.json'}")
+    failed = [e for e in table if e["status"] == "failed"]
+    return 1 if failed and len(failed) == len([e for e in table if e["status"] != "unavailable"]) else 0
+
+
+# -- doctor ----------------------------------------------------------------------------------
+
+def krita_plugin_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "krita" / "pykrita"
+
+
+def doctor_report() -> dict[str, Any]:
+    import importlib.metadata as md
+    import platform
+    import shutil
+
+    rep: dict[str, Any] = {"analogon": __version__, "python": platform.python_version(),
+                           "platform": platform.platform(), "packages": {}}
+    for pkg in ("torch", "torchvision", "diffusers", "transformers", "accelerate", "safetensors",
+                "open_clip_torch", "fastapi", "uvicorn", "pydantic", "numpy", "pillow"):
+        try:
+            rep["packages"][pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            rep["packages"][pkg] = None
+    try:
+        import torch
+
+        from .models import pick_device, pick_dtype
+
+        dev = pick_device()
+        rep["device"] = str(dev)
+        rep["dtype"] = str(pick_dtype(dev)).replace("torch.", "")
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            rep["gpu"] = {"name": torch.cuda.get_device_name(0), "total_bytes": total, "free_bytes": free,
+                          "cuda": torch.version.cuda}
+    except Exception as e:
+        rep["device"] = f"torch failed: {e}"
+    from .server.app import memory_info
+
+    rep["memory"] = memory_info()
+    rep["krita"] = {"krita": shutil.which("krita"), "kritarunner": shutil.which("kritarunner")}
+    pdir = krita_plugin_dir()
+    rep["plugin"] = {"folder": str(pdir),
+                     "installed": (pdir / "analogon_krita").is_dir() and (pdir / "analogon_krita.desktop").exists()}
+    try:
+        from .methods import UNAVAILABLE, all_methods
+
+        rep["methods"] = [m.id for m in all_methods()]
+        rep["methods_unavailable"] = dict(UNAVAILABLE)
+    except Exception as e:  # pragma: no cover
+        rep["methods"] = f"failed: {e}"
+    from .server.app import default_state_dir
+
+    sj = default_state_dir() / "server.json"
+    rep["server"] = {"server_json": str(sj), "running": False}
+    if sj.exists():
+        try:
+            info = json.loads(sj.read_text())
+            url = info.get("url", "")
+            if url.startswith(("http://127.0.0.1:", "http://localhost:", "http://[::1]:")):
+                import urllib.request
+
+                with urllib.request.urlopen(url + "/v1/health", timeout=2) as r:
+                    rep["server"].update(running=True, url=url, health=json.loads(r.read()))
+        except Exception as e:
+            rep["server"]["error"] = f"{type(e).__name__}"
+    return rep
+
+
+def cmd_doctor(args) -> int:
+    rep = doctor_report()
+    ok = lambda b: "yes" if b else "no"  # noqa: E731
+    print(f"analogon {rep['analogon']}  python {rep['python']}  {rep['platform']}")
+    for k, v in rep["packages"].items():
+        print(f"  {k:16s} {v or 'NOT INSTALLED'}")
+    print(f"device: {rep.get('device')} ({rep.get('dtype')})")
+    if "gpu" in rep:
+        g = rep["gpu"]
+        print(f"  gpu {g['name']}: {g['free_bytes'] / 2**30:.1f} of {g['total_bytes'] / 2**30:.1f} GiB free (CUDA {g['cuda']})")
+    mem = rep["memory"]
+    if "system_total_bytes" in mem:
+        print(f"memory: {mem['system_available_bytes'] / 2**30:.1f} of {mem['system_total_bytes'] / 2**30:.1f} GiB available")
+    print(f"krita: {rep['krita']['krita'] or 'not found'}  (kritarunner: {rep['krita']['kritarunner'] or 'not found'})")
+    print(f"krita plugin installed in {rep['plugin']['folder']}: {ok(rep['plugin']['installed'])}")
+    print(f"methods: {', '.join(rep['methods']) if isinstance(rep['methods'], list) else rep['methods']}")
+    for name, why in rep.get("methods_unavailable", {}).items():
+        print(f"  {name}: unavailable ({why})")
+    srv = rep["server"]
+    print(f"backend server running: {ok(srv['running'])}" + (f" at {srv['url']}" if srv.get("url") else ""))
+    return 0
+
+
+# -- bench, train-toy --------------------------------------------------------------------------
+
+def cmd_bench(argv: list[str]) -> int:
+    if "--quality" in argv:
+        rest = [a for a in argv if a != "--quality"]
+        try:
+            from . import quality
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("analogon.quality"):
+                return _die("the quality suite (analogon.quality) is not part of this installation.", 1)
+            raise
+        return int(quality.main(rest) or 0)
+    from .bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def cmd_train_toy(argv: list[str]) -> int:
+    try:
+        from .toyworld import train
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("analogon.toyworld"):
+            return _die("the toy-world trainer (analogon.toyworld) is not part of this installation.", 1)
+        raise
+    return int(train.main(argv) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
