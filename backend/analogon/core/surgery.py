@@ -1,0 +1,171 @@
+"""Latent surgery: exemplars pasted into a source latent under their regions (PIXELS §3, Alg. 1
+line 10 and Alg. 2 lines 14/20), plus the small pixel-space helpers it needs.
+
+The surgical latent z_surg = M ⊙ z_exemplar + (1 − M) ⊙ z_source is the paper's step-0 latent:
+the copy-paste composite whose decoded image has seams, which the progressive denoising then
+harmonises. With several exemplars the paste is nested, one region per exemplar, later exemplars
+on top of earlier ones (the layer order on the canvas).
+
+Here every image keeps *one fixed noise* ε for the whole loop, and ``SurgicalLatents.at(t)``
+gives the surgical composite of the images each noised to timestep t:
+
+    z_t = noised(z_src, ε_src, t)  with  noised(z_k, ε_k, t) pasted under region M_k, k = 1..K
+
+At the loop's first timestep that is PIXELS' step-0 latent; at later timesteps it is the latent
+an edit-map reset goes back to (see ``analogon.core.editmap.EditSchedule``). Where an exemplar is
+pasted only where its map asks for full change (the authors' rule), resets never reach the pasted
+pixels and ``at(t)`` equals the authors' "noised source" there; with a lower paste threshold a
+pasted pixel is held at the *noised exemplar* until its own start step, so that a partly-changing
+pixel becomes a partial edit of the exemplar rather than of the source.
+
+Noising is one timestep at a time through ``analogon.core.diffusion.noised`` (immune to the
+``set_begin_index`` pitfall of some schedulers). Nothing is kept per step, so memory does not
+grow with the number of steps; computing a composite costs K + 1 ``add_noise`` calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .diffusion import noised
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
+
+
+# -- maps at latent size ------------------------------------------------------------------------
+
+def snap_unit(t: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Values within ``eps`` of 0 or 1 become exactly 0 or 1: a white layer's luminance or a
+    filtered all-white area can come out as 0.99999994 in float32, and "exactly full change" /
+    "exactly keep" decide the schedule's resets, the paste rule and the final latent."""
+    t = t.clamp(0.0, 1.0)
+    t = torch.where(t >= 1.0 - eps, torch.ones_like(t), t)
+    return torch.where(t <= eps, torch.zeros_like(t), t)
+
+
+def map_to_latent(m: np.ndarray, latent_size: tuple[int, int], device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """An (H, W) map in [0, 1] to (1, 1, h, w) at ``latent_size`` = (w, h).
+
+    Bilinear with antialiasing (a triangle filter over the whole footprint, what
+    ``torchvision.transforms.Resize`` does for Differential Diffusion's maps), so that a thin
+    stroke still reaches the latent pixels it covers; then snapped at 0 and 1 (``snap_unit``)."""
+    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
+    w, h = latent_size
+    if (t.shape[-1], t.shape[-2]) != (w, h):
+        down = t.shape[-1] > w or t.shape[-2] > h
+        t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False,
+                                            antialias=down)
+    return snap_unit(t).to(device=device, dtype=dtype)
+
+
+def bbox(m: np.ndarray) -> Box | None:
+    """Bounding box of the non-zero pixels of an (H, W) map, or None when it is all zero."""
+    ys, xs = np.nonzero(m > 0)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def context_box(box: Box, size: tuple[int, int], margin: float, min_side: int = 32,
+                max_aspect: float = 4.0) -> Box:
+    """``box`` grown by ``margin`` × its long side on every side (the context the model sees
+    around the edit), at least ``min_side`` pixels a side, no more elongated than
+    ``max_aspect`` where the image allows, clipped to the image of ``size`` = (W, H)."""
+    W, H = size
+    x0, y0, x1, y1 = box
+    pad = margin * max(x1 - x0, y1 - y0)
+    x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + pad, y1 + pad
+
+    def grow(a: float, b: float, want: float, limit: int) -> tuple[float, float]:
+        want = min(want, limit)
+        if b - a >= want:
+            return a, b
+        extra = (want - (b - a)) / 2
+        a, b = a - extra, b + extra
+        if a < 0:
+            a, b = 0, b - a
+        if b > limit:
+            a, b = a - (b - limit), limit
+        return max(0, a), min(limit, b)
+
+    x0, x1 = grow(x0, x1, min_side, W)
+    y0, y1 = grow(y0, y1, min_side, H)
+    x0, x1 = grow(x0, x1, (y1 - y0) / max_aspect, W)
+    y0, y1 = grow(y0, y1, (x1 - x0) / max_aspect, H)
+    x0, y0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    x1, y1 = min(W, int(np.ceil(x1))), min(H, int(np.ceil(y1)))
+    return x0, y0, x1, y1
+
+
+def crop(a: np.ndarray, box: Box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return a[y0:y1, x0:x1]
+
+
+def composite_over(top: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """RGBA ``top`` over RGBA ``base`` (same size), straight alpha: the RGB of an exemplar as it
+    would look pasted on the source, opaque. The VAE then encodes the exemplar with the source
+    around it rather than with black transparent pixels, so nothing dark bleeds into the latent
+    at the exemplar's edge (the authors zero-pad instead)."""
+    a = top[..., 3:4].astype(np.float32) / 255.0
+    rgb = top[..., :3].astype(np.float32) * a + base[..., :3].astype(np.float32) * (1.0 - a)
+    out = np.empty(base.shape[:2] + (4,), np.uint8)
+    out[..., :3] = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    out[..., 3] = 255
+    return out
+
+
+def paste_region(alpha: torch.Tensor, change: torch.Tensor | None, alpha_threshold: float,
+                 paste_threshold: float) -> torch.Tensor:
+    """Where an exemplar is pasted, at latent size: its opacity is at least ``alpha_threshold``
+    and its change map at least ``paste_threshold`` (no map: change everywhere)."""
+    region = alpha >= alpha_threshold
+    if change is not None:
+        region = region & (change >= paste_threshold)
+    return region
+
+
+# -- the surgical latent ------------------------------------------------------------------------
+
+@dataclass
+class Paste:
+    """One exemplar in latent space: its clean latent, its fixed noise, its region (bool)."""
+
+    latent: torch.Tensor  # (1, C, h, w)
+    noise: torch.Tensor  # (1, C, h, w)
+    region: torch.Tensor  # (1, 1, h, w) bool
+
+
+def surgery(base: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``base`` with each (latent, region) pasted in order, later ones on top."""
+    out = base
+    for latent, region in layers:
+        out = torch.where(region.to(out.device), latent.to(out.dtype), out)
+    return out
+
+
+class SurgicalLatents:
+    """The source and its exemplars, each with one fixed noise, composited at any timestep."""
+
+    def __init__(self, scheduler, source: torch.Tensor, source_noise: torch.Tensor,
+                 pastes: list[Paste] | tuple[Paste, ...] = ()):
+        self.scheduler = scheduler
+        self.source = source
+        self.source_noise = source_noise
+        self.pastes = list(pastes)
+
+    def clean(self) -> torch.Tensor:
+        """The surgical latent without noise (decode it to see the copy-paste composite)."""
+        return surgery(self.source, [(p.latent, p.region) for p in self.pastes])
+
+    def noised_source(self, t) -> torch.Tensor:
+        return noised(self.scheduler, self.source, self.source_noise, t)
+
+    def at(self, t) -> torch.Tensor:
+        """The surgical composite of the images noised to timestep ``t``."""
+        base = self.noised_source(t)
+        return surgery(base, [(noised(self.scheduler, p.latent, p.noise, t), p.region)
+                              for p in self.pastes])
