@@ -313,11 +313,11 @@ class EventStream(QObject):
     """Follows GET /v1/jobs/{id}/events, reading as bytes arrive (readyRead).
 
     If the connection drops before a terminal event it reconnects; the server replays the
-    events so far, and the ones already delivered are skipped. Emits ``event(type, data)``
+    events so far, and the ones already delivered are skipped. Emits ``received(type, data)``
     for each event and ``failed(message)`` when it gives up.
     """
 
-    event = pyqtSignal(str, object)
+    received = pyqtSignal(str, object)
     failed = pyqtSignal(str)
 
     def __init__(self, client: Client, job_id: str, parent: QObject | None = None,
@@ -367,7 +367,7 @@ class EventStream(QObject):
             if etype in TERMINAL_EVENTS:
                 self.finished = True
                 self._idle.stop()
-            self.event.emit(etype, data)
+            self.received.emit(etype, data)
             if self.finished:
                 self.close()
                 return
@@ -561,7 +561,7 @@ class JobRunner(QObject):
         self.state = "running"
         self.stage.emit("queued")
         self._stream = self.client.events(self.job_id, self)
-        self._stream.event.connect(self._on_event)
+        self._stream.received.connect(self._on_event)
         self._stream.failed.connect(self._on_stream_failed)
         self._stream.start()
 

@@ -268,9 +268,16 @@ def feathered_mask(doc, rect: Rect, radius: int = DEFAULT_FEATHER) -> bytes | No
     return bytes(map(min, raw, fea))
 
 
+def is_placed(role: dict) -> bool:
+    """Whether a (non-target) role's layer is sent where it lies on the canvas: roles with a
+    canvas, maps and masks, and roles taking several images (exemplars placed on the
+    canvas). Other roles (A, A′, an appearance reference) are whole images."""
+    return bool(role.get("canvas")) or role.get("kind") in ("map", "mask") or bool(role.get("multiple"))
+
+
 def role_image(doc, node, role: dict, roi: Rect, is_target: bool) -> RoleImage:
-    """Read the layer chosen for ``role``: the target and placed roles over the region of
-    interest (placed roles: only where the layer has content, with its offset), the others
+    """Read the layer chosen for ``role``: the target over the region of interest, placed
+    roles only where the layer has content inside that region (with its offset), the others
     over their own bounds."""
     title = role.get("title") or role.get("name", "")
     name = str(node.name())
@@ -278,12 +285,13 @@ def role_image(doc, node, role: dict, roi: Rect, is_target: bool) -> RoleImage:
         raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is hidden. "
                            "Show it, or pick another layer.")
     full = document_rect(doc)
+    placed = not is_target and is_placed(role)
     if is_target:
         rect = roi
     else:
         bounds = Rect.of(node.bounds()).intersect(full)
-        rect = bounds.intersect(roi) if role.get("canvas") else bounds
-    where = " inside the selected region" if (role.get("canvas") or is_target) and roi != full else ""
+        rect = bounds.intersect(roi) if placed else bounds
+    where = " inside the selected region" if (placed or is_target) and roi != full else ""
     if rect.empty:
         raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is empty{where}. "
                            "Paint on it, or pick another layer.")
@@ -291,9 +299,7 @@ def role_image(doc, node, role: dict, roi: Rect, is_target: bool) -> RoleImage:
     if is_transparent(rgba):
         raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is empty{where}. "
                            "Paint on it, or pick another layer.")
-    if is_target:
-        return RoleImage(rgba, rect.w, rect.h, None, None, name)
-    if role.get("canvas"):
+    if placed:
         return RoleImage(rgba, rect.w, rect.h, rect.x - roi.x, rect.y - roi.y, name)
     return RoleImage(rgba, rect.w, rect.h, None, None, name)
 
