@@ -76,6 +76,11 @@ def _base_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _base_parser()
+    # bench and train-toy hand their arguments on untouched (argparse would reorder them)
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    passthrough = None
+    if first is not None and argv[first] in ("bench", "train-toy"):
+        argv, passthrough = argv[: first + 1], argv[first + 1:]
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, extra)
         if args.command in ("bench", "train-toy"):
-            rest = list(args.rest) + extra
+            rest = passthrough if passthrough is not None else list(args.rest) + extra
             return cmd_bench(rest) if args.command == "bench" else cmd_train_toy(rest)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -204,11 +209,11 @@ def method_parser(method) -> argparse.ArgumentParser:
             kw["choices"] = enum
             kw["type"] = type(enum[0]) if enum and not isinstance(enum[0], bool) else str
         elif typ == "integer":
-            kw["type"] = int
+            kw.update(type=int, metavar="INT")
         elif typ == "number":
-            kw["type"] = float
+            kw.update(type=float, metavar="NUMBER")
         elif typ == "string":
-            kw["type"] = str
+            kw.update(type=str, metavar="TEXT")
         else:
             kw["type"] = _json_or_str
             kw["metavar"] = "JSON"
@@ -338,26 +343,38 @@ def default_demo_model() -> str:
     return "tiny-sd"
 
 
-def demo_inputs(method, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sample images for a method's roles: (images by sha for the engine, source)."""
+def demo_inputs(method, size: int) -> tuple[dict[str, Any], Any]:
+    """Sample images for a method's roles: (image refs by role, the engine's image source).
+    Patch-like roles (exemplars) are placed on the canvas; the edit map is then white under
+    them with a soft edge, else a radial gradient."""
+    import numpy as np
+
     from . import engine
-    from .samples import analogy_set, image_for_role
+    from .core.images import place
+    from .samples import analogy_set, halo_map, image_for_role
 
     samples = analogy_set(size)
     source = engine.MemorySource()
     images: dict[str, Any] = {}
-    placed_i = 0
+    placed_alpha = np.zeros((size, size), np.uint8)
+    maps: list[Any] = []
     for role in method.all_roles():
         if not role.required and (role.kind == "mask" or (role.kind == "image" and not role.multiple)):
             continue  # optional maps and exemplar lists are shown; masks and extras are not
+        if role.kind == "map":
+            maps.append(role)
+            continue
         img, patch = image_for_role(role.name, role.kind, samples)
-        sha = source.add(img)
-        ref: Any = sha
+        ref: Any = source.add(img)
         if patch and (role.canvas or role.name != method.target_role):
-            off = size // 8 + placed_i * size // 3
-            ref = {"sha": sha, "x": off, "y": size // 4, "scale": 1.0}
-            placed_i += 1
+            x, y = size // 8, size // 4
+            ref = {"sha": ref, "x": x, "y": y, "scale": 1.0}
+            placed_alpha = np.maximum(placed_alpha, place(img, (size, size), x, y)[..., 3])
         images[role.name] = [ref] if role.multiple else ref
+    emap = halo_map(placed_alpha, max(2, size // 10)) if placed_alpha.any() else samples["edit_map"]
+    for role in maps:
+        sha = source.add(emap)
+        images[role.name] = [sha] if role.multiple else sha
     return images, source
 
 

@@ -111,3 +111,13 @@ def image_for_role(role_name: str, kind: str, samples: dict[str, np.ndarray]) ->
     if "appearance" in n or "style" in n or "reference" in n or "texture" in n:
         return samples["texture"], False
     return samples["b"], False  # source, target, b, structure, ...
+
+
+def halo_map(alpha: np.ndarray, radius: int = 6) -> np.ndarray:
+    """Edit map for placed exemplars: white under them, fading to black over ``radius`` pixels."""
+    from PIL import Image, ImageFilter
+
+    a = Image.fromarray(alpha.astype(np.uint8), "L")
+    grown = a.filter(ImageFilter.MaxFilter(2 * (radius // 2) + 1)).filter(ImageFilter.GaussianBlur(radius / 2))
+    v = np.maximum(np.asarray(grown, np.float32), alpha.astype(np.float32)) / 255
+    return _rgba(np.repeat(v[..., None], 3, axis=-1))

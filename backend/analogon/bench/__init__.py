@@ -98,13 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the sections")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-    p.add_argument("--repeat", type=int, default=3, help="repeats per measurement (median reported)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="repeats per measurement, median reported (default 3; 1 with --quick)")
     p.add_argument("--device", help="device for sections that load models")
     p.add_argument("--quality", action="store_true", help="run the quality suite instead (analogon.quality)")
     for s in sections.values():
         if s.add_arguments is not None:
             s.add_arguments(p)
     opts = p.parse_args(argv)
+    if opts.repeat is None:
+        opts.repeat = 1 if opts.quick else 3
     if opts.list:
         for s in sections.values():
             print(f"{s.name:12s} {s.help}")

@@ -64,8 +64,11 @@ def run(opts) -> list[dict]:
 
     from ..server import ServerThread, Settings
 
-    sizes = [512, 1024] if opts.quick else [512, 2048, 4096]
-    repeat = max(1, 1 if opts.quick else opts.repeat)
+    if getattr(opts, "io_sizes", None):
+        sizes = [int(v) for v in opts.io_sizes.split(",")]
+    else:
+        sizes = [512, 1024] if opts.quick else [512, 2048, 4096]
+    repeat = max(1, opts.repeat)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="analogon-bench-") as tmp:
         settings = Settings(port=0, state_dir=Path(tmp), cache_dir="", device=opts.device or "cpu")
@@ -173,4 +176,9 @@ def job_latency(c, opts, repeat: int) -> list[dict]:
         methods.unregister("bench-noop")
 
 
-register("io", run, "image upload/download through the real server (PNG vs raw RGBA8), job latency")
+def add_arguments(p) -> None:
+    p.add_argument("--io-sizes", metavar="N,N,...", help="io: square image sizes (default 512,2048,4096)")
+
+
+register("io", run, "image upload/download through the real server (PNG vs raw RGBA8), job latency",
+         add_arguments)

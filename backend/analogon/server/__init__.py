@@ -89,6 +89,13 @@ def serve(settings: Settings, log_level: str = "info") -> int:
     if settings.allow_remote:
         log.warning("--allow-remote: the backend listens on %s and accepts any Host header; anyone "
                     "with the token can use it from the network", settings.host)
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM: stop cleanly (uvicorn re-raises it after shutdown)
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     app = create_app(settings)
     sock = bind_socket(settings.host, settings.port)
     url = url_of(sock, settings.host)
