@@ -13,10 +13,11 @@ gives the surgical composite of the images each noised to timestep t:
 
 At the loop's first timestep that is PIXELS' step-0 latent; at later timesteps it is the latent
 an edit-map reset goes back to (see ``analogon.core.editmap.EditSchedule``). Where an exemplar is
-pasted only where its map asks for full change (the authors' rule), resets never reach the pasted
-pixels and ``at(t)`` equals the authors' "noised source" there; with a lower paste threshold a
-pasted pixel is held at the *noised exemplar* until its own start step, so that a partly-changing
-pixel becomes a partial edit of the exemplar rather than of the source.
+pasted only where its map asks for full change (the authors' rule), resets do not reach the
+pasted pixels (but for the map's filtered edge) and ``at(t)`` is the authors' "noised source"
+wherever a reset happens; with a lower paste threshold a pasted pixel is held at the *noised
+exemplar* until its own start step, so that a partly-changing pixel becomes a partial edit of the
+exemplar rather than being reset to the source and losing it.
 
 Noising is one timestep at a time through ``analogon.core.diffusion.noised`` (immune to the
 ``set_begin_index`` pitfall of some schedulers). Nothing is kept per step, so memory does not
@@ -118,14 +119,18 @@ def composite_over(top: np.ndarray, base: np.ndarray) -> np.ndarray:
     return out
 
 
-def paste_region(alpha: torch.Tensor, change: torch.Tensor | None, alpha_threshold: float,
-                 paste_threshold: float) -> torch.Tensor:
-    """Where an exemplar is pasted, at latent size: its opacity is at least ``alpha_threshold``
-    and its change map at least ``paste_threshold`` (no map: change everywhere)."""
-    region = alpha >= alpha_threshold
+def paste_region(alpha: np.ndarray, change: np.ndarray | None, alpha_threshold: float,
+                 paste_threshold: float, latent_size: tuple[int, int], device=None) -> torch.Tensor:
+    """Where an exemplar is pasted, as a bool (1, 1, h, w) at latent size.
+
+    Decided in pixels, where the painter sees it: the exemplar's opacity is at least
+    ``alpha_threshold`` and its change map at least ``paste_threshold`` (no map: change
+    everywhere). A latent pixel is pasted when most of its footprint is (filtered value ≥ ½), so
+    that a small exemplar under a soft-edged map is not lost to the map's filtering."""
+    px = alpha >= alpha_threshold
     if change is not None:
-        region = region & (change >= paste_threshold)
-    return region
+        px = px & (change >= paste_threshold - 1e-4)
+    return map_to_latent(px.astype(np.float32), latent_size, device=device) >= 0.5
 
 
 # -- the surgical latent ------------------------------------------------------------------------

@@ -224,9 +224,12 @@ def plan_job(bundle, inputs: Inputs, params: PixelsParams) -> Plan:
     ex_plans: list[ExemplarPlan] = []
     for k, (ex, m) in enumerate(zip(exemplars, ex_maps), 1):
         ex_crop = crop(ex, box)
-        alpha = map_to_latent(ex_crop[..., 3].astype(np.float32) / 255.0, lat, device=dev)
-        region = paste_region(alpha, latent_map(m), params.alpha_threshold, params.paste_threshold)
+        region = paste_region(ex_crop[..., 3].astype(np.float32) / 255.0,
+                              None if m is None else crop(m, box),
+                              params.alpha_threshold, params.paste_threshold, lat, device=dev)
         if not bool(region.any()):
+            if change is not None and not (change > 0).any():
+                continue  # a black map: nothing may change, the run returns the source
             name = "exemplar" if len(exemplars) == 1 else f"exemplar {k}"
             raise InputError(
                 "exemplar_outside_edit",
