@@ -85,7 +85,10 @@ _RUNNING: "set[BackendProcess]" = set()
 @atexit.register
 def _stop_all():  # last resort when Krita exits without telling us
     for proc in list(_RUNNING):
-        proc.stop(wait_ms=1000)
+        try:
+            proc.stop(wait_ms=1000)
+        except RuntimeError:  # the Qt side is already gone (the process died with it)
+            pass
 
 
 class BackendProcess(QObject):
@@ -215,6 +218,8 @@ class BackendProcess(QObject):
     def _fail(self, message: str):
         self._poll.stop()
         self._deadline.stop()
+        if not self.running:
+            _RUNNING.discard(self)
         if self.state != "failed":
             self._set_state("failed", message)
 

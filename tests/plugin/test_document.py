@@ -1,0 +1,163 @@
+"""The Krita adapter on the fake Krita: byte orders, 16-bit conversion, refusals, region of
+interest, feathered compositing, result and edit-map layers."""
+from __future__ import annotations
+
+import pytest
+from fake_krita import Selection
+
+from analogon_krita import document as kd
+from analogon_krita.document import AdapterError, Rect
+
+
+def new_doc(kapp, w=32, h=24, model="RGBA", depth="U8"):
+    doc = kapp.createDocument(w, h, "t", model, depth, "", 72.0)
+    kapp.setActiveDocument(doc)
+    return doc
+
+
+def add_layer(doc, name, bgra_pixel=None, rect=None, above=None):
+    node = doc.createNode(name, "paintlayer")
+    doc.rootNode().addChildNode(node, above)
+    if bgra_pixel is not None:
+        r = rect or Rect(0, 0, doc.width(), doc.height())
+        node.setPixelData(bytes(bgra_pixel) * (r.w * r.h), r.x, r.y, r.w, r.h)
+    node.writes = 0
+    return node
+
+
+def test_bgra_becomes_rgba(kapp):
+    doc = new_doc(kapp)
+    node = add_layer(doc, "L", (10, 20, 30, 255))  # B, G, R, A as Krita stores them
+    rgba = kd.read_layer(node, Rect(0, 0, 2, 1))
+    assert rgba == bytes([30, 20, 10, 255]) * 2
+
+
+def test_sixteen_bit_is_converted_both_ways(kapp):
+    doc = new_doc(kapp, 8, 8, depth="U16")
+    px = b"".join(int(v * 257).to_bytes(2, "little") for v in (10, 20, 30, 255))  # BGRA u16
+    src = add_layer(doc, "src", px)
+    assert kd.read_layer(src, Rect(0, 0, 1, 1)) == bytes([30, 20, 10, 255])
+    node = kd.insert_result(doc, src, bytes([1, 2, 3, 255]) * 64, 8, 8, Rect(0, 0, 8, 8), "r")
+    raw = node.pixelData(0, 0, 1, 1)
+    assert [int.from_bytes(raw[i:i + 2], "little") for i in range(0, 8, 2)] == [3 * 257, 2 * 257, 1 * 257, 65535]
+
+
+def test_u16_to_u8_rounding_is_within_one_level():
+    vals = list(range(0, 65536, 97))
+    data = b"".join(v.to_bytes(2, "little") for v in vals)
+    out = kd.u16_to_u8(data)
+    assert all(abs(o - round(v / 257)) <= 1 for o, v in zip(out, vals))
+    assert kd.u16_to_u8(kd.u8_to_u16(bytes(range(256)))) == bytes(range(256))
+
+
+@pytest.mark.parametrize("model,depth,words", [
+    ("CMYKA", "U8", "CMYK"), ("LABA", "U16", "L*a*b*"), ("GRAYA", "U8", "grey-scale"),
+    ("RGBA", "F32", "floating-point"), ("RGBA", "F16", "floating-point"),
+])
+def test_unsupported_documents_are_refused_clearly(kapp, model, depth, words):
+    doc = new_doc(kapp, 4, 4, model, depth)
+    with pytest.raises(AdapterError) as e:
+        kd.check_document(doc)
+    assert words in e.value.message and "Convert Image Color Space" in e.value.message
+
+
+def test_hidden_and_empty_layers_are_refused(kapp):
+    doc = new_doc(kapp)
+    hidden = add_layer(doc, "Hidden one", (1, 1, 1, 255))
+    hidden.setVisible(False)
+    empty = add_layer(doc, "Blank")
+    role = {"name": "a", "title": "A"}
+    full = kd.document_rect(doc)
+    with pytest.raises(AdapterError, match="\u201cHidden one\u201d chosen for A is hidden"):
+        kd.role_image(doc, hidden, role, full, False)
+    with pytest.raises(AdapterError, match="\u201cBlank\u201d chosen for A is empty"):
+        kd.role_image(doc, empty, role, full, False)
+    # content outside the region of interest is empty for a placed role
+    corner = add_layer(doc, "Corner", (5, 5, 5, 255), Rect(0, 0, 4, 4))
+    with pytest.raises(AdapterError, match="empty inside the selected region"):
+        kd.role_image(doc, corner, {"name": "exemplar", "title": "Exemplars", "multiple": True},
+                      Rect(16, 8, 8, 8), False)
+
+
+def test_placed_and_whole_roles(kapp):
+    doc = new_doc(kapp)
+    ex = add_layer(doc, "ex", (0, 0, 255, 255), Rect(10, 6, 5, 4))
+    roi = Rect(8, 4, 16, 16)
+    placed = kd.role_image(doc, ex, {"name": "exemplar", "multiple": True}, roi, False)
+    assert (placed.x, placed.y, placed.width, placed.height) == (2, 2, 5, 4)
+    whole = kd.role_image(doc, ex, {"name": "a"}, roi, False)
+    assert (whole.x, whole.width, whole.height) == (None, 5, 4)
+    target = kd.role_image(doc, ex, {"name": "source"}, roi, True)
+    assert (target.width, target.height, target.x) == (16, 16, None)
+
+
+def test_region_of_interest(kapp):
+    doc = new_doc(kapp, 100, 80)
+    assert kd.region_of_interest(doc) == (Rect(0, 0, 100, 80), False)
+    sel = Selection()
+    sel.select(40, 30, 10, 10, 255)
+    doc.setSelection(sel)
+    roi, from_sel = kd.region_of_interest(doc, padding=5)
+    assert from_sel and roi.x <= 35 and roi.y <= 25 and roi.x + roi.w >= 55 and roi.y + roi.h >= 45
+    assert roi.w % 8 == 0 and roi.h % 8 == 0
+    # near the edge: clipped to the canvas
+    sel2 = Selection()
+    sel2.select(95, 0, 5, 5, 255)
+    doc.setSelection(sel2)
+    roi, _ = kd.region_of_interest(doc, padding=10)
+    assert roi.x + roi.w <= 100 and roi.y >= 0 and roi.w % 8 == 0
+
+
+def test_result_layer_above_target_at_offset_with_feathered_mask(kapp):
+    doc = new_doc(kapp, 40, 40)
+    bg = add_layer(doc, "Background", (255, 255, 255, 255))
+    target = add_layer(doc, "Photo", (0, 128, 0, 255), above=bg)
+    top = add_layer(doc, "Top", (0, 0, 0, 0), above=target)
+    before = {n.name(): n.pixelData(0, 0, 40, 40) for n in (bg, target, top)}
+    sel = Selection()
+    sel.select(10, 10, 20, 20, 255)
+    doc.setSelection(sel)
+    roi, _ = kd.region_of_interest(doc, padding=4, align=1)
+    assert roi == Rect(6, 6, 28, 28)
+    mask = kd.feathered_mask(doc, roi, 3)
+    assert len(mask) == roi.w * roi.h
+    at = lambda x, y: mask[(y - roi.y) * roi.w + (x - roi.x)]  # noqa: E731
+    assert at(20, 20) == 255 and at(7, 7) == 0 and 0 < at(10, 20) < 255
+    result = bytes([200, 0, 0, 255]) * (roi.w * roi.h)
+    node = kd.insert_result(doc, target, result, roi.w, roi.h, roi, "pixels seed 7", mask)
+    names = [n.name() for n in doc.rootNode().childNodes()]
+    assert names == ["Background", "Photo", "pixels seed 7", "Top"]
+    px = node.pixelData(20, 20, 1, 1)
+    assert px == bytes([0, 0, 200, 255])  # BGRA
+    assert node.pixelData(5, 5, 1, 1)[3] == 0 and node.pixelData(8, 8, 1, 1)[3] == 0
+    assert 0 < node.pixelData(10, 20, 1, 1)[3] < 255
+    assert node.bounds().x() >= 10 and node.bounds().right() <= 29
+    for n in (bg, target, top):
+        assert n.pixelData(0, 0, 40, 40) == before[n.name()] and n.writes == 0
+    node.remove()
+    assert [n.name() for n in doc.rootNode().childNodes()] == ["Background", "Photo", "Top"]
+
+
+def test_result_of_another_size_is_scaled_to_the_region(kapp):
+    doc = new_doc(kapp, 16, 16)
+    t = add_layer(doc, "t", (1, 2, 3, 255))
+    node = kd.insert_result(doc, t, bytes([9, 9, 9, 255]) * 64, 8, 8, Rect(0, 0, 16, 16), "r")
+    assert node.pixelData(15, 15, 1, 1) == bytes([9, 9, 9, 255])
+
+
+def test_edit_map_layer(kapp):
+    doc = new_doc(kapp, 8, 8)
+    t = add_layer(doc, "photo", (1, 2, 3, 255))
+    m = kd.create_edit_map(doc, t)
+    assert [n.name() for n in doc.rootNode().childNodes()] == ["photo", "Edit map"]
+    assert m.colorModel() == "GRAYA" and m.opacity() == kd.EDIT_MAP_OPACITY
+    assert kd.is_edit_map(m)
+    rgba = kd.read_layer(m, Rect(0, 0, 8, 8))
+    assert rgba == bytes([0, 0, 0, 255]) * 64
+    assert t.writes == 0
+
+
+def test_multiply_alpha_and_mask_to_rgba():
+    assert kd.multiply_alpha(bytes([1, 2, 3, 255, 4, 5, 6, 255]), bytes([0, 128])) == bytes([1, 2, 3, 0, 4, 5, 6, 128])
+    assert kd.multiply_alpha(bytes([1, 2, 3, 128]), bytes([128])) == bytes([1, 2, 3, 64])
+    assert kd.mask_to_rgba(bytes([7])) == bytes([7, 7, 7, 255])
