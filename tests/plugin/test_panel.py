@@ -1,0 +1,137 @@
+"""Forms from JSON schemas and the docker's widgets bound to the controller (offscreen)."""
+from __future__ import annotations
+
+import pytest
+import schemas
+from PyQt6 import QtWidgets
+
+from analogon_krita.controller import Controller, Pass
+from analogon_krita.forms import FormError, coerce, coerce_all, fields_from_schema
+from analogon_krita.panel import AnalogonPanel, make_docker_class
+from analogon_krita.widgets import ParamForm
+
+
+def by_name(fields):
+    return {f.name: f for f in fields}
+
+
+def test_fields_from_pydantic_schema():
+    f = by_name(fields_from_schema(schemas.PixelsParams.model_json_schema()))
+    assert list(f) == ["prompt", "steps", "strength", "scheduler", "crop_to_edit", "eta", "caption"]
+    assert (f["steps"].kind, f["steps"].minimum, f["steps"].maximum, f["steps"].default) == ("int", 1, 200, 50)
+    assert f["strength"].kind == "float" and f["strength"].spin_range() == (0.0, 1.0)
+    assert f["scheduler"].kind == "enum" and f["scheduler"].choices == ["ddim", "euler", "dpmpp_2m"]
+    assert f["crop_to_edit"].kind == "bool" and f["crop_to_edit"].default is True
+    assert f["eta"].exclusive_min and f["eta"].exclusive_max and 0 < f["eta"].spin_range()[0] < 0.01
+    assert f["caption"].kind == "str" and f["caption"].nullable
+    assert f["prompt"].multiline
+    assert "Denoising steps." in f["steps"].tooltip and "1 \u2026 200" in f["steps"].tooltip
+    dia = by_name(fields_from_schema(schemas.DiaParams.model_json_schema()))
+    assert dia["lam"].title == "Lambda"
+
+
+def test_enum_through_ref_and_coercion():
+    schema = {"$defs": {"Mode": {"enum": ["a", "b"], "type": "string", "title": "Mode"}},
+              "properties": {"mode": {"$ref": "#/$defs/Mode", "default": "a", "description": "d"},
+                             "n": {"type": "integer", "exclusiveMinimum": 0, "default": 1},
+                             "xs": {"type": "array", "items": {"type": "number"}, "default": [1, 2]}}}
+    f = by_name(fields_from_schema(schema))
+    assert f["mode"].kind == "enum" and f["mode"].choices == ["a", "b"] and f["mode"].description == "d"
+    assert f["xs"].kind == "json"
+    assert coerce(f["xs"], "[3, 4]") == [3, 4]
+    with pytest.raises(FormError, match="below the allowed range"):
+        coerce(f["n"], 0)
+    with pytest.raises(FormError, match="choose one of a, b"):
+        coerce(f["mode"], "c")
+    with pytest.raises(FormError, match="not a number"):
+        coerce(f["n"], "many")
+    assert coerce_all(list(f.values()), {"n": "3", "stale_key": 1}) == {"mode": "a", "n": 3, "xs": [1, 2]}
+
+
+def test_param_form_widgets_follow_the_schema():
+    form = ParamForm()
+    fields = fields_from_schema(schemas.PixelsParams.model_json_schema())
+    form.build(fields, {"steps": 12})
+    steps = form.editors["steps"]
+    assert isinstance(steps, QtWidgets.QSpinBox) and (steps.minimum(), steps.maximum(), steps.value()) == (1, 200, 12)
+    assert "Denoising steps." in steps.toolTip()
+    sched = form.editors["scheduler"]
+    assert isinstance(sched, QtWidgets.QComboBox) and sched.count() == 3 and sched.currentText() == "euler"
+    assert isinstance(form.editors["crop_to_edit"], QtWidgets.QCheckBox)
+    assert isinstance(form.editors["strength"], QtWidgets.QDoubleSpinBox)
+    changes = []
+    form.changed.connect(lambda n, v: changes.append((n, v)))
+    sched.setCurrentIndex(2)
+    steps.setValue(30)
+    form.editors["caption"].setText("")
+    assert ("scheduler", "dpmpp_2m") in changes and ("steps", 30) in changes
+    assert form.values()["caption"] is None
+
+
+def offline(kapp):
+    c = Controller(app=kapp)
+    c.methods = [dict(m) for m in schemas.METHODS]
+    c.method_id = "pixels"
+    return c
+
+
+def test_panel_builds_method_form_and_role_pickers(kapp):
+    doc = kapp.createDocument(16, 16, "t", "RGBA", "U8", "", 72)
+    kapp.setActiveDocument(doc)
+    n = doc.createNode("photo", "paintlayer")
+    doc.rootNode().addChildNode(n, None)
+    doc.setActiveNode(n)
+    c = offline(kapp)
+    panel = AnalogonPanel(c)
+    c.methodsChanged.emit()
+    assert panel.method_combo.count() == 2 and panel.method_combo.currentData() == "pixels"
+    assert set(panel.pickers) == {"source", "exemplar", "edit_map", "mask"}
+    assert panel.pickers["source"].chosen() == [str(n.uniqueId())]
+    assert panel.pickers["mask"].combo.currentText() == "(current selection)"
+    assert panel.pickers["exemplar"].list is not None  # several layers: a checkable list
+    assert "steps" in panel.form.editors and panel.progressive_check.isVisibleTo(panel)
+    panel.form.editors["steps"].setValue(9)
+    assert c.param_values()["steps"] == 9
+    panel.method_combo.setCurrentIndex(1)
+    assert c.method_id == "dia" and set(panel.pickers) == {"a", "a_prime", "b", "edit_map", "mask"}
+    assert "lam" in panel.form.editors and not panel.progressive_check.isVisibleTo(panel)
+
+
+def test_panel_shows_errors_connection_and_history(kapp):
+    from PyQt6.QtGui import QImage
+
+    c = offline(kapp)
+    panel = AnalogonPanel(c)
+    assert panel.error_label.isHidden()
+    c.set_error("The layer \u201cx\u201d chosen for Source is hidden. Show it, or pick another layer.")
+    assert not panel.error_label.isHidden() and "is hidden" in panel.error_label.text()
+    c._set_connection("unreachable", "The Analogon backend is not running at http://127.0.0.1:9 (connection refused).")
+    assert "not running" in panel.status_label.text()
+    c._set_busy(True)
+    assert not panel.generate_button.isEnabled() and panel.cancel_button.isEnabled()
+    c.progressChanged.emit("denoise", 3, 10)
+    assert panel.progress.maximum() == 10 and panel.progress.value() == 3 and "denoise 3/10" in panel.progress.format()
+    c._set_busy(False)
+    img = QImage(8, 8, QImage.Format.Format_RGBA8888)
+    c.history.insert(0, Pass("pixels", "PIXELS", {"steps": 4}, 5, "tiny-sd", {}, "id", "pixels seed 5",
+                             [0, 0, 8, 8], False, img))
+    c.historyChanged.emit()
+    assert panel.history_list.count() == 1 and "pixels seed 5" in panel.history_list.item(0).text()
+    assert not panel.history_list.item(0).icon().isNull()
+
+
+def test_docker_registration_and_canvas_following(kapp):
+    import analogon_krita.extension as ext
+
+    kapp.docker_factories.clear()
+    ext.register()
+    assert kapp.docker_factories and kapp.docker_factories[0].id == "analogon_docker"
+    Docker = make_docker_class()
+    Controller._instance = None
+    dock = Docker()
+    assert dock.windowTitle() == "Analogon" and isinstance(dock.panel, AnalogonPanel)
+    doc = kapp.createDocument(8, 8, "t", "RGBA", "U8", "", 72)
+    kapp.setActiveDocument(doc)
+    dock.canvasChanged(None)
+    assert dock.controller.document() is doc
+    Controller._instance = None
