@@ -62,6 +62,22 @@ def prompt_tokens(bundle, prompt: str) -> PromptTokens:
     return PromptTokens(ids, embeds, eos)
 
 
+def ids_with_slots(ids: torch.Tensor, eos: int, n: int, pad_id: int) -> tuple[torch.Tensor, int, int]:
+    """Token ids (L,) with ``n`` slots inserted after the prompt's words, before its end-of-text
+    token; words are cut when the prompt would not fit. Slots hold ``pad_id`` (callers replace
+    their embeddings). Returns (new ids, index of the first slot, index of the end-of-text)."""
+    length = ids.shape[0]
+    if not 0 <= n <= length - 2:
+        raise ValueError(f"cannot insert {n} slots into {length} positions")
+    words = ids[1:eos][: length - 2 - n]
+    k = int(words.shape[0])
+    new = torch.full_like(ids, pad_id)
+    new[0] = ids[0]
+    new[1:1 + k] = words
+    new[1 + k + n] = ids[eos]
+    return new, 1 + k, 1 + k + n
+
+
 def run_text_encoder(text_encoder, inputs_embeds: torch.Tensor, eos: int | torch.Tensor,
                      hidden_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled) from token embeddings (B, L, D). ``hidden_layer=None`` gives the
