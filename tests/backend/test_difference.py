@@ -1,0 +1,326 @@
+"""Difference Inversion on the tiny models: the paper's invariants and the method's plumbing.
+
+Tiny CLIPs are built around the tiny models' own text encoders (core.clip_space); captions are
+typed (captioner 'user_only') unless a test is about the captioner. Nothing touches the network.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analogon.core import images as im
+from analogon.core.clip_space import clip_spaces_for, unit
+from analogon.core.diffusion import (
+    encode_prompt, img2img_timesteps, init_noise, make_scheduler, noised, sample, vae_decode,
+    vae_encode,
+)
+from analogon.core.text_embeddings import conditioning_from_embeds
+from analogon.errors import InputError, JobCancelled
+from analogon.methods import difference as D
+from analogon.methods.base import Inputs, LayerImage
+from analogon.samples import analogy_set
+
+CAPS = {"caption_a": "a red square", "caption_a_prime": "a blue square", "caption_b": "a circle"}
+FAST = {**CAPS, "captioner": "user_only", "n_tokens": 2, "train_steps": 3, "steps": 4,
+        "strength": 0.75, "guidance": 3.0, "b_start": "noised"}
+METHOD = D.DifferenceMethod()
+
+
+def params(**kw) -> D.Params:
+    return D.Params(**{**FAST, **kw})
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return analogy_set(64)
+
+
+def make_inputs(samples, b=None, **extra) -> Inputs:
+    b = samples["b"] if b is None else b
+    imgs = {"a": LayerImage(samples["a"], "sha-a"), "a_prime": LayerImage(samples["a_prime"], "sha-ap"),
+            "b": LayerImage(b, "sha-b-%dx%d" % (b.shape[1], b.shape[0]))}
+    imgs.update(extra)
+    return Inputs(imgs)
+
+
+class UnetCounter:
+    def __init__(self, bundle):
+        self.n = 0
+        self.h = bundle.unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def close(self):
+        self.h.remove()
+
+
+@pytest.fixture
+def counter_sd(tiny_sd):
+    c = UnetCounter(tiny_sd)
+    yield c
+    c.close()
+
+
+def setup_for(bundle, samples, n=2, cap_a="a red square", cap_ap="a blue square"):
+    spaces = clip_spaces_for(bundle)
+    deltas = [D.clip_deltas(s, samples["a"], samples["a_prime"], cap_a, cap_ap, 0.8) for s in spaces]
+    z_a = vae_encode(bundle, im.to_tensor(samples["a"], (64, 64)))
+    z_ap = vae_encode(bundle, im.to_tensor(samples["a_prime"], (64, 64)))
+    return D.TrainSetup(bundle, z_a, z_ap, D.slot_prompt(bundle, cap_a, n),
+                        D.slot_prompt(bundle, cap_ap, n), cap_a, spaces, deltas, (64, 64))
+
+
+# -- DIFF = 0 is prompt_B alone ----------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["tiny_sd", "tiny_sdxl"])
+def test_zero_diff_conditioning_is_the_prompt_alone_bit_exact(which, request):
+    bundle = request.getfixturevalue(which)
+    cond, _ = encode_prompt(bundle, "a circle on grey", "", (48, 64))
+    widths = [32] * (2 if bundle.is_sdxl else 1)
+    zero = [torch.zeros(3, w) for w in widths]
+    got = D.diff_conditioning(bundle, "a circle on grey", zero, 1.0, (48, 64))
+    assert torch.equal(got.hidden, cond.hidden)
+    if bundle.is_sdxl:
+        assert torch.equal(got.pooled, cond.pooled) and torch.equal(got.time_ids, cond.time_ids)
+    some = [torch.full((3, w), 0.1) for w in widths]
+    assert not torch.equal(D.diff_conditioning(bundle, "a circle on grey", some, 1.0, (48, 64)).hidden,
+                           cond.hidden)
+    # scale 0 is a zero DIFF
+    assert torch.equal(D.diff_conditioning(bundle, "a circle on grey", some, 0.0, (48, 64)).hidden,
+                       cond.hidden)
+
+
+def test_zero_diff_reproduces_sampling_with_prompt_b_alone(tiny_sd, make_ctx, samples):
+    p = params(diff_scale=0.0)
+    ctx = make_ctx(tiny_sd, seed=123)
+    out = METHOD.run(ctx, make_inputs(samples), p).images[0].rgba
+
+    # the reference: plain SDEdit-style sampling from prompt_B with the same seeds
+    b = tiny_sd
+    z_b = vae_encode(b, im.to_tensor(samples["b"], (64, 64)))
+    sched = make_scheduler(b, p.scheduler, p.steps)
+    ts = img2img_timesteps(sched, p.steps, p.strength)
+    cond, uncond = encode_prompt(b, CAPS["caption_b"], "", (64, 64))
+    noise = init_noise(b, z_b.shape, torch.Generator().manual_seed(123))
+    lat = sample(b, sched, noised(sched, z_b, noise, ts[0]), ts, cond, uncond, p.guidance,
+                 generator=torch.Generator().manual_seed(124))
+    ref = im.from_tensor(vae_decode(b, lat))
+    assert np.array_equal(out[..., :3], ref)
+
+    # and a learned DIFF changes the result
+    out1 = METHOD.run(make_ctx(tiny_sd, seed=123), make_inputs(samples), params(diff_scale=1.0))
+    assert not np.array_equal(out1.images[0].rgba[..., :3], ref)
+
+
+# -- the losses --------------------------------------------------------------------------------------
+
+def test_slerp_endpoints_in_the_method(tiny_sd, samples):
+    space = clip_spaces_for(tiny_sd)[0]
+    d0 = D.clip_deltas(space, samples["a"], samples["a_prime"], "a red square", "a blue square", 0.0)
+    d1 = D.clip_deltas(space, samples["a"], samples["a_prime"], "a red square", "a blue square", 1.0)
+    assert torch.allclose(d0.inter, unit(d0.image), atol=1e-6)
+    assert torch.allclose(d1.inter, unit(d1.text), atol=1e-6)
+    fi = unit(space.image_features([samples["a"], samples["a_prime"]]))
+    assert torch.allclose(d0.image, fi[1] - fi[0])  # D_img = E_I(A′) − E_I(A)
+    ft = unit(space.text_features(["a red square", "a blue square"]))
+    assert torch.allclose(d1.text, ft[1] - ft[0])  # D_txt = E_T(cap A′) − E_T(cap A)
+
+
+def test_consistency_loss_pairs_plus_diff_with_prompt_a_against_a_prime(tiny_sd, samples):
+    b = tiny_sd
+    setup = setup_for(b, samples)
+    g = torch.Generator().manual_seed(0)
+    diffs = [torch.randn(2, 32, generator=g) * 0.5]
+    eps_after, eps_before = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    calls = []
+    h = b.unet.register_forward_hook(lambda m, args, kw, out: calls.append((args, kw, out)),
+                                     with_kwargs=True)
+    try:
+        loss = D.consistency_loss(setup, diffs, 700, 200, eps_after, eps_before, "l2")
+    finally:
+        h.remove()
+    assert len(calls) == 1  # both branches in one batch
+    (x, t), kw, out = calls[0]
+    ehs = kw["encoder_hidden_states"]
+    assert t.tolist() == [700, 200]
+    # row 0: A′ noised at t_after; row 1: A noised at t_before
+    assert torch.allclose(x[:1], D.forward_noise(b.scheduler, setup.z_ap, eps_after, 700))
+    assert torch.allclose(x[1:], D.forward_noise(b.scheduler, setup.z_a, eps_before, 200))
+    assert not torch.allclose(x[:1], D.forward_noise(b.scheduler, setup.z_a, eps_after, 700))
+
+    def hidden(prompt, sign):
+        with torch.no_grad():
+            return conditioning_from_embeds(b, prompt.fill(diffs, sign), prompt.eos[-1], (64, 64)).hidden[0]
+
+    # row 0: [prompt_A, +D̃]; row 1: [prompt_A′, −D̃]
+    assert torch.allclose(ehs[0], hidden(setup.prompt_a, +1), atol=1e-6)
+    assert torch.allclose(ehs[1], hidden(setup.prompt_ap, -1), atol=1e-6)
+    for wrong in (hidden(setup.prompt_a, -1), hidden(setup.prompt_ap, +1)):
+        assert not torch.allclose(ehs[0], wrong, atol=1e-4)
+        assert not torch.allclose(ehs[1], wrong, atol=1e-4)
+    # L_tc = ‖ε_after − ε̂_after‖₂ + ‖ε_before − ε̂_before‖₂ (ε-prediction model)
+    pred = out.sample
+    expected = (pred[0] - eps_after[0]).norm() + (pred[1] - eps_before[0]).norm()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_losses_decrease(tiny_sd, samples):
+    setup = setup_for(tiny_sd, samples, n=3)
+    g = torch.Generator().manual_seed(5)
+    evals = [(int(a), int(c), torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g))
+             for a, c in torch.randint(0, 1000, (4, 2), generator=g)]
+
+    def tc(diffs):
+        with torch.no_grad():
+            return sum(float(D.consistency_loss(setup, diffs, *e)) for e in evals)
+
+    r = D.train_diff(setup, D.Params(n_tokens=3, train_steps=8, lr=0.05, lambda_clip=0.0,
+                                     lambda_tc=1.0, keep_best=False))
+    assert r.unet_batches == 8
+    assert tc(r.diffs) < tc([torch.zeros(3, 32)])
+    r = D.train_diff(setup, D.Params(n_tokens=3, train_steps=10, lr=0.05, lambda_tc=0.0))
+    assert r.unet_batches == 0 and r.clip[-1] < r.clip[0] * 0.7
+
+
+def test_best_checkpoint_is_kept(tiny_sd, samples):
+    setup = setup_for(tiny_sd, samples)
+    p = D.Params(n_tokens=2, train_steps=12, lr=0.8, lambda_tc=0.0)  # a large lr oscillates
+    r = D.train_diff(setup, p)
+    assert r.best_loss == min(r.total) and r.best_step == int(np.argmin(r.total))
+    with torch.no_grad():
+        again = D.clip_loss(setup.spaces, setup.deltas, r.diffs, setup.cap_a, p.clip_anchor)
+    assert float(again) * p.lambda_clip == pytest.approx(r.best_loss, rel=1e-5)
+    last = D.train_diff(setup, p.model_copy(update={"keep_best": False}))
+    assert last.total == r.total  # same run, only the returned tokens differ
+    if r.best_step != len(r.total) - 1:
+        assert not torch.equal(last.diffs[0], r.diffs[0])
+
+
+def test_timestep_schedules():
+    g = torch.Generator().manual_seed(0)
+    ts = D.timestep_schedule("shuffled_once", 1000, 1000, g)
+    assert sorted(ts[:, 0].tolist()) == list(range(1000)) and sorted(ts[:, 1].tolist()) == list(range(1000))
+    assert ts[:, 0].tolist() != list(range(1000))
+    u = D.timestep_schedule("uniform", 50, 1000, g)
+    assert u.shape == (50, 2) and int(u.min()) >= 0 and int(u.max()) < 1000
+
+
+# -- caching, captions, cancel, errors --------------------------------------------------------------
+
+def test_cache_hit_skips_training(tiny_sd, make_ctx, samples, counter_sd):
+    p = params(train_steps=3)
+    inputs = make_inputs(samples)
+    r1 = METHOD.run(make_ctx(tiny_sd), inputs, p)
+    sampling_steps = 3  # 4 steps at strength 0.75, guidance batched into one call
+    assert not r1.info["train"]["cached"] and counter_sd.n == 3 + sampling_steps
+    counter_sd.n = 0
+    r2 = METHOD.run(make_ctx(tiny_sd, seed=9), inputs, p.model_copy(update={"diff_scale": 0.5}))
+    assert r2.info["train"]["cached"] and counter_sd.n == sampling_steps
+    counter_sd.n = 0
+    r3 = METHOD.run(make_ctx(tiny_sd), inputs, p.model_copy(update={"n_tokens": 3}))
+    assert not r3.info["train"]["cached"] and counter_sd.n == 3 + sampling_steps
+
+
+def test_ddim_inversion_of_b_is_cached(tiny_sd, make_ctx, samples, counter_sd):
+    p = params(b_start="ddim_inverted")
+    inputs = make_inputs(samples)
+    METHOD.run(make_ctx(tiny_sd), inputs, p)
+    assert counter_sd.n == 3 + 3 + 3  # training, inversion, sampling
+    counter_sd.n = 0
+    METHOD.run(make_ctx(tiny_sd, seed=5), inputs, p.model_copy(update={"guidance": 5.0}))
+    assert counter_sd.n == 3
+
+
+def test_user_captions_override_the_captioner(tiny_sd, make_ctx, samples, tmp_path):
+    missing = str(tmp_path / "no-blip-here")
+    p = params(captioner="blip", captioner_model=missing)
+    r = METHOD.run(make_ctx(tiny_sd), make_inputs(samples), p)
+    assert r.info["captions"] == {"a": CAPS["caption_a"], "a_prime": CAPS["caption_a_prime"],
+                                  "b": CAPS["caption_b"]}
+    assert set(r.info["caption_sources"].values()) == {"user"}
+    # with a caption left empty the captioner is needed, and its absence is explained
+    with pytest.raises(InputError) as e:
+        METHOD.run(make_ctx(tiny_sd), make_inputs(samples), p.model_copy(update={"caption_b": ""}))
+    assert e.value.code == "captioner_not_found"
+
+
+def test_pez_captions_the_missing_ones(tiny_sd, make_ctx, samples):
+    p = params(captioner="pez", caption_a_prime="", pez_tokens=3, pez_steps=3)
+    r = METHOD.run(make_ctx(tiny_sd), make_inputs(samples), p)
+    src = r.info["caption_sources"]
+    assert src["a"] == src["b"] == "user" and src["a_prime"].startswith("pez:")
+    assert isinstance(r.info["captions"]["a_prime"], str)
+
+
+def test_cancel_stops_and_leaves_no_tokens_behind(tiny_sd, make_ctx, samples, counter_sd):
+    p = params(train_steps=6)
+    ctx = make_ctx(tiny_sd, cancel_after=3)
+    with pytest.raises(JobCancelled):
+        METHOD.run(ctx, make_inputs(samples), p)
+    assert counter_sd.n < 6
+    counter_sd.n = 0
+    r = METHOD.run(make_ctx(tiny_sd), make_inputs(samples), p)
+    assert not r.info["train"]["cached"] and counter_sd.n == 6 + 3
+
+
+def test_input_errors_come_before_any_compute(tiny_sd, make_ctx, samples, counter_sd):
+    with pytest.raises(InputError) as e:
+        METHOD.run(make_ctx(tiny_sd), make_inputs(samples), params(caption_b=""))
+    assert e.value.code == "captions_missing" and "B (target)" in e.value.message
+    same = Inputs({"a": LayerImage(samples["a"], "x"), "a_prime": LayerImage(samples["a"].copy(), "y"),
+                   "b": LayerImage(samples["b"], "z")})
+    with pytest.raises(InputError) as e:
+        METHOD.run(make_ctx(tiny_sd), same, params())
+    assert e.value.code == "no_difference"
+    empty = np.zeros_like(samples["b"])
+    with pytest.raises(InputError) as e:
+        METHOD.run(make_ctx(tiny_sd), make_inputs(samples, b=empty), params())
+    assert e.value.code == "empty_image" and "B" in e.value.message
+    assert counter_sd.n == 0
+
+
+# -- the edit map, SDXL, odd sizes, the engine ----------------------------------------------------
+
+def test_black_edit_map_keeps_b_as_its_vae_round_trip(tiny_sd, make_ctx, samples):
+    black = np.zeros((64, 64, 4), np.uint8)
+    black[..., 3] = 255
+    r = METHOD.run(make_ctx(tiny_sd), make_inputs(samples, edit_map=LayerImage(black, "m")), params())
+    z = vae_encode(tiny_sd, im.to_tensor(samples["b"], (64, 64)))
+    assert np.array_equal(r.images[0].rgba[..., :3], im.from_tensor(vae_decode(tiny_sd, z)))
+
+
+def test_tiny_sdxl_runs_on_an_odd_non_square_target_with_a_map(tiny_sdxl, make_ctx, samples):
+    b = np.ascontiguousarray(samples["b"][5:42, 3:53])  # 50 x 37
+    emap = np.zeros((37, 50, 4), np.uint8)
+    emap[:, 25:] = 255
+    for b_start in ("ddim_inverted", "noised"):
+        r = METHOD.run(make_ctx(tiny_sdxl), make_inputs(samples, b=b, edit_map=LayerImage(emap, "m")),
+                       params(b_start=b_start))
+        out = r.images[0].rgba
+        assert out.shape == (37, 50, 4) and np.array_equal(out[..., 3], b[..., 3])
+        assert len(r.info["train"].get("clip_spaces", [])) in (0, 2)
+
+
+def test_runs_through_the_engine(tiny_sd, cache):
+    from analogon import engine
+    from analogon.models import LoadOptions, ModelManager
+
+    s = analogy_set(48)
+    src = engine.MemorySource()
+    refs = {"a": src.add(s["a"]), "a_prime": src.add(s["a_prime"]), "b": src.add(s["b"])}
+    job = engine.prepare("difference", {**FAST}, refs, "tiny-sd", 7, "tiny-sd", src)
+    res = engine.execute(job, source=src, models=ModelManager(options=LoadOptions(device="cpu")),
+                         cache=cache)
+    assert res.images[0].rgba.shape == (48, 48, 4) and res.info["captions"]["b"] == CAPS["caption_b"]
+
+
+def test_params_schema_is_a_complete_form():
+    d = METHOD.describe()
+    assert [r["name"] for r in d["roles"]] == ["a", "a_prime", "b", "edit_map", "mask"]
+    assert d["target_role"] == "b"
+    for name, prop in d["params"]["properties"].items():
+        assert "default" in prop and prop.get("description"), name
+    defaults = D.Params()
+    assert (defaults.alpha, defaults.lambda_tc, defaults.lambda_clip, defaults.n_tokens) == (0.8, 0.01, 6.0, 5)
