@@ -1,0 +1,430 @@
+"""Cross-Image Attention: zero-shot appearance transfer (Alaluf, Garibi, Patashnik, Averbuch-Elor
+& Cohen-Or, 2023).
+
+The output keeps the *structure* image's shape and takes the *appearance* image's look:
+
+1. **Inversion** (§3.3). Both images are inverted with edit-friendly DDPM inversion
+   (``core.ddpm_inversion``; η = 1, prompt "A photo of a {domain}", CFG 3.5), which keeps a noise
+   map z_t per step. Generation starts after ``skip_steps`` of the ``steps``-step DDIM schedule,
+   from z^out = z^struct, and each output step re-uses the structure's noise maps.
+2. **Cross-image attention** (eq. 2). In the decoder's self-attention at the two finest
+   attention resolutions (64×64 and 32×32 for SD 1.5 at 512²), the output's queries attend to the
+   appearance's keys and values: softmax(Q_out K_appᵀ/√d) V_app (``core.attention``).
+3. **Attention contrast** (eq. 3): A ← (A − μ(A))·β + μ(A) on the swapped maps, β = 1.67.
+4. **Appearance guidance** (eq. 4): ε = ε_self + α(ε_× − ε_self), α = 3.5, where ε_× uses the
+   swapped attention and ε_self the output's own.
+5. **AdaIN** (eq. 5) of the output latent towards the appearance latent after steps 20–100,
+   on foreground masks (``core.adain``; masks from the user or from self-segmentation of the
+   attention maps, ``core.selfseg``).
+6. **Structure injection** (§ Implementation): on some steps the keys/values come from the
+   structure image instead, which holds the shape.
+7. **FreeU** on the UNet (diffusers' ``enable_freeu``).
+
+How this module computes it. One UNet call per step: the batch holds only what the step needs —
+[output with swapped K/V, output with its own K/V, the reference (appearance or structure)] —
+and the references are *not* re-denoised: their latents at every step are the stored inversion
+trajectories (exact reconstructions by construction). The authors run two UNet passes per step
+(swap / no swap) over [out, appearance, structure], re-denoising both references with CFG 1
+(which drifts slightly from their inversions). Steps where no layer swaps run the output alone.
+
+Where the authors' code and the paper differ, the difference is a parameter (defaults follow the
+code, which produced the published figures): ``range_semantics``, ``guidance_decay``,
+``contrast_mode``, ``structure_every``/``structure_until``, ``adain`` masks, FreeU placement.
+
+The edit map grades the transfer: before each step the output latent is reset to the structure's
+own noised latent (from its inversion) where the edit map says "keep" (``core.editmap``).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from ..core import images as im
+from ..core.adain import adain, freeu
+from ..core.attention import (
+    CONTRAST_MODES, SwapController, decoder_attention_factors, installed, spatial_size,
+)
+from ..core.ddpm_inversion import Inversion, invert
+from ..core.diffusion import encode_prompt, make_scheduler, vae_decode, vae_encode
+from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.selfseg import object_mask, to_latent, token_positions
+from ..errors import InputError
+from . import register
+from .base import Inputs, JobContext, Method, MethodParams, MethodResult, ResultImage, Role
+
+RangeSemantics = Literal["authors", "paper"]
+AdainMode = Literal["masked", "whole", "off"]
+ContrastMode = Literal["clip", "paper", "renormalize"]
+EditCurve = Literal["linear", "quadratic", "cubic", "log", "sigmoid"]
+assert set(CONTRAST_MODES) == set(ContrastMode.__args__)
+assert set(THRESHOLD_KINDS) == set(EditCurve.__args__)
+
+_PCT = "In units of a 100-step schedule (scaled when `steps` differs); see `range_semantics`."
+
+
+class AppearanceParams(MethodParams):
+    domain: str = Field(
+        "object", min_length=1, max_length=60,
+        description="What the images show, in one word (animal, building, car, ...). It fills "
+        "{domain} in the prompt and names the object for automatic AdaIN masks. Paper: "
+        "\"A photo of a {domain}\".")
+    prompt: str = Field(
+        "A photo of a {domain}", min_length=1, max_length=300,
+        description="Prompt for the inversion and the transfer; {domain} is replaced by the "
+        "domain. Default from the paper (§4, implementation details).")
+    steps: int = Field(100, ge=2, le=500, description="DDIM steps of the full schedule (paper: 100).")
+    skip_steps: int = Field(
+        32, ge=0, le=499,
+        description="Steps of the schedule not run: the transfer starts from the inverted latent "
+        "this many steps in (authors' code: 32 of 100, from edit-friendly DDPM inversion). "
+        "More keeps more of the structure image.")
+    inversion_cfg: float = Field(
+        3.5, ge=1.0, le=20.0,
+        description="Classifier-free guidance of the inversion (paper: 3.5). The transfer itself "
+        "runs with the prompt, unguided, as the authors' code does.")
+    contrast: float = Field(
+        1.67, ge=0.5, le=5.0,
+        description="β, the contrast of the swapped attention maps (paper eq. 3: 1.67). 1 = off.")
+    contrast_mode: ContrastMode = Field(
+        "clip",
+        description="After the contrast: 'clip' clamps weights to [0, 1] without renormalising "
+        "(authors' code), 'paper' keeps eq. 3 as written (rows sum to 1, weights may be negative), "
+        "'renormalize' clamps at 0 and rescales rows to sum to 1.")
+    guidance: float = Field(
+        3.5, ge=0.0, le=10.0,
+        description="α, appearance guidance (paper eq. 4: 3.5): ε = ε_self + α(ε_cross − ε_self). "
+        "1 = the swapped prediction alone; 0 = no attention transfer.")
+    guidance_decay: bool = Field(
+        True,
+        description="Let α fall linearly to max(α/2, 1) over the run (authors' code; the paper "
+        "keeps α constant).")
+    range_semantics: RangeSemantics = Field(
+        "authors",
+        description="How the step ranges below count. 'authors': from the first step run, i.e. "
+        "after the skipped steps (authors' code; with the defaults every range runs to the end "
+        "and the first 10 steps run without transfer). 'paper': positions in the full schedule.")
+    fine_start: int = Field(10, ge=0, le=100, description="First step of the swap in the finest "
+                            "decoder attention layers (64×64 at 512² for SD 1.5). Paper: 10. " + _PCT)
+    fine_end: int = Field(90, ge=0, le=100, description="End (exclusive) of the swap in the finest "
+                          "layers. Paper: 90. " + _PCT)
+    coarse_start: int = Field(10, ge=0, le=100, description="First step of the swap in the next "
+                              "coarser decoder attention layers (32×32 at 512²). Paper: 10. " + _PCT)
+    coarse_end: int = Field(70, ge=0, le=100, description="End (exclusive) of the swap in the "
+                            "coarser layers. Paper: 70. " + _PCT)
+    structure_every: int = Field(
+        5, ge=0, le=100,
+        description="Structure injection: every this many steps the keys/values come from the "
+        "structure image instead (authors' code: 5; 0 = off). Holds the shape.")
+    structure_until: int = Field(
+        40, ge=0, le=100, description="Structure injection only before this step (authors' code: 40). "
+        + _PCT)
+    adain: AdainMode = Field(
+        "masked",
+        description="AdaIN of the output towards the appearance (paper eq. 5). 'masked': "
+        "statistics on the objects only — your mask layers where given, else automatic "
+        "self-segmentation (paper); 'whole': whole images; 'off'.")
+    adain_start: int = Field(20, ge=0, le=100, description="AdaIN after steps from here (paper: 20). " + _PCT)
+    adain_end: int = Field(100, ge=0, le=100, description="AdaIN up to this step, exclusive (paper: 100). " + _PCT)
+    segments: int = Field(5, ge=2, le=12, description="k of the k-means self-segmentation for "
+                          "automatic masks (authors' code: 5).")
+    freeu: bool = Field(True, description="FreeU on the UNet during the run (paper: on). Uses "
+                        "diffusers' FreeU, which filters the skip features; the authors' code "
+                        "filters the backbone features instead (results differ slightly).")
+    freeu_b1: float = Field(1.2, ge=0.5, le=2.0, description="FreeU backbone factor, stage 1 (authors: 1.2).")
+    freeu_b2: float = Field(1.4, ge=0.5, le=2.0, description="FreeU backbone factor, stage 2 (authors: 1.4).")
+    freeu_s1: float = Field(0.9, ge=0.0, le=1.5, description="FreeU skip factor, stage 1 (authors: 0.9).")
+    freeu_s2: float = Field(0.2, ge=0.0, le=1.5, description="FreeU skip factor, stage 2 (authors: 0.2).")
+    edit_curve: EditCurve = Field(
+        "linear", description="How the edit map's grey levels map to the step at which a pixel "
+        "starts to change (core edit-map schedule).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.skip_steps >= self.steps:
+            raise ValueError(f"skip_steps ({self.skip_steps}) must be less than steps ({self.steps})")
+        for a, b in (("fine_start", "fine_end"), ("coarse_start", "coarse_end"),
+                     ("adain_start", "adain_end")):
+            if getattr(self, a) > getattr(self, b):
+                raise ValueError(f"{a} must not be after {b}")
+        return self
+
+
+def _content_sha(rgba: np.ndarray) -> str:
+    h = hashlib.sha256(f"{rgba.shape}".encode())
+    h.update(np.ascontiguousarray(rgba).tobytes())
+    return h.hexdigest()
+
+
+def _mask_map(inputs: Inputs, role: str, image_role: str, title: str) -> np.ndarray | None:
+    li = inputs.get(role)
+    if li is None:
+        return None
+    img = inputs.get(image_role)
+    if img is not None and li.rgba.shape[:2] != img.rgba.shape[:2]:
+        raise InputError(
+            "size_mismatch",
+            f"The {title} is {li.size[0]}×{li.size[1]} pixels but the {image_role} image is "
+            f"{img.size[0]}×{img.size[1]}: a mask must have the size of its image.",
+            {"role": role, "mask_size": list(li.size), "image_size": list(img.size)},
+        )
+    return im.map_from_rgba(li.rgba)
+
+
+class Schedule:
+    """When each mechanism is on, for run step j (absolute step i = skip + j)."""
+
+    def __init__(self, p: AppearanceParams):
+        self.p = p
+        self.n = p.steps - p.skip_steps
+
+    def _idx(self, v: int) -> int:
+        return int(round(v * self.p.steps / 100.0))
+
+    def pos(self, j: int) -> int:
+        return j if self.p.range_semantics == "authors" else self.p.skip_steps + j
+
+    def _in(self, j: int, start: int, end: int) -> bool:
+        return self._idx(start) <= self.pos(j) < self._idx(end)
+
+    def fine(self, j: int) -> bool:
+        return self._in(j, self.p.fine_start, self.p.fine_end)
+
+    def coarse(self, j: int) -> bool:
+        return self._in(j, self.p.coarse_start, self.p.coarse_end)
+
+    def inject(self, j: int) -> bool:
+        e = self.p.structure_every
+        return e > 0 and self.pos(j) % e == 0 and self.pos(j) < self._idx(self.p.structure_until)
+
+    def adain(self, j: int) -> bool:
+        return self.p.adain != "off" and self._in(j, self.p.adain_start, self.p.adain_end)
+
+    def alpha(self, j: int) -> float:
+        a = self.p.guidance
+        if not self.p.guidance_decay or self.n <= 1:
+            return a
+        end = max(a / 2.0, 1.0)
+        return float(np.linspace(a, end, self.n)[j])
+
+
+class AppearanceTransfer(Method):
+    id = "appearance"
+    title = "Appearance transfer"
+    description = ("Give the structure layer the look of the appearance layer (Cross-Image "
+                   "Attention, zero-shot).")
+    help = ("The result keeps the shapes of the Structure image and takes colours, textures and "
+            "materials from the Appearance image, matched by meaning (head to head, wheel to "
+            "wheel). Set the domain to what both show. Optional masks select the objects for the "
+            "colour matching; the edit map grades where the transfer applies.")
+    Params = AppearanceParams
+    roles = (
+        Role("structure", "Structure", help="The image whose shapes are kept; the result has its size."),
+        Role("appearance", "Appearance", help="The image whose look is transferred; any size."),
+        Role("structure_mask", "Structure mask", "mask", required=False,
+             help="The object in the structure image (white), for colour matching. Same size as the structure image."),
+        Role("appearance_mask", "Appearance mask", "mask", required=False,
+             help="The object in the appearance image (white), for colour matching. Same size as the appearance image."),
+    )
+    target_role = "structure"
+    demo_params = {"steps": 4, "skip_steps": 1}
+
+    # -- inversion, cached --------------------------------------------------------------------
+    def _inversion(self, ctx: JobContext, sched, rgba: np.ndarray, size: im.Size, cond, uncond,
+                   p: AppearanceParams, prompt: str, stage: str) -> tuple[Inversion, bool]:
+        bundle = ctx.model
+        sha = _content_sha(rgba)
+        key = ctx.cache.key(
+            "ef-ddpm-inversion", bundle.key, image=sha, size=list(size), steps=p.steps,
+            start=p.skip_steps, prompt=prompt, cfg=float(p.inversion_cfg), eta=1.0, seed=ctx.seed,
+            dtype=str(bundle.dtype), freeu=[p.freeu, p.freeu_b1, p.freeu_b2, p.freeu_s1, p.freeu_s2]
+            if p.freeu else False,
+        )
+        hit = ctx.cache.get(key)
+        if hit is not None:
+            ctx.progress(stage, 1, 1)
+            return Inversion.from_tensors(hit, device=bundle.device), True
+        x0 = vae_encode(bundle, im.to_tensor(rgba, size)).float()
+        # the noise of the inversion depends on the seed and the image (same image, same noise)
+        noise_seed = int.from_bytes(hashlib.sha256(f"{ctx.seed}:{sha}".encode()).digest()[:6], "big")
+        g = torch.Generator(device="cpu").manual_seed(noise_seed)
+        inv = invert(bundle, sched, x0, cond, uncond, p.inversion_cfg, start=p.skip_steps,
+                     generator=g, on_step=lambda k, n: ctx.progress(stage, k, n))
+        ctx.cache.put(key, inv.to_tensors(), {"what": "edit-friendly DDPM inversion", "steps": p.steps,
+                                              "start": p.skip_steps, "prompt": prompt})
+        return inv, False
+
+    # -- automatic masks ------------------------------------------------------------------------
+    def _auto_masks(self, ctx, ctl: SwapController, sched, xs: list[torch.Tensor], t, cond,
+                    latent_hw, factors: list[int], prompt: str, noun: str, k: int) -> list[torch.Tensor | None]:
+        bundle = ctx.model
+        ctl.clear_capture()
+        ctl.capture = tuple(range(len(xs)))
+        ctl.set_step(latent_hw, {})
+        try:
+            with torch.no_grad():
+                x = torch.cat(xs).to(bundle.unet.dtype)
+                bundle.unet(sched.scale_model_input(x, t), t, **cond.repeat(len(xs)).unet_kwargs())
+            positions = token_positions(bundle.tokenizer, prompt, noun)
+            out: list[torch.Tensor | None] = []
+            usable = [f for f in factors if f in ctl.self_maps]
+            if not usable:
+                return [None] * len(xs)
+            f = usable[0]  # the finest captured resolution
+            grid = spatial_size(latent_hw, f)
+            self_maps = ctl.mean_self_map(f)
+            cross = ctl.mean_cross_map(f)
+            for e in range(len(xs)):
+                noun = None
+                if positions and cross is not None:
+                    noun = cross[e][:, positions].mean(-1)
+                m = object_mask(self_maps[e], grid, noun, k=k)
+                out.append(to_latent(m, latent_hw) if m.sum() > 0 else None)
+            return out
+        finally:
+            ctl.clear_capture()
+
+    # -- the method -------------------------------------------------------------------------------
+    def run(self, ctx: JobContext, inputs: Inputs, params: MethodParams) -> MethodResult:
+        p: AppearanceParams = params  # type: ignore[assignment]
+        bundle = ctx.model
+        struct = inputs.get("structure")
+        app = inputs.get("appearance")
+        if struct is None or app is None:
+            raise InputError("missing_image", "Appearance transfer needs a Structure and an Appearance image.")
+        im.check_not_empty(struct.rgba, "structure")
+        im.check_not_empty(app.rgba, "appearance")
+        s_mask = _mask_map(inputs, "structure_mask", "structure", "structure mask")
+        a_mask = _mask_map(inputs, "appearance_mask", "appearance", "appearance mask")
+        change = None
+        for role in ("edit_map", "mask"):
+            for li in inputs.all(role):
+                if li.rgba.shape[:2] != struct.rgba.shape[:2]:
+                    raise InputError("size_mismatch",
+                                     f"The {role.replace('_', ' ')} must have the structure image's size.",
+                                     {"role": role})
+                m = im.map_from_rgba(li.rgba)
+                change = m if change is None else (np.maximum(change, m) if role == "edit_map" else change * m)
+
+        vf = bundle.vae_scale_factor
+        size = im.native_size(im.size_of(struct.rgba), bundle.native_size, multiple=vf)
+        latent_hw = (size[1] // vf, size[0] // vf)
+        prompt = p.prompt.replace("{domain}", p.domain)
+        notes: list[str] = []
+
+        factors = decoder_attention_factors(bundle.unet)
+        if not factors:
+            raise InputError("unsupported_model", "This model's UNet has no decoder self-attention to swap.")
+        fine = factors[0]
+        coarse = factors[1] if len(factors) > 1 else None
+
+        unet = bundle.unet
+        ctl = SwapController(beta=p.contrast, contrast_mode=p.contrast_mode)
+        sch = Schedule(p)
+        calls = elements = 0
+        with installed(unet, ctl), freeu(unet, p.freeu, p.freeu_s1, p.freeu_s2, p.freeu_b1, p.freeu_b2):
+            cond, uncond = encode_prompt(bundle, prompt, "", image_hw=(size[1], size[0]))
+            sched = make_scheduler(bundle, "ddim", p.steps)
+            ctl.set_step(latent_hw, {})
+            inv_s, hit_s = self._inversion(ctx, sched, struct.rgba, size, cond, uncond, p, prompt,
+                                           "inverting structure")
+            inv_a, hit_a = self._inversion(ctx, sched, app.rgba, size, cond, uncond, p, prompt,
+                                           "inverting appearance")
+            dev = bundle.device
+
+            # masks for AdaIN, at latent size
+            m_s = im.map_to_tensor(s_mask, (latent_hw[1], latent_hw[0]), device=dev) if s_mask is not None else None
+            m_a = im.map_to_tensor(a_mask, (latent_hw[1], latent_hw[0]), device=dev) if a_mask is not None else None
+            mask_source = {"structure": "user" if m_s is not None else None,
+                           "appearance": "user" if m_a is not None else None}
+            masks_ready = p.adain != "masked" or (m_s is not None and m_a is not None)
+            if p.adain == "whole":
+                m_s = m_a = None
+                mask_source = {"structure": "whole", "appearance": "whole"}
+
+            edit = EditSchedule(
+                None if change is None else im.map_to_tensor(change, (latent_hw[1], latent_hw[0]), device=dev),
+                sch.n, p.edit_curve)
+            x = inv_s.x(p.skip_steps).clone()
+            stage = "transferring"
+            previews = max(1, sch.n // 4)
+            for j in range(sch.n):
+                i = p.skip_steps + j
+                t = sched.timesteps[i]
+                x = edit.apply(j, x, inv_s.x(i))
+                if sch.adain(j) and not masks_ready:
+                    auto = self._auto_masks(ctx, ctl, sched, [inv_s.x(i), inv_a.x(i)], t, cond,
+                                            latent_hw, factors, prompt, p.domain, p.segments)
+                    calls += 1
+                    elements += 2
+                    for name, cur, got in (("structure", m_s, auto[0]), ("appearance", m_a, auto[1])):
+                        if cur is None:
+                            mask_source[name] = "auto" if got is not None else "whole"
+                            if got is None:
+                                notes.append(f"No object found in the {name} image for the colour "
+                                             "matching; used the whole image.")
+                    m_s = m_s if m_s is not None else auto[0]
+                    m_a = m_a if m_a is not None else auto[1]
+                    masks_ready = True
+
+                swap_factors = [f for f, on in ((fine, sch.fine(j)), (coarse, sch.coarse(j)))
+                                if on and f is not None]
+                a = sch.alpha(j)
+                ref = inv_s if sch.inject(j) else inv_a
+                need_swap = bool(swap_factors) and a != 0.0
+                need_self = not need_swap or a != 1.0
+                batch: list[torch.Tensor] = []
+                k_swap = k_self = k_ref = -1
+                if need_swap:
+                    k_swap = len(batch)
+                    batch.append(x)
+                if need_self:
+                    k_self = len(batch)
+                    batch.append(x)
+                if need_swap:
+                    k_ref = len(batch)
+                    batch.append(ref.x(i))
+                ctl.set_step(latent_hw, {f: [(k_swap, k_ref)] for f in swap_factors} if need_swap else {})
+                xin = torch.cat(batch).to(unet.dtype)
+                with torch.no_grad():
+                    eps = unet(sched.scale_model_input(xin, t), t,
+                               **cond.repeat(len(batch)).unet_kwargs()).sample.float()
+                calls += 1
+                elements += len(batch)
+                if need_swap and need_self:
+                    e = eps[k_self:k_self + 1] + a * (eps[k_swap:k_swap + 1] - eps[k_self:k_self + 1])
+                elif need_swap:
+                    e = eps[k_swap:k_swap + 1]
+                else:
+                    e = eps[k_self:k_self + 1]
+                out = sched.step(e, t, x, eta=1.0, variance_noise=inv_s.z(i))
+                x = out.prev_sample
+                if sch.adain(j):
+                    x = adain(x, inv_a.x(i + 1), m_s, m_a)
+                ctx.progress(stage, j + 1, sch.n)
+                if (j + 1) % previews == 0 and j + 1 < sch.n:
+                    ctx.preview(im.small_preview(im.from_tensor(vae_decode(bundle, out.pred_original_sample))), j + 1)
+            x = edit.finish(x, inv_s.x(p.steps))
+            rgb = im.from_tensor(vae_decode(bundle, x))
+
+        rgba = im.resize_rgba(im.rgb_to_rgba(rgb), im.size_of(struct.rgba))
+        info = {
+            "working_size": list(size),
+            "prompt": prompt,
+            "swap_resolutions": {"fine": list(spatial_size(latent_hw, fine)),
+                                 "coarse": list(spatial_size(latent_hw, coarse)) if coarse else None},
+            "steps_run": sch.n,
+            "unet_calls": calls,
+            "unet_batch_elements": elements,
+            "adain_masks": mask_source if p.adain != "off" else None,
+            "inversion_cached": {"structure": hit_s, "appearance": hit_a},
+        }
+        if notes:
+            info["notes"] = notes
+        return MethodResult([ResultImage(rgba, label=f"appearance {p.domain}")], info=info)
+
+
+register(AppearanceTransfer())
