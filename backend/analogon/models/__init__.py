@@ -223,7 +223,7 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
             source, key = "local", "dir:" + _folder_key(path)
         elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
             if not path.exists():
-                raise ModelError("model_not_found", f"No checkpoint file at {path}.")
+                raise ModelError("model_not_found", f"No checkpoint file at {path}. " + MISSING_MODEL_HELP)
             from .single_file import load_single_file
 
             pipe, family = load_single_file(path, dtype)

@@ -61,10 +61,13 @@ def openai_clip_tokenizer(pad_token: str = EOS, max_length: int = 77):
 
     lines = gzip.open(_open_clip_bpe_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    symbols = _byte_symbols()
+    # CLIP numbers the byte symbols printable bytes first (as GPT-2's bytes_to_unicode lists them)
+    table = _byte_symbols()
+    printable = [b for b in range(256) if table[b] == chr(b)]
+    symbols = [table[b] for b in printable] + [table[b] for b in range(256) if b not in printable]
     words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {w: i for i, w in enumerate(words)}
     return CLIPTokenizer(
-        vocab=vocab, merges=[" ".join(m) for m in merges], bos_token=BOS, eos_token=EOS,
+        vocab=vocab, merges=merges, bos_token=BOS, eos_token=EOS,
         pad_token=pad_token, unk_token=EOS, model_max_length=max_length,
     )
