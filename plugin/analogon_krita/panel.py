@@ -8,6 +8,18 @@ from .widgets import LayerPicker, ParamForm
 
 QWidget = QtWidgets.QWidget
 
+
+def plugin_icon(name: str) -> QIcon:
+    """An SVG icon shipped in the package (icons/), or the repository's icons/ folder."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for folder in (here / "icons", here.parent.parent / "icons"):
+        path = folder / f"{name}.svg"
+        if path.exists():
+            return QIcon(str(path))
+    return QIcon()
+
 _STATE_COLOURS = {"connected": "#3a9a3a", "starting": "#c08a00", "connecting": "#c08a00",
                   "unreachable": "#c0392b", "disconnected": "#808080"}
 
@@ -74,7 +86,7 @@ class AnalogonPanel(QWidget):
         self.roles_form = QtWidgets.QFormLayout(self.roles_box)
         lay.addWidget(self.roles_box)
         row = QtWidgets.QHBoxLayout()
-        self.edit_map_button = QtWidgets.QPushButton("New edit map")
+        self.edit_map_button = QtWidgets.QPushButton(plugin_icon("edit_map"), "New edit map")
         self.edit_map_button.setToolTip("Add a black grey-scale layer above the target. Paint white "
                                         "where the image may change; black keeps it.")
         self.progressive_check = QtWidgets.QCheckBox("One pass per exemplar")
@@ -103,7 +115,7 @@ class AnalogonPanel(QWidget):
         row.addWidget(self.random_check)
         lay.addLayout(row)
         row = QtWidgets.QHBoxLayout()
-        self.generate_button = QtWidgets.QPushButton("Generate")
+        self.generate_button = QtWidgets.QPushButton(plugin_icon("generate"), "Generate")
         self.generate_button.setObjectName("generate")
         self.cancel_button = QtWidgets.QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -400,6 +412,7 @@ def make_docker_class():
         def __init__(self):
             super().__init__()
             self.setWindowTitle("Analogon")
+            self.setWindowIcon(plugin_icon("analogon"))
             self.controller = Controller.instance()
             self.panel = AnalogonPanel(self.controller, self)
             self.setWidget(self.panel)

@@ -1,0 +1,152 @@
+"""Build the Analogon Krita plugin zip, or install the plugin into a Krita profile.
+
+    python packaging/krita_plugin.py zip [-o dist/analogon_krita.zip]
+    python packaging/krita_plugin.py install [--resources DIR] [--config DIR] [--no-enable]
+
+The zip is what Krita's Tools ▸ Scripts ▸ Import Python Plugin from File… accepts: the
+``analogon_krita.desktop`` file, the ``analogon_krita/`` package (with its icons and manual)
+and ``analogon_krita.action``. ``install`` puts the same files into a profile's resources
+folder (``pykrita/`` and ``actions/``) and enables the plugin in ``kritarc``.
+Standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "analogon_krita"
+PACKAGE = ROOT / "plugin" / NAME
+DESKTOP = ROOT / "manifest" / f"{NAME}.desktop"
+ACTION = ROOT / "manifest" / f"{NAME}.action"
+ICONS = ROOT / "icons"
+MANUAL = ROOT / "docs" / "plugin.md"
+
+
+def _package_files() -> list[tuple[Path, str]]:
+    """(source, path inside the package folder)."""
+    out = []
+    for p in sorted(PACKAGE.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"):
+            out.append((p, p.relative_to(PACKAGE).as_posix()))
+    for p in sorted(ICONS.glob("*.svg")):
+        out.append((p, f"icons/{p.name}"))
+    return out
+
+
+def manual_html() -> str:
+    text = MANUAL.read_text(encoding="utf-8") if MANUAL.exists() else "Analogon for Krita."
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Analogon</title></head>"
+            "<body><pre style=\"white-space: pre-wrap; font-family: sans-serif\">"
+            + html.escape(text) + "</pre></body></html>\n")
+
+
+def build_zip(out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        # Krita's importer looks for the folder entries themselves ("analogon_krita/").
+        z.writestr(zipfile.ZipInfo(f"{NAME}/"), b"")
+        z.writestr(zipfile.ZipInfo(f"{NAME}/icons/"), b"")
+        z.write(DESKTOP, f"{NAME}.desktop")
+        z.write(ACTION, f"{NAME}.action")
+        for src, rel in _package_files():
+            z.write(src, f"{NAME}/{rel}")
+        z.writestr(f"{NAME}/manual.html", manual_html())
+    return out
+
+
+def default_resources_dir() -> Path:
+    """Krita's per-user resources folder."""
+    if sys.platform == "win32":
+        return Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming")) / "krita"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "krita"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "krita"
+
+
+def default_config_dir() -> Path:
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Preferences"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def enable_in_kritarc(kritarc: Path, name: str = NAME) -> None:
+    """Set ``enable_<name>=true`` in the ``[python]`` section, keeping every other line."""
+    key = f"enable_{name}"
+    lines = kritarc.read_text(encoding="utf-8").splitlines() if kritarc.exists() else []
+    out, in_python, done, seen_python = [], False, False, False
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            if in_python and not done:
+                out.append(f"{key}=true")
+                done = True
+            in_python = stripped == "[python]"
+            seen_python = seen_python or in_python
+        elif in_python and stripped.split("=", 1)[0].strip() == key:
+            out.append(f"{key}=true")
+            done = True
+            continue
+        out.append(line)
+    if in_python and not done:
+        out.append(f"{key}=true")
+        done = True
+    if not seen_python:
+        if out and out[-1].strip():
+            out.append("")
+        out += ["[python]", f"{key}=true"]
+    kritarc.parent.mkdir(parents=True, exist_ok=True)
+    kritarc.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+def install(resources: Path | None = None, config: Path | None = None, enable: bool = True) -> Path:
+    """Copy the plugin into ``resources``/pykrita (and the action file into actions/)."""
+    resources = Path(resources or default_resources_dir())
+    pykrita = resources / "pykrita"
+    dest = pykrita / NAME
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "icons").mkdir(parents=True)
+    for src, rel in _package_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    (dest / "manual.html").write_text(manual_html(), encoding="utf-8")
+    shutil.copy2(DESKTOP, pykrita / f"{NAME}.desktop")
+    (resources / "actions").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ACTION, resources / "actions" / f"{NAME}.action")
+    if enable:
+        enable_in_kritarc(Path(config or default_config_dir()) / "kritarc")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    z = sub.add_parser("zip", help="build the zip for Import Python Plugin from File")
+    z.add_argument("-o", "--output", default=str(ROOT / "dist" / f"{NAME}.zip"))
+    i = sub.add_parser("install", help="install into a Krita profile")
+    i.add_argument("--resources", help=f"Krita resources folder (default {default_resources_dir()})")
+    i.add_argument("--config", help=f"folder holding kritarc (default {default_config_dir()})")
+    i.add_argument("--no-enable", action="store_true", help="do not enable the plugin in kritarc")
+    args = p.parse_args(argv)
+    if args.command == "zip":
+        print(build_zip(Path(args.output)))
+    else:
+        dest = install(args.resources and Path(args.resources), args.config and Path(args.config),
+                       enable=not args.no_enable)
+        print(f"installed into {dest}; restart Krita and open Settings \u25b8 Dockers \u25b8 Analogon")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
