@@ -1,0 +1,132 @@
+"""How good toy-sd is, measured with the attribute reader on prompts it never saw.
+
+The held-out prompts name a shape/colour pair that no training image shows
+(``world.HELD_OUT_PAIRS``); every other word appears in training. Two measurements:
+
+- generation: text-to-image from the held-out caption; the reader's shape and colour (and
+  size, texture, background) are compared with the caption's;
+- img2img at medium strength: a held-out render, its caption as the prompt, strength 0.5;
+  the reader must find the source's attributes again.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import numpy as np
+
+from .reader import read
+from .world import caption, random_scene, render
+
+ATTRS = ("shape", "colour", "size", "texture", "background")
+# Sampler settings used for the numbers in docs/toyworld.md (and the tests' defaults).
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_STRENGTH = 0.5
+
+
+def heldout_scenes(n: int, seed: int = 1234) -> list[dict[str, Any]]:
+    """``n`` held-out scenes, cycling through every held-out pair."""
+    from .world import HELD_OUT_PAIRS
+
+    rng = random.Random(seed)
+    scenes = []
+    for i in range(n):
+        s = random_scene(rng, split="any")
+        s["shape"], s["colour"] = HELD_OUT_PAIRS[i % len(HELD_OUT_PAIRS)]
+        scenes.append(s)
+    return scenes
+
+
+def _to_uint8(images) -> list[np.ndarray]:
+    arr = np.asarray(images)
+    return [np.clip(np.rint(a * 255), 0, 255).astype(np.uint8) for a in arr]
+
+
+def generate(pipe, prompts: list[str], seed: int = 0, steps: int = DEFAULT_STEPS,
+             guidance: float = DEFAULT_GUIDANCE, batch: int = 16) -> list[np.ndarray]:
+    """Text-to-image with the pipeline as loaded; one seeded generator per image."""
+    import torch
+
+    out: list[np.ndarray] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        gens = [torch.Generator("cpu").manual_seed(seed + i + j) for j in range(len(chunk))]
+        res = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, output_type="np")
+        out += _to_uint8(res.images)
+    return out
+
+
+def img2img(pipe, images: list[np.ndarray], prompts: list[str], seed: int = 0,
+            strength: float = DEFAULT_STRENGTH, steps: int = DEFAULT_STEPS,
+            guidance: float = DEFAULT_GUIDANCE, batch: int = 16) -> list[np.ndarray]:
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    out: list[np.ndarray] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        gens = [torch.Generator("cpu").manual_seed(seed + i + j) for j in range(len(chunk))]
+        res = i2i(prompt=chunk, image=[Image.fromarray(a) for a in images[i:i + batch]],
+                  strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=gens, output_type="np")
+        out += _to_uint8(res.images)
+    return out
+
+
+def score(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> dict[str, float]:
+    hits = {k: 0 for k in ATTRS}
+    for img, s in zip(images, scenes):
+        r = read(img)
+        for k in ATTRS:
+            hits[k] += int(r[k] == s[k])
+    n = max(1, len(scenes))
+    out = {k: hits[k] / n for k in ATTRS}
+    out["shape_and_colour"] = sum(
+        int(read(img)["shape"] == s["shape"] and read(img)["colour"] == s["colour"])
+        for img, s in zip(images, scenes)) / n
+    return out
+
+
+def measure(pipe, n: int = 60, seed: int = 0, steps: int = DEFAULT_STEPS,
+            guidance: float = DEFAULT_GUIDANCE, strength: float = DEFAULT_STRENGTH,
+            train_prompts: bool = True) -> dict[str, Any]:
+    """The quality table of the model: held-out generation and img2img (and, for
+    comparison, generation on training combinations)."""
+    scenes = heldout_scenes(n, seed=1234 + seed)
+    prompts = [caption(s) for s in scenes]
+    t = time.time()
+    gen = generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance)
+    t_gen = time.time() - t
+    sources = [render(s, 64) for s in scenes]
+    t = time.time()
+    i2i = img2img(pipe, sources, prompts, seed=seed, strength=strength, steps=steps,
+                  guidance=guidance)
+    t_i2i = time.time() - t
+    out: dict[str, Any] = {
+        "n": n, "steps": steps, "guidance": guidance, "strength": strength,
+        "generation_heldout": score(gen, scenes),
+        "img2img_heldout": score(i2i, scenes),
+        "seconds": {"generation": round(t_gen, 1), "img2img": round(t_i2i, 1)},
+    }
+    if train_prompts:
+        rng = random.Random(99 + seed)
+        tr = [random_scene(rng, split="train") for _ in range(n)]
+        out["generation_train"] = score(
+            generate(pipe, [caption(s) for s in tr], seed=seed, steps=steps, guidance=guidance),
+            tr)
+    return out
+
+
+def format_table(m: dict[str, Any]) -> str:
+    rows = [k for k in ("generation_heldout", "img2img_heldout", "generation_train") if k in m]
+    cols = ("shape", "colour", "shape_and_colour", "size", "texture", "background")
+    lines = [f"{'toy-sd (n=' + str(m['n']) + ')':24s}" + "".join(f"{c:>18s}" for c in cols)]
+    for r in rows:
+        lines.append(f"{r:24s}" + "".join(f"{m[r][c]:>18.2f}" for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,524 @@
+"""`analogon train-toy`: trains toy-sd from a seed and writes it as a diffusers folder.
+
+Stages (each resumes from its checkpoint in ``--work``; ``--stages`` picks a subset):
+
+data    render a pool of training scenes (held-out shape/colour pairs never appear)
+vae     AutoencoderKL, L1 + MSE + a small KL term; 32x32 crops on the texture grid, then
+        full 64x64 images for the last fifth of the steps
+clip    CLIPModel, symmetric contrastive loss on (render, full caption); captions that are
+        equal in a batch count as positives of each other
+unet    UNet2DConditionModel, epsilon prediction on Stable Diffusion's schedule, frozen text
+        tower of the CLIP as text encoder, short captions and 10 % empty captions (for
+        classifier-free guidance), a little offset noise, EMA weights
+export  StableDiffusionPipeline.save_pretrained (fp16 safetensors), plus the full CLIP in
+        ``clip/`` and the image tower in ``image_encoder/``
+
+Every stage logs to ``<work>/train.log`` with wall time. Training is deterministic for a
+given seed, thread count and device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("data", "vae", "clip", "unet", "export")
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+        self.t0 = time.time()
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def _lr(step: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then constant: a run cut short by its time limit is the same run as
+    one given that many steps (the EMA weights do the annealing)."""
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def _out_of_time(t0: float, minutes: float) -> bool:
+    return minutes > 0 and time.time() - t0 > minutes * 60
+
+
+def _save_ckpt(path: Path, obj: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- data ---------------------------------------------------------------------------------
+
+def stage_data(args, log: Log) -> None:
+    from .world import caption, random_scene, render
+
+    path = args.work / "pool.npz"
+    if path.exists():
+        log(f"data: {path} exists")
+        return
+    rng = random.Random(args.seed)
+    t = time.time()
+    scenes = [random_scene(rng, split="train") for _ in range(args.pool)]
+    images = np.stack([render(s, 64) for s in scenes])
+    np.savez(path, images=images)
+    (args.work / "pool.json").write_text(json.dumps(scenes))
+    log(f"data: {len(scenes)} scenes rendered in {time.time() - t:.1f}s; e.g. {caption(scenes[0])!r}")
+
+
+def _load_pool(args):
+    images = np.load(args.work / "pool.npz")["images"]
+    scenes = json.loads((args.work / "pool.json").read_text())
+    return images, scenes
+
+
+def _to_tensor(images: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# -- VAE ----------------------------------------------------------------------------------
+
+def stage_vae(args, log: Log) -> None:
+    import torch
+
+    from .models import build_vae
+
+    ck = args.work / "vae.pt"
+    images, _ = _load_pool(args)
+    torch.manual_seed(args.seed + 1)
+    vae = build_vae().to(args.device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = 0
+    if ck.exists():
+        state = torch.load(ck, map_location="cpu")
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        if start >= args.vae_steps or state.get("done"):
+            log(f"vae: done ({start} steps)")
+            return
+        log(f"vae: resuming at step {start}")
+    rng = np.random.default_rng(args.seed + 1 + start)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 11 + start)
+    last_save = time.time()
+    t0 = time.time()
+    avg = None
+    vae.train()
+    for step in range(start, args.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.vae_lr, 50)
+        if step % 4 != 3:
+            idx = rng.integers(0, len(images), args.vae_batch)
+            # 32x32 crops at multiples of 8: the texture grid stays aligned with latent cells.
+            oy, ox = rng.integers(0, 5, 2) * 8
+            batch = images[idx, oy:oy + 32, ox:ox + 32]
+        else:
+            # Every fourth step whole images, so that the mid-block attention sees 8x8 latents.
+            idx = rng.integers(0, len(images), max(4, args.vae_batch // 4))
+            batch = images[idx]
+        x = _to_tensor(batch).to(args.device)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = l1 + mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        cur = np.array([l1.item(), mse.item(), kl.item()])
+        avg = cur if avg is None else 0.95 * avg + 0.05 * cur
+        if (step + 1) % 50 == 0:
+            log(f"vae {step + 1}/{args.vae_steps} l1 {avg[0]:.4f} mse {avg[1]:.5f} kl {avg[2]:.3f} "
+                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
+        stop = _out_of_time(t0, args.vae_minutes)
+        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.vae_steps:
+            _save_ckpt(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                            "done": stop})
+            last_save = time.time()
+        if stop:
+            log(f"vae: time limit reached at step {step + 1}")
+            break
+    log(f"vae: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+
+
+def _load_vae(args):
+    import torch
+
+    from .models import build_vae
+
+    vae = build_vae()
+    vae.load_state_dict(torch.load(args.work / "vae.pt", map_location="cpu")["model"])
+    return vae.to(args.device).eval().requires_grad_(False)
+
+
+# -- CLIP ---------------------------------------------------------------------------------
+
+def stage_clip(args, log: Log) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from .models import build_clip, images_to_clip_pixels
+    from .vocab import build_tokenizer
+    from .world import caption
+
+    ck = args.work / "clip.pt"
+    images, scenes = _load_pool(args)
+    caps = [caption(s) for s in scenes]
+    tok = build_tokenizer()
+    ids_all = tok(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed + 2)
+    clip = build_clip().to(args.device)
+    opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.01)
+    start = 0
+    if ck.exists():
+        state = torch.load(ck, map_location="cpu")
+        clip.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        if start >= args.clip_steps or state.get("done"):
+            log(f"clip: done ({start} steps)")
+            return
+        log(f"clip: resuming at step {start}")
+    rng = np.random.default_rng(args.seed + 2 + start)
+    t0 = last_save = time.time()
+    avg = None
+    clip.train()
+    for step in range(start, args.clip_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.clip_lr, 50)
+        idx = rng.integers(0, len(images), args.clip_batch)
+        x = _to_tensor(images[idx]).add(1).div(2).to(args.device)
+        ids = ids_all[idx].to(args.device)
+        out = clip(input_ids=ids, pixel_values=images_to_clip_pixels(x))
+        logits = out.logits_per_image
+        same = torch.tensor([[caps[i] == caps[j] for j in idx] for i in idx], dtype=torch.float32,
+                            device=args.device)
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        acc = (same.gather(1, logits.argmax(1, keepdim=True)).mean()).item()
+        cur = np.array([loss.item(), acc])
+        avg = cur if avg is None else 0.95 * avg + 0.05 * cur
+        if (step + 1) % 50 == 0:
+            log(f"clip {step + 1}/{args.clip_steps} loss {avg[0]:.3f} batch-acc {avg[1]:.3f} "
+                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
+        stop = _out_of_time(t0, args.clip_minutes)
+        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.clip_steps:
+            _save_ckpt(ck, {"model": clip.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                            "done": stop})
+            last_save = time.time()
+        if stop:
+            log(f"clip: time limit reached at step {step + 1}")
+            break
+    log(f"clip: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+
+
+def _load_clip(args):
+    import torch
+
+    from .models import build_clip
+
+    clip = build_clip()
+    clip.load_state_dict(torch.load(args.work / "clip.pt", map_location="cpu")["model"])
+    return clip.to(args.device).eval().requires_grad_(False)
+
+
+def _text_encoder_from_clip(clip):
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel(clip.config.text_config)
+    te.load_state_dict(clip.text_model.state_dict())
+    return te.eval()
+
+
+def _image_encoder_from_clip(clip):
+    from transformers import CLIPVisionModelWithProjection
+
+    ie = CLIPVisionModelWithProjection(clip.config.vision_config)
+    ie.vision_model.load_state_dict(clip.vision_model.state_dict())
+    ie.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    return ie.eval()
+
+
+# -- UNet ---------------------------------------------------------------------------------
+
+def _encode_pool(args, log: Log):
+    import torch
+
+    path = args.work / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    vae = _load_vae(args)
+    images, _ = _load_pool(args)
+    means, stds = [], []
+    t = time.time()
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            post = vae.encode(_to_tensor(images[i:i + 256]).to(args.device)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    sample_std = float(torch.sqrt(mean.var() + std.pow(2).mean()))
+    data = {"mean": mean, "std": std, "scaling_factor": 1.0 / sample_std}
+    torch.save(data, path)
+    log(f"unet: encoded {len(mean)} latents in {time.time() - t:.0f}s; latent std "
+        f"{sample_std:.3f} -> scaling_factor {1.0 / sample_std:.4f}")
+    return data
+
+
+def train_caption(scene, rng: random.Random) -> str:
+    """A training caption: usually the full one, sometimes shorter, sometimes empty."""
+    from .world import caption
+
+    u = rng.random()
+    if u < 0.10:
+        return ""
+    if u < 0.35:
+        names = ["size", "colour", "texture", "background", "shape"]
+        k = rng.randint(1, 3)
+        return caption(scene, omit=set(rng.sample(names, k)))
+    return caption(scene)
+
+
+def stage_unet(args, log: Log) -> None:
+    import torch
+
+    from .models import build_scheduler, build_unet
+    from .vocab import build_tokenizer
+
+    lat = _encode_pool(args, log)
+    sf = lat["scaling_factor"]
+    _, scenes = _load_pool(args)
+    clip = _load_clip(args)
+    te = _text_encoder_from_clip(clip).to(args.device).requires_grad_(False)
+    del clip
+    tok = build_tokenizer()
+    sched = build_scheduler()
+    acp = sched.alphas_cumprod.to(args.device)
+    ck = args.work / "unet.pt"
+    torch.manual_seed(args.seed + 3)
+    unet = build_unet().to(args.device)
+    ema = build_unet().to(args.device).requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+    start = 0
+    if ck.exists():
+        state = torch.load(ck, map_location="cpu")
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        if start >= args.unet_steps or state.get("done"):
+            log(f"unet: done ({start} steps)")
+            return
+        log(f"unet: resuming at step {start}")
+    rng = np.random.default_rng(args.seed + 3 + start)
+    crng = random.Random(args.seed + 3 + start)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 33 + start)
+    mean, std = lat["mean"], lat["std"]
+    t0 = last_save = time.time()
+    avg = None
+    unet.train()
+    for step in range(start, args.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, args.unet_lr, 100)
+        idx = rng.integers(0, len(mean), args.unet_batch)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf
+        z0 = z0.to(args.device)
+        caps = [train_caption(scenes[i], crng) for i in idx]
+        with torch.no_grad():
+            ids = tok(caps, padding="max_length", max_length=77, truncation=True,
+                      return_tensors="pt").input_ids.to(args.device)
+            cond = te(ids)[0]
+        noise = torch.randn(z0.shape, generator=gen)
+        noise = noise + args.offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1,
+                                                        generator=gen)
+        noise = noise.to(args.device)
+        t = torch.randint(0, 1000, (z0.shape[0],), generator=gen).to(args.device)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, cond).sample
+        loss = (pred - noise).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if (step + 1) % 50 == 0:
+            log(f"unet {step + 1}/{args.unet_steps} loss {avg:.4f} "
+                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
+        stop = _out_of_time(t0, args.unet_minutes)
+        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.unet_steps:
+            _save_ckpt(ck, {"model": unet.state_dict(), "ema": ema.state_dict(),
+                            "opt": opt.state_dict(), "step": step + 1, "done": stop})
+            last_save = time.time()
+            if args.export_every_checkpoint:
+                stage_export(args, log, quiet=True)
+        if stop:
+            log(f"unet: time limit reached at step {step + 1}")
+            break
+    log(f"unet: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+
+
+# -- export -------------------------------------------------------------------------------
+
+def stage_export(args, log: Log, quiet: bool = False) -> Path:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from .models import build_feature_extractor, build_scheduler, build_unet
+    from .vocab import build_tokenizer
+
+    out = Path(args.out)
+    lat = _encode_pool(args, log)
+    vae = _load_vae(args).cpu()
+    vae.register_to_config(scaling_factor=float(lat["scaling_factor"]))
+    clip = _load_clip(args).cpu()
+    state = torch.load(args.work / "unet.pt", map_location="cpu")
+    unet = build_unet()
+    unet.load_state_dict(state["ema"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=_text_encoder_from_clip(clip), tokenizer=build_tokenizer(),
+        unet=unet.eval(), scheduler=build_scheduler(), safety_checker=None,
+        feature_extractor=build_feature_extractor(), image_encoder=_image_encoder_from_clip(clip),
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    clip.to(torch.float16).save_pretrained(tmp / "clip", safe_serialization=True)
+    info = {
+        "seed": args.seed, "unet_steps": state["step"],
+        "vae_steps": torch.load(args.work / "vae.pt", map_location="cpu")["step"],
+        "clip_steps": torch.load(args.work / "clip.pt", map_location="cpu")["step"],
+        "pool": args.pool, "image_size": 64,
+        "held_out_pairs": [list(p) for p in __import__(
+            "analogon.toyworld.world", fromlist=["HELD_OUT_PAIRS"]).HELD_OUT_PAIRS],
+        "command": "analogon train-toy " + " ".join(args.argv),
+    }
+    (tmp / "toyworld.json").write_text(json.dumps(info, indent=2))
+    # Swap in place of the old folder's contents.
+    import shutil
+
+    for p in out.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    for p in tmp.iterdir():
+        os.replace(p, out / p.name)
+    tmp.rmdir()
+    if not quiet:
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        log(f"export: {out} ({size / 1e6:.1f} MB, unet step {state['step']})")
+    return out
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def _default_out() -> Path:
+    from ..models.toy import _HERE
+
+    return _HERE
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="analogon train-toy",
+        description="Train the toy-world model toy-sd from a seed (VAE, CLIP, UNet) and save "
+                    "it as a diffusers folder.")
+    ap.add_argument("--work", type=Path, default=Path("toy-sd-work"),
+                    help="folder for the rendered pool, checkpoints and the log")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write the diffusers folder (default: the shipped toy_sd)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="comma-separated subset of " + ",".join(STAGES))
+    ap.add_argument("--pool", type=int, default=6000, help="training scenes rendered")
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-minutes", type=float, default=0, help="time limit (0: none)")
+    ap.add_argument("--vae-kl", type=float, default=1e-5)
+    ap.add_argument("--clip-steps", type=int, default=800)
+    ap.add_argument("--clip-batch", type=int, default=128)
+    ap.add_argument("--clip-lr", type=float, default=1e-3)
+    ap.add_argument("--clip-minutes", type=float, default=0, help="time limit (0: none)")
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-lr", type=float, default=8e-4)
+    ap.add_argument("--unet-minutes", type=float, default=0, help="time limit (0: none)")
+    ap.add_argument("--offset-noise", type=float, default=0.05)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (torch)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    ap.add_argument("--export-every-checkpoint", action="store_true",
+                    help="also rewrite the diffusers folder at every UNet checkpoint")
+    args = ap.parse_args(argv)
+    args.argv = list(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(max(1, args.threads))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.out is None:
+        args.out = _default_out()
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = Log(args.work / "train.log")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"Unknown stage(s): {', '.join(unknown)}. Stages are: {', '.join(STAGES)}.",
+              file=sys.stderr)
+        return 2
+    log(f"train-toy: seed {args.seed}, device {args.device}, threads {args.threads}, "
+        f"stages {','.join(stages)}")
+    t0 = time.time()
+    for s in STAGES:
+        if s in stages:
+            ts = time.time()
+            globals()[f"stage_{s}"](args, log)
+            log(f"stage {s}: {time.time() - ts:.0f}s")
+    log(f"train-toy: finished in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
