@@ -58,9 +58,11 @@ class AnalogonPanel(QWidget):
         self.settings_button = QtWidgets.QToolButton()
         self.settings_button.setText("\u2699")
         self.settings_button.setToolTip("Backend settings")
-        row.addWidget(self.status_dot)
+        row.addWidget(self.status_dot, 0, Qt.AlignmentFlag.AlignTop)
         row.addWidget(self.status_label, 1)
-        row.addWidget(self.start_button)
+        lay.addLayout(row)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.start_button, 1)
         row.addWidget(self.connect_button)
         row.addWidget(self.settings_button)
         lay.addLayout(row)
@@ -78,7 +80,9 @@ class AnalogonPanel(QWidget):
         lay.addLayout(form)
         self.method_help = QtWidgets.QLabel()
         self.method_help.setWordWrap(True)
-        self.method_help.setStyleSheet("color: palette(mid);")
+        font = self.method_help.font()
+        font.setItalic(True)
+        self.method_help.setFont(font)
         lay.addWidget(self.method_help)
 
         # roles
@@ -211,8 +215,11 @@ class AnalogonPanel(QWidget):
         self.status_dot.setStyleSheet(f"color: {_STATE_COLOURS.get(state, '#808080')};")
         self.status_label.setText(message)
         self.status_label.setToolTip(message)
-        self.start_button.setEnabled(state not in ("starting", "connected") or not self.c.process.running)
-        self.start_button.setText("Restart backend" if self.c.process.running else "Start backend")
+        running = self.c.process.running
+        self.start_button.setText("Stop backend" if running else "Start backend")
+        self.start_button.setToolTip("Stop the backend this panel started." if running else
+                                     "Start a local Analogon backend; it stops when Krita quits.")
+        self.start_button.setEnabled(running or state != "starting")
 
     def _show_methods(self):
         self._building = True
@@ -333,7 +340,8 @@ class AnalogonPanel(QWidget):
     def _on_start(self):
         if self.c.process.running:
             self.c.stop_backend()
-        self.c.start_backend()
+        else:
+            self.c.start_backend()
 
     def _on_model(self, text: str):
         if self._building:

@@ -1,0 +1,318 @@
+"""Runs inside real Krita: ``kritarunner -s krita_scenarios -f main``.
+
+Creates documents with known pixels, drives the plugin's own controller (the code behind
+the Generate button) against a real backend subprocess it starts itself, and writes a JSON
+report to $ANALOGON_KRITA_REPORT for the pytest side to check. Every scenario catches its
+own exceptions into the report, so one failure does not hide the others.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+REPORT: dict = {"scenarios": {}}
+
+
+def _wait(predicate, timeout):
+    from PyQt5.QtCore import QEventLoop, QTimer
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        loop = QEventLoop()
+        QTimer.singleShot(20, loop.quit)
+        loop.exec_()
+    return bool(predicate())
+
+
+def _scenario(name):
+    def deco(fn):
+        def run(*args):
+            t0 = time.monotonic()
+            entry = REPORT["scenarios"].setdefault(name, {})
+            try:
+                fn(entry, *args)
+                entry.setdefault("ok", True)
+            except Exception:
+                entry["ok"] = False
+                entry["traceback"] = traceback.format_exc()
+            entry["seconds"] = round(time.monotonic() - t0, 2)
+        return run
+    return deco
+
+
+def _names(doc):
+    return [str(n.name()) for n in doc.rootNode().childNodes()]
+
+
+def _snapshot(doc):
+    out = {}
+    for n in doc.rootNode().childNodes():
+        out[str(n.name())] = bytes(n.pixelData(0, 0, doc.width(), doc.height()))
+    return out
+
+
+def _doc(app, w, h, depth="U8", model="RGBA"):
+    doc = app.createDocument(w, h, "analogon-test", model, depth, "", 72.0)
+    return doc
+
+
+def _layer(doc, name, bgra, x, y, w, h, above=None):
+    n = doc.createNode(name, "paintlayer")
+    doc.rootNode().addChildNode(n, above)
+    n.setPixelData(bytes(bgra) * (w * h), x, y, w, h)
+    return n
+
+
+def _bounds(node):
+    b = node.bounds()
+    return [b.x(), b.y(), b.width(), b.height()]
+
+
+def _alpha_stats(node, rect):
+    x, y, w, h = rect
+    data = bytes(node.pixelData(x, y, w, h))
+    alpha = data[3::4]
+    return {"opaque": alpha.count(255), "transparent": alpha.count(0), "n": len(alpha)}
+
+
+@_scenario("adapter")
+def adapter(entry, app):
+    from analogon_krita import document as kd
+    from analogon_krita.document import Rect
+
+    doc = _doc(app, 32, 16)
+    node = _layer(doc, "L", (10, 20, 30, 255), 0, 0, 32, 16)
+    entry["raw_first_pixel"] = list(bytes(node.pixelData(0, 0, 1, 1)))
+    entry["rgba_first_pixel"] = list(kd.read_layer(node, Rect(0, 0, 1, 1)))
+    doc16 = _doc(app, 8, 8, "U16")
+    px = b"".join((v * 257).to_bytes(2, "little") for v in (10, 20, 30, 255))
+    n16 = _layer(doc16, "L16", px, 0, 0, 8, 8)
+    entry["u16_rgba"] = list(kd.read_layer(n16, Rect(0, 0, 1, 1)))
+    res = kd.insert_result(doc16, n16, bytes([1, 2, 3, 255]) * 64, 8, 8, Rect(0, 0, 8, 8), "r16")
+    raw = bytes(res.pixelData(0, 0, 1, 1))
+    entry["u16_written"] = [int.from_bytes(raw[i:i + 2], "little") for i in range(0, 8, 2)]
+    emap = kd.create_edit_map(doc, node)
+    entry["edit_map"] = {"model": emap.colorModel(), "opacity": emap.opacity(), "names": _names(doc),
+                         "rgba": list(kd.read_layer(emap, Rect(0, 0, 1, 1)))}
+    refusals = {}
+    for model, depth in (("CMYKA", "U8"), ("LABA", "U16"), ("GRAYA", "U8"), ("RGBA", "F32")):
+        d = _doc(app, 4, 4, depth, model)
+        try:
+            kd.check_document(d)
+            refusals[f"{model}/{depth}"] = None
+        except kd.AdapterError as e:
+            refusals[f"{model}/{depth}"] = e.message
+        d.close()
+    entry["refusals"] = refusals
+    from krita import Selection
+
+    sel = Selection()
+    sel.select(8, 4, 16, 8, 255)
+    doc.setSelection(sel)
+    roi, from_sel = kd.region_of_interest(doc, padding=2, align=1)
+    entry["roi"] = roi.to_list()
+    mask = kd.feathered_mask(doc, roi, 2)
+    entry["mask"] = {"len": len(mask), "max": max(mask), "min": min(mask),
+                     "soft": sum(1 for v in mask if 0 < v < 255)}
+    doc.close()
+    doc16.close()
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@_scenario("backend_down")
+def backend_down(entry, app, controller_cls):
+    from analogon_krita.settings import Settings
+
+    settings = Settings(app)
+    settings.set("backend_url", f"http://127.0.0.1:{_free_port()}")
+    settings.set("state_dir", os.path.join(os.environ["ANALOGON_TEST_TMP"], "nowhere"))
+    c = controller_cls(app=app)
+    doc = _doc(app, 64, 64)
+    _layer(doc, "photo", (40, 120, 200, 255), 0, 0, 64, 64)
+    c.set_document(doc)
+    ends = []
+    c.finished.connect(ends.append)
+    hook_errors = []
+    old_hook = sys.excepthook
+    sys.excepthook = lambda *a: hook_errors.append("".join(traceback.format_exception(*a)))
+    try:
+        c.generate()
+        _wait(lambda: ends, 15)
+    finally:
+        sys.excepthook = old_hook
+    entry.update(ends=ends, error=c.error, connection=c.connection, layers=_names(doc),
+                 uncaught=hook_errors)
+    settings.set("backend_url", "")
+    settings.set("state_dir", "")
+    doc.close()
+
+
+@_scenario("live")
+def live(entry, app, controller_cls):
+    from krita import Selection
+
+    from analogon_krita import document as kd
+
+    c = controller_cls(app=app)
+    c.settings.set("backend_command", os.environ["ANALOGON_BACKEND_COMMAND"])
+    c.settings.set("padding", "8")
+    c.settings.set("feather", "4")
+    c.set_model("tiny-sd")
+    t0 = time.monotonic()
+    c.start_backend()
+    _wait(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 120)
+    entry["connect"] = {"state": c.connection, "message": c.connection_message,
+                        "seconds": round(time.monotonic() - t0, 2), "pid": c.process.pid,
+                        "methods": [m["id"] for m in c.methods]}
+    if c.connection != "connected":
+        entry["ok"] = False
+        return
+    method = "pixels" if any(m["id"] == "pixels" for m in c.methods) else c.methods[0]["id"]
+    entry["method"] = method
+    c.set_method(method)
+    c.set_seed(21, False)
+    for k, v in {"steps": 4, "strength": 0.75}.items():
+        if k in c.param_values():
+            c.set_param(k, v)
+
+    doc = _doc(app, 96, 64)
+    bg = doc.rootNode().childNodes()[0] if doc.rootNode().childNodes() else None
+    photo = _layer(doc, "photo", (40, 120, 200, 255), 0, 0, 96, 64, above=bg)
+    ex = _layer(doc, "exemplar", (0, 0, 255, 255), 16, 16, 16, 16, above=photo)
+    doc.setActiveNode(photo)
+    c.set_document(doc)
+    roles = c.roles()
+    target_role = c.target_role()
+    roles[target_role] = [kd.layer_id(photo)]
+    if "exemplar" in roles:
+        roles["exemplar"] = [kd.layer_id(ex)]
+    emap = c.new_edit_map()
+    white = b"\xff" * (2 if emap.colorModel() == "GRAYA" else 4)
+    emap.setPixelData(white * (32 * 32), 8, 8, 32, 32)  # white: may change here
+    emap2 = c.new_edit_map()  # a second map, for the selection case: white around the selection
+    emap2.setPixelData(white * (40 * 40), 36, 12, 40, 40)
+    emap2.setVisible(False)
+    c.set_role("edit_map", [kd.layer_id(emap)])
+    doc.refreshProjection()
+    entry["roles"] = {k: len(v) for k, v in c.roles().items()}
+
+    def run(fn, timeout=90):
+        ends = []
+        c.finished.connect(ends.append)
+        fn()
+        _wait(lambda: ends, timeout)
+        c.finished.disconnect()
+        return ends[0] if ends else "timeout"
+
+    # 1. the whole canvas
+    before = _snapshot(doc)
+    how = run(c.generate)
+    after = _snapshot(doc)
+    name = kd.result_layer_name(method, 21)
+    node = doc.nodeByName(name)
+    entry["full"] = {"how": how, "error": c.error, "names": _names(doc), "expected_name": name,
+                     "bounds": _bounds(node) if node else None,
+                     "alpha": _alpha_stats(node, [0, 0, 96, 64]) if node else None,
+                     "unchanged": [k for k in before if before[k] == after.get(k)],
+                     "changed": [k for k in before if before[k] != after.get(k)],
+                     "result_differs_from_photo": bool(node) and bytes(node.pixelData(0, 0, 96, 64)) != before["photo"],
+                     "history": len(c.history)}
+    if node is not None:
+        node.remove()
+        doc.refreshProjection()
+        entry["full"]["restored"] = _snapshot(doc) == before
+
+    # 2. cancel: no layer
+    if "steps" in c.param_values():
+        c.set_param("steps", 200)
+    if "strength" in c.param_values():
+        c.set_param("strength", 1.0)
+    names_before = _names(doc)
+    c.progressChanged.connect(lambda s, a, b: a > 0 and c.cancel())
+    how = run(c.generate, 120)
+    entry["cancel"] = {"how": how, "message": c.message, "names_before": names_before,
+                       "names_after": _names(doc)}
+    c.progressChanged.disconnect()
+    entry["cancel"]["history"] = len(c.history)
+
+    # 3. a selection limits the region
+    # a second exemplar inside the selection, and the second map
+    ex2 = _layer(doc, "exemplar 2", (0, 255, 0, 255), 48, 20, 16, 16, above=ex)
+    ex = ex2
+    emap.setVisible(False)
+    emap2.setVisible(True)
+    c.set_role("edit_map", [kd.layer_id(emap2)])
+    if "exemplar" in c.roles():
+        c.set_role("exemplar", [kd.layer_id(ex)])
+    c.set_param("steps", 4) if "steps" in c.param_values() else None
+    c.set_param("strength", 0.75) if "strength" in c.param_values() else None
+    before = _snapshot(doc)
+    sel = Selection()
+    sel.select(40, 16, 32, 24, 255)
+    doc.setSelection(sel)
+    how = run(c.generate)
+    node = doc.nodeByName(name)
+    entry["selection"] = {"how": how, "error": c.error, "names": _names(doc),
+                          "bounds": _bounds(node) if node else None,
+                          "roi": c.history[0].roi if c.history else None,
+                          "alpha_inside": _alpha_stats(node, [48, 24, 16, 8]) if node else None,
+                          "alpha_outside_left": _alpha_stats(node, [0, 0, 36, 64]) if node else None,
+                          "unchanged": [k for k in before if before[k] == _snapshot(doc).get(k)]}
+    if node is not None:
+        node.remove()
+
+    # 4. Krita closing stops the backend we started
+    pid = c.process.pid
+    c.shutdown()
+    gone = _wait(lambda: not _alive(pid), 15)
+    entry["shutdown"] = {"pid": pid, "gone": gone}
+    doc.close()
+
+
+def _alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie (already exited, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def main(*args):
+    out = os.environ.get("ANALOGON_KRITA_REPORT", "krita_report.json")
+    try:
+        from krita import Krita
+
+        from analogon_krita import qt
+        from analogon_krita.controller import Controller
+
+        app = Krita.instance()
+        REPORT["krita_version"] = str(app.version())
+        REPORT["binding"] = qt.BINDING
+        REPORT["python"] = sys.version.split()[0]
+        adapter(app)
+        backend_down(app, Controller)
+        live(app, Controller)
+    except Exception:
+        REPORT["fatal"] = traceback.format_exc()
+    with open(out, "w") as f:
+        json.dump(REPORT, f, indent=1)
+    print("analogon krita report written to", out)

@@ -1,0 +1,132 @@
+"""Real Krita under Xvfb with the plugin installed and enabled in a private profile: the
+docker appears, starts the backend (autostart), shows the methods and their forms, and the
+backend stops when Krita quits. A screenshot of the whole screen and a grab of the docker
+are kept (set ANALOGON_SCREENSHOT_DIR to copy them somewhere to look at)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.krita
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KRITA = shutil.which("krita")
+XVFB = shutil.which("Xvfb")
+
+
+def _load_packaging():
+    spec = importlib.util.spec_from_file_location("krita_plugin", ROOT / "packaging" / "krita_plugin.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _free_display() -> int:
+    for n in range(91, 140):
+        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
+            return n
+    raise RuntimeError("no free X display number")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(KRITA is None or XVFB is None, reason="krita and Xvfb are not installed")
+def test_docker_shows_in_real_krita(tmp_path):
+    analogon = Path(sys.executable).parent / "analogon"
+    if not analogon.exists():
+        pytest.skip("the analogon backend command is not installed")
+    data, config, state = tmp_path / "data", tmp_path / "config", tmp_path / "state"
+    for d in (data, config, state):
+        d.mkdir()
+    pk = _load_packaging()
+    pk.install(resources=data / "krita", config=config)
+    shutil.copytree(HERE / "selftest" / "analogon_selftest", data / "krita" / "pykrita" / "analogon_selftest")
+    shutil.copy2(HERE / "selftest" / "analogon_selftest.desktop", data / "krita" / "pykrita")
+    pk.enable_in_kritarc(config / "kritarc", "analogon_selftest")
+    with open(config / "kritarc", "a") as f:
+        f.write(f"\n[analogon]\nautostart=true\nbackend_command={analogon}\nmodel=tiny-sd\n")
+    report = tmp_path / "report.json"
+
+    display = _free_display()
+    xvfb = subprocess.Popen([XVFB, f":{display}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    for k in ("QT_QPA_PLATFORM", "ANALOGON_QT_API", "ANALOGON_NO_REGISTER", "PYTHONPATH"):
+        env.pop(k, None)
+    env.update(DISPLAY=f":{display}", XDG_DATA_HOME=str(data), XDG_CONFIG_HOME=str(config),
+               XDG_STATE_HOME=str(state), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               ANALOGON_SELFTEST_REPORT=str(report), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    krita = None
+    rep = {}
+    try:
+        for _ in range(50):
+            if Path(f"/tmp/.X11-unix/X{display}").exists():
+                break
+            time.sleep(0.1)
+        log = open(tmp_path / "krita.log", "wb")
+        krita = subprocess.Popen([KRITA, "--nosplash"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 150
+        while not report.exists() and time.monotonic() < deadline and krita.poll() is None:
+            time.sleep(0.5)
+        assert report.exists(), "Krita did not report: " + (tmp_path / "krita.log").read_text(errors="replace")[-3000:]
+        rep = json.loads(report.read_text())
+        time.sleep(1.0)  # let the window repaint after the docker settled
+        shot = tmp_path / "screen.png"
+        subprocess.run(f"xwd -root -display :{display} | convert xwd:- {shot}", shell=True, check=True,
+                       timeout=60)
+        keep = os.environ.get("ANALOGON_SCREENSHOT_DIR")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(shot, Path(keep) / "krita-screen.png")
+            if (tmp_path / "docker.png").exists():
+                shutil.copy2(tmp_path / "docker.png", Path(keep) / "krita-docker.png")
+        # Quit Krita the way a user does; the backend it started must go with it.
+        Path(str(report) + ".quit").touch()
+        try:
+            krita.wait(40)
+        except subprocess.TimeoutExpired:
+            pass
+        pid = rep.get("backend_pid")
+        gone = not _alive(pid) or any(not _alive(pid) or time.sleep(0.5) for _ in range(20))
+        assert rep.get("found"), rep
+        assert rep["title"] == "Analogon" and rep["visible"]
+        assert rep["geometry"][2] > 100 and rep["geometry"][3] > 100
+        assert {"Generate", "Cancel", "New edit map"} <= set(rep["buttons"])
+        assert rep["status"].startswith("Connected"), rep["status"]
+        assert "PIXELS exemplar edit" in rep["methods"]
+        assert "steps" in rep["params"]
+        assert shot.stat().st_size > 10_000
+        assert krita.poll() is not None, "Krita did not quit"
+        assert pid and gone, "the backend started by the plugin outlived Krita"
+    finally:
+        if krita is not None and krita.poll() is None:
+            os.killpg(krita.pid, signal.SIGTERM)
+            try:
+                krita.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(krita.pid, signal.SIGKILL)
+        pid = rep.get("backend_pid")
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        xvfb.terminate()
+        xvfb.wait(10)

@@ -1,0 +1,134 @@
+"""Inside real Krita (Debian's krita 5, PyQt5) via kritarunner, offscreen, with a private
+profile: the plugin's controller drives a real backend subprocess. One Krita run produces a
+report (see krita_scenarios.py); the tests below check its parts."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.krita
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KRITARUNNER = shutil.which("kritarunner")
+
+
+def analogon_command() -> str | None:
+    exe = Path(sys.executable).parent / "analogon"
+    if exe.exists():
+        return str(exe)
+    return shutil.which("analogon")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    if KRITARUNNER is None:
+        pytest.skip("kritarunner is not installed (apt-get install krita)")
+    cmd = analogon_command()
+    if cmd is None:
+        pytest.skip("the analogon backend command is not installed")
+    tmp = tmp_path_factory.mktemp("krita")
+    for d in ("data", "config", "tmp", "cache"):
+        (tmp / d).mkdir()
+    out = tmp / "report.json"
+    env = dict(os.environ)
+    env.update({
+        "QT_QPA_PLATFORM": "offscreen",
+        "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config"),
+        "XDG_CACHE_HOME": str(tmp / "cache"),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "plugin")]),
+        "ANALOGON_NO_REGISTER": "1",
+        "ANALOGON_KRITA_REPORT": str(out), "ANALOGON_TEST_TMP": str(tmp / "tmp"),
+        "ANALOGON_BACKEND_COMMAND": cmd,
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    })
+    env.pop("ANALOGON_QT_API", None)
+    proc = subprocess.run([KRITARUNNER, "-s", "krita_scenarios", "-f", "main"], env=env,
+                          capture_output=True, timeout=240)
+    if not out.exists():
+        pytest.fail("Krita wrote no report. stderr:\n" + proc.stderr.decode(errors="replace")[-3000:])
+    data = json.loads(out.read_text())
+    assert "fatal" not in data, data.get("fatal")
+    return data
+
+
+def scenario(report, name):
+    s = report["scenarios"][name]
+    assert s.get("ok"), s.get("traceback") or s
+    return s
+
+
+def test_runs_in_krita_5_with_pyqt5(report):
+    assert report["krita_version"].startswith("5.") and report["binding"] == "PyQt5"
+
+
+def test_adapter_byte_order_depths_and_refusals(report):
+    s = scenario(report, "adapter")
+    assert s["raw_first_pixel"] == [10, 20, 30, 255]  # Krita keeps BGRA
+    assert s["rgba_first_pixel"] == [30, 20, 10, 255]
+    assert s["u16_rgba"] == [30, 20, 10, 255]
+    assert s["u16_written"] == [3 * 257, 2 * 257, 257, 65535]
+    assert s["edit_map"]["names"] == ["Background", "L", "Edit map"] and s["edit_map"]["opacity"] == 128
+    assert s["edit_map"]["rgba"] == [0, 0, 0, 255]
+    for key, msg in s["refusals"].items():
+        assert msg and "Convert Image Color Space" in msg, key
+    assert s["roi"] == [6, 2, 20, 12]
+    assert s["mask"]["len"] == 240 and s["mask"]["max"] == 255 and s["mask"]["min"] == 0 and s["mask"]["soft"] > 0
+
+
+def test_backend_down_gives_the_message_not_a_traceback(report):
+    s = scenario(report, "backend_down")
+    assert s["ends"] == ["error"] and s["connection"] == "unreachable"
+    assert "not running" in s["error"] and "Start backend" in s["error"]
+    assert s["uncaught"] == [] and s["layers"] == ["Background", "photo"]
+
+
+@pytest.fixture(scope="module")
+def live(report):
+    s = scenario(report, "live")
+    assert s["connect"]["state"] == "connected", s["connect"]["message"]
+    return s
+
+
+def test_backend_started_by_the_plugin(live):
+    assert live["connect"]["pid"] and "pixels" in live["connect"]["methods"]
+    assert live["method"] == "pixels"
+
+
+def test_result_layer_name_size_offset_and_pixels(live):
+    full = live["full"]
+    assert full["how"] == "done", full["error"]
+    assert full["names"] == ["Background", "photo", "pixels seed 21", "Edit map", "Edit map", "exemplar"]
+    assert full["bounds"] == [0, 0, 96, 64]
+    assert full["alpha"]["opaque"] == 96 * 64
+    assert full["result_differs_from_photo"]
+    assert full["changed"] == [] and full["history"] == 1
+    assert full["restored"], "removing the result layer must restore the document"
+
+
+def test_selection_limits_the_region(live):
+    sel = live["selection"]
+    assert sel["how"] == "done", sel["error"]
+    assert sel["bounds"] is not None
+    x, y, w, h = sel["bounds"]
+    assert x >= 40 and y >= 16 and x + w <= 72 and y + h <= 40  # inside the selection
+    assert sel["roi"][2] < 96 and sel["roi"][3] < 64  # only the region was sent
+    assert sel["alpha_inside"]["opaque"] == sel["alpha_inside"]["n"]
+    assert sel["alpha_outside_left"]["transparent"] == sel["alpha_outside_left"]["n"]
+    assert set(sel["unchanged"]) >= {"Background", "photo", "exemplar", "exemplar 2"}
+
+
+def test_cancelled_job_adds_no_layer(live):
+    c = live["cancel"]
+    assert c["how"] == "cancelled" and "No layer was added" in c["message"]
+    assert c["names_after"] == c["names_before"] and c["history"] == 1
+
+
+def test_backend_stops_when_krita_closes(live):
+    assert live["shutdown"]["gone"], "the backend the plugin started is still running"
