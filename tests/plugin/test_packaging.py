@@ -1,0 +1,71 @@
+"""The plugin zip (checked with Krita's own importer where Krita is installed), the profile
+install, and the kritarc edit that enables the plugin."""
+from __future__ import annotations
+
+import importlib.util
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+IMPORTER = Path("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py")
+
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def pk():
+    return load("krita_plugin", ROOT / "packaging" / "krita_plugin.py")
+
+
+def test_zip_layout(pk, tmp_path):
+    z = pk.build_zip(tmp_path / "a.zip")
+    names = zipfile.ZipFile(z).namelist()
+    assert "analogon_krita/" in names and "analogon_krita/__init__.py" in names
+    assert "analogon_krita.desktop" in names and "analogon_krita.action" in names
+    assert "analogon_krita/icons/analogon.svg" in names and "analogon_krita/manual.html" in names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    desktop = zipfile.ZipFile(z).read("analogon_krita.desktop").decode()
+    assert "X-KDE-Library=analogon_krita" in desktop and "ServiceTypes=Krita/PythonPlugin" in desktop
+
+
+@pytest.mark.skipif(not IMPORTER.exists(), reason="Krita's plugin importer is not installed")
+def test_krita_importer_accepts_the_zip(pk, tmp_path):
+    z = pk.build_zip(tmp_path / "a.zip")
+    importer = load("plugin_importer", IMPORTER)
+    res = tmp_path / "resources"
+    res.mkdir()
+    imported = importer.PluginImporter(str(z), str(res), lambda plugin: True).import_all()
+    assert [p["name"] for p in imported] == ["analogon_krita"]
+    assert (res / "pykrita" / "analogon_krita" / "controller.py").exists()
+    assert (res / "pykrita" / "analogon_krita.desktop").exists()
+    assert (res / "actions" / "analogon_krita.action").exists()
+
+
+def test_install_into_a_profile_and_enable(pk, tmp_path):
+    kritarc = tmp_path / "config" / "kritarc"
+    kritarc.parent.mkdir()
+    kritarc.write_text("[General]\nfoo=1\n\n[python]\nenable_other=true\nenable_analogon_krita=false\n\n[X]\ny=2\n")
+    dest = pk.install(tmp_path / "res", tmp_path / "config")
+    assert (dest / "panel.py").exists() and (dest / "icons" / "generate.svg").exists()
+    assert (tmp_path / "res" / "pykrita" / "analogon_krita.desktop").exists()
+    text = kritarc.read_text()
+    assert "enable_analogon_krita=true" in text and "enable_analogon_krita=false" not in text
+    assert "enable_other=true" in text and "foo=1" in text and "[X]\ny=2" in text
+    fresh = tmp_path / "fresh" / "kritarc"
+    pk.enable_in_kritarc(fresh)
+    assert fresh.read_text() == "[python]\nenable_analogon_krita=true\n"
+
+
+def test_action_file_lists_the_extension_actions(pk):
+    from analogon_krita.extension import AnalogonExtension
+
+    text = (ROOT / "manifest" / "analogon_krita.action").read_text()
+    for action_id, _, _ in AnalogonExtension.ACTIONS:
+        assert f'<Action name="{action_id}">' in text
