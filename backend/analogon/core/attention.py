@@ -88,6 +88,10 @@ def contrast(attn: torch.Tensor, beta: float, mode: str = "clip") -> torch.Tenso
     mode ``paper``: exactly eq. 3 (rows still sum to 1; weights may go negative);
     ``clip``: then clamped to [0, 1] without renormalising (the authors' code);
     ``renormalize``: clamped at 0 and each row divided by its sum (a proper distribution)."""
+    if mode not in CONTRAST_MODES:
+        raise ValueError(f"unknown contrast mode {mode!r}; one of {CONTRAST_MODES}")
+    if beta == 1.0:  # the identity, exactly (softmax rows are already in [0, 1] and sum to 1)
+        return attn
     mean = attn.mean(dim=-1, keepdim=True)
     out = (attn - mean) * beta + mean
     if mode == "paper":
