@@ -307,7 +307,8 @@ def test_cancel_queued_and_running(echo, client):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     t0 = time.monotonic()
-    assert client.delete(f"/v1/jobs/{running}").status_code == 200
+    r = client.delete(f"/v1/jobs/{running}")
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
     evs = events(client, running)
     assert evs[-1] == ("cancelled", {"id": running})
     assert time.monotonic() - t0 < 2.0  # within a step or two of 0.1 s
@@ -319,6 +320,8 @@ def test_cancel_queued_and_running(echo, client):
     assert all(c["seed"] != 7 for c in echo.calls[calls_before:])
     after = submit(client, method="test-echo", params={"steps": 1}, images={"source": s})
     assert events(client, after)[-1][0] == "done"
+    r = client.delete(f"/v1/jobs/{after}")  # cancelling a finished job leaves it as it is
+    assert r.json() == {"id": after, "status": "done", "cancel_requested": False}
 
 
 def _history(client, job_id):

@@ -302,7 +302,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/jobs/{job_id}")
     def cancel(job_id: str) -> dict[str, Any]:
         job = queue.cancel(job_id)
-        return {"id": job.id, "status": job.status}
+        # a running job reports "running" until it stops at its next step, then "cancelled"
+        return {"id": job.id, "status": job.status, "cancel_requested": job.cancel_requested.is_set()
+                or job.status == "cancelled"}
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}}})
