@@ -451,3 +451,49 @@ def test_params_schema_and_roles_describe_the_method():
     assert set(props["scheduler"]["enum"]) == set(diffusion.SCHEDULER_NAMES)
     with pytest.raises(Exception):
         px.PixelsParams(threshold="exponential")
+
+
+# -- core.surgery ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
+def test_noised_composite_equals_the_composite_of_noised_images(tiny_sd, scheduler):
+    from analogon.core.surgery import Paste, SurgicalLatents, surgery
+
+    g = torch.Generator().manual_seed(0)
+    shape = (1, 4, 5, 7)
+    src, e_src = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    pastes = []
+    for k in range(2):
+        region = torch.zeros(1, 1, 5, 7, dtype=torch.bool)
+        region[..., k * 3: k * 3 + 3, 1 + k: 4 + k] = True
+        pastes.append(Paste(torch.randn(shape, generator=g), torch.randn(shape, generator=g), region))
+    sched = make_scheduler(tiny_sd, scheduler, 10)
+    surg = SurgicalLatents(sched, src, e_src, pastes)
+    for t in sched.timesteps[3:]:
+        by_image = surgery(noised(sched, src, e_src, t),
+                           [(noised(sched, p.latent, p.noise, t), p.region) for p in pastes])
+        assert torch.equal(surg.at(t), by_image)
+    assert torch.equal(surg.clean()[..., 0, 1], pastes[0].latent[..., 0, 1])
+    assert torch.equal(surg.clean()[..., 4, 0], src[..., 4, 0])
+
+
+def test_context_box_grows_clips_and_keeps_the_edit():
+    from analogon.core.surgery import bbox, context_box
+
+    m = np.zeros((160, 256), np.float32)
+    m[100:120, 180:210] = 0.3
+    b = bbox(m)
+    assert b == (180, 100, 210, 120)
+    box = context_box(b, (256, 160), margin=0.5, min_side=64)
+    x0, y0, x1, y1 = box
+    assert x0 <= 180 and y0 <= 100 and x1 >= 210 and y1 >= 120
+    assert 0 <= x0 and 0 <= y0 and x1 <= 256 and y1 <= 160
+    assert x1 - x0 >= 64 and y1 - y0 >= 64
+    # at a corner the box slides inside the image instead of shrinking
+    assert context_box((0, 0, 4, 4), (256, 160), 0.5, min_side=64) == (0, 0, 64, 64)
+    # a long thin stroke gets enough height for the model to see context (at most 4:1)
+    x0, y0, x1, y1 = context_box((10, 80, 250, 82), (256, 160), 0.0, min_side=8)
+    assert (x1 - x0) / (y1 - y0) <= 4.0 + 1e-6
+    # an image no larger than the native size is processed whole
+    assert context_box((10, 10, 20, 20), (60, 40), 0.5, min_side=64) == (0, 0, 60, 40)
+    assert bbox(np.zeros((4, 4))) is None

@@ -21,7 +21,7 @@ exemplar rather than being reset to the source and losing it.
 
 Noising is one timestep at a time through ``analogon.core.diffusion.noised`` (immune to the
 ``set_begin_index`` pitfall of some schedulers). Nothing is kept per step, so memory does not
-grow with the number of steps; computing a composite costs K + 1 ``add_noise`` calls.
+grow with the number of steps; a composite costs one ``add_noise`` (see ``SurgicalLatents``).
 """
 from __future__ import annotations
 
@@ -153,7 +153,12 @@ def surgery(base: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]])
 
 
 class SurgicalLatents:
-    """The source and its exemplars, each with one fixed noise, composited at any timestep."""
+    """The source and its exemplars, each with one fixed noise, composited at any timestep.
+
+    ``add_noise`` is elementwise and linear in (x₀, ε) with per-timestep scalars, so the
+    composite of the noised images equals the noised composite of the clean latents with the
+    composite of their noises, bit for bit. Both composites are made once; a step then costs one
+    ``add_noise``, as in plain img2img."""
 
     def __init__(self, scheduler, source: torch.Tensor, source_noise: torch.Tensor,
                  pastes: list[Paste] | tuple[Paste, ...] = ()):
@@ -161,16 +166,20 @@ class SurgicalLatents:
         self.source = source
         self.source_noise = source_noise
         self.pastes = list(pastes)
+        self._x0 = surgery(source, [(p.latent, p.region) for p in self.pastes])
+        self._eps = surgery(source_noise, [(p.noise, p.region) for p in self.pastes])
 
     def clean(self) -> torch.Tensor:
         """The surgical latent without noise (decode it to see the copy-paste composite)."""
-        return surgery(self.source, [(p.latent, p.region) for p in self.pastes])
+        return self._x0
+
+    def noise(self) -> torch.Tensor:
+        """The fixed noise of every latent pixel: its own image's noise."""
+        return self._eps
 
     def noised_source(self, t) -> torch.Tensor:
         return noised(self.scheduler, self.source, self.source_noise, t)
 
     def at(self, t) -> torch.Tensor:
         """The surgical composite of the images noised to timestep ``t``."""
-        base = self.noised_source(t)
-        return surgery(base, [(noised(self.scheduler, p.latent, p.noise, t), p.region)
-                              for p in self.pastes])
+        return noised(self.scheduler, self._x0, self._eps, t)

@@ -107,8 +107,9 @@ class PixelsParams(MethodParams):
         description="The exemplar is pasted where its opacity on the canvas is at least this.")
     crop_to_edit: bool = Field(
         True,
-        description="Work on the map's bounding box (plus context) at the model's native size "
-                    "instead of the whole image: more detail for small edits on large images.")
+        description="Work on the map's bounding box (plus context, at least the model's native "
+                    "size a side) instead of the whole image: small edits on large images get the "
+                    "model's full resolution, and nothing is blown up beyond the source's own.")
     context: float = Field(
         0.5, ge=0.0, le=4.0,
         description="Context around the edit when cropping, as a fraction of the edit's longest "
@@ -210,7 +211,7 @@ def plan_job(bundle, inputs: Inputs, params: PixelsParams) -> Plan:
     if params.crop_to_edit and change is not None:
         b = bbox(change)
         if b is not None:
-            box = context_box(b, size, params.context)
+            box = context_box(b, size, params.context, min_side=bundle.native_size)
     bw, bh = box[2] - box[0], box[3] - box[1]
     f = bundle.vae_scale_factor
     work = im.native_size((bw, bh), bundle.native_size, multiple=f)

@@ -28,6 +28,19 @@ from ..toyworld.reader import read
 from . import cases as cases_mod
 from .cases import KINDS, METHODS, SIZE, Case
 
+
+def _load_method_cases() -> None:
+    """Per-method case modules (``cases_<method>.py`` in this package) register themselves."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name.startswith("cases_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_load_method_cases()
+
 __all__ = ["main", "run_quality", "score_case", "format_table"]
 
 
@@ -124,6 +137,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 params_mode: str = "default", baselines: bool = True,
                 log=print) -> dict[str, Any]:
     """Run the suite; returns the JSON-able report (rows, per-case details, notes)."""
+    from ..errors import AnalogonError
     from ..methods import UNAVAILABLE, all_methods
 
     registered = {m.id for m in all_methods()}
@@ -162,6 +176,13 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                     continue
                 if runner is None:
                     runner = _Runner(model, device)
+                    try:
+                        runner.models.get(model)
+                    except AnalogonError as e:
+                        notes.append(f"model {model}: {e.message} Methods were not run.")
+                        return {"model": model, "seed": seed, "n": n,
+                                "params_mode": params_mode, "rows": rows, "notes": notes,
+                                "cases": details}
                 scores, errors = [], []
                 t0 = time.time()
                 for i, c in enumerate(built[kind]):
@@ -263,13 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         if k not in KINDS:
             print(f"No case kind called {k!r}; kinds are {', '.join(KINDS)}.", file=sys.stderr)
             return 2
-    if args.model == "toy-sd":
-        from ..models.toy import toy_sd_available
-
-        if not toy_sd_available():
-            print("The toy-sd model is not in this installation; train it with "
-                  "`analogon train-toy` or pass --model.", file=sys.stderr)
-            return 1
     report = run_quality(methods, kinds, args.cases, args.seed, args.model, args.device,
                          args.params, not args.no_baselines, log=lambda s: print(s, flush=True))
     if args.model_quality:

@@ -1,0 +1,229 @@
+"""Section `pixels`: a PIXELS pass against plain img2img on the same components.
+
+Both sides start from the same source image and run the same scheduler, steps, strength,
+guidance and prompt, and both include the VAE encode and decode:
+- ``img2img``: diffusers' own ``StableDiffusion(XL)Img2ImgPipeline`` built with ``from_pipe`` on
+  the bundle's components (the baseline the paper's overhead claim is about);
+- ``pixels map``: the pixels method with a graded (radial) edit map and no exemplar;
+- ``pixels map+exemplar``: the same with one exemplar placed on the canvas (one more VAE encode).
+
+Reported per case: the median wall time of ``--repeat`` runs (after one warm-up, cases
+interleaved), the ratio to img2img (the paper reports a small overhead; the target here is
+≤ 1.05), and the peak memory of one run: on CUDA ``torch.cuda.max_memory_allocated`` above the
+baseline; on CPU the peak resident-set growth sampled every millisecond (torch's CPU allocations
+are invisible to tracemalloc) plus tracemalloc's peak for Python/numpy allocations.
+The per-image latent cache is off so that PIXELS encodes every time, like the pipeline.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+import tracemalloc
+from typing import Any
+
+import numpy as np
+
+from . import register
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--pixels-model", default="tiny-sd",
+                   help="model spec for the pixels section (default tiny-sd; a local SD 1.5 / SDXL "
+                        "folder or checkpoint on a GPU measures the real architectures)")
+    p.add_argument("--pixels-steps", type=int, default=None,
+                   help="steps of the full schedule (default 20, --quick 8); strength 0.75")
+
+
+class _RssPeak:
+    """Peak resident set size growth while the block runs (Linux /proc; 0 elsewhere)."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.base)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.base = self._rss()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss() - self.base)
+
+
+def _peak_memory(bundle, fn) -> dict[str, float]:
+    import torch
+
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    tracemalloc.start()
+    with _RssPeak() as rss:
+        fn()
+    _, py_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"peak_mem_mb": rss.peak / 2**20, "py_peak_mb": py_peak / 2**20}
+
+
+def _sync(bundle):
+    import torch
+
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(opts) -> list[dict[str, Any]]:
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    from ..core.cache import Cache
+    from ..core.diffusion import make_scheduler
+    from ..methods import get as get_method
+    from ..methods.base import Inputs, JobContext, LayerImage
+    from ..models import LoadOptions, load_bundle
+    from ..samples import exemplar_patch, halo_map, radial_map, scene
+    from ..core.images import place
+    from PIL import Image
+
+    spec = getattr(opts, "pixels_model", None) or "tiny-sd"
+    steps = getattr(opts, "pixels_steps", None) or (8 if opts.quick else 20)
+    strength, guidance, scheduler, prompt, seed = 0.75, 7.5, "euler", "a quiet lake", 0
+    repeat = max(1, opts.repeat)
+    bundle = load_bundle(spec, LoadOptions(device=opts.device))
+    size = bundle.native_size
+
+    src = scene(size, size, 0)
+    emap = radial_map(size, size)
+    ex_small = exemplar_patch(size * 3 // 8, size * 3 // 8)
+    ex = place(ex_small, (size, size), size // 3, size // 3)
+    ex_map = halo_map(ex[..., 3], max(2, size // 10))
+
+    method = get_method("pixels")
+    params = method.Params(steps=steps, strength=strength, guidance=guidance, scheduler=scheduler,
+                           prompt=prompt, crop_to_edit=False)
+    cls = StableDiffusionXLImg2ImgPipeline if bundle.is_sdxl else StableDiffusionImg2ImgPipeline
+    pipe = cls.from_pipe(bundle.pipe)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.ascontiguousarray(src[..., :3]))
+    if bundle.device.type == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: one thread each gives steadier medians
+
+    def img2img():
+        pipe.scheduler = make_scheduler(bundle, scheduler, steps)
+        with torch.no_grad():
+            pipe(prompt=prompt, image=image, strength=strength, num_inference_steps=steps,
+                 guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="np")
+        _sync(bundle)
+
+    def pixels(with_exemplar: bool):
+        def go():
+            d = {"source": LayerImage(src, "s")}
+            if with_exemplar:
+                d["exemplar"] = [LayerImage(ex, "e")]
+                d["edit_map"] = [LayerImage(ex_map, "m")]
+            else:
+                d["edit_map"] = [LayerImage(emap, "m")]
+            ctx = JobContext(bundle, Cache(None, memory_items=0), seed)
+            method.run(ctx, Inputs(d), params)
+            _sync(bundle)
+        return go
+
+    cases = [("img2img", img2img), ("pixels map", pixels(False)), ("pixels map+exemplar", pixels(True))]
+    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _, fn in cases:  # warm-up
+        fn()
+    for _ in range(repeat):
+        for name, fn in cases:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["img2img"])
+    best = min(times["img2img"])
+    hook_ms, unet_ms = _step_costs(bundle, method, params, src, ex, ex_map, repeat)
+    rows = []
+    for name, fn in cases:
+        med = statistics.median(times[name])
+        row: dict[str, Any] = {
+            "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
+            "size": f"{size}x{size}", "steps_run": min(int(steps * strength), steps), "case": name,
+            "seconds": round(med, 4), "ratio": round(med / base, 3),
+            "best_ratio": round(min(times[name]) / best, 3),
+        }
+        row.update({k: round(v, 2) for k, v in _peak_memory(bundle, fn).items()})
+        if name != "img2img":
+            row.update(reset_ms_per_step=round(hook_ms, 3), unet_ms_per_step=round(unet_ms, 2))
+        rows.append(row)
+    return rows
+
+
+def _step_costs(bundle, method, params, src, ex, ex_map, repeat: int) -> tuple[float, float]:
+    """Per denoising step: the edit-map reset with the surgical composite (the whole of PIXELS'
+    work inside the loop) and one guided UNet call, timed apart on the real shapes."""
+    import torch
+
+    from ..core.diffusion import encode_prompt, img2img_timesteps, init_noise, make_scheduler, predict_noise
+    from ..core.editmap import EditSchedule
+    from ..core.surgery import Paste, SurgicalLatents
+    from ..methods.base import Inputs, LayerImage
+    from ..methods.pixels import encode_cached, plan_job
+    from ..methods.base import JobContext
+    from ..core.cache import Cache
+
+    plan = plan_job(bundle, Inputs({"source": LayerImage(src, "s"), "exemplar": [LayerImage(ex, "e")],
+                                    "edit_map": [LayerImage(ex_map, "m")]}), params)
+    ctx = JobContext(bundle, Cache(None, memory_items=0), 0)
+    z = encode_cached(ctx, plan.source_crop, plan.work)
+    pp = plan.passes[0]
+    sched = make_scheduler(bundle, params.scheduler, params.steps)
+    ts = img2img_timesteps(sched, params.steps, params.strength)
+    g = torch.Generator().manual_seed(0)
+    surg = SurgicalLatents(sched, z, init_noise(bundle, z.shape, g),
+                           [Paste(encode_cached(ctx, e.rgb, plan.work), init_noise(bundle, z.shape, g), e.region)
+                            for e in pp.exemplars])
+    schedule = EditSchedule(pp.change, len(ts), params.threshold)
+    lat = surg.at(ts[0])
+    cond, uncond = encode_prompt(bundle, params.prompt, params.negative_prompt, image_hw=(plan.work[1], plan.work[0]))
+    n = max(3, repeat) * len(ts)
+    _sync(bundle)
+    t = time.perf_counter()
+    for k in range(n):
+        i = k % len(ts)
+        out = schedule.apply(i, lat, lambda: surg.at(ts[i]))
+    _sync(bundle)
+    hook = (time.perf_counter() - t) / n * 1000
+    m = max(3, repeat)
+    with torch.no_grad():
+        predict_noise(bundle, out, ts[0], cond, uncond, params.guidance, scheduler=sched)
+        _sync(bundle)
+        t = time.perf_counter()
+        for _ in range(m):
+            predict_noise(bundle, out, ts[0], cond, uncond, params.guidance, scheduler=sched)
+        _sync(bundle)
+    unet = (time.perf_counter() - t) / m * 1000
+    return hook, unet
+
+
+register("pixels", run, "PIXELS vs plain img2img (same components, steps, strength): time ratio, peak memory",
+         _add_arguments)
