@@ -1,0 +1,192 @@
+"""The appearance method (Cross-Image Attention) end to end on the tiny models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analogon.core import images as im
+from analogon.core.diffusion import vae_decode, vae_encode
+from analogon.errors import InputError, JobCancelled
+from analogon.methods import get
+from analogon.methods.base import Inputs, LayerImage
+
+FAST = dict(steps=6, skip_steps=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def method():
+    return get("appearance")
+
+
+def _img(w, h, seed, smooth=True):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    if smooth:
+        yy, xx = np.mgrid[0:h, 0:w]
+        a[..., 0] = (xx * 255 // max(1, w - 1)).astype(np.uint8)
+        a[..., 1] = ((yy * 255 // max(1, h - 1)) ^ (seed * 40 % 256)).astype(np.uint8)
+    a[..., 3] = 255
+    return a
+
+
+def _inputs(structure, appearance, **extra):
+    d = {"structure": LayerImage(structure, "s"), "appearance": LayerImage(appearance, "a")}
+    d.update({k: LayerImage(v, k) for k, v in extra.items()})
+    return Inputs(d)
+
+
+def _reconstruction(bundle, rgba):
+    size = im.native_size(im.size_of(rgba), bundle.native_size, multiple=bundle.vae_scale_factor)
+    x0 = vae_encode(bundle, im.to_tensor(rgba, size))
+    return im.from_tensor(vae_decode(bundle, x0))
+
+
+def _stock_state(unet):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return (all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+            and all(getattr(b, "b1", None) is None for b in unet.up_blocks))
+
+
+def test_same_image_without_contrast_or_guidance_reproduces_the_structure(tiny_sd, make_ctx, method):
+    s = _img(64, 64, 1)
+    p = method.Params(**FAST, contrast=1.0, guidance=1.0, guidance_decay=False, adain="off",
+                      freeu=False, inversion_cfg=1.0, structure_every=0)
+    ctx = make_ctx(tiny_sd, seed=3)
+    res = method.run(ctx, _inputs(s, s.copy()), p)
+    out = res.images[0].rgba[..., :3].astype(int)
+    rec = _reconstruction(tiny_sd, s).astype(int)
+    assert np.abs(out - rec).max() <= 1
+    assert res.info["unet_calls"] == 4  # one UNet call per step run
+    # a different appearance image does change the result (the check above can fail)
+    other = method.run(make_ctx(tiny_sd, seed=3), _inputs(s, _img(64, 64, 7)), p)
+    assert np.abs(other.images[0].rgba[..., :3].astype(int) - rec).mean() > 2
+
+
+def test_transfer_defaults_run_and_report(tiny_sd, make_ctx, method):
+    s, a = _img(64, 64, 2), _img(80, 48, 3)
+    ctx = make_ctx(tiny_sd, seed=5)
+    res = method.run(ctx, _inputs(s, a), method.Params(**FAST))
+    out = res.images[0].rgba
+    assert out.shape == (64, 64, 4) and out.dtype == np.uint8
+    info = res.info
+    assert info["prompt"] == "A photo of a object"
+    assert info["swap_resolutions"] == {"fine": [8, 8], "coarse": [4, 4]}
+    assert info["adain_masks"]["structure"] in ("auto", "whole")
+    steps = [e for e in ctx.events if e[0] == "progress" and e[1] == "transferring"]
+    assert [e[2] for e in steps] == [1, 2, 3, 4] and all(e[3] == 4 for e in steps)
+    assert any(e[1] == "inverting structure" for e in ctx.events if e[0] == "progress")
+    assert _stock_state(tiny_sd.unet)
+
+
+def test_inversions_are_cached(tiny_sd, make_ctx, method):
+    s, a = _img(64, 64, 4), _img(64, 64, 5)
+    p = method.Params(**FAST)
+    first = method.run(make_ctx(tiny_sd, seed=1), _inputs(s, a), p)
+    second = method.run(make_ctx(tiny_sd, seed=1), _inputs(s, a), p)
+    assert first.info["inversion_cached"] == {"structure": False, "appearance": False}
+    assert second.info["inversion_cached"] == {"structure": True, "appearance": True}
+    assert np.array_equal(first.images[0].rgba, second.images[0].rgba)
+    third = method.run(make_ctx(tiny_sd, seed=2), _inputs(s, a), p)
+    assert third.info["inversion_cached"] == {"structure": False, "appearance": False}
+
+
+def test_black_edit_map_keeps_the_structure(tiny_sd, make_ctx, method):
+    s, a = _img(64, 64, 6), _img(64, 64, 8)
+    black = np.zeros((64, 64, 4), np.uint8)
+    black[..., 3] = 255
+    res = method.run(make_ctx(tiny_sd), _inputs(s, a, edit_map=black), method.Params(**FAST))
+    rec = _reconstruction(tiny_sd, s).astype(int)
+    assert np.abs(res.images[0].rgba[..., :3].astype(int) - rec).max() <= 1
+
+
+def test_user_masks_are_used(tiny_sd, make_ctx, method):
+    s, a = _img(64, 64, 9), _img(48, 40, 10)
+    sm = np.zeros((64, 64, 4), np.uint8)
+    sm[16:48, 16:48] = 255
+    am = np.zeros((40, 48, 4), np.uint8)
+    am[:, :24] = 255
+    res = method.run(make_ctx(tiny_sd), _inputs(s, a, structure_mask=sm, appearance_mask=am),
+                     method.Params(**FAST))
+    assert res.info["adain_masks"] == {"structure": "user", "appearance": "user"}
+    whole = method.run(make_ctx(tiny_sd), _inputs(s, a, structure_mask=sm, appearance_mask=am),
+                       method.Params(**FAST, adain="whole"))
+    assert whole.info["adain_masks"] == {"structure": "whole", "appearance": "whole"}
+    assert not np.array_equal(res.images[0].rgba, whole.images[0].rgba)
+
+
+def test_mask_of_the_wrong_size_is_a_clear_error(tiny_sd, make_ctx, method):
+    s, a = _img(64, 64, 11), _img(48, 40, 12)
+    wrong = np.full((32, 32, 4), 255, np.uint8)
+    ctx = make_ctx(tiny_sd)
+    with pytest.raises(InputError) as e:
+        method.run(ctx, _inputs(s, a, appearance_mask=wrong), method.Params(**FAST))
+    assert e.value.code == "size_mismatch"
+    assert "appearance mask" in e.value.message and "48×40" in e.value.message
+    assert not [ev for ev in ctx.events if ev[0] == "progress"]  # refused before any work
+    empty = np.zeros((64, 64, 4), np.uint8)
+    with pytest.raises(InputError) as e:
+        method.run(make_ctx(tiny_sd), _inputs(s, empty), method.Params(**FAST))
+    assert e.value.code == "empty_image" and "appearance" in e.value.message
+
+
+def test_cancel_stops_and_leaves_the_model_as_found(tiny_sd, make_ctx, method):
+    s, a = _img(64, 64, 13), _img(64, 64, 14)
+    before = dict(tiny_sd.unet.attn_processors)
+    ctx = make_ctx(tiny_sd, cancel_after=3)
+    with pytest.raises(JobCancelled):
+        method.run(ctx, _inputs(s, a), method.Params(steps=20, skip_steps=2))
+    assert len([e for e in ctx.events if e[0] == "progress"]) == 3
+    assert _stock_state(tiny_sd.unet)
+    after = tiny_sd.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_tiny_sdxl_odd_sizes(tiny_sdxl, make_ctx, method):
+    s, a = _img(72, 40, 15), _img(30, 50, 16)
+    res = method.run(make_ctx(tiny_sdxl), _inputs(s, a),
+                     method.Params(**FAST, range_semantics="paper", contrast_mode="renormalize"))
+    assert res.images[0].rgba.shape == (40, 72, 4)
+    w, h = res.info["working_size"]
+    assert w % 8 == 0 and h % 8 == 0 and w > h
+    # SDXL has no attention at the latent's own resolution: the finest swapped layers are at 1/2
+    assert res.info["swap_resolutions"]["fine"] == [-(-h // 16), -(-w // 16)]
+    assert _stock_state(tiny_sdxl.unet)
+
+
+def test_describe_for_the_panel(method):
+    d = method.describe()
+    assert d["target_role"] == "structure"
+    assert [r["name"] for r in d["roles"]] == ["structure", "appearance", "structure_mask",
+                                                "appearance_mask", "edit_map", "mask"]
+    props = d["params"]["properties"]
+    for name, prop in props.items():
+        assert "default" in prop and prop.get("description"), name
+    assert props["contrast"]["default"] == 1.67 and props["guidance"]["default"] == 3.5
+    assert props["steps"]["default"] == 100 and props["skip_steps"]["default"] == 32
+    assert set(props["range_semantics"]["enum"]) == {"authors", "paper"}
+
+
+def test_runs_through_the_engine(tiny_sd, cache, method):
+    from analogon.engine import MemorySource, execute, prepare
+
+    class Models:
+        def get(self, spec):
+            return tiny_sd
+
+    src = MemorySource()
+    s, a = _img(64, 48, 17), _img(40, 40, 18)
+    job = prepare("appearance", method.demo_params,
+                  {"structure": src.add(s), "appearance": src.add(a)}, "tiny-sd", 4, "tiny-sd", src)
+    result = execute(job, source=src, models=Models(), cache=cache)
+    assert result.images[0].rgba.shape == (48, 64, 4)
+    assert result.params["steps"] == method.demo_params["steps"]
