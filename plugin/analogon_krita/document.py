@@ -353,7 +353,7 @@ def create_edit_map(doc, target):
     parent.addChildNode(node, target)
     depth = doc.colorDepth()
     try:
-        node.setColorSpace("GRAYA", depth, "")
+        node.setColorSpace("GRAYA", depth, _grey_profile(depth))
     except Exception:  # keep an RGBA layer where the host cannot convert
         pass
     n = full.w * full.h
@@ -365,6 +365,21 @@ def create_edit_map(doc, target):
     node.setOpacity(EDIT_MAP_OPACITY)
     _refresh(doc)
     return node
+
+
+def _grey_profile(depth: str) -> str:
+    """A grey profile Krita knows (it refuses the conversion without one); sRGB-like tone
+    curve preferred so that painted greys mean what they look like."""
+    try:
+        from krita import Krita
+
+        profiles = [str(p) for p in Krita.instance().profiles("GRAYA", depth)]
+    except Exception:
+        return ""
+    for p in profiles:
+        if "srgbtrc" in p.lower():
+            return p
+    return profiles[0] if profiles else ""
 
 
 def _refresh(doc):

@@ -75,7 +75,7 @@ def test_adapter_byte_order_depths_and_refusals(report):
     assert s["u16_rgba"] == [30, 20, 10, 255]
     assert s["u16_written"] == [3 * 257, 2 * 257, 257, 65535]
     assert s["edit_map"]["names"] == ["Background", "L", "Edit map"] and s["edit_map"]["opacity"] == 128
-    assert s["edit_map"]["rgba"] == [0, 0, 0, 255]
+    assert s["edit_map"]["rgba"] == [0, 0, 0, 255] and s["edit_map"]["model"] == "GRAYA"
     for key, msg in s["refusals"].items():
         assert msg and "Convert Image Color Space" in msg, key
     assert s["roi"] == [6, 2, 20, 12]

@@ -135,7 +135,7 @@ class Node(QObject):
         return self._depth
 
     def setColorSpace(self, model, depth, profile):
-        if model not in ("RGBA", "GRAYA"):
+        if model not in ("RGBA", "GRAYA") or not profile:  # Krita refuses an empty profile
             return False
         self._model, self._depth = model, depth
         self._pixels = bytearray(self._doc._w * self._doc._h * pixel_size(model, depth))
@@ -310,6 +310,10 @@ class Application(QObject):
 
     def version(self):
         return "5.1.5"
+
+    def profiles(self, model, depth):
+        return {"GRAYA": ["Gray-D50-elle-V2-g10.icc", "Gray-D50-elle-V2-srgbtrc.icc"],
+                "RGBA": ["sRGB-elle-V2-srgbtrc.icc"]}.get(model, [])
 
     def readSetting(self, group, name, default):
         return self.settings.get((group, name), default)
