@@ -378,6 +378,15 @@ def demo_inputs(method, size: int) -> tuple[dict[str, Any], Any]:
     return images, source
 
 
+_GREEK = {"λ": "lambda", "α": "alpha", "β": "beta", "γ": "gamma", "σ": "sigma", "τ": "tau", "′": "'"}
+
+
+def _printable(text: str) -> str:
+    """Labels for the bitmap font: Greek letters spelled out, other non-Latin-1 as '?'."""
+    text = "".join(_GREEK.get(c, c) for c in text)
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
 def contact_sheet(rows: list[tuple[str, list[tuple[str, Any]]]], cell: int = 128):
     """One PNG: a row per method with its inputs and results, labelled."""
     import numpy as np
@@ -407,7 +416,7 @@ def contact_sheet(rows: list[tuple[str, list[tuple[str, Any]]]], cell: int = 128
                 checker = Image.new("RGB", im.size, (200, 200, 200))
                 checker.paste(im, (0, 0), im)
                 sheet.paste(checker, (x, y))
-            draw.text((x + 2, y + cell + 1), label[:20], fill="black")
+            draw.text((x + 2, y + cell + 1), _printable(label)[:22], fill="black")
     return sheet
 
 
