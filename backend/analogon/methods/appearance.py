@@ -233,8 +233,9 @@ class AppearanceTransfer(Method):
     demo_params = {"steps": 4, "skip_steps": 1}
 
     # -- inversion, cached --------------------------------------------------------------------
-    def _inversion(self, ctx: JobContext, sched, rgba: np.ndarray, size: im.Size, cond, uncond,
+    def inversion(self, ctx: JobContext, sched, rgba: np.ndarray, size: im.Size, cond, uncond,
                    p: AppearanceParams, prompt: str, stage: str) -> tuple[Inversion, bool]:
+        """The edit-friendly inversion of one image at the working size (cached): (inversion, hit)."""
         bundle = ctx.model
         sha = _content_sha(rgba)
         key = ctx.cache.key(
@@ -329,9 +330,9 @@ class AppearanceTransfer(Method):
             cond, uncond = encode_prompt(bundle, prompt, "", image_hw=(size[1], size[0]))
             sched = make_scheduler(bundle, "ddim", p.steps)
             ctl.set_step(latent_hw, {})
-            inv_s, hit_s = self._inversion(ctx, sched, struct.rgba, size, cond, uncond, p, prompt,
+            inv_s, hit_s = self.inversion(ctx, sched, struct.rgba, size, cond, uncond, p, prompt,
                                            "inverting structure")
-            inv_a, hit_a = self._inversion(ctx, sched, app.rgba, size, cond, uncond, p, prompt,
+            inv_a, hit_a = self.inversion(ctx, sched, app.rgba, size, cond, uncond, p, prompt,
                                            "inverting appearance")
             dev = bundle.device
 

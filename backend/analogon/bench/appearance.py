@@ -1,0 +1,189 @@
+"""Section `appearance`: the transfer loop of Cross-Image Attention, ours against an arrangement
+like the authors' code.
+
+- ``ours``: the ``appearance`` method as shipped: one UNet call per step whose batch holds only
+  what the step needs ([out with swapped K/V, out with its own K/V, the reference]; the output
+  alone on steps without a swap), the references read from their stored inversions, SDPA in
+  every layer but the swapped rows (explicit softmax for the contrast), the model's dtype.
+- ``authors-like``: two UNet calls per step (swap, no swap) over [out, appearance, structure],
+  both references re-denoised, classic attention (diffusers' ``AttnProcessor``: explicit
+  softmax) in every layer, float32 — the arrangement of the published code.
+
+Both run the same schedule, ranges, contrast, guidance, structure injection and whole-image
+AdaIN from the same cached inversions (not timed), and decode the result. Reported: UNet calls
+and batch elements per step, the median wall time of ``--repeat`` runs, the ratio to
+authors-like, and peak memory (CUDA: ``max_memory_allocated`` above the baseline; CPU: peak
+resident-set growth). ``--appearance-size`` overrides the working size (e.g. 512 on tiny-sd
+puts a 64×64 latent through the swapped layers at their real token counts).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from . import register
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--appearance-model", default="tiny-sd",
+                   help="model spec for the appearance section (default tiny-sd)")
+    p.add_argument("--appearance-size", type=int, default=None,
+                   help="working size (long side) of the appearance section (default: the model's "
+                        "native size)")
+    p.add_argument("--appearance-steps", type=int, default=None,
+                   help="schedule length (default 100 with skip 32; --quick 20 with skip 6)")
+
+
+def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
+    """Two fp32 UNet passes per step over [out, app, struct] with classic attention."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from ..core.adain import adain
+    from ..core.attention import SwapController, SwapProcessor, decoder_attention_factors
+    from ..core.diffusion import make_scheduler, vae_decode
+    from ..methods.appearance import Schedule
+
+    class Classic:
+        """Classic attention everywhere; the swap processor where the controller swaps."""
+
+        def __init__(self, ctl, name):
+            self.swap = SwapProcessor(ctl, name)
+            self.classic = AttnProcessor()
+            self.ctl = ctl
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     temb=None, *args, **kwargs):
+            if self.swap.decoder_self and encoder_hidden_states is None and self.ctl.swaps:
+                f = self.ctl.factor(hidden_states.shape[1] if hidden_states.ndim == 3
+                                    else hidden_states.shape[2] * hidden_states.shape[3])
+                if f in self.ctl.swaps:
+                    return self.swap(attn, hidden_states, None, attention_mask, temb)
+            return self.classic(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    sch = Schedule(p)
+    factors = decoder_attention_factors(unet32)
+    fine, coarse = factors[0], (factors[1] if len(factors) > 1 else None)
+    ctl = SwapController(beta=p.contrast, contrast_mode=p.contrast_mode)
+    saved = dict(unet32.attn_processors)
+    unet32.set_attn_processor({n: Classic(ctl, n) for n in saved})
+    sched = make_scheduler(bundle, "ddim", p.steps)
+    c3 = cond.map(lambda t: t.float()).repeat(3)
+    x = torch.cat([inv_s.x(p.skip_steps), inv_a.x(p.skip_steps), inv_s.x(p.skip_steps)]).float()
+    zs = [inv_s, inv_a, inv_s]
+    try:
+        for j in range(sch.n):
+            i = p.skip_steps + j
+            t = sched.timesteps[i]
+            swap_f = [f for f, on in ((fine, sch.fine(j)), (coarse, sch.coarse(j))) if on and f]
+            src = 2 if sch.inject(j) else 1
+            with torch.no_grad():
+                ctl.set_step(latent_hw, {f: [(0, src)] for f in swap_f})
+                e_swap = unet32(x, t, **c3.unet_kwargs()).sample
+                ctl.set_step(latent_hw, {})
+                e_self = unet32(x, t, **c3.unet_kwargs()).sample
+            a = sch.alpha(j)
+            e = e_self + a * (e_swap - e_self) if swap_f else e_swap
+            x = torch.cat([sched.step(e[k:k + 1], t, x[k:k + 1], eta=1.0,
+                                      variance_noise=zs[k].z(i)).prev_sample for k in range(3)])
+            if sch.adain(j):
+                x[0:1] = adain(x[0:1], x[1:2])
+    finally:
+        unet32.set_attn_processor(saved)
+    return vae_decode(bundle, x[0:1].to(bundle.unet.dtype))
+
+
+def run(opts) -> list[dict[str, Any]]:
+    import torch
+
+    from ..core.cache import Cache
+    from ..core.diffusion import encode_prompt
+    from ..core.images import native_size
+    from ..methods import get as get_method
+    from ..methods.base import Inputs, JobContext, LayerImage
+    from ..models import LoadOptions, load_bundle
+    from .pixels import _peak_memory, _sync
+
+    spec = getattr(opts, "appearance_model", None) or "tiny-sd"
+    steps = getattr(opts, "appearance_steps", None) or (20 if opts.quick else 100)
+    skip = round(steps * 0.32)
+    bundle = load_bundle(spec, LoadOptions(device=opts.device))
+    if getattr(opts, "appearance_size", None):
+        bundle.native_size = int(opts.appearance_size)
+    if bundle.device.type == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: one thread each gives steadier medians
+    size = bundle.native_size
+    method = get_method("appearance")
+    # whole-image AdaIN on both sides (the authors-like loop has no self-segmentation here)
+    p = method.Params(steps=steps, skip_steps=skip, adain="whole", freeu=False)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    s = np.zeros((size, size, 4), np.uint8)
+    s[..., 0] = xx * 255 // max(1, size - 1)
+    s[..., 1] = yy * 255 // max(1, size - 1)
+    s[..., 3] = 255
+    a = rng.integers(0, 256, (size, size, 4), dtype=np.uint8)
+    a[..., 3] = 255
+    cache = Cache(None, memory_items=8)
+    inputs = Inputs({"structure": LayerImage(s, "s"), "appearance": LayerImage(a, "a")})
+
+    def ours():
+        method.run(JobContext(bundle, cache, 0), inputs, p)
+        _sync(bundle)
+
+    first = method.run(JobContext(bundle, cache, 0), inputs, p)  # inverts and caches
+    info = first.info
+    w, h = native_size((size, size), size, bundle.vae_scale_factor)
+    latent_hw = (h // bundle.vae_scale_factor, w // bundle.vae_scale_factor)
+    # the same inversions for the authors-like loop (cache hits)
+    from ..core.diffusion import make_scheduler
+
+    prompt = p.prompt.replace("{domain}", p.domain)
+    cond, uncond = encode_prompt(bundle, prompt, "", image_hw=(h, w))
+    ctx = JobContext(bundle, cache, 0)
+    sched = make_scheduler(bundle, "ddim", steps)
+    inv_s, hit_s = method.inversion(ctx, sched, s, (w, h), cond, uncond, p, prompt, "structure")
+    inv_a, hit_a = method.inversion(ctx, sched, a, (w, h), cond, uncond, p, prompt, "appearance")
+    assert hit_s and hit_a
+    unet32 = copy.deepcopy(bundle.unet).float() if bundle.unet.dtype != torch.float32 else bundle.unet
+
+    def authors_like():
+        _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond)
+        _sync(bundle)
+
+    cases = [("authors-like", authors_like), ("ours", ours)]
+    times: dict[str, list[float]] = {n: [] for n, _ in cases}
+    authors_like()  # warm-up
+    for _ in range(max(1, opts.repeat)):
+        for n, fn in cases:
+            t = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t)
+    base = statistics.median(times["authors-like"])
+    n_run = steps - skip
+    rows = []
+    for n, fn in cases:
+        med = statistics.median(times[n])
+        if n == "ours":
+            calls, elems = info["unet_calls"], info["unet_batch_elements"]
+            dtype = str(bundle.unet.dtype).replace("torch.", "")
+        else:
+            calls, elems, dtype = 2 * n_run, 6 * n_run, "float32"
+        row: dict[str, Any] = {
+            "model": spec, "device": str(bundle.device), "size": f"{w}x{h}",
+            "latent": f"{latent_hw[1]}x{latent_hw[0]}", "steps_run": n_run, "case": n,
+            "dtype": dtype, "unet_calls_per_step": round(calls / n_run, 3),
+            "batch_elements_per_step": round(elems / n_run, 3),
+            "seconds": round(med, 3), "ratio": round(med / base, 3),
+        }
+        row.update({k: round(v, 1) for k, v in _peak_memory(bundle, fn).items()})
+        rows.append(row)
+    return rows
+
+
+register("appearance", run, "Cross-Image Attention: one batched call vs two passes like the authors' code",
+         _add_arguments)
