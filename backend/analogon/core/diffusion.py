@@ -47,22 +47,27 @@ class Conditioning:
             kw["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kw
 
+    def fields(self) -> tuple:
+        """(hidden, pooled, time_ids) as they are: ``dataclasses.astuple`` would deep-copy them
+        (and refuses tensors that carry gradients)."""
+        return (self.hidden, self.pooled, self.time_ids)
+
     def repeat(self, n: int) -> "Conditioning":
         return self.map(lambda t: t.repeat(n, *([1] * (t.ndim - 1))))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Conditioning":
-        return Conditioning(*(None if v is None else fn(v) for v in dataclasses.astuple(self)))
+        return Conditioning(*(None if v is None else fn(v) for v in self.fields()))
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
-        fields = list(zip(*(dataclasses.astuple(c) for c in items)))
+        fields = list(zip(*(c.fields() for c in items)))
         return Conditioning(*(None if f[0] is None else torch.cat(f) for f in fields))
 
     def lerp_delta(self, plus: "Conditioning", minus: "Conditioning", scale: float) -> "Conditioning":
         """self + scale·(plus − minus), field by field (used by analogies in embedding space)."""
         def f(a, b, c):
             return None if a is None else a + scale * (b - c)
-        s, p, m = dataclasses.astuple(self), dataclasses.astuple(plus), dataclasses.astuple(minus)
+        s, p, m = self.fields(), plus.fields(), minus.fields()
         return Conditioning(*(f(a, b, c) if i < 2 else a for i, (a, b, c) in enumerate(zip(s, p, m))))
 
 
