@@ -343,14 +343,10 @@ class MemorySource:
         self._images: dict[str, np.ndarray] = {}
 
     def add(self, rgba: np.ndarray) -> str:
-        import hashlib
-
-        from .core.images import as_rgba
+        from .core.images import as_rgba, raw_image_id
 
         rgba = as_rgba(rgba)
-        h = hashlib.sha256(f"{rgba.shape[1]}x{rgba.shape[0]}:".encode())
-        h.update(rgba.tobytes())
-        sha = h.hexdigest()
+        sha = raw_image_id(rgba.tobytes(), rgba.shape[1], rgba.shape[0])
         self._images[sha] = rgba
         return sha
 

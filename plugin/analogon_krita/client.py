@@ -54,6 +54,12 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def raw_image_id(pixels: bytes, width: int, height: int) -> str:
+    """A raw RGBA8 image's id: SHA-256 of "{width}x{height}:" and the pixels (docs/protocol.md),
+    so that equal bytes at different sizes never share an id."""
+    return sha256_hex(f"{width}x{height}:".encode() + pixels)
+
+
 def _network_message(reply, url: str) -> tuple[str, str]:
     err = reply.error()
     E = QNetworkReply.NetworkError
@@ -253,7 +259,8 @@ class ImagePayload:
 
     def __post_init__(self):
         if not self.sha:
-            self.sha = sha256_hex(self.body)
+            self.sha = (raw_image_id(self.body, self.width, self.height) if self.format == "rgba"
+                        else sha256_hex(self.body))
 
     @classmethod
     def from_rgba(cls, rgba: bytes, width: int, height: int, fmt: str = "rgba") -> "ImagePayload":

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from analogon import methods
+from analogon.core.images import raw_image_id
 from analogon.server import Settings, ServerThread
 from analogon.server.store import Limits
 from test_engine_methods import EchoMethod
@@ -172,12 +173,31 @@ def test_upload_png_and_raw_round_trip(client):
     assert np.array_equal(np.frombuffer(raw.content, np.uint8).reshape(10, 20, 4), rgba)
     # raw upload, downloaded as PNG
     raw_body = image(7, 5, seed=2).tobytes()
-    r = client.put(f"/v1/images/{sha(raw_body)}", content=raw_body, headers={
+    raw_id = raw_image_id(raw_body, 7, 5)
+    r = client.put(f"/v1/images/{raw_id}", content=raw_body, headers={
         "Content-Type": "application/x-analogon-rgba", "X-Image-Width": "7", "X-Image-Height": "5"})
     assert r.status_code == 201 and r.json()["width"] == 7
-    png = client.get(f"/v1/images/{sha(raw_body)}").content
+    png = client.get(f"/v1/images/{raw_id}").content
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), image(7, 5, seed=2))
-    assert client.get(f"/v1/images/{sha(raw_body)}", params={"format": "rgba"}).content == raw_body
+    assert client.get(f"/v1/images/{raw_id}", params={"format": "rgba"}).content == raw_body
+    # the plain SHA-256 of raw bytes is not their id: the size is part of it
+    r = client.put(f"/v1/images/{sha(raw_body)}", content=raw_body, headers={
+        "Content-Type": "application/x-analogon-rgba", "X-Image-Width": "7", "X-Image-Height": "5"})
+    assert r.status_code == 400 and r.json()["code"] == "hash_mismatch"
+
+
+def test_equal_raw_bytes_at_other_sizes_are_other_images(client):
+    black = bytes(4 * 6 * 4)  # an all-black map: 4×6 and 6×4 have the same bytes
+    ids = []
+    for w, h in ((4, 6), (6, 4)):
+        i = raw_image_id(black, w, h)
+        r = client.put(f"/v1/images/{i}", content=black, headers={
+            "Content-Type": "application/x-analogon-rgba", "X-Image-Width": str(w), "X-Image-Height": str(h)})
+        assert r.status_code == 201, r.text
+        assert (r.json()["width"], r.json()["height"]) == (w, h)
+        ids.append(i)
+    assert ids[0] != ids[1]
+    assert client.head(f"/v1/images/{ids[1]}").headers["x-image-width"] == "6"
 
 
 def test_bad_uploads_are_4xx_json_and_server_keeps_serving(server, client):

@@ -9,7 +9,7 @@ import pytest
 from conftest import process_events, wait_until
 
 from analogon_krita.client import (
-    Client, EventStream, ImagePayload, ImageRef, JobRunner, JobSpec, SseParser, sha256_hex,
+    Client, EventStream, ImagePayload, ImageRef, JobRunner, JobSpec, SseParser, raw_image_id, sha256_hex,
 )
 
 
@@ -85,7 +85,7 @@ def test_wrong_token_gives_readable_message(backend):
 def test_upload_is_keyed_by_sha_and_skipped_when_stored(client):
     data = rgba(8, 4, (1, 2, 3, 4))
     p = ImagePayload.from_rgba(data, 8, 4)
-    assert p.sha == sha256_hex(data)
+    assert p.sha == raw_image_id(data, 8, 4) != raw_image_id(data, 4, 8)
     assert call(client.has_image, p.sha).status == 404
     first = call(client.put_image, p)
     assert first.status == 201 and first.json()["width"] == 8

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..core.images import raw_image_id
 from . import register
 
 RAW = "application/x-analogon-rgba"
@@ -100,7 +101,7 @@ def run(opts) -> list[dict]:
                 def raw_up(_):
                     img = fresh()
                     body = img.tobytes()
-                    sha = hashlib.sha256(body).hexdigest()
+                    sha = raw_image_id(body, size, size)
                     r = c.put(f"/v1/images/{sha}", content=body, headers={
                         "Content-Type": RAW, "X-Image-Width": str(size), "X-Image-Height": str(size)})
                     assert r.status_code == 201, r.text

@@ -31,6 +31,16 @@ def as_rgba(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def raw_image_id(pixels: bytes, width: int, height: int) -> str:
+    """The id of a raw RGBA8 image: SHA-256 of ``"{width}x{height}:"`` followed by the pixel
+    bytes, so that equal bytes at different sizes (a black 100×50 and 50×100 map) differ."""
+    import hashlib
+
+    h = hashlib.sha256(f"{width}x{height}:".encode())
+    h.update(pixels)
+    return h.hexdigest()
+
+
 def size_of(rgba: np.ndarray) -> Size:
     return int(rgba.shape[1]), int(rgba.shape[0])
 

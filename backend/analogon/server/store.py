@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..core.images import raw_image_id
 from ..errors import AnalogonError
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -157,35 +158,37 @@ class ImageStore:
             return existing, False
         if len(body) > self.limits.max_body_bytes:
             raise too_large(f"The upload is {len(body)} bytes; the limit is {self.limits.max_body_bytes}.")
-        if hashlib.sha256(body).hexdigest() != sha:
-            raise AnalogonError("hash_mismatch", "The uploaded bytes do not match their SHA-256 id "
-                                "(the upload may have been cut short).", {"sha": sha}, status=400)
         ctype = (content_type or "").split(";")[0].strip().lower()
+        if ctype == RGBA and (width is None or height is None):
+            raise bad_image("Raw RGBA uploads need the X-Image-Width and X-Image-Height headers.")
         if ctype == RGBA:
-            if width is None or height is None:
-                raise bad_image("Raw RGBA uploads need the X-Image-Width and X-Image-Height headers.")
             rgba = decode_raw(body, width, height, self.limits)
+            expected = raw_image_id(body, width, height)
             path = self.folder / f"{sha}.{width}x{height}.rgba"
         elif ctype in (PNG, "application/octet-stream", ""):
             rgba = decode_png(body, self.limits)
+            expected = hashlib.sha256(body).hexdigest()
             path = self.folder / f"{sha}.png"
         else:
             raise AnalogonError("unsupported_media_type", f"Images are uploaded as {PNG} or {RGBA}, "
                                 f"not {ctype}.", status=415)
+        if expected != sha:
+            raise AnalogonError("hash_mismatch", "The uploaded bytes do not match their id "
+                                "(the upload may have been cut short).", {"sha": sha}, status=400)
         self._write(path, body)
         self._remember(sha, rgba)
         self._enforce_cap()
         return StoredImage(sha, rgba.shape[1], rgba.shape[0]), True
 
     def put_array(self, rgba: np.ndarray) -> StoredImage:
-        """Store an RGBA8 array (a result); its id is the SHA-256 of its raw bytes."""
+        """Store an RGBA8 array (a result); its id is the raw image id of its pixels."""
         rgba = np.ascontiguousarray(rgba, dtype=np.uint8)
         data = rgba.tobytes()
-        sha = hashlib.sha256(data).hexdigest()
         h, w = rgba.shape[:2]
+        sha = raw_image_id(data, w, h)
         with self._lock:
             found = self._find(sha)
-            if found is None or (found[1] is not None and (found[1], found[2]) != (w, h)):
+            if found is None:
                 self._write(self.folder / f"{sha}.{w}x{h}.rgba", data)
             self._remember(sha, rgba)
         self._enforce_cap()
