@@ -12,6 +12,16 @@ from analogon.core.diffusion import encode_prompt, make_scheduler, vae_encode
 from analogon.core.text_embeddings import prompt_tokens
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models are latency-bound: one intra-op thread is several times faster on a shared
+    2-core machine (no spinning OpenMP workers). Restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class UnetCalls:
     """Counts UNet forward calls with a hook (checkpoint recomputations count too)."""
 

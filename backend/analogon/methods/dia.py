@@ -73,11 +73,11 @@ class Params(MethodParams):
         description="Return one image per combination of the strengths and guidances below instead "
                     "of one image: after the first run each variant costs one sampling pass.")
     sweep_strengths: list[Strength] = Field(
-        default_factory=lambda: [0.0, 0.5, 1.0, 1.5], max_length=32, title="Sweep strengths (λ)",
+        [0.0, 0.5, 1.0, 1.5], max_length=32, title="Sweep strengths (λ)",
         description="The λ values of a sweep, in order. Default 0, 0.5, 1, 1.5 (the authors' range "
                     "0–1.5).")
     sweep_guidance: list[Guidance] = Field(
-        default_factory=list, max_length=8, title="Sweep guidances",
+        [], max_length=8, title="Sweep guidances",
         description="The guidance values of a sweep; empty = only the Guidance above. Results are "
                     "ordered by guidance, then by strength.")
     sweep_batch: int = Field(
