@@ -122,7 +122,7 @@ def build_tiny_sd(dtype: torch.dtype = torch.float32):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe.to(dtype=dtype)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def build_tiny_sdxl(dtype: torch.dtype = torch.float32):
@@ -142,7 +142,7 @@ def build_tiny_sdxl(dtype: torch.dtype = torch.float32):
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
-    return pipe.to(dtype=dtype)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 TINY_BUILDERS = {"tiny-sd": (build_tiny_sd, "sd1"), "tiny-sdxl": (build_tiny_sdxl, "sdxl")}
