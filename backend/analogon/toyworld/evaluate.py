@@ -66,7 +66,7 @@ def img2img(pipe, images: list[np.ndarray], prompts: list[str], seed: int = 0,
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
     i2i.set_progress_bar_config(disable=True)
     out: list[np.ndarray] = []
     for i in range(0, len(prompts), batch):

@@ -1,0 +1,81 @@
+"""The quality harness: seeded cases with known truth, reader-based scores, baselines, the
+table and the JSON report. Methods themselves are exercised on toy-sd in test_toy_sd.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from analogon.quality import cases as qc
+from analogon.quality import format_table, main, run_quality, score_case
+from analogon.toyworld import world
+
+
+def test_cases_are_seeded_and_consistent():
+    a = qc.build("analogy", 5, seed=3)
+    b = qc.build("analogy", 5, seed=3)
+    assert [c.name for c in a] == [c.name for c in b]
+    assert all(np.array_equal(x.slots["b"], y.slots["b"]) for x, y in zip(a, b))
+    assert [c.name for c in qc.build("analogy", 5, seed=4)] != [c.name for c in a]
+    for c in a:
+        (attr, after), = c.changed.items()
+        info = c.info
+        # A and A' differ in exactly that attribute; B has A's "before" value
+        assert {k for k in info["a"] if info["a"][k] != info["a_prime"][k]} == {attr}
+        assert info["b"][attr] == info["a"][attr] != after
+        assert c.truth == world.change(info["b"], attr, after)
+        assert sum(info["b"][k] != info["a"][k] for k in qc.CHANGEABLE) >= 2
+
+
+def test_every_kind_changes_what_it_says():
+    for kind in ("analogy", "exemplar", "appearance"):
+        for c in qc.build(kind, 6, seed=0):
+            tgt = c.info.get("b") or c.info.get("source") or c.info.get("structure")
+            for attr, value in c.changed.items():
+                assert c.truth[attr] == value and tgt[attr] != value, (kind, c.name)
+            for attr in c.kept:
+                assert c.truth[attr] == tgt[attr]
+
+
+def test_scores_truth_and_baselines():
+    c = qc.build("analogy", 1, seed=0)[0]
+    perfect = score_case(c, c.truth_image)
+    assert perfect["change"] == 1.0 and perfect["keep"] == 1.0 and perfect["dist"] == 0.0
+    unchanged = score_case(c, c.slots["b"])
+    assert unchanged["change"] == 0.0 and unchanged["keep"] == 1.0 and unchanged["dist"] > 0
+    ex = qc.build("exemplar", 1, seed=0)[0]
+    s = score_case(ex, ex.slots["source"])
+    assert s["outside"] == 0.0
+    noisy = np.clip(ex.slots["source"].astype(int) + 40, 0, 255).astype(np.uint8)
+    assert score_case(ex, noisy)["outside"] > 0.1
+
+
+def test_run_quality_baselines_only_and_skips_unknown_methods():
+    rep = run_quality(methods=["no-such-method"], kinds=["analogy", "appearance"], n=4, seed=1)
+    rows = {(r["method"], r["kind"]): r for r in rep["rows"]}
+    assert rows[("ground truth", "analogy")]["all"] == 1.0
+    assert rows[("B unchanged", "analogy")]["change"] == 0.0
+    assert rows[("appearance returned", "appearance")]["keep"] < 1.0
+    assert any("no-such-method" in n for n in rep["notes"])
+    table = format_table(rep)
+    assert "ground truth" in table and "B unchanged" in table and "change" in table
+
+
+def test_registry_accepts_new_kinds_and_methods(monkeypatch):
+    monkeypatch.setitem(qc.KINDS, "same", lambda n, seed: [
+        qc.Case(kind="same", name=f"same-{i}", slots={"x": c.slots["b"]}, truth=c.info["b"],
+                changed={}, kept=("shape", "colour"), baselines={"x back": "x"}, target="x")
+        for i, c in enumerate(qc.build("analogy", n, seed))])
+    rep = run_quality(methods=["nothing"], kinds=["same"], n=3)
+    row = next(r for r in rep["rows"] if r["method"] == "x back")
+    assert row["cases"] == 3 and row["keep"] == 1.0
+
+
+def test_main_writes_json_and_prints_table(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    rc = main(["--methods", "no-such-method", "--kinds", "exemplar", "-n", "3", "--json", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 3 and any(r["method"] == "exemplar returned" for r in rep["rows"])
+    assert "exemplar returned" in capsys.readouterr().out
+    assert main(["--kinds", "nonsense", "--json", str(out)]) == 2
