@@ -119,6 +119,7 @@ def test_pez_finds_a_hard_prompt_of_real_tokens():
     res = cap.pez_prompt(space, [_img(7)], settings, on_step=lambda i, n: steps.append((i, n)))
     assert steps[-1] == (25, 25) and len(res.history) == 25
     assert len(res.ids) == 4 and not {space.bos_id, space.eot_id, space.pad_id} & set(res.ids)
+    assert all(space.tokenizer.decoder[i].endswith("</w>") for i in res.ids)  # whole words
     assert res.similarity == max(res.history)
     assert isinstance(res.text, str) and res.text
     # the reported similarity is that of the returned hard prompt

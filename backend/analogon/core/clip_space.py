@@ -160,10 +160,19 @@ class ClipSpace:
         same = a.shape == b.shape and torch.equal(a.detach().to(b.device, b.dtype), b.detach())
         return 2 if same else 1
 
-    def candidate_ids(self) -> torch.Tensor:
-        """Token ids a hard prompt may use (everything but the special tokens)."""
+    def _vocab(self) -> dict[str, int]:
+        return {}
+
+    def candidate_ids(self, whole_words: bool = True) -> torch.Tensor:
+        """Token ids a hard prompt may use: not the special tokens and, with ``whole_words``
+        and a BPE vocabulary that marks word ends (``</w>``), only whole-word tokens (prompts
+        then read as words rather than fragments)."""
         special = {self.bos_id, self.eot_id, self.pad_id}
         keep = [i for i in range(self.vocab_size) if i not in special]
+        if whole_words:
+            words = {i for tok, i in self._vocab().items() if tok.endswith("</w>")}
+            if words:
+                keep = [i for i in keep if i in words]
         return torch.tensor(keep, device=self.device)
 
     def describe(self) -> str:
@@ -234,6 +243,12 @@ class HFClipSpace(ClipSpace):
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
+    def _vocab(self):
+        try:
+            return dict(self.tokenizer.get_vocab())
+        except Exception:
+            return {}
+
 
 class OpenClipSpace(ClipSpace):
     """An open_clip ``CLIP`` model (or one with a ``TextTransformer`` text tower)."""
@@ -289,6 +304,9 @@ class OpenClipSpace(ClipSpace):
         if proj is None:
             return pooled
         return proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+
+    def _vocab(self):
+        return dict(getattr(self.tokenizer, "encoder", {}) or {})
 
     def eot_index(self, ids):
         if self.eot_id == self.vocab_size - 1:  # open_clip's own rule: the highest id
