@@ -576,7 +576,7 @@ class DifferenceMethod(Method):
             lat = z_b
         else:
             if p.b_start == "noised":
-                noise = init_noise(bundle, z_b.shape, ctx.generator(bundle.device))
+                noise = init_noise(bundle, z_b.shape, ctx.generator())
 
                 def source(i):
                     return noised(sched, z_b, noise, timesteps[i])
@@ -596,7 +596,7 @@ class DifferenceMethod(Method):
 
             lat = sample(bundle, sched, x, timesteps, cond, uncond, p.guidance, before_step=before,
                          on_step=ctx.step_callback("sampling B′", len(timesteps)),
-                         generator=ctx.generator(bundle.device, offset=1))
+                         generator=ctx.generator(offset=1))
             lat = schedule.finish(lat, z_b)
         rgb = im.from_tensor(vae_decode(bundle, lat))
         ctx.preview(im.small_preview(rgb), None)
