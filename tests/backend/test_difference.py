@@ -251,6 +251,8 @@ def test_pez_captions_the_missing_ones(tiny_sd, make_ctx, samples):
     r = METHOD.run(make_ctx(tiny_sd), make_inputs(samples), p)
     src = r.info["caption_sources"]
     assert src["a"] == src["b"] == "user" and src["a_prime"].startswith("pez:")
+    # the panel pre-fills the empty field with what the captioner wrote
+    assert r.info["param_suggestions"] == {"caption_a_prime": r.info["captions"]["a_prime"]}
     assert isinstance(r.info["captions"]["a_prime"], str)
 
 

@@ -523,7 +523,11 @@ class DifferenceMethod(Method):
                              b.rgba[..., 3])
         return MethodResult(
             [ResultImage(out, label=f"difference ×{p.diff_scale:g}")],
-            info={"captions": captions, "caption_sources": sources, "train": train_info,
+            info={"captions": captions, "caption_sources": sources,
+                  # for the panel: fill these (empty) fields with what the captioner wrote
+                  "param_suggestions": {f"caption_{r}": captions[r] for r in captions
+                                        if sources[r] != "user"},
+                  "train": train_info,
                   "seconds": round(time.perf_counter() - t_start, 3)},
         )
 
