@@ -1,0 +1,219 @@
+"""Section `dia`: what the inversions of Diffusion Image Analogies cost, and what the cache saves.
+
+Rows (one table; ``part`` says which measurement a row belongs to):
+
+- ``tokens``: the conditioning inversion of one image. UNet forward+backward passes (one batched
+  call of ``views`` per iteration), seconds per iteration, memory, at the authors' released
+  configuration (10 iterations, BOS trained) and at our default (200 iterations). Measured for
+  ``--dia-token-iters`` iterations and extrapolated to the full count (``total_s``).
+- ``noise/closure``: one L-BFGS closure (a differentiable k-step DDIM + decode) with and without
+  gradient checkpointing: UNet forwards (recomputations included) and backwards, seconds,
+  activation memory kept for the backward pass (bytes saved by autograd outside checkpointed
+  regions: device-independent) and peak memory (CUDA: max allocated; CPU: resident-set growth).
+- ``noise/budget``: the reconstruction reached by a budget of L-BFGS closures, from the authors'
+  start (B noised to the first timestep) and from DDIM inversion: loss (latent + pixel MSE) and
+  PSNR of the decoded reconstruction against B's VAE round trip, UNet passes, seconds. The
+  authors' full budget (10 × 20) runs without ``--quick``.
+- ``analogy``: a whole `dia` job cold (every inversion), then with every inversion cached (one
+  image, and a sweep of 8 variants batched 8 or 1 at a time).
+
+Tiny models have random weights: the costs are real for their size, the reconstruction figures
+show how the optimiser behaves, not what a trained model reaches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from . import register
+
+
+def _add_arguments(p) -> None:
+    p.add_argument("--dia-model", default="tiny-sd", help="model spec for the dia section (default tiny-sd)")
+    p.add_argument("--dia-size", type=int, default=None,
+                   help="working size (long side) for the dia section (default: the model's native size)")
+    p.add_argument("--dia-token-iters", type=int, default=None,
+                   help="token iterations measured before extrapolating (default 20; --quick 5)")
+    p.add_argument("--dia-parts", default="tokens,closure,budget,analogy",
+                   help="comma-separated parts of the dia section to run (default: all)")
+
+
+class _Saved:
+    """Bytes autograd keeps for the backward pass while the block runs (outside checkpoints)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def __enter__(self):
+        import torch
+
+        def pack(t):
+            self.bytes += t.numel() * t.element_size()
+            return t
+
+        self._cm = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+
+def _image(size_hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    h, w = size_hw
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.zeros((h, w, 4), np.uint8)
+    a[..., 0] = xx * 255 // max(1, w - 1)
+    a[..., 1] = yy * 255 // max(1, h - 1)
+    a[..., 2] = ((xx // 8 + yy // 8) % 2) * 200
+    rng = np.random.default_rng(seed)
+    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    a[y0: y0 + h // 3, x0: x0 + w // 3, :3] = rng.integers(0, 256, 3)
+    a[..., 3] = 255
+    return a
+
+
+def _psnr(x, y) -> float:
+    mse = float(((x.float() - y.float()) ** 2).mean())  # in [-1, 1]: peak-to-peak 2
+    return 99.0 if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def run(opts) -> list[dict[str, Any]]:
+    import torch
+
+    from ..core import conditioning_inversion as CI
+    from ..core import noise_inversion as NI
+    from ..core.cache import Cache
+    from ..core.diffusion import make_scheduler, vae_decode, vae_encode
+    from ..core.images import to_tensor
+    from ..methods import get as get_method
+    from ..methods.base import Inputs, JobContext, LayerImage
+    from ..models import LoadOptions, load_bundle
+    from .pixels import _peak_memory, _sync
+
+    spec = getattr(opts, "dia_model", None) or "tiny-sd"
+    bundle = load_bundle(spec, LoadOptions(device=opts.device))
+    if getattr(opts, "dia_size", None):
+        bundle.native_size = int(opts.dia_size)
+    if bundle.device.type == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: one thread each gives steadier medians
+    size = bundle.native_size
+    steps = 10
+    token_iters = getattr(opts, "dia_token_iters", None) or (5 if opts.quick else 20)
+    base: dict[str, Any] = {"model": spec, "device": str(bundle.device), "size": f"{size}x{size}",
+                            "dtype": str(bundle.unet.dtype).replace("torch.", "")}
+    rows: list[dict[str, Any]] = []
+    parts = {q.strip() for q in (getattr(opts, "dia_parts", None) or "tokens,closure,budget,analogy").split(",")}
+    dev = bundle.device
+    img = _image((size, size))
+    x = to_tensor(img, (size, size), device=dev)
+    z = vae_encode(bundle, x).float()
+    roundtrip = vae_decode(bundle, z)
+
+    # -- tokens -----------------------------------------------------------------------------
+    cond = None
+    token_cases = (("authors (10 it, BOS)", 10, True), ("ours (200 it)", 200, False))
+    for name, full, train_bos in token_cases if "tokens" in parts else ():
+        s = CI.ConditioningInversionSettings(iterations=min(token_iters, full), train_bos=train_bos,
+                                             steps=steps, stop_loss=0.0)
+        box: dict[str, Any] = {}
+
+        def go():
+            box["r"] = CI.invert_conditioning(bundle, x, s)
+            _sync(bundle)
+
+        t = time.perf_counter()
+        mem = _peak_memory(bundle, go)
+        sec = time.perf_counter() - t
+        r = box["r"]
+        per_it = sec / max(1, r.iterations)
+        cond = r.cond
+        rows.append({**base, "part": "tokens", "config": name, "iterations": full,
+                     "unet_fwd_bwd": full, "batch": s.views, "s_per_it": round(per_it, 4),
+                     "total_s": round(per_it * full, 2),
+                     "loss": round(r.eval_after, 4), "loss_start": round(r.eval_before, 4),
+                     **{k: round(v, 1) for k, v in mem.items()}})
+    if cond is None:
+        cond = CI.invert_conditioning(bundle, x, CI.ConditioningInversionSettings(
+            iterations=token_iters, steps=steps)).cond
+
+    # -- one closure, checkpointing on/off ---------------------------------------------------
+    sched = make_scheduler(bundle, "ddim", steps)
+    for ckpt in (False, True) if "closure" in parts else ():
+        s = NI.NoiseInversionSettings(steps=steps, checkpointing=ckpt)
+        xt = torch.randn_like(z).requires_grad_(True)
+        counter = NI.Counter()
+        saved = _Saved()
+
+        def closure():
+            with CI.frozen(*CI.model_modules(bundle)), saved:
+                x0, _ = NI.ddim_path(bundle, sched, xt, sched.timesteps, cond, grad=True,
+                                     checkpointing=ckpt, counter=counter)
+                loss = NI.reconstruction_loss(bundle, x0, z, x, s, grad=True)
+            torch.autograd.grad(loss, xt)
+            _sync(bundle)
+
+        closure()  # warm-up
+        counter.forward = counter.backward = 0
+        saved.bytes = 0
+        t = time.perf_counter()
+        mem = _peak_memory(bundle, closure)
+        sec = time.perf_counter() - t
+        rows.append({**base, "part": "noise/closure", "config": f"checkpointing {'on' if ckpt else 'off'}",
+                     "unet_fwd": counter.forward, "unet_bwd": counter.backward,
+                     "seconds": round(sec, 3), "saved_mb": round(saved.bytes / 2**20, 1),
+                     **{k: round(v, 1) for k, v in mem.items()}})
+
+    # -- reconstruction per budget --------------------------------------------------------------
+    budgets = [(0, 1), (1, 4), (2, 4), (4, 8)]
+    for init in ("noised", "ddim_inversion") if "budget" in parts else ():
+        for it, ev in budgets + ([(10, 20)] if init == "noised" and not opts.quick else []):
+            s = NI.NoiseInversionSettings(steps=steps, iterations=it, evaluations=ev, init=init,
+                                          stop_loss=0.0)
+            t = time.perf_counter()
+            r = NI.invert_noise(bundle, z, x, cond, s)
+            _sync(bundle)
+            sec = time.perf_counter() - t
+            rows.append({**base, "part": "noise/budget", "config": f"{init} {it}x{ev}"
+                         + (" (authors)" if (init, it, ev) == ("noised", 10, 20) else "")
+                         + (" (ours)" if (init, it, ev) == ("ddim_inversion", 4, 8) else ""),
+                         "closures": r.closures, "unet_fwd": r.unet_forward, "unet_bwd": r.unet_backward,
+                         "seconds": round(sec, 2), "loss": round(r.loss_final, 4),
+                         "latent_mse": round(float(((r.reconstruction - z) ** 2).mean()), 5),
+                         "psnr_vs_vae_db": round(_psnr(vae_decode(bundle, r.reconstruction), roundtrip), 2),
+                         "psnr_vs_image_db": round(_psnr(vae_decode(bundle, r.reconstruction), x), 2)})
+
+    # -- a whole job: cold, then cached --------------------------------------------------------
+    method = get_method("dia")
+    a = _image((size, size), 1)
+    a2 = a.copy()
+    a2[size // 4: size // 2, size // 4: size // 2, :3] = (240, 30, 30)
+    inputs = Inputs({"a": LayerImage(a, "bench-a"), "a_prime": LayerImage(a2, "bench-a2"),
+                     "b": LayerImage(img, "bench-b")})
+    cache = Cache(None)
+    quick_inv = dict(token_iterations=token_iters, noise_iterations=1 if opts.quick else 4,
+                     noise_evaluations=4 if opts.quick else 8)
+    for name, params in () if "analogy" not in parts else (
+        ("cold (all inversions)", dict(quick_inv)),
+        ("cached, 1 image", dict(quick_inv)),
+        ("cached, sweep 8 batched 8", dict(quick_inv, sweep=True, sweep_batch=8,
+                                           sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
+        ("cached, sweep 8 one by one", dict(quick_inv, sweep=True, sweep_batch=1,
+                                            sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
+    ):
+        p = method.Params(**params)
+        t = time.perf_counter()
+        res = method.run(JobContext(bundle, cache, 0), inputs, p)
+        _sync(bundle)
+        sec = time.perf_counter() - t
+        rows.append({**base, "part": "analogy", "config": name, "images": len(res.images),
+                     "seconds": round(sec, 3), "s_per_image": round(sec / len(res.images), 3),
+                     "token_iterations": token_iters})
+    return rows
+
+
+register("dia", run, "Diffusion Image Analogies: inversion cost vs the authors' settings, cache hits",
+         _add_arguments)
