@@ -158,7 +158,8 @@ def _param_help(prop: dict[str, Any]) -> str:
         bits.append(" ".join(rng))
     if "default" in prop:
         bits.append(f"default {json.dumps(prop['default'])}")
-    return "; ".join(b for b in bits if b)
+    # argparse expands %-formats in help texts: a literal "%" (e.g. "85–99% of the area") must be doubled
+    return "; ".join(b for b in bits if b).replace("%", "%%")
 
 
 def method_parser(method) -> argparse.ArgumentParser:
