@@ -345,3 +345,24 @@ def test_prediction_types_for_training_and_inversion(kind):
     x = D.forward_noise(sched, z0, eps, 600)
     e, x0 = D.model_to_eps_x0(sched, target, x, a)
     assert torch.allclose(e, eps, atol=1e-4) and torch.allclose(x0, z0, atol=1e-4)
+
+
+def test_a_partial_a_prime_layer_is_a_with_the_patch_on_it(tiny_sd, make_ctx, samples):
+    patch = np.zeros_like(samples["a"])
+    patch[20:40, 20:40] = (250, 250, 0, 255)  # a yellow square painted on a transparent layer
+    full = samples["a"].copy()
+    full[20:40, 20:40] = (250, 250, 0, 255)
+    assert np.array_equal(D.over(patch, samples["a"]), full)
+    def run(ap, sha):
+        r = METHOD.run(make_ctx(tiny_sd), Inputs({
+            "a": LayerImage(samples["a"], "a"), "a_prime": LayerImage(ap, sha),
+            "b": LayerImage(samples["b"], "b")}), params(train_steps=2))
+        assert not r.info["train"]["cached"]  # both learn their own tokens
+        return r.images[0].rgba
+
+    assert np.array_equal(run(patch, "ap-patch"), run(full, "ap-full"))
+    with pytest.raises(InputError) as e:  # an empty A′ layer changes nothing
+        METHOD.run(make_ctx(tiny_sd), Inputs({"a": LayerImage(samples["a"], "a"),
+                   "a_prime": LayerImage(np.zeros_like(samples["a"]), "z"),
+                   "b": LayerImage(samples["b"], "b")}), params())
+    assert e.value.code in ("no_difference", "empty_image")

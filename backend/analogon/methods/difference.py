@@ -66,7 +66,9 @@ from ..core.text_embeddings import (
 )
 from ..errors import InputError
 from . import register
-from .base import Inputs, JobContext, Method, MethodParams, MethodResult, ResultImage, Role
+from .base import (
+    Inputs, JobContext, LayerImage, Method, MethodParams, MethodResult, ResultImage, Role,
+)
 
 CACHE_VERSION = 1
 ROLE_TITLES = {"a": "A (before)", "a_prime": "A′ (after)", "b": "B (target)"}
@@ -435,6 +437,16 @@ def to_scheduler_space(scheduler, x_vp: torch.Tensor, t, alphas_cumprod: torch.T
 
 # -- the method ---------------------------------------------------------------------------------
 
+def over(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """``top`` composited over ``bottom`` by its alpha (RGB; the bottom's alpha is kept)."""
+    a = top[..., 3:4].astype(np.float32) / 255.0
+    if (a >= 1.0).all():
+        return top
+    out = bottom.copy()
+    out[..., :3] = np.clip(np.round(top[..., :3] * a + bottom[..., :3] * (1 - a)), 0, 255).astype(np.uint8)
+    return out
+
+
 class DifferenceMethod(Method):
     id = "difference"
     title = "Difference Inversion"
@@ -467,7 +479,8 @@ class DifferenceMethod(Method):
                                  {"role": role})
             im.check_not_empty(li.rgba, ROLE_TITLES[role])
         im.check_same_size(a.rgba, ap.rgba, "A and A′ images")
-        if np.array_equal(a.rgba, ap.rgba):
+        ap_full = over(ap.rgba, a.rgba)  # a partial A′ layer is A with that patch painted on
+        if np.array_equal(a.rgba[..., :3], ap_full[..., :3]):
             raise InputError("no_difference", "A and A′ are the same image: there is no change to "
                              "learn. Put the edited version in A′.")
         if p.captioner == "user_only":  # fail before any model work
@@ -486,6 +499,7 @@ class DifferenceMethod(Method):
                 spaces_box["s"] = clip_spaces_for(bundle, p.clip_model, p.clip_pretrained)
             return spaces_box["s"]
 
+        ap = LayerImage(ap_full, ap.sha)
         captions, sources = self._captions(ctx, p, {"a": a, "a_prime": ap, "b": b}, spaces)
         cap_a, cap_ap, cap_b = captions["a"], captions["a_prime"], captions["b"]
 
