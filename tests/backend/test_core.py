@@ -190,3 +190,11 @@ def test_tiny_models_are_deterministic_and_shaped_like_their_families(tiny_sd, t
     names = [n for n, _ in tiny_sd.unet.attn_processors.items()]
     assert any(n.startswith("up_blocks.") and "attn1" in n for n in names)
     assert tiny_sdxl.unet.config.addition_embed_type == "text_time"
+
+
+def test_native_size_comes_from_the_model_not_its_name(tiny_sd, tmp_path):
+    from analogon.models import load_bundle
+
+    assert tiny_sd.native_size == 64
+    tiny_sd.pipe.save_pretrained(tmp_path / "copy")
+    assert load_bundle(str(tmp_path / "copy")).native_size == 64

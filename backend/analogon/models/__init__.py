@@ -237,17 +237,19 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
     pipe = _place(pipe, family, device, dtype, options)
     return ModelBundle(
         spec=spec, family=family, pipe=pipe, device=device, dtype=dtype, source=source,
-        key=key, native_size=_native_size(spec, family),
+        key=key, native_size=_native_size(pipe, family),
     )
 
 
-def _native_size(spec: str, family: Family) -> int:
-    if spec in ("tiny-sd", "tiny-sdxl"):
-        return 64  # toy-sized: keeps tests fast
-    if spec == "toy-sd":
-        from .toy import TOY_NATIVE_SIZE
-
-        return TOY_NATIVE_SIZE
+def _native_size(pipe, family: Family) -> int:
+    """The image size the model was trained at: the UNet's sample size times the VAE factor
+    (64·8 = 512 for SD 1.5, 96·8 = 768 for SD 2.1, 128·8 = 1024 for SDXL, 8·8 = 64 for the tiny
+    models), whatever the model is called; the family's default when the config has none."""
+    sample = getattr(pipe.unet.config, "sample_size", None)
+    if isinstance(sample, (list, tuple)):
+        sample = max(sample)
+    if isinstance(sample, int) and sample > 0:
+        return sample * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return NATIVE_SIZE[family]
 
 
