@@ -180,3 +180,15 @@ def test_cache_hits_skip_the_unet(tiny_sd, tmp_path):
     # another setting that changes the result is another entry
     other = CI.ConditioningInversionSettings(**{**FAST_C.__dict__, "n_tokens": 3})
     assert CI.cache_key(cache, tiny_sd, "sha-b", (64, 64), other) != ck
+
+
+def test_token_checkpointing_changes_memory_not_the_result(tiny_sd):
+    img = _image(64, 64, seed=9)
+    on = CI.invert_conditioning(tiny_sd, img, FIXED_C)
+    assert not tiny_sd.unet.is_gradient_checkpointing  # switched back off afterwards
+    off = CI.invert_conditioning(tiny_sd, img, CI.ConditioningInversionSettings(
+        **{**FIXED_C.__dict__, "checkpointing": False}))
+    torch.testing.assert_close(on.cond.hidden, off.cond.hidden, rtol=1e-5, atol=1e-5)
+    assert CI.cache_key(Cache, tiny_sd, "x", (64, 64), FIXED_C) == CI.cache_key(
+        Cache, tiny_sd, "x", (64, 64), CI.ConditioningInversionSettings(
+            **{**FIXED_C.__dict__, "checkpointing": False}))

@@ -68,6 +68,21 @@ def frozen(*modules):
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def block_checkpointing(unet, on: bool = True):
+    """diffusers' own gradient checkpointing of the UNet's blocks inside the block (restored
+    after): activations of one block at a time are kept for the backward pass."""
+    switch = on and getattr(unet, "_supports_gradient_checkpointing", False) \
+        and not getattr(unet, "is_gradient_checkpointing", True)
+    if switch:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if switch:
+            unet.disable_gradient_checkpointing()
+
+
 def model_modules(bundle) -> list:
     return [bundle.unet, bundle.vae, bundle.text_encoder, bundle.text_encoder_2]
 
@@ -88,9 +103,12 @@ class ConditioningInversionSettings:
     # "fresh": new noise every iteration (authors); "fixed": one draw for the whole run, a
     # deterministic objective (used by tests and for reproducing a loss curve exactly)
     noise: str = "fresh"
+    # diffusers' block checkpointing of the UNet during the backward pass: memory only
+    checkpointing: bool = True
 
     def key_parts(self) -> dict:
         d = asdict(self)
+        d.pop("checkpointing")
         d["crop_scale"] = list(self.crop_scale)
         return d
 
@@ -222,7 +240,7 @@ def invert_conditioning(bundle, image: torch.Tensor, settings: ConditioningInver
     unet_dtype = bundle.unet.dtype
     calls = 0
 
-    with frozen(*model_modules(bundle)):
+    with frozen(*model_modules(bundle)), block_checkpointing(bundle.unet, settings.checkpointing):
         views = augmented_views(image.float().cpu(), settings.views, settings.crop_scale, g)
         latents = torch.cat([vae_encode(bundle, v[None]) for v in views]).float()
         ts = view_timesteps(sched.timesteps, settings.views, g)

@@ -127,8 +127,9 @@ class Params(MethodParams):
                     "authors). Default ddim_inversion.")
     checkpointing: bool = Field(
         True, title="Gradient checkpointing",
-        description="Recompute each UNet call in the backward pass instead of storing it: memory "
-                    "of one step instead of all steps, ≈ one extra forward per step. Same result.")
+        description="Recompute the UNet in the backward passes of both inversions instead of "
+                    "storing its activations (per UNet call in the noise inversion, per block in the "
+                    "token inversion): far less memory, ≈ one extra forward each. Same result.")
     inversion_seed: int = Field(
         0, ge=0, le=2**31 - 1, title="Inversion seed",
         description="Seed of the inversions' random views and noise. The sampler itself is "
@@ -222,7 +223,8 @@ class DiffusionImageAnalogies(Method):
 
         cs = CI.ConditioningInversionSettings(
             n_tokens=p.n_tokens, train_bos=p.train_bos, iterations=p.token_iterations,
-            lr=p.token_lr, views=p.views, steps=p.steps, seed=p.inversion_seed)
+            lr=p.token_lr, views=p.views, steps=p.steps, seed=p.inversion_seed,
+            checkpointing=p.checkpointing)
         ns = NI.NoiseInversionSettings(
             steps=p.steps, iterations=p.noise_iterations, evaluations=p.noise_evaluations,
             lr=p.noise_lr, pixel_weight=p.pixel_weight, init=p.noise_init,
