@@ -481,6 +481,7 @@ class JobResult:
     params: dict[str, Any]
     timings: dict[str, Any]
     job_id: str
+    info: dict[str, Any] = field(default_factory=dict)  # what the method adds (captions, ...)
 
 
 class JobRunner(QObject):
@@ -618,7 +619,8 @@ class JobRunner(QObject):
             d = self._done_data or {}
             self.state = "finished"
             return self.done.emit(JobResult(self._results, d.get("seed"), d.get("params") or {},
-                                            d.get("timings") or {}, self.job_id or ""))
+                                            d.get("timings") or {}, self.job_id or "",
+                                            d.get("info") or {}))
         info = self._to_fetch.pop(0)
         self._call = self.client.get_image_rgba(info["sha"], lambda r, i=info: self._after_download(i, r))
 

@@ -69,6 +69,7 @@ class Controller(QObject):
     methodsChanged = pyqtSignal()
     modelsChanged = pyqtSignal()
     methodChanged = pyqtSignal(str)
+    paramsChanged = pyqtSignal(str)  # method id whose values changed outside the form
     rolesChanged = pyqtSignal()
     layersChanged = pyqtSignal()
     documentChanged = pyqtSignal()
@@ -337,6 +338,18 @@ class Controller(QObject):
 
     def set_param(self, name: str, value: Any, method_id: str | None = None):
         self.param_values(method_id)[name] = value
+
+    def apply_suggestions(self, suggestions: dict[str, Any], method_id: str | None = None) -> list[str]:
+        """Fill the method's empty fields with what the backend suggests (e.g. the captions its
+        captioner wrote); what the user typed is never overwritten. Returns the names filled."""
+        values = self.param_values(method_id)
+        filled = [k for k, v in (suggestions or {}).items()
+                  if k in values and values[k] in (None, "") and v not in (None, "")]
+        for k in filled:
+            values[k] = suggestions[k]
+        if filled:
+            self.paramsChanged.emit(method_id or self.method_id)
+        return filled
 
     def reset_params(self, method_id: str | None = None):
         mid = method_id or self.method_id
@@ -664,6 +677,8 @@ class Controller(QObject):
                      prepared.roles, kdoc.layer_id(node), str(node.name()), prepared.roi.to_list(),
                      prepared.from_selection, thumb, sha,
                      (prepared.index, prepared.count) if prepared.count > 1 else None, result.timings)
+        self.apply_suggestions((result.info or {}).get("param_suggestions") or {},
+                               prepared.spec.method)
         self.history.insert(0, entry)
         self.historyChanged.emit()
         self.refresh_layers(force=True)

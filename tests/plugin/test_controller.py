@@ -107,6 +107,20 @@ def test_settings_live_in_krita_settings(kapp):
     assert (c2.model, c2.seed, c2.random_seed, c2.method_id) == ("my/model", 1234, False, "dia")
 
 
+def test_backend_suggestions_fill_only_empty_fields(kapp):
+    c = offline_controller(kapp)
+    seen = []
+    c.paramsChanged.connect(seen.append)
+    c.set_param("prompt", "typed by the user")
+    filled = c.apply_suggestions({"caption": "a red circle", "prompt": "captioner text",
+                                  "no_such_field": "x"}, "pixels")
+    values = c.param_values("pixels")
+    assert filled == ["caption"] and values["caption"] == "a red circle"
+    assert values["prompt"] == "typed by the user" and "no_such_field" not in values
+    assert seen == ["pixels"]
+    assert c.apply_suggestions({"caption": "another"}, "pixels") == [] and seen == ["pixels"]
+
+
 def test_prepare_builds_the_job_from_roles(kapp):
     doc = make_doc(kapp, 64, 48)
     photo = layer(doc, "photo", (0, 100, 0, 255))
