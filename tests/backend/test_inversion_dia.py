@@ -192,3 +192,38 @@ def test_token_checkpointing_changes_memory_not_the_result(tiny_sd):
     assert CI.cache_key(Cache, tiny_sd, "x", (64, 64), FIXED_C) == CI.cache_key(
         Cache, tiny_sd, "x", (64, 64), CI.ConditioningInversionSettings(
             **{**FIXED_C.__dict__, "checkpointing": False}))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_training_target_matches_the_prediction_type(kind):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=kind, clip_sample=False)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([601])
+    x = sched.add_noise(z0, eps, t)
+    target = CI.diffusion_target(sched, z0, eps, t)
+    # a model that outputs the target exactly lets the sampler recover the clean latent
+    out = sched.step(target, 601, x, eta=0.0)
+    torch.testing.assert_close(out.pred_original_sample, z0, atol=1e-4, rtol=1e-4)
+
+
+def test_v_prediction_model_inverts(tiny_sd, b_cond):
+    """SD 2.x (768) predicts v: the scheduler config decides, for both inversions and the sampler."""
+    from diffusers import DDIMScheduler
+
+    img, cond = b_cond
+    saved = tiny_sd.pipe.scheduler
+    tiny_sd.pipe.scheduler = DDIMScheduler.from_config(saved.config, prediction_type="v_prediction")
+    try:
+        z = vae_encode(tiny_sd, img)
+        c = CI.invert_conditioning(tiny_sd, img, FIXED_C)
+        assert c.eval_after < c.eval_before
+        r = NI.invert_noise(tiny_sd, z, img, cond, NI.NoiseInversionSettings(
+            steps=2, iterations=1, evaluations=3, pixel_weight=0.0))
+        assert r.loss_final < r.loss_init
+    finally:
+        tiny_sd.pipe.scheduler = saved

@@ -4,8 +4,10 @@ Rows (one table; ``part`` says which measurement a row belongs to):
 
 - ``tokens``: the conditioning inversion of one image. UNet forward+backward passes (one batched
   call of ``views`` per iteration), seconds per iteration, memory, at the authors' released
-  configuration (10 iterations, BOS trained) and at our default (200 iterations). Measured for
-  ``--dia-token-iters`` iterations and extrapolated to the full count (``total_s``).
+  configuration (10 iterations, BOS trained, no checkpointing) and at our default (200
+  iterations) with and without diffusers' block checkpointing. Measured for
+  ``--dia-token-iters`` iterations and extrapolated to the full count (``total_s``);
+  ``saved_mb_per_it`` = bytes autograd keeps outside checkpointed regions per iteration.
 - ``noise/closure``: one L-BFGS closure (a differentiable k-step DDIM + decode) with and without
   gradient checkpointing: UNet forwards (recomputations included) and backwards, seconds,
   activation memory kept for the backward pass (bytes saved by autograd outside checkpointed
@@ -115,14 +117,18 @@ def run(opts) -> list[dict[str, Any]]:
 
     # -- tokens -----------------------------------------------------------------------------
     cond = None
-    token_cases = (("authors (10 it, BOS)", 10, True), ("ours (200 it)", 200, False))
-    for name, full, train_bos in token_cases if "tokens" in parts else ():
+    token_cases = (("authors (10 it, BOS, no ckpt)", 10, True, False),
+                   ("ours (200 it, no ckpt)", 200, False, False),
+                   ("ours (200 it)", 200, False, True))
+    for name, full, train_bos, ckpt in token_cases if "tokens" in parts else ():
         s = CI.ConditioningInversionSettings(iterations=min(token_iters, full), train_bos=train_bos,
-                                             steps=steps, stop_loss=0.0)
+                                             steps=steps, stop_loss=0.0, checkpointing=ckpt)
         box: dict[str, Any] = {}
+        saved = _Saved()
 
         def go():
-            box["r"] = CI.invert_conditioning(bundle, x, s)
+            with saved:
+                box["r"] = CI.invert_conditioning(bundle, x, s)
             _sync(bundle)
 
         t = time.perf_counter()
@@ -135,6 +141,7 @@ def run(opts) -> list[dict[str, Any]]:
                      "unet_fwd_bwd": full, "batch": s.views, "s_per_it": round(per_it, 4),
                      "total_s": round(per_it * full, 2),
                      "loss": round(r.eval_after, 4), "loss_start": round(r.eval_before, 4),
+                     "saved_mb_per_it": round(saved.bytes / 2**20 / max(1, r.iterations), 1),
                      **{k: round(v, 1) for k, v in mem.items()}})
     if cond is None:
         cond = CI.invert_conditioning(bundle, x, CI.ConditioningInversionSettings(

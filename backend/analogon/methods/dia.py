@@ -36,7 +36,7 @@ from ..core import conditioning_inversion as CI
 from ..core import noise_inversion as NI
 from ..core.diffusion import Conditioning, encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
-from ..core.images import (alpha_of, as_rgba, check_not_empty, check_same_size, combine_maps,
+from ..core.images import (check_not_empty, check_same_size, combine_maps,
                            from_tensor, map_from_rgba, map_to_tensor, native_size, resize_rgba,
                            rgb_to_rgba, size_of, small_preview, to_tensor)
 from ..errors import InputError
