@@ -16,12 +16,11 @@ threads are set to one for steadier numbers.
 """
 from __future__ import annotations
 
-import os
-import threading
 import time
 from typing import Any
 
 from . import register
+from ._memory import PeakMemory
 
 
 def _add_arguments(p) -> None:
@@ -32,36 +31,6 @@ def _add_arguments(p) -> None:
                    help="DIFF training steps (default 50, --quick 10; the method's default is 1000)")
     p.add_argument("--difference-steps", type=int, default=None,
                    help="sampling steps of the whole schedule (default 20, --quick 8); strength 0.8")
-
-
-class _RssPeak:
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return 0
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self.base = self._rss()
-        self._t = threading.Thread(target=self._watch, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss() - self.base)
 
 
 class _Phases:
@@ -82,28 +51,19 @@ class _Phases:
 
 
 def _one(method, bundle, cache, inputs, params, seed) -> dict[str, Any]:
-    import torch
-
     from ..methods.base import JobContext
 
     calls = [0]
     hook = bundle.unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     phases = _Phases()
     ctx = JobContext(bundle, cache, seed, progress=phases)
-    cuda = bundle.device.type == "cuda"
     try:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        with _RssPeak() as rss:
+        with PeakMemory(bundle.device) as mem:
             res = method.run(ctx, inputs, params)
-            if cuda:
-                torch.cuda.synchronize()
         total = time.perf_counter() - t0
         phases.close()
-        peak = (torch.cuda.max_memory_allocated() - base) if cuda else rss.peak
+        peak = mem.peak_mb * 2**20
     finally:
         hook.remove()
     tr = res.info["train"]

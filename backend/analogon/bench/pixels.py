@@ -18,16 +18,14 @@ The per-image latent cache is off so that PIXELS encodes every time, like the pi
 """
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
-import tracemalloc
 from typing import Any
 
 import numpy as np
 
 from . import register
+from ._memory import PeakMemory
 
 
 def _add_arguments(p) -> None:
@@ -38,55 +36,10 @@ def _add_arguments(p) -> None:
                    help="steps of the full schedule (default 20, --quick 8); strength 0.75")
 
 
-class _RssPeak:
-    """Peak resident set size growth while the block runs (Linux /proc; 0 elsewhere)."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return 0
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.base = self._rss()
-        self._t = threading.Thread(target=self._watch, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss() - self.base)
-
-
 def _peak_memory(bundle, fn) -> dict[str, float]:
-    import torch
-
-    if bundle.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    with PeakMemory(bundle.device) as mem:
         fn()
-        torch.cuda.synchronize()
-        return {"peak_mem_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    tracemalloc.start()
-    with _RssPeak() as rss:
-        fn()
-    _, py_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return {"peak_mem_mb": rss.peak / 2**20, "py_peak_mb": py_peak / 2**20}
+    return mem.as_row()
 
 
 def _sync(bundle):
