@@ -379,13 +379,15 @@ def demo_inputs(method, size: int) -> tuple[dict[str, Any], Any]:
     return images, source
 
 
-_GREEK = {"λ": "lambda", "α": "alpha", "β": "beta", "γ": "gamma", "σ": "sigma", "τ": "tau", "′": "'"}
+_SPELLED = {"λ": "lambda", "α": "alpha", "β": "beta", "γ": "gamma", "σ": "sigma", "τ": "tau", "′": "'",
+            "×": "x", "→": "->", "−": "-"}
 
 
 def _printable(text: str) -> str:
-    """Labels for the bitmap font: Greek letters spelled out, other non-Latin-1 as '?'."""
-    text = "".join(_GREEK.get(c, c) for c in text)
-    return text.encode("latin-1", "replace").decode("latin-1")
+    """Labels for the bitmap font (ASCII glyphs only): Greek letters and a few signs spelled
+    out, anything else outside ASCII as '?'."""
+    text = "".join(_SPELLED.get(c, c) for c in text)
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 def contact_sheet(rows: list[tuple[str, list[tuple[str, Any]]]], cell: int = 128):

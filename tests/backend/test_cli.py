@@ -252,3 +252,10 @@ def test_serve_writes_private_server_json(tmp_path):
 def test_serve_refuses_remote_host_without_flag(capsys):
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 1
     assert "--allow-remote" in capsys.readouterr().err
+
+
+def test_contact_sheet_labels_use_only_glyphs_the_font_has():
+    from analogon.cli import _printable
+
+    assert _printable("difference ×1, λ=0.5, A′ → B′") == "difference x1, lambda=0.5, A' -> B'"
+    assert _printable("café").isascii()
