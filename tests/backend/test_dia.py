@@ -269,3 +269,20 @@ def test_cancel_stops_the_job(tiny_sd):
     # stopped inside the first inversion: two of its iterations ran, nothing after it
     assert {e[0] for e in ctx.events} == {"learning A"}
     assert calls.n <= 4
+
+
+def test_a_prime_as_strokes_on_their_own_layer_is_laid_over_a():
+    from analogon.methods.dia import over
+
+    strokes = np.zeros_like(A)
+    strokes[8:24, 8:40] = (250, 20, 20, 255)  # only the painted change, transparent elsewhere
+    composite = over(_layer(strokes), _layer(A))
+    assert np.array_equal(composite.rgba, A2)  # the same pixels as painting on a copy of A
+    assert composite.sha != _layer(strokes).sha
+    opaque = _layer(A2)
+    assert over(opaque, _layer(A)) is opaque
+    half = strokes.copy()
+    half[..., 3] = np.where(strokes[..., 3] > 0, 128, 0)
+    mixed = over(_layer(half), _layer(A)).rgba.astype(int)
+    expect = np.round(A2[..., :3] * (128 / 255) + A[..., :3] * (127 / 255))
+    assert np.abs(mixed[8:24, 8:40, :3] - expect[8:24, 8:40]).max() <= 1

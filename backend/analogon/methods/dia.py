@@ -25,6 +25,7 @@ levels leave the reconstruction path later (see docs/methods/dia.md).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Annotated, Literal
 
@@ -41,7 +42,8 @@ from ..core.images import (check_not_empty, check_same_size, combine_maps,
                            rgb_to_rgba, size_of, small_preview, to_tensor)
 from ..errors import InputError
 from . import register
-from .base import Inputs, JobContext, Method, MethodParams, MethodResult, ResultImage, Role
+from .base import (Inputs, JobContext, LayerImage, Method, MethodParams, MethodResult, ResultImage,
+                   Role)
 
 LAMBDA_MIN, LAMBDA_MAX = -1.0, 3.0
 GUIDANCE_MIN, GUIDANCE_MAX = 1.0, 20.0
@@ -140,6 +142,19 @@ class Params(MethodParams):
                     "reconstruction path (linear: grey 0.5 follows the analogy for the last half).")
 
 
+def over(top: LayerImage, under: LayerImage) -> LayerImage:
+    """A′ painted on a layer of its own (transparent where nothing changes) is A′ composited
+    over A; an opaque A′ is itself. The composite gets its own content hash (cache key)."""
+    alpha = top.rgba[..., 3:4].astype(np.float32) / 255.0
+    if (alpha >= 1.0).all():
+        return top
+    rgb = top.rgba[..., :3].astype(np.float32) * alpha + under.rgba[..., :3].astype(np.float32) * (1 - alpha)
+    out = under.rgba.copy()
+    out[..., :3] = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    h = hashlib.sha256(b"over:" + top.sha.encode() + b":" + under.sha.encode())
+    return LayerImage(out, h.hexdigest())
+
+
 def _variants(p: Params) -> list[tuple[float, float]]:
     """(guidance, λ) per result, ordered by guidance then λ."""
     if not p.sweep:
@@ -177,7 +192,8 @@ class DiffusionImageAnalogies(Method):
     help = (
         "Show the change with two images and apply it to a third.\n"
         "• A: a photo.  • A′: the same photo with the change — the easiest way is to duplicate the "
-        "layer and paint the edit on the copy (a rough sketch of glasses, a smile, a new colour).  "
+        "layer and paint the edit on the copy (a rough sketch of glasses, a smile, a new colour); "
+        "a layer holding only the painted strokes works too: it is laid over A.  "
         "• B: another photo that should change the same way.\n"
         "A and A′ must have the same size; B may differ. Each is scaled to the model's working size "
         "(aspect kept) and the result comes back at B's size.\n"
@@ -189,8 +205,8 @@ class DiffusionImageAnalogies(Method):
     roles = (
         Role("a", "A (before)", help="A photo: the 'before' of the example change."),
         Role("a_prime", "A′ (after)",
-             help="The same photo with the change: duplicate A and paint the edit on the copy. "
-                  "Must have A's size."),
+             help="The same photo with the change: duplicate A and paint the edit on the copy "
+                  "(or give only the strokes: transparent parts show A). Must have A's size."),
         Role("b", "B (target)", help="The image to change the same way. Any size."),
     )
     target_role = "b"
@@ -209,7 +225,8 @@ class DiffusionImageAnalogies(Method):
                 raise InputError("missing_image", f"Diffusion Image Analogies needs the {role} image.")
             check_not_empty(img.rgba, role)
         check_same_size(a.rgba, a2.rgba, "A and A′ images")
-        if a.sha == a2.sha or np.array_equal(a.rgba, a2.rgba):
+        a2 = over(a2, a)
+        if a.sha == a2.sha or np.array_equal(a.rgba[..., :3], a2.rgba[..., :3]):
             raise InputError("no_change", "A and A′ are the same image, so there is no change to "
                              "apply: paint the change on A′.")
 
