@@ -31,7 +31,11 @@ def vae_config() -> dict:
         block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        # One group: each GroupNorm normalises all channels of an image together, so the
+        # ratios between channels (hue) survive. With a few channels per group, a small flat
+        # object on a flat background normalises to the same value whatever its colour,
+        # and the autoencoder cannot tell red from orange (measured).
+        norm_num_groups=1,
         sample_size=IMAGE_SIZE,
         scaling_factor=1.0,  # set from the latents' spread after training
     )

@@ -3,8 +3,8 @@
 Stages (each resumes from its checkpoint in ``--work``; ``--stages`` picks a subset):
 
 data    render a pool of training scenes (held-out shape/colour pairs never appear)
-vae     AutoencoderKL, L1 + MSE + a small KL term; 32x32 crops on the texture grid, then
-        full 64x64 images for the last fifth of the steps
+vae     AutoencoderKL, L1 + MSE (object pixels weighted 5x) + a small KL term; 32x32 crops
+        on the texture grid, every fourth step whole images
 clip    CLIPModel, symmetric contrastive loss on (render, full caption); captions that are
         equal in a batch count as positives of each other
 unet    UNet2DConditionModel, epsilon prediction on Stable Diffusion's schedule, frozen text
@@ -109,6 +109,23 @@ def _to_tensor(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def _background_rgb(scenes) -> np.ndarray:
+    """(N, 3) background colours of the pool in [-1, 1]."""
+    from .world import BACKGROUNDS
+
+    return np.array([BACKGROUNDS[s["background"]] for s in scenes], np.float32) / 127.5 - 1.0
+
+
+def _object_weight(x, bg: np.ndarray, weight: float):
+    """Per-pixel loss weights (B,1,H,W): objects count ``weight`` times as much as the
+    background, which otherwise dominates the loss and the object's hue is learned last."""
+    import torch
+
+    b = torch.from_numpy(bg).to(x.device).view(-1, 3, 1, 1)
+    fg = ((x - b).abs().sum(1, keepdim=True) > 0.1).to(x.dtype)
+    return 1.0 + (weight - 1.0) * fg
+
+
 # -- VAE ----------------------------------------------------------------------------------
 
 def stage_vae(args, log: Log) -> None:
@@ -117,7 +134,8 @@ def stage_vae(args, log: Log) -> None:
     from .models import build_vae
 
     ck = args.work / "vae.pt"
-    images, _ = _load_pool(args)
+    images, scenes = _load_pool(args)
+    bg = _background_rgb(scenes)
     torch.manual_seed(args.seed + 1)
     vae = build_vae().to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -149,11 +167,12 @@ def stage_vae(args, log: Log) -> None:
             idx = rng.integers(0, len(images), max(4, args.vae_batch // 4))
             batch = images[idx]
         x = _to_tensor(batch).to(args.device)
+        w = _object_weight(x, bg[idx], args.object_weight)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        mse = (rec - x).pow(2).mean()
+        l1 = ((rec - x).abs() * w).sum() / (w.sum() * 3)
+        mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
         kl = post.kl().mean() / post.mean[0].numel()
         loss = l1 + mse + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
@@ -413,7 +432,8 @@ def stage_decoder(args, log: Log) -> None:
     import torch
 
     ck = args.work / "decoder.pt"
-    images, _ = _load_pool(args)
+    images, scenes = _load_pool(args)
+    bg = _background_rgb(scenes)
     vae = _load_vae(args)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
@@ -436,13 +456,15 @@ def stage_decoder(args, log: Log) -> None:
         rng, gen = _step_rngs(args.seed, 4, step)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.decoder_lr, 20)
-        x = _to_tensor(images[rng.integers(0, len(images), args.decoder_batch)]).to(args.device)
+        idx = rng.integers(0, len(images), args.decoder_batch)
+        x = _to_tensor(images[idx]).to(args.device)
+        w = _object_weight(x, bg[idx], args.object_weight)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        loss = l1 + (rec - x).pow(2).mean()
+        l1 = ((rec - x).abs() * w).sum() / (w.sum() * 3)
+        loss = l1 + ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -552,6 +574,8 @@ def parse_args(argv):
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-minutes", type=float, default=0, help="time limit (0: none)")
     ap.add_argument("--vae-kl", type=float, default=1e-5)
+    ap.add_argument("--object-weight", type=float, default=5.0,
+                    help="loss weight of object pixels relative to background (VAE, decoder)")
     ap.add_argument("--clip-steps", type=int, default=800)
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
