@@ -6,8 +6,8 @@ toy-sd is small (64², a CLIP whose vocabulary is the toy world's words), so few
 carry a caption's worth ("a large red striped circle on a grey background" is 8 words): 8 tokens,
 120 AdamW iterations at lr 0.02 (a toy CLIP's embeddings are coarser than ViT-L's), B's noise
 with the method's default L-BFGS budget, λ = 1 and CFG 3 (the method's defaults).
-These settings were chosen, not tuned: toy-sd was not trained in the checkout they were written
-in; re-tune them with ``analogon bench --quality --methods dia`` once it is.
+These settings were chosen, not tuned (figures in docs/benchmarks-dia.md); re-tune them with
+``analogon bench --quality --methods dia`` when toy-sd changes.
 """
 from __future__ import annotations
 
