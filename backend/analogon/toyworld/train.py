@@ -530,6 +530,10 @@ def stage_export(args, log: Log, quiet: bool = False) -> Path:
             "analogon.toyworld.world", fromlist=["HELD_OUT_PAIRS"]).HELD_OUT_PAIRS],
         "command": "analogon train-toy " + " ".join(args.argv),
     }
+    info["reproduce"] = (
+        f"analogon train-toy --seed {args.seed} --pool {args.pool} "
+        f"--vae-steps {info['vae_steps']} --clip-steps {info['clip_steps']} "
+        f"--unet-steps {info['unet_steps']} --decoder-steps {decoder_steps}")
     (tmp / "toyworld.json").write_text(json.dumps(info, indent=2))
     # Swap in place of the old folder's contents.
     import shutil
@@ -569,22 +573,22 @@ def parse_args(argv):
     ap.add_argument("--stages", default=",".join(STAGES),
                     help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--pool", type=int, default=6000, help="training scenes rendered")
-    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-steps", type=int, default=1878)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-minutes", type=float, default=0, help="time limit (0: none)")
     ap.add_argument("--vae-kl", type=float, default=1e-5)
     ap.add_argument("--object-weight", type=float, default=5.0,
                     help="loss weight of object pixels relative to background (VAE, decoder)")
-    ap.add_argument("--clip-steps", type=int, default=800)
+    ap.add_argument("--clip-steps", type=int, default=957)
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
     ap.add_argument("--clip-minutes", type=float, default=0, help="time limit (0: none)")
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=613)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--unet-minutes", type=float, default=0, help="time limit (0: none)")
-    ap.add_argument("--decoder-steps", type=int, default=1500)
+    ap.add_argument("--decoder-steps", type=int, default=1616)
     ap.add_argument("--decoder-batch", type=int, default=8)
     ap.add_argument("--decoder-lr", type=float, default=3e-4)
     ap.add_argument("--decoder-minutes", type=float, default=0, help="time limit (0: none)")
