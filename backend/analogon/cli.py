@@ -442,8 +442,14 @@ def cmd_demo(args) -> int:
     print(f"demo: model {model} ({bundle.family}, {bundle.device}, loaded in {load_s:.2f} s), "
           f"images {size}x{size}, output {out}")
     rows, table = [], []
+    toy_cases = bundle.spec == "toy-sd"
+    if toy_cases:
+        from .quality import demo_case
     for m in ms:
-        images, source = demo_inputs(m, size)
+        # On toy-sd, a scene from the world it was trained on (the quality suite's first case);
+        # elsewhere, the procedural samples.
+        case = demo_case(m.id) if toy_cases else None
+        images, source = case if case is not None else demo_inputs(m, size)
         cells = []
         for role, ref in images.items():
             for r in (ref if isinstance(ref, list) else [ref]):

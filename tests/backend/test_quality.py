@@ -79,3 +79,19 @@ def test_main_writes_json_and_prints_table(tmp_path, capsys):
     assert rep["n"] == 3 and any(r["method"] == "exemplar returned" for r in rep["rows"])
     assert "exemplar returned" in capsys.readouterr().out
     assert main(["--kinds", "nonsense", "--json", str(out)]) == 2
+
+
+def test_demo_case_gives_each_method_its_roles_from_the_toy_world():
+    from analogon.methods import all_methods
+    from analogon.quality import demo_case
+
+    for m in all_methods():
+        case = demo_case(m.id)
+        assert case is not None, m.id
+        images, source = case
+        required = {r.name for r in m.all_roles() if r.required}
+        assert required <= set(images), (m.id, images.keys())
+        for ref in images.values():
+            for sha in ref if isinstance(ref, list) else [ref]:
+                assert source.load(sha).shape[2] == 4
+    assert demo_case("no-such-method") is None

@@ -102,24 +102,41 @@ class _Runner:
 
     def run(self, method_id: str, roles: dict[str, str], params: dict[str, Any], case: Case,
             seed: int) -> np.ndarray:
-        from ..engine import MemorySource, execute, prepare
-        from ..methods import get
+        from ..engine import execute, prepare
 
-        method = get(method_id)
-        source = MemorySource()
-        images: dict[str, Any] = {}
-        method_roles = {r.name: r for r in method.all_roles()}
-        for role_name, role in method_roles.items():
-            slot = roles.get(role_name, role_name)
-            if slot in case.slots:
-                sha = source.add(case.slots[slot])
-                images[role_name] = [sha] if role.multiple else sha
+        images, source = case_images(method_id, roles, case)
         job = prepare(method_id, params, images, self.model, seed, self.model, source)
         res = execute(job, source=source, models=self.models, cache=self.cache)
         return res.images[0].rgba
 
     def close(self) -> None:
         self.tmp.cleanup()
+
+
+def case_images(method_id: str, roles: dict[str, str], case: Case):
+    """A case's slots as a method's image refs: (refs by role, the engine's image source).
+    ``roles`` maps role names to slot names where they differ."""
+    from ..engine import MemorySource
+    from ..methods import get
+
+    source = MemorySource()
+    images: dict[str, Any] = {}
+    for role in get(method_id).all_roles():
+        slot = roles.get(role.name, role.name)
+        if slot in case.slots:
+            sha = source.add(case.slots[slot])
+            images[role.name] = [sha] if role.multiple else sha
+    return images, source
+
+
+def demo_case(method_id: str, seed: int = 0):
+    """One toy-world case for ``analogon demo`` on toy-sd: (refs by role, image source), or
+    None when the method registered no cases."""
+    _load_method_cases()
+    spec = METHODS.get(method_id)
+    if spec is None or not spec.kinds:
+        return None
+    return case_images(method_id, spec.roles, cases_mod.build(spec.kinds[0], 1, seed)[0])
 
 
 def _method_params(method_id: str, spec_params: dict[str, Any], mode: str) -> dict[str, Any]:
