@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.analogon-installed
 OUT ?= out/demo
-APT_PACKAGES_TEST ?= krita xvfb
+APT_PACKAGES_TEST ?= krita xvfb x11-apps imagemagick
 PYTEST_ARGS ?=
 
 .PHONY: all venv demo test serve doctor bench krita-deps clean
@@ -30,9 +30,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/analogon demo -o $(OUT)
 
-# Krita and a virtual X server for the tests that run inside real Krita (skipped without them).
+# Krita, a virtual X server and screenshot tools (xwd, ImageMagick) for the tests that run
+# inside real Krita (skipped without Krita).
 krita-deps:
-	@if ! command -v krita >/dev/null || ! command -v Xvfb >/dev/null; then \
+	@if ! command -v krita >/dev/null || ! command -v Xvfb >/dev/null || ! command -v xwd >/dev/null \
+	    || ! convert -version >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES_TEST); \
 	  else echo "note: krita/Xvfb not installed and not root: the Krita tests will be skipped"; fi; fi

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KRITA = shutil.which("krita")
 XVFB = shutil.which("Xvfb")
+XWD = shutil.which("xwd")  # the screenshot: x11-apps' xwd piped into ImageMagick's convert
 
 
 def _load_packaging():
@@ -49,7 +50,8 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
-@pytest.mark.skipif(KRITA is None or XVFB is None, reason="krita and Xvfb are not installed")
+@pytest.mark.skipif(KRITA is None or XVFB is None or XWD is None,
+                    reason="krita, Xvfb and xwd (x11-apps) are not installed")
 def test_docker_shows_in_real_krita(tmp_path):
     analogon = Path(sys.executable).parent / "analogon"
     if not analogon.exists():
