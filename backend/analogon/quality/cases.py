@@ -161,31 +161,43 @@ def _object_mask(scene: dict[str, Any], grow: int = 1) -> np.ndarray:
     return m
 
 
-@register_kind("exemplar")
-def exemplar_cases(n: int, seed: int) -> list[Case]:
-    """The exemplar is a swatch (a square of the new colour or texture over the object's
-    box), the edit map is the object's silhouette: the result should take the swatch's look
-    inside the silhouette and keep the shape, and leave everything outside the map alone."""
-    rng = random.Random(f"exemplar:{seed}")
+def exemplar_case_list(kind: str, n: int, seed: int,
+                       edit_map_for: Callable[[np.ndarray], np.ndarray],
+                       keep_region_for: Callable[[dict[str, Any], np.ndarray], np.ndarray],
+                       extra_info: Callable[[np.ndarray], dict[str, Any]] | None = None) -> list[Case]:
+    """Exemplar cases: a swatch of the new colour or texture over the object's box as the
+    exemplar; the edit map is made from the object's silhouette by ``edit_map_for``. Every kind
+    draws from its own seeded stream."""
+    rng = random.Random(f"{kind}:{seed}")
     out = []
     for i in range(n):
         attr = ("colour", "texture")[i % 2]
         src = random_scene(rng, split="any")
         after = _other(rng, attr, src[attr])
         truth = change(src, attr, after)
-        silhouette = _object_mask(src)
-        edit_map = np.where(silhouette, 255, 0).astype(np.uint8)
+        edit_map = edit_map_for(_object_mask(src))
         out.append(Case(
-            kind="exemplar", name=f"exemplar-{i:02d}-{attr}-{src[attr]}-to-{after}",
+            kind=kind, name=f"{kind}-{i:02d}-{attr}-{src[attr]}-to-{after}",
             slots={"source": render(src, SIZE), "exemplar": _swatch(truth, _object_box(src)),
                    "edit_map": edit_map},
             truth=truth, changed={attr: after},
             kept=tuple(k for k in CHANGEABLE if k != attr),
             baselines={"source unchanged": "source", "exemplar returned": "exemplar"},
-            target="source", keep_region=~_object_mask(src, grow=3),
-            info={"source": src, "attribute": attr},
+            target="source", keep_region=keep_region_for(src, edit_map),
+            info={"source": src, "attribute": attr, **(extra_info(edit_map) if extra_info else {})},
         ))
     return out
+
+
+@register_kind("exemplar")
+def exemplar_cases(n: int, seed: int) -> list[Case]:
+    """The exemplar is a swatch (a square of the new colour or texture over the object's
+    box), the edit map is the object's silhouette: the result should take the swatch's look
+    inside the silhouette and keep the shape, and leave everything outside the map alone."""
+    return exemplar_case_list(
+        "exemplar", n, seed,
+        edit_map_for=lambda silhouette: np.where(silhouette, 255, 0).astype(np.uint8),
+        keep_region_for=lambda src, edit_map: ~_object_mask(src, grow=3))
 
 
 @register_kind("appearance")

@@ -13,12 +13,9 @@ the truth; a pasted edge or a halo of noise shows as excess high-frequency energ
 """
 from __future__ import annotations
 
-import random
 import numpy as np
 
-from ..toyworld.world import change, random_scene, render
-from .cases import (CHANGEABLE, SIZE, Case, _object_box, _object_mask, _other, _swatch,
-                    register_kind, register_method)
+from .cases import Case, exemplar_case_list, register_kind, register_method
 
 HALO = 4  # pixels of grey ramp around the silhouette
 
@@ -46,26 +43,10 @@ def _ramp_map(silhouette: np.ndarray, halo: int = HALO) -> np.ndarray:
 
 @register_kind("exemplar_soft")
 def exemplar_soft_cases(n: int, seed: int) -> list[Case]:
-    rng = random.Random(f"exemplar_soft:{seed}")
-    out = []
-    for i in range(n):
-        attr = ("colour", "texture")[i % 2]
-        src = random_scene(rng, split="any")
-        after = _other(rng, attr, src[attr])
-        truth = change(src, attr, after)
-        silhouette = _object_mask(src)
-        edit_map = _ramp_map(silhouette)
-        out.append(Case(
-            kind="exemplar_soft", name=f"exemplar_soft-{i:02d}-{attr}-{src[attr]}-to-{after}",
-            slots={"source": render(src, SIZE), "exemplar": _swatch(truth, _object_box(src)),
-                   "edit_map": edit_map},
-            truth=truth, changed={attr: after},
-            kept=tuple(k for k in CHANGEABLE if k != attr),
-            baselines={"source unchanged": "source", "exemplar returned": "exemplar"},
-            target="source", keep_region=edit_map == 0,
-            info={"source": src, "attribute": attr, "halo": (edit_map > 0) & (edit_map < 255)},
-        ))
-    return out
+    return exemplar_case_list(
+        "exemplar_soft", n, seed, edit_map_for=_ramp_map,
+        keep_region_for=lambda src, edit_map: edit_map == 0,
+        extra_info=lambda edit_map: {"halo": (edit_map > 0) & (edit_map < 255)})
 
 
 def _laplacian(img: np.ndarray) -> np.ndarray:
