@@ -243,13 +243,19 @@ class DroppingSseServer:
             while True:
                 c, _ = self.sock.accept()
                 self.connections += 1
-                c.recv(65536)
+                request = b""
+                while b"\r\n\r\n" not in request:  # the whole request, or closing would reset it
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        break
+                    request += chunk
                 head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                         b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
                 events = self.EVENTS[:2] if self.connections == 1 else self.EVENTS
                 body = b"".join(f"event: {e}\r\ndata: {d}\r\n\r\n".encode() for e, d in events)
                 c.sendall(head + body[:10])
                 c.sendall(body[10:])  # split mid-event: the parser must join the pieces
+                c.shutdown(socket.SHUT_WR)
                 c.close()
         except OSError:
             pass
