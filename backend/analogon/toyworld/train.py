@@ -79,6 +79,74 @@ def _save_ckpt(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+class _Loop:
+    """What every training stage does around its steps: resume from ``<work>/<name>.pt``, the
+    warm-up learning rate, a log line every 50 steps, a checkpoint every few minutes and at
+    the end, the time limit and the STOP file.
+
+        loop = _Loop("vae", args, log, {"model": vae}, opt, args.vae_steps, args.vae_lr, 50,
+                     args.vae_minutes)
+        if not loop.resume():
+            return
+        for step in loop:
+            ...
+            loop.report(step, f"loss {avg:.4f}")
+    """
+
+    def __init__(self, name: str, args, log: Log, modules: dict, opt, steps: int, lr: float,
+                 warmup: int, minutes: float, on_save=None):
+        self.name, self.args, self.log = name, args, log
+        self.modules, self.opt = modules, opt
+        self.steps, self.lr, self.warmup, self.minutes = steps, lr, warmup, minutes
+        self.on_save = on_save
+        self.path = args.work / f"{name}.pt"
+        self.start = 0
+        self.t0 = time.time()
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one; False when the stage has already finished."""
+        import torch
+
+        if not self.path.exists():
+            return True
+        state = torch.load(self.path, map_location="cpu")
+        for key, module in self.modules.items():
+            module.load_state_dict(state[key])
+        self.opt.load_state_dict(state["opt"])
+        self.start = state["step"]
+        if self.start >= self.steps:
+            self.log(f"{self.name}: done ({self.start} steps)")
+            return False
+        self.log(f"{self.name}: resuming at step {self.start}")
+        return True
+
+    def __iter__(self):
+        self.t0 = last_save = time.time()
+        step = self.start
+        for step in range(self.start, self.steps):
+            for g in self.opt.param_groups:
+                g["lr"] = _lr(step, self.lr, self.warmup)
+            yield step
+            stop = _out_of_time(self.t0, self.minutes, self.args.work)
+            if (stop or time.time() - last_save > self.args.checkpoint_minutes * 60
+                    or step + 1 == self.steps):
+                _save_ckpt(self.path, {**{k: m.state_dict() for k, m in self.modules.items()},
+                                       "opt": self.opt.state_dict(), "step": step + 1,
+                                       "done": stop})
+                last_save = time.time()
+                if self.on_save is not None:
+                    self.on_save()
+            if stop:
+                self.log(f"{self.name}: time limit reached at step {step + 1}")
+                break
+        self.log(f"{self.name}: {step + 1 - self.start} steps in {time.time() - self.t0:.0f}s")
+
+    def report(self, step: int, text: str) -> None:
+        if (step + 1) % 50 == 0:
+            per = (time.time() - self.t0) / (step + 1 - self.start)
+            self.log(f"{self.name} {step + 1}/{self.steps} {text} ({per:.2f}s/step)")
+
+
 # -- data ---------------------------------------------------------------------------------
 
 def stage_data(args, log: Log) -> None:
@@ -133,30 +201,19 @@ def stage_vae(args, log: Log) -> None:
 
     from .models import build_vae
 
-    ck = args.work / "vae.pt"
     images, scenes = _load_pool(args)
     bg = _background_rgb(scenes)
     torch.manual_seed(args.seed + 1)
     vae = build_vae().to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = 0
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu")
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        if start >= args.vae_steps:
-            log(f"vae: done ({start} steps)")
-            return
-        log(f"vae: resuming at step {start}")
-    last_save = time.time()
-    t0 = time.time()
+    loop = _Loop("vae", args, log, {"model": vae}, opt, args.vae_steps, args.vae_lr, 50,
+                 args.vae_minutes)
+    if not loop.resume():
+        return
     avg = None
     vae.train()
-    for step in range(start, args.vae_steps):
+    for step in loop:
         rng, gen = _step_rngs(args.seed, 1, step)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.vae_lr, 50)
         if step % 4 != 3:
             idx = rng.integers(0, len(images), args.vae_batch)
             # 32x32 crops at multiples of 8: the texture grid stays aligned with latent cells.
@@ -181,18 +238,7 @@ def stage_vae(args, log: Log) -> None:
         opt.step()
         cur = np.array([l1.item(), mse.item(), kl.item()])
         avg = cur if avg is None else 0.95 * avg + 0.05 * cur
-        if (step + 1) % 50 == 0:
-            log(f"vae {step + 1}/{args.vae_steps} l1 {avg[0]:.4f} mse {avg[1]:.5f} kl {avg[2]:.3f} "
-                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
-        stop = _out_of_time(t0, args.vae_minutes, args.work)
-        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.vae_steps:
-            _save_ckpt(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                            "done": stop})
-            last_save = time.time()
-        if stop:
-            log(f"vae: time limit reached at step {step + 1}")
-            break
-    log(f"vae: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+        loop.report(step, f"l1 {avg[0]:.4f} mse {avg[1]:.5f} kl {avg[2]:.3f}")
 
 
 def _load_vae(args):
@@ -215,7 +261,6 @@ def stage_clip(args, log: Log) -> None:
     from .vocab import build_tokenizer
     from .world import caption
 
-    ck = args.work / "clip.pt"
     images, scenes = _load_pool(args)
     caps = [caption(s) for s in scenes]
     tok = build_tokenizer()
@@ -225,23 +270,14 @@ def stage_clip(args, log: Log) -> None:
     torch.manual_seed(args.seed + 2)
     clip = build_clip().to(args.device)
     opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.01)
-    start = 0
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu")
-        clip.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        if start >= args.clip_steps:
-            log(f"clip: done ({start} steps)")
-            return
-        log(f"clip: resuming at step {start}")
-    t0 = last_save = time.time()
+    loop = _Loop("clip", args, log, {"model": clip}, opt, args.clip_steps, args.clip_lr, 50,
+                 args.clip_minutes)
+    if not loop.resume():
+        return
     avg = None
     clip.train()
-    for step in range(start, args.clip_steps):
+    for step in loop:
         rng, _ = _step_rngs(args.seed, 2, step)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.clip_lr, 50)
         idx = rng.integers(0, len(images), args.clip_batch)
         x = _to_tensor(images[idx]).add(1).div(2).to(args.device)
         ids = ids_all[idx].to(args.device)
@@ -259,18 +295,7 @@ def stage_clip(args, log: Log) -> None:
         acc = (same.gather(1, logits.argmax(1, keepdim=True)).mean()).item()
         cur = np.array([loss.item(), acc])
         avg = cur if avg is None else 0.95 * avg + 0.05 * cur
-        if (step + 1) % 50 == 0:
-            log(f"clip {step + 1}/{args.clip_steps} loss {avg[0]:.3f} batch-acc {avg[1]:.3f} "
-                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
-        stop = _out_of_time(t0, args.clip_minutes, args.work)
-        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.clip_steps:
-            _save_ckpt(ck, {"model": clip.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                            "done": stop})
-            last_save = time.time()
-        if stop:
-            log(f"clip: time limit reached at step {step + 1}")
-            break
-    log(f"clip: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+        loop.report(step, f"loss {avg[0]:.3f} batch-acc {avg[1]:.3f}")
 
 
 def _load_clip(args):
@@ -355,32 +380,23 @@ def stage_unet(args, log: Log) -> None:
     tok = build_tokenizer()
     sched = build_scheduler()
     acp = sched.alphas_cumprod.to(args.device)
-    ck = args.work / "unet.pt"
     torch.manual_seed(args.seed + 3)
     unet = build_unet().to(args.device)
     ema = build_unet().to(args.device).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
-    start = 0
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu")
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        if start >= args.unet_steps:
-            log(f"unet: done ({start} steps)")
-            return
-        log(f"unet: resuming at step {start}")
+    loop = _Loop("unet", args, log, {"model": unet, "ema": ema}, opt, args.unet_steps,
+                 args.unet_lr, 100, args.unet_minutes,
+                 on_save=(lambda: stage_export(args, log, quiet=True))
+                 if args.export_every_checkpoint else None)
+    if not loop.resume():
+        return
     mean, std = lat["mean"], lat["std"]
-    t0 = last_save = time.time()
     avg = None
     unet.train()
-    for step in range(start, args.unet_steps):
+    for step in loop:
         rng, gen = _step_rngs(args.seed, 3, step)
         crng = random.Random(int(rng.integers(1 << 62)))
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.unet_lr, 100)
         idx = rng.integers(0, len(mean), args.unet_batch)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf
         z0 = z0.to(args.device)
@@ -410,20 +426,7 @@ def stage_unet(args, log: Log) -> None:
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if (step + 1) % 50 == 0:
-            log(f"unet {step + 1}/{args.unet_steps} loss {avg:.4f} "
-                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
-        stop = _out_of_time(t0, args.unet_minutes, args.work)
-        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.unet_steps:
-            _save_ckpt(ck, {"model": unet.state_dict(), "ema": ema.state_dict(),
-                            "opt": opt.state_dict(), "step": step + 1, "done": stop})
-            last_save = time.time()
-            if args.export_every_checkpoint:
-                stage_export(args, log, quiet=True)
-        if stop:
-            log(f"unet: time limit reached at step {step + 1}")
-            break
-    log(f"unet: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+        loop.report(step, f"loss {avg:.4f}")
 
 
 # -- decoder fine-tuning ------------------------------------------------------------------
@@ -431,7 +434,6 @@ def stage_unet(args, log: Log) -> None:
 def stage_decoder(args, log: Log) -> None:
     import torch
 
-    ck = args.work / "decoder.pt"
     images, scenes = _load_pool(args)
     bg = _background_rgb(scenes)
     vae = _load_vae(args)
@@ -439,23 +441,14 @@ def stage_decoder(args, log: Log) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    start = 0
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu")
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-        if start >= args.decoder_steps:
-            log(f"decoder: done ({start} steps)")
-            return
-        log(f"decoder: resuming at step {start}")
+    loop = _Loop("decoder", args, log, {"model": vae}, opt, args.decoder_steps, args.decoder_lr,
+                 20, args.decoder_minutes)
+    if not loop.resume():
+        return
     vae.decoder.train()
-    t0 = last_save = time.time()
     avg = None
-    for step in range(start, args.decoder_steps):
+    for step in loop:
         rng, gen = _step_rngs(args.seed, 4, step)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.decoder_lr, 20)
         idx = rng.integers(0, len(images), args.decoder_batch)
         x = _to_tensor(images[idx]).to(args.device)
         w = _object_weight(x, bg[idx], args.object_weight)
@@ -470,18 +463,7 @@ def stage_decoder(args, log: Log) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         avg = l1.item() if avg is None else 0.95 * avg + 0.05 * l1.item()
-        if (step + 1) % 50 == 0:
-            log(f"decoder {step + 1}/{args.decoder_steps} l1 {avg:.4f} "
-                f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)")
-        stop = _out_of_time(t0, args.decoder_minutes, args.work)
-        if stop or time.time() - last_save > args.checkpoint_minutes * 60 or step + 1 == args.decoder_steps:
-            _save_ckpt(ck, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                            "done": stop})
-            last_save = time.time()
-        if stop:
-            log(f"decoder: time limit reached at step {step + 1}")
-            break
-    log(f"decoder: {step + 1 - start} steps in {time.time() - t0:.0f}s")
+        loop.report(step, f"l1 {avg:.4f}")
 
 
 # -- export -------------------------------------------------------------------------------
