@@ -174,8 +174,60 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 sc = [score_case(c, c.slots[c.baselines[name]]) for c in cs]
                 rows.append({"method": name, "kind": kind, **_aggregate(sc)})
 
-    runner = None
+    runner: _Runner | None = None
+
+    def warm_runner() -> bool:
+        """Load the model once; False (with a note) when it cannot be loaded."""
+        nonlocal runner
+        if runner is None:
+            runner = _Runner(model, device)
+        try:
+            runner.models.get(model)
+        except AnalogonError as e:
+            notes.append(f"model {model}: {e.message} Methods were not run.")
+            return False
+        return True
+
+    def measure(name: str, kind: str, method_id: str, roles: dict[str, str],
+                params_of, extra: dict[str, Any]) -> None:
+        scores, errors = [], []
+        t0 = time.time()
+        for i, c in enumerate(built[kind]):
+            try:
+                out = runner.run(method_id, roles, params_of(c), c, seed + i)
+            except Exception as e:  # one broken case must not hide the others
+                errors.append(f"{c.name}: {type(e).__name__}: {e}")
+                continue
+            s = score_case(c, out)
+            scores.append(s)
+            details.append({"method": name, "kind": kind, "case": c.name, "changed": c.changed,
+                            "truth": {k: c.truth[k] for k in
+                                      ("shape", "colour", "size", "texture", "background")},
+                            **s})
+        secs = time.time() - t0
+        row = {"method": name, "kind": kind, **_aggregate(scores),
+               "seconds_per_case": round(secs / max(1, len(built[kind])), 2), **extra}
+        if errors:
+            row["errors"] = len(errors)
+            notes.append(f"{name}/{kind}: {len(errors)} case(s) failed, e.g. {errors[0]}")
+        rows.append(row)
+        log(format_row(row))
+
+    def result() -> dict[str, Any]:
+        return {"model": model, "seed": seed, "n": n, "params_mode": params_mode,
+                "rows": rows, "notes": notes, "cases": details}
+
     try:
+        if baselines:
+            for kind in built:
+                for name, b in cases_mod.MODEL_BASELINES.get(kind, {}).items():
+                    if b.method not in registered:
+                        notes.append(f"{name}: skipped ({b.method} is not installed)")
+                        continue
+                    if not warm_runner():
+                        return result()
+                    measure(name, kind, b.method, b.roles, b.params_of,
+                            {"baseline": True, "params": b.params})
         for mid in wanted:
             spec = METHODS.get(mid)
             if spec is None:
@@ -191,44 +243,13 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
             for kind in spec.kinds:
                 if kind not in built:
                     continue
-                if runner is None:
-                    runner = _Runner(model, device)
-                    try:
-                        runner.models.get(model)
-                    except AnalogonError as e:
-                        notes.append(f"model {model}: {e.message} Methods were not run.")
-                        return {"model": model, "seed": seed, "n": n,
-                                "params_mode": params_mode, "rows": rows, "notes": notes,
-                                "cases": details}
-                scores, errors = [], []
-                t0 = time.time()
-                for i, c in enumerate(built[kind]):
-                    try:
-                        out = runner.run(mid, spec.roles, params, c, seed + i)
-                    except Exception as e:  # one broken case must not hide the others
-                        errors.append(f"{c.name}: {type(e).__name__}: {e}")
-                        continue
-                    s = score_case(c, out)
-                    scores.append(s)
-                    details.append({"method": mid, "kind": kind, "case": c.name,
-                                    "changed": c.changed, "truth": {k: c.truth[k] for k in
-                                                                    ("shape", "colour", "size",
-                                                                     "texture", "background")},
-                                    **s})
-                secs = time.time() - t0
-                row = {"method": mid, "kind": kind, **_aggregate(scores),
-                       "seconds_per_case": round(secs / max(1, len(built[kind])), 2),
-                       "params": params}
-                if errors:
-                    row["errors"] = len(errors)
-                    notes.append(f"{mid}/{kind}: {len(errors)} case(s) failed, e.g. {errors[0]}")
-                rows.append(row)
-                log(format_row(row))
+                if not warm_runner():
+                    return result()
+                measure(mid, kind, mid, spec.roles, lambda c, p=params: p, {"params": params})
     finally:
         if runner is not None:
             runner.close()
-    return {"model": model, "seed": seed, "n": n, "params_mode": params_mode,
-            "rows": rows, "notes": notes, "cases": details}
+    return result()
 
 
 # -- output -------------------------------------------------------------------------------

@@ -88,6 +88,32 @@ def register_method(method_id: str, kinds: tuple[str, ...] | list[str],
     METHODS[method_id] = MethodCases(tuple(kinds), dict(roles or {}), dict(params or {}), note)
 
 
+@dataclass
+class ModelBaseline:
+    """A baseline that needs the model: another method run on the case's slots (plain img2img
+    is ``pixels`` with no exemplar and no edit map). ``params_for`` adds per-case parameters
+    (e.g. a prompt that describes the case's truth in words)."""
+
+    method: str
+    roles: dict[str, str]
+    params: dict[str, Any] = field(default_factory=dict)
+    params_for: Callable[[Case], dict[str, Any]] | None = None
+
+    def params_of(self, case: Case) -> dict[str, Any]:
+        return {**self.params, **(self.params_for(case) if self.params_for else {})}
+
+
+# kind -> baseline name -> baseline; run next to the methods measured on that kind
+MODEL_BASELINES: dict[str, dict[str, ModelBaseline]] = {}
+
+
+def register_baseline(kind: str, name: str, method_id: str, roles: dict[str, str],
+                      params: dict[str, Any] | None = None,
+                      params_for: Callable[[Case], dict[str, Any]] | None = None) -> None:
+    MODEL_BASELINES.setdefault(kind, {})[name] = ModelBaseline(method_id, dict(roles),
+                                                               dict(params or {}), params_for)
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 def _other(rng: random.Random, attribute: str, value: str) -> str:

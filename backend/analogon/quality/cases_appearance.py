@@ -4,7 +4,15 @@ The ``appearance`` kind (shipped in :mod:`.cases`): a structure scene and an app
 the same background, differing in shape, colour and texture. The truth keeps the structure's
 shape, size and background and takes the appearance's colour and texture, so the table's
 ``change`` column is the appearance-adoption rate and ``keep`` the structure-kept rate, next to
-the two trivial baselines (the structure returned, the appearance returned).
+the two trivial baselines (the structure returned, the appearance returned) and two plain
+img2img baselines on the structure image (``pixels`` with no exemplar and no edit map, the same
+strength, steps and seed as the transfer):
+
+- ``img2img, same prompt``: the transfer's prompt, unguided, as the transfer runs. It sees what the
+  transfer sees except the appearance image, so the gap between the two is what the attention
+  swap, guidance and AdaIN add.
+- ``img2img, look in words``: the appearance's colour and texture written into the prompt
+  ("a red striped shape"), guided at 7.5: what a painter would try without this method.
 
 The toy model speaks in captions like "a large red striped circle on a grey background": the
 domain word is "shape" and the prompt "a {domain}" (the paper's "A photo of a {domain}" is not in
@@ -12,9 +20,19 @@ its vocabulary). 50 steps with 16 skipped keep the paper's proportions (32 of 10
 """
 from __future__ import annotations
 
-from .cases import register_method
+from .cases import register_baseline, register_method
 
 PARAMS = {"domain": "shape", "prompt": "a {domain}", "steps": 50, "skip_steps": 16}
+
+_IMG2IMG = {"steps": PARAMS["steps"], "strength": 1 - PARAMS["skip_steps"] / PARAMS["steps"],
+            "scheduler": "ddim"}
+register_baseline("appearance", "img2img, same prompt", "pixels", {"source": "structure"},
+                  {**_IMG2IMG, "prompt": PARAMS["prompt"].format(domain=PARAMS["domain"]),
+                   "guidance": 1.0})
+register_baseline("appearance", "img2img, look in words", "pixels", {"source": "structure"},
+                  {**_IMG2IMG, "guidance": 7.5},
+                  params_for=lambda c: {"prompt": f"a {c.changed['colour']} "
+                                                  f"{c.changed['texture']} shape"})
 
 register_method(
     "appearance", ("appearance",), {"structure": "structure", "appearance": "appearance"},
