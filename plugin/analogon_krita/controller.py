@@ -52,6 +52,34 @@ class Pass:
 
 
 @dataclass
+class Variant:
+    """One image of a multi-image result (e.g. one λ of a DIA sweep), as the strip shows it."""
+
+    label: str
+    thumbnail: Any  # QImage
+    sha: str
+    layer_name: str
+    rgba: bytes = field(repr=False, default=b"")
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class _VariantResult:
+    """Where the variants of the latest result go: the pass's document, region and mask,
+    its history entry and its layer."""
+
+    doc: Any
+    target: Any
+    roi: Rect
+    mask: bytes | None
+    entry: Pass
+    layer_id: str
+    above_id: str = ""  # the layer the result layer was put above
+    added_id: str = ""  # the layer add_variant_as_layer added last (the next one goes above)
+
+
+@dataclass
 class PreparedPass:
     spec: JobSpec
     doc: Any
@@ -62,6 +90,11 @@ class PreparedPass:
     roles: dict[str, list[str]]
     index: int = 0
     count: int = 1
+
+
+def _thumbnail(rgba: bytes, w: int, h: int, size: int = 96):
+    return rgba_image(rgba, w, h).scaled(size, size, Qt.AspectRatioMode.KeepAspectRatio,
+                                         Qt.TransformationMode.SmoothTransformation)
 
 
 class Controller(QObject):
@@ -79,6 +112,7 @@ class Controller(QObject):
     errorChanged = pyqtSignal(str)
     messageChanged = pyqtSignal(str)
     historyChanged = pyqtSignal()
+    variantsChanged = pyqtSignal()  # the variants of the latest result, or which one is picked
     resultAdded = pyqtSignal(object)  # Pass
     finished = pyqtSignal(str)  # "done" | "error" | "cancelled"
 
@@ -117,6 +151,9 @@ class Controller(QObject):
         self.message = ""
         self.preview = None
         self.history: list[Pass] = []
+        self.variants: list[Variant] = []  # the latest result's images when it has several
+        self.picked = -1  # the variant shown in the result layer (-1: no variants)
+        self._variant_result: _VariantResult | None = None
         self._doc = None
         self._doc_roles: dict[str, dict[str, dict[str, list[str]]]] = {}
         self._layer_signature: tuple = ()
@@ -609,6 +646,7 @@ class Controller(QObject):
         self._queue = passes
         self._insert_above = passes[0].target
         self._chain_sha = ""
+        self._set_variants([], None)
         self._cancelling = False
         self._set_busy(True)
         self._run_next()
@@ -652,30 +690,26 @@ class Controller(QObject):
         if not result.images:
             return self._on_failed("The backend finished without a result image.")
         doc = prepared.doc
-        suffix = f"(pass {prepared.index + 1}/{prepared.count})" if prepared.count > 1 else ""
         seed = result.seed if result.seed is not None else prepared.spec.seed
         desc = self.method(prepared.spec.method) or {}
-        added = []
-        try:
-            for k, (rgba, w, h, label, sha) in enumerate(result.images):
-                extra = suffix if k == 0 else f"{suffix} {label or k + 1}".strip()
-                name = kdoc.result_layer_name(prepared.spec.method, seed, extra)
-                node = kdoc.insert_result(doc, self._insert_above, rgba, w, h, prepared.roi, name,
-                                          prepared.mask)
-                added.append((node, rgba, w, h, sha))
+        several = len(result.images) > 1
+        names = [self._result_name(prepared, seed, label, k, several)
+                 for k, (_, _, _, label, _) in enumerate(result.images)]
+        rgba, w, h, _, sha = result.images[0]
+        above = self._insert_above
+        try:  # one layer per pass: the first image; the others are variants to pick from
+            node = kdoc.insert_result(doc, above, rgba, w, h, prepared.roi, names[0],
+                                      prepared.mask)
         except AdapterError as e:
             return self._on_failed(e.message)
         except Exception as e:  # never lose the session over an odd host error
             return self._on_failed(f"Could not add the result layer: {e}")
-        node, rgba, w, h, sha = added[0]
         self._insert_above = node
         self._chain_sha = sha
-        thumb = rgba_image(rgba, w, h).scaled(96, 96, Qt.AspectRatioMode.KeepAspectRatio,
-                                              Qt.TransformationMode.SmoothTransformation)
         entry = Pass(prepared.spec.method, desc.get("title", prepared.spec.method),
                      dict(result.params or prepared.spec.params), seed, prepared.spec.model or "",
                      prepared.roles, kdoc.layer_id(node), str(node.name()), prepared.roi.to_list(),
-                     prepared.from_selection, thumb, sha,
+                     prepared.from_selection, _thumbnail(rgba, w, h), sha,
                      (prepared.index, prepared.count) if prepared.count > 1 else None, result.timings)
         self.apply_suggestions((result.info or {}).get("param_suggestions") or {},
                                prepared.spec.method)
@@ -683,8 +717,26 @@ class Controller(QObject):
         self.historyChanged.emit()
         self.refresh_layers(force=True)
         self.resultAdded.emit(entry)
-        self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d.")
+        if several and prepared.index == prepared.count - 1:  # only the last pass's variants
+            variants = []
+            for k, (px, vw, vh, label, vsha) in enumerate(result.images):
+                thumb = entry.thumbnail if k == 0 else _thumbnail(px, vw, vh)
+                variants.append(Variant(label or f"#{k + 1}", thumb, vsha, names[k], px, vw, vh))
+            above_id = kdoc.layer_id(above) if above is not None else ""
+            self._set_variants(variants, _VariantResult(doc, prepared.target, prepared.roi, prepared.mask,
+                                                        entry, entry.layer_id, above_id))
+            self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d. It shows the first "
+                             f"of {len(variants)} variants: click another in Variants to show it there.")
+        else:
+            self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d.")
         self._run_next()
+
+    @staticmethod
+    def _result_name(prepared: PreparedPass, seed, label: str, k: int, several: bool) -> str:
+        suffix = f"(pass {prepared.index + 1}/{prepared.count})" if prepared.count > 1 else ""
+        if several:
+            suffix = f"{suffix} {label or f'#{k + 1}'}".strip()
+        return kdoc.result_layer_name(prepared.spec.method, seed, suffix)
 
     def _on_failed(self, message: str):
         self._queue = []
@@ -715,6 +767,93 @@ class Controller(QObject):
             self._runner.cancel()
         else:
             self._end("cancelled")
+
+    # == variants ========================================================================
+    def _set_variants(self, variants: list[Variant], where: _VariantResult | None):
+        if not variants and not self.variants and self._variant_result is None:
+            return
+        self.variants = list(variants)
+        self.picked = 0 if variants else -1
+        self._variant_result = where if variants else None
+        self.variantsChanged.emit()
+
+    def _variant_anchor(self, doc, *ids: str):
+        """The node a new variant layer goes above: the first of ``ids`` still in the
+        document, else where the result layer was put, else the pass's target, else the top
+        of the stack."""
+        for lid in (*ids, self._variant_result.above_id):
+            node = kdoc.find_layer(doc, lid) if lid else None
+            if node is not None:
+                return node
+        target = self._variant_result.target
+        if target is not None and kdoc.find_layer(doc, kdoc.layer_id(target)) is not None:
+            return target
+        top = list(doc.rootNode().childNodes())
+        return top[-1] if top else None
+
+    def pick_variant(self, index: int) -> bool:
+        """Show variant ``index`` in the result layer of the latest result (its pixels and
+        name), and make it that pass's result in the history and for chaining. When that
+        layer was deleted, a new result layer is added instead."""
+        where = self._variant_result
+        if where is None or not 0 <= index < len(self.variants) or self.busy:
+            return False
+        v, doc = self.variants[index], where.doc
+        self.set_error("")
+        try:
+            kdoc.check_document(doc)
+            node = kdoc.find_layer(doc, where.layer_id)
+            if node is not None:
+                kdoc.replace_result(doc, node, v.rgba, v.width, v.height, where.roi, where.mask,
+                                    v.layer_name)
+                what = f"\u201c{v.layer_name}\u201d now shows {v.label}."
+            else:
+                above = self._variant_anchor(doc)
+                node = kdoc.insert_result(doc, above, v.rgba, v.width, v.height, where.roi,
+                                          v.layer_name, where.mask)
+                where.layer_id = kdoc.layer_id(node)
+                what = f"The result layer was removed; added \u201c{v.layer_name}\u201d."
+        except AdapterError as e:
+            self.set_error(e.message)
+            return False
+        except Exception as e:  # a closed document, an odd host error
+            self.set_error(f"Could not show the variant: {e}")
+            return False
+        entry = where.entry
+        entry.result_sha, entry.thumbnail = v.sha, v.thumbnail
+        entry.layer_id, entry.layer_name = where.layer_id, v.layer_name
+        self._chain_sha = v.sha
+        self.picked = index
+        self.variantsChanged.emit()
+        if any(e is entry for e in self.history):
+            self.historyChanged.emit()
+        self.refresh_layers(force=True)
+        self.set_message(what)
+        return True
+
+    def add_variant_as_layer(self, index: int) -> bool:
+        """Keep variant ``index`` as an additional result layer above the result layer (the
+        result layer itself is left as it is)."""
+        where = self._variant_result
+        if where is None or not 0 <= index < len(self.variants) or self.busy:
+            return False
+        v, doc = self.variants[index], where.doc
+        self.set_error("")
+        try:
+            kdoc.check_document(doc)
+            above = self._variant_anchor(doc, where.added_id, where.layer_id)
+            node = kdoc.insert_result(doc, above, v.rgba, v.width, v.height, where.roi,
+                                      v.layer_name, where.mask)
+        except AdapterError as e:
+            self.set_error(e.message)
+            return False
+        except Exception as e:
+            self.set_error(f"Could not add the variant: {e}")
+            return False
+        where.added_id = kdoc.layer_id(node)
+        self.refresh_layers(force=True)
+        self.set_message(f"Added the layer \u201c{v.layer_name}\u201d.")
+        return True
 
     # == history =========================================================================
     def apply_again(self, index: int) -> bool:

@@ -2,7 +2,9 @@
 
 Only this module touches Krita's Document/Node/Selection API. Krita's 8-bit RGBA pixel bytes
 are in BGRA order (16-bit: BGRA of little-endian uint16); everything that leaves this module
-is RGBA8, row-major, top row first. Nothing here modifies an existing layer.
+is RGBA8, row-major, top row first. Nothing here modifies an existing layer, except
+``replace_result``, which rewrites a result layer the plugin itself added (picking another
+variant of a multi-image result).
 """
 from __future__ import annotations
 
@@ -316,21 +318,43 @@ def insert_result(doc, target, rgba: bytes, width: int, height: int, roi: Rect, 
     """Add a new paint layer above ``target`` holding the result at the region's offset,
     its alpha multiplied by ``mask`` (a feathered selection). Returns the new node."""
     check_document(doc)
-    if (width, height) != (roi.w, roi.h):
-        rgba, width, height = _scaled(rgba, width, height, roi.w, roi.h)
-    if mask is not None:
-        rgba = multiply_alpha(rgba, mask)
-    bgra = rgba_to_bgra(rgba)
-    if doc.colorDepth() == "U16":
-        bgra = u8_to_u16(bgra)
+    pixels = _result_pixels(rgba, width, height, roi, mask, doc.colorDepth())
     node = doc.createNode(name, "paintlayer")
     parent = target.parentNode() if target is not None else None
     if parent is None:
         parent = doc.rootNode()
     parent.addChildNode(node, target)
-    node.setPixelData(bgra, roi.x, roi.y, roi.w, roi.h)
+    node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
     _refresh(doc)
     return node
+
+
+def replace_result(doc, node, rgba: bytes, width: int, height: int, roi: Rect,
+                   mask: bytes | None = None, name: str | None = None):
+    """Put another result into a result layer that :func:`insert_result` added: the same
+    region, scaling and selection mask, over the region only (the whole region is written,
+    so nothing of the previous result stays). Renames the layer when ``name`` is given."""
+    check_document(doc)
+    if node.type() != "paintlayer":
+        raise AdapterError(f"The layer \u201c{node.name()}\u201d is no longer a paint layer.")
+    check_color_space(node.colorModel(), node.colorDepth(), f"The layer \u201c{node.name()}\u201d")
+    pixels = _result_pixels(rgba, width, height, roi, mask, node.colorDepth())
+    node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
+    if name is not None:
+        node.setName(name)
+    _refresh(doc)
+    return node
+
+
+def _result_pixels(rgba: bytes, width: int, height: int, roi: Rect, mask: bytes | None,
+                   depth: str) -> bytes:
+    """A result as Krita pixels for the region: scaled to it, alpha times the mask, BGRA."""
+    if (width, height) != (roi.w, roi.h):
+        rgba, width, height = _scaled(rgba, width, height, roi.w, roi.h)
+    if mask is not None:
+        rgba = multiply_alpha(rgba, mask)
+    bgra = rgba_to_bgra(rgba)
+    return u8_to_u16(bgra) if depth == "U16" else bgra
 
 
 def _scaled(rgba: bytes, w: int, h: int, tw: int, th: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .controller import SELECTION, Controller
 from .forms import fields_from_schema
 from .qt import QPixmap, Qt, QTimer, QtGui, QtWidgets, QIcon
-from .widgets import LayerPicker, ParamForm
+from .widgets import LayerPicker, ParamForm, VariantStrip
 
 QWidget = QtWidgets.QWidget
 
@@ -32,6 +32,7 @@ class AnalogonPanel(QWidget):
         self.c = controller
         self._building = False
         self.pickers: dict[str, LayerPicker] = {}
+        self._shown_variants: list = []
 
         outer = QtWidgets.QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -147,6 +148,14 @@ class AnalogonPanel(QWidget):
         self.message_label.setWordWrap(True)
         lay.addWidget(self.message_label)
 
+        # variants of the latest result (a sweep): shown only when it has several
+        self.variants_box = QtWidgets.QGroupBox("Variants")
+        vl = QtWidgets.QVBoxLayout(self.variants_box)
+        self.variant_strip = VariantStrip()
+        vl.addWidget(self.variant_strip)
+        self.variants_box.hide()
+        lay.addWidget(self.variants_box)
+
         # history
         self.history_box = QtWidgets.QGroupBox("History")
         hl = QtWidgets.QVBoxLayout(self.history_box)
@@ -179,6 +188,8 @@ class AnalogonPanel(QWidget):
         self.cancel_button.clicked.connect(self.c.cancel)
         self.again_button.clicked.connect(lambda: self.c.apply_again(self.history_list.currentRow()))
         self.source_button.clicked.connect(lambda: self.c.use_as_source(self.history_list.currentRow()))
+        self.variant_strip.picked.connect(self._on_variant)
+        self.variant_strip.keep.connect(lambda i: self.c.add_variant_as_layer(i))
 
         # bindings: controller -> widgets
         c = self.c
@@ -195,6 +206,7 @@ class AnalogonPanel(QWidget):
         c.errorChanged.connect(self._show_error)
         c.messageChanged.connect(self.message_label.setText)
         c.historyChanged.connect(self._show_history)
+        c.variantsChanged.connect(self._show_variants)
 
         self._layer_timer = QTimer(self)
         self._layer_timer.setInterval(1500)
@@ -209,6 +221,7 @@ class AnalogonPanel(QWidget):
         self._show_methods()
         self._show_models()
         self._show_history()
+        self._show_variants()
         self._show_busy(c.busy)
 
     # -- controller -> widgets ------------------------------------------------------------
@@ -337,7 +350,23 @@ class AnalogonPanel(QWidget):
             self.history_list.setCurrentRow(0)
         self.history_box.setVisible(bool(self.c.history))
 
+    def _show_variants(self):
+        variants = list(self.c.variants)
+        same = len(variants) == len(self._shown_variants) and all(
+            a is b for a, b in zip(variants, self._shown_variants))
+        if same:  # only the pick changed: keep the strip (and where it is scrolled to)
+            self.variant_strip.set_picked(self.c.picked)
+        else:
+            self.variant_strip.set_variants([(v.label, v.thumbnail) for v in variants], self.c.picked)
+            self._shown_variants = variants
+        self.variants_box.setTitle(f"Variants ({len(variants)})")
+        self.variants_box.setVisible(len(variants) > 1)
+
     # -- widgets -> controller ------------------------------------------------------------
+    def _on_variant(self, index: int):
+        self.c.pick_variant(index)
+        self.variant_strip.set_picked(self.c.picked)  # back to the shown one if it failed
+
     def _on_start(self):
         if self.c.process.running:
             self.c.stop_backend()

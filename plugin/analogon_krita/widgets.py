@@ -1,11 +1,12 @@
-"""Widgets the panel is made of: parameter forms from schema fields, layer pickers."""
+"""Widgets the panel is made of: parameter forms from schema fields, layer pickers, the
+strip of a multi-image result's variants."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
 from .forms import Field
-from .qt import Qt, QtWidgets, pyqtSignal
+from .qt import QIcon, QPixmap, QSize, Qt, QtWidgets, pyqtSignal
 
 QWidget = QtWidgets.QWidget
 
@@ -198,3 +199,97 @@ class LayerPicker(QWidget):
     def _on_list(self, _=None):
         if not self._loading:
             self.picked.emit(self.role["name"], self.chosen())
+
+
+class VariantStrip(QWidget):
+    """A horizontal row of thumbnails with their labels (the variants of one result). The
+    picked one is highlighted. ``picked(i)`` when the user clicks one, ``keep(i)`` when the
+    user asks for it as a new layer (context menu or the button, which keeps the picked one)."""
+
+    picked = pyqtSignal(int)
+    keep = pyqtSignal(int)
+
+    ICON = 64
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.list = QtWidgets.QListWidget()
+        self.list.setObjectName("variants")
+        self.list.setViewMode(QtWidgets.QListView.ViewMode.IconMode)
+        self.list.setFlow(QtWidgets.QListView.Flow.LeftToRight)
+        self.list.setWrapping(False)
+        self.list.setMovement(QtWidgets.QListView.Movement.Static)
+        self.list.setWordWrap(True)
+        self.list.setIconSize(QSize(self.ICON, self.ICON))
+        self.list.setGridSize(QSize(self.ICON + 32, self.ICON + 36))
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.list.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.list.setFixedHeight(self.ICON + 36 + 24)
+        self.list.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.SingleSelection)
+        self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.list.setToolTip("Click a variant to show it in the result layer; right-click to add "
+                             "it as a new layer.")
+        lay.addWidget(self.list)
+        self.keep_button = QtWidgets.QPushButton("Keep as new layer")
+        self.keep_button.setToolTip("Add the highlighted variant as another layer above the "
+                                    "result, so that the result layer can show another one.")
+        lay.addWidget(self.keep_button, 0, Qt.AlignmentFlag.AlignRight)
+        self._loading = False
+        self.list.currentRowChanged.connect(self._on_row)
+        self.list.customContextMenuRequested.connect(self._on_context_menu)
+        self.keep_button.clicked.connect(lambda: self.current() >= 0 and self.keep.emit(self.current()))
+
+    def set_variants(self, variants: list[tuple[str, Any]], picked: int):
+        """``variants``: (label, thumbnail QImage or None) in order."""
+        self._loading = True
+        try:
+            self.list.clear()
+            for label, thumb in variants:
+                item = QtWidgets.QListWidgetItem(label)
+                item.setToolTip(label)
+                if thumb is not None and not thumb.isNull():
+                    item.setIcon(QIcon(QPixmap.fromImage(thumb)))
+                self.list.addItem(item)
+        finally:
+            self._loading = False
+        self.set_picked(picked)
+
+    def set_picked(self, picked: int):
+        self._loading = True
+        try:
+            for i in range(self.list.count()):
+                item = self.list.item(i)
+                font = item.font()
+                font.setBold(i == picked)
+                item.setFont(font)
+            self.list.setCurrentRow(picked if 0 <= picked < self.list.count() else -1)
+        finally:
+            self._loading = False
+
+    def current(self) -> int:
+        return self.list.currentRow()
+
+    def labels(self) -> list[str]:
+        return [self.list.item(i).text() for i in range(self.list.count())]
+
+    def _on_row(self, row: int):
+        if not self._loading and row >= 0:
+            self.picked.emit(row)
+
+    def menu_for(self, row: int):
+        """The context menu of variant ``row``."""
+        menu = QtWidgets.QMenu(self)
+        show = menu.addAction("Show in the result layer")
+        show.triggered.connect(lambda _=False: self.picked.emit(row))
+        add = menu.addAction("Add as a new layer")
+        add.triggered.connect(lambda _=False: self.keep.emit(row))
+        return menu
+
+    def _on_context_menu(self, pos):
+        item = self.list.itemAt(pos)
+        if item is None:
+            return
+        menu = self.menu_for(self.list.row(item))
+        menu.popup(self.list.viewport().mapToGlobal(pos))

@@ -145,6 +145,22 @@ def test_result_of_another_size_is_scaled_to_the_region(kapp):
     assert node.pixelData(15, 15, 1, 1) == bytes([9, 9, 9, 255])
 
 
+def test_replace_result_rewrites_only_that_layer_over_the_region(kapp):
+    doc = new_doc(kapp, 16, 16, depth="U16")
+    t = add_layer(doc, "t", (0, 0, 0, 0, 0, 0, 255, 255))
+    roi = Rect(4, 4, 8, 8)
+    mask = bytes([255] * 32 + [0] * 32)  # top half of the region only
+    node = kd.insert_result(doc, t, bytes([10, 20, 30, 255]) * 64, 8, 8, roi, "r 1", mask)
+    kd.replace_result(doc, node, bytes([40, 50, 60, 255]) * 16, 4, 4, roi, mask, "r 2")
+    expected = kd.insert_result(doc, t, bytes([40, 50, 60, 255]) * 64, 8, 8, roi, "e", mask)
+    assert node.name() == "r 2" and node.pixelData(0, 0, 16, 16) == expected.pixelData(0, 0, 16, 16)
+    assert kd.read_layer(node, Rect(4, 4, 1, 1)) == bytes([40, 50, 60, 255])
+    assert kd.read_layer(node, Rect(4, 11, 1, 1))[3] == 0 and t.writes == 0
+    group = doc.createNode("g", "grouplayer")
+    with pytest.raises(AdapterError):
+        kd.replace_result(doc, group, bytes([1, 2, 3, 255]) * 64, 8, 8, roi)
+
+
 def test_edit_map_layer(kapp):
     doc = new_doc(kapp, 8, 8)
     t = add_layer(doc, "photo", (1, 2, 3, 255))

@@ -1,0 +1,278 @@
+"""Multi-image results (a DIA λ sweep): one result layer, the others as variants to pick from,
+in the controller and in the panel's strip. The backend is replaced by a runner that answers
+each pass with the images a test gives it."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import schemas
+from conftest import wait_until
+from fake_krita import Selection
+from PyQt6.QtCore import QObject, QTimer, pyqtSignal
+
+import analogon_krita.controller as controller_mod
+from analogon_krita import document as kd
+from analogon_krita.client import JobResult
+from analogon_krita.controller import Controller
+from analogon_krita.document import Rect
+from analogon_krita.panel import AnalogonPanel
+
+LABELS = ["\u03bb=0, cfg=7.5", "\u03bb=0.5, cfg=7.5", "\u03bb=1, cfg=7.5", "\u03bb=1.5, cfg=7.5"]
+COLOURS = [(200, 0, 0, 255), (0, 200, 0, 255), (0, 0, 200, 255), (90, 90, 10, 255)]
+
+
+class ScriptedRunner(QObject):
+    """Stands in for client.JobRunner: each pass answers with the next entry of ``script``
+    (a list of (label, RGBA colour)), as images of ``size``."""
+
+    stage = pyqtSignal(str)
+    progress = pyqtSignal(str, int, int)
+    preview = pyqtSignal(object)
+    done = pyqtSignal(object)
+    failed = pyqtSignal(str)
+    cancelled = pyqtSignal()
+
+    script: list = []
+    specs: list = []
+    size = (0, 0)
+
+    def __init__(self, client, spec, parent=None):
+        super().__init__(parent)
+        self.spec = spec
+
+    def start(self):
+        ScriptedRunner.specs.append(self.spec)
+        w, h = ScriptedRunner.size
+        images = [(bytes(colour) * (w * h), w, h, label, sha_of(label, colour))
+                  for label, colour in ScriptedRunner.script.pop(0)]
+        result = JobResult(images, self.spec.seed, dict(self.spec.params), {}, "job")
+        QTimer.singleShot(0, lambda: self.done.emit(result))
+
+    def cancel(self):
+        self.cancelled.emit()
+
+
+def sha_of(label, colour) -> str:
+    return hashlib.sha256(f"{label}{colour}".encode()).hexdigest()
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    ScriptedRunner.script, ScriptedRunner.specs = [], []
+    monkeypatch.setattr(controller_mod, "JobRunner", ScriptedRunner)
+    return ScriptedRunner
+
+
+def sweep(n=4):
+    return list(zip(LABELS, COLOURS))[:n]
+
+
+def bgra(colour, count):
+    r, g, b, a = colour
+    return bytes((b, g, r, a)) * count
+
+
+def layer(doc, name, colour):
+    n = doc.createNode(name, "paintlayer")
+    doc.rootNode().addChildNode(n, (doc.rootNode().childNodes() or [None])[-1])
+    n.setPixelData(bgra(colour, doc.width() * doc.height()), 0, 0, doc.width(), doc.height())
+    n.writes = 0
+    return n
+
+
+def dia_setup(kapp, runner, w=16, h=16):
+    doc = kapp.createDocument(w, h, "t", "RGBA", "U8", "", 72.0)
+    kapp.setActiveDocument(doc)
+    a, ap = layer(doc, "A", (10, 10, 10, 255)), layer(doc, "A'", (20, 20, 20, 255))
+    b = layer(doc, "B", (30, 30, 30, 255))
+    c = Controller(app=kapp)
+    c.methods = [dict(m) for m in schemas.METHODS]
+    c.method_id = "dia"
+    c.connection = "connected"
+    c.set_seed(5, False)
+    c.set_role("a", [kd.layer_id(a)])
+    c.set_role("a_prime", [kd.layer_id(ap)])
+    c.set_role("b", [kd.layer_id(b)])
+    runner.size = (w, h)
+    return doc, c, (a, ap, b)
+
+
+def run(c, script):
+    ScriptedRunner.script.extend(script)
+    ends = []
+    c.finished.connect(ends.append)
+    assert c.generate(), c.error
+    assert wait_until(lambda: ends, 10), "the job did not finish"
+    c.finished.disconnect()
+    assert ends == ["done"], c.error
+    return ends[0]
+
+
+def names(doc):
+    return [n.name() for n in doc.rootNode().childNodes()]
+
+
+def snapshot(nodes):
+    return {n.name(): (n.pixelData(0, 0, n._doc._w, n._doc._h), n.writes) for n in nodes}
+
+
+def test_a_sweep_adds_one_layer_and_lists_its_variants(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner)
+    seen = []
+    c.variantsChanged.connect(lambda: seen.append(len(c.variants)))
+    run(c, [sweep()])
+    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=0, cfg=7.5"]
+    assert [v.label for v in c.variants] == LABELS and c.picked == 0
+    assert [v.sha for v in c.variants] == [sha_of(lb, col) for lb, col in sweep()]
+    assert all(v.thumbnail is not None and not v.thumbnail.isNull() for v in c.variants)
+    assert seen[-1] == 4
+    [entry] = c.history
+    assert entry.layer_name == "dia seed 5 \u03bb=0, cfg=7.5" and entry.result_sha == c.variants[0].sha
+    node = doc.nodeByName(entry.layer_name)
+    assert node.pixelData(0, 0, 16, 16) == bgra(COLOURS[0], 256)
+    assert c._chain_sha == c.variants[0].sha
+
+
+def test_picking_a_variant_rewrites_the_result_layer(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner)
+    run(c, [sweep()])
+    node = doc.nodeByName(c.history[0].layer_name)
+    before = snapshot(inputs)
+    history_changes = []
+    c.historyChanged.connect(lambda: history_changes.append(1))
+    assert c.pick_variant(2)
+    assert node.pixelData(0, 0, 16, 16) == bgra(COLOURS[2], 256)
+    assert node.name() == "dia seed 5 \u03bb=1, cfg=7.5" and c.picked == 2
+    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=1, cfg=7.5"]  # no layer added
+    entry = c.history[0]
+    assert entry.layer_id == kd.layer_id(node) and entry.layer_name == node.name()
+    assert entry.result_sha == c.variants[2].sha and entry.thumbnail is c.variants[2].thumbnail
+    assert c._chain_sha == c.variants[2].sha
+    assert history_changes and snapshot(inputs) == before
+    assert not c.pick_variant(4) and not c.pick_variant(-1)
+
+
+def test_picking_follows_the_selection_like_the_first_result(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner, 32, 32)
+    c.settings.set("padding", 4)
+    c.settings.set("feather", 2)
+    sel = Selection()
+    sel.select(12, 12, 8, 8, 255)
+    doc.setSelection(sel)
+    roi, _ = kd.region_of_interest(doc, 4)
+    runner.size = (roi.w, roi.h)
+    run(c, [sweep()])
+    node = doc.nodeByName(c.history[0].layer_name)
+    assert c.pick_variant(3)
+    mask = kd.feathered_mask(doc, roi, 2)
+    expected = kd.insert_result(doc, None, bytes(COLOURS[3]) * (roi.w * roi.h), roi.w, roi.h, roi,
+                                "expected", mask)
+    assert node.pixelData(0, 0, 32, 32) == expected.pixelData(0, 0, 32, 32)
+    assert Rect.of(node.bounds()).intersect(roi) == Rect.of(node.bounds())  # nothing outside
+    assert node.pixelData(0, 0, 1, 1)[3] == 0
+
+
+def test_picking_after_the_layer_was_removed_adds_a_new_one(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner)
+    run(c, [sweep()])
+    doc.nodeByName(c.history[0].layer_name).remove()
+    other = layer(doc, "painted later", (1, 2, 3, 255))
+    before = snapshot(inputs + (other,))
+    assert c.pick_variant(1)
+    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=0.5, cfg=7.5", "painted later"]
+    new = doc.nodeByName("dia seed 5 \u03bb=0.5, cfg=7.5")
+    assert new.pixelData(0, 0, 16, 16) == bgra(COLOURS[1], 256)
+    assert c.history[0].layer_id == kd.layer_id(new) and snapshot(inputs + (other,)) == before
+    assert c.pick_variant(3)  # the new layer is now the one that shows the picks
+    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=1.5, cfg=7.5", "painted later"]
+    assert new.pixelData(0, 0, 16, 16) == bgra(COLOURS[3], 256)
+
+
+def test_a_variant_can_be_kept_as_another_layer(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner)
+    run(c, [sweep()])
+    result = doc.nodeByName(c.history[0].layer_name)
+    result.writes = 0
+    assert c.add_variant_as_layer(3)
+    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=0, cfg=7.5", "dia seed 5 \u03bb=1.5, cfg=7.5"]
+    assert doc.nodeByName("dia seed 5 \u03bb=1.5, cfg=7.5").pixelData(0, 0, 16, 16) == bgra(COLOURS[3], 256)
+    assert result.writes == 0 and c.picked == 0 and len(c.history) == 1
+    assert c.add_variant_as_layer(1)  # stacked above the one kept before
+    assert names(doc)[-1] == "dia seed 5 \u03bb=0.5, cfg=7.5"
+    assert c.pick_variant(2)  # the result layer still takes the picks
+    assert names(doc)[3] == "dia seed 5 \u03bb=1, cfg=7.5" and len(doc.rootNode().childNodes()) == 6
+
+
+def test_chained_passes_put_only_the_last_pass_variants_in_the_strip(kapp, runner):
+    doc = kapp.createDocument(16, 16, "t", "RGBA", "U8", "", 72.0)
+    kapp.setActiveDocument(doc)
+    photo = layer(doc, "photo", (30, 30, 30, 255))
+    ex1, ex2 = layer(doc, "ex1", (0, 0, 255, 255)), layer(doc, "ex2", (0, 255, 0, 255))
+    c = Controller(app=kapp)
+    c.methods = [dict(m) for m in schemas.METHODS]
+    c.method_id = "pixels"
+    c.connection = "connected"
+    c.set_seed(3, False)
+    c.set_role("source", [kd.layer_id(photo)])
+    c.set_role("exemplar", [kd.layer_id(ex1), kd.layer_id(ex2)])
+    c.set_progressive(True)
+    runner.size = (16, 16)
+    first = [("one", COLOURS[0]), ("two", COLOURS[1]), ("three", COLOURS[2])]
+    run(c, [first, sweep()])
+    assert names(doc) == ["photo", "pixels seed 3 (pass 1/2) one",
+                          "pixels seed 3 (pass 2/2) \u03bb=0, cfg=7.5", "ex1", "ex2"]
+    assert runner.specs[1].images["source"].sha == sha_of("one", COLOURS[0])  # pass 2 starts from pass 1
+    assert [v.label for v in c.variants] == LABELS
+    assert c.pick_variant(1)
+    assert c.history[0].layer_name == "pixels seed 3 (pass 2/2) \u03bb=0.5, cfg=7.5"
+    assert c.history[1].layer_name == "pixels seed 3 (pass 1/2) one"
+    assert doc.nodeByName("pixels seed 3 (pass 1/2) one").pixelData(0, 0, 16, 16) == bgra(COLOURS[0], 256)
+
+
+def test_a_new_job_clears_the_variants(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner)
+    run(c, [sweep()])
+    assert len(c.variants) == 4
+    ScriptedRunner.script.append([("", COLOURS[2])])
+    ends = []
+    c.finished.connect(ends.append)
+    assert c.generate()
+    assert c.busy and c.variants == [] and c.picked == -1  # cleared as the job starts
+    assert not c.pick_variant(0) and not c.add_variant_as_layer(0)
+    assert wait_until(lambda: ends, 10) and ends == ["done"]
+    assert c.variants == [] and names(doc)[3] == "dia seed 5"  # one image: named as before
+    assert names(doc)[4] == "dia seed 5 \u03bb=0, cfg=7.5"
+
+
+def test_panel_strip_shows_variants_and_picks(kapp, runner):
+    doc, c, inputs = dia_setup(kapp, runner)
+    panel = AnalogonPanel(c)
+    strip = panel.variant_strip
+    assert not panel.variants_box.isVisibleTo(panel)
+    run(c, [sweep()])
+    assert panel.variants_box.isVisibleTo(panel) and panel.variants_box.title() == "Variants (4)"
+    assert strip.list.count() == 4 and strip.labels() == LABELS
+    assert all(not strip.list.item(i).icon().isNull() for i in range(4))
+    assert strip.current() == 0 and strip.list.item(0).font().bold()
+    strip.list.setCurrentRow(2)  # a click
+    assert c.picked == 2 and strip.list.item(2).font().bold() and not strip.list.item(0).font().bold()
+    assert names(doc)[-1] == "dia seed 5 \u03bb=1, cfg=7.5"
+    assert "\u03bb=1, cfg=7.5" in panel.history_list.item(0).text()
+    strip.menu_for(3).actions()[1].trigger()  # context menu: add as a new layer
+    assert names(doc)[-1] == "dia seed 5 \u03bb=1.5, cfg=7.5"
+    strip.keep_button.click()  # keeps the picked one
+    assert names(doc)[-1] == "dia seed 5 \u03bb=1, cfg=7.5" and len(names(doc)) == 6
+    strip.menu_for(0).actions()[0].trigger()  # context menu: show in the result layer
+    assert c.picked == 0 and strip.current() == 0
+    # a single-image result: the strip goes away when the job starts and stays away
+    ScriptedRunner.script.append([("", COLOURS[2])])
+    ends = []
+    c.finished.connect(ends.append)
+    assert c.generate()
+    assert not panel.variants_box.isVisibleTo(panel)
+    assert wait_until(lambda: ends, 10) and ends == ["done"]
+    assert not panel.variants_box.isVisibleTo(panel) and strip.list.count() == 0
+    # another sweep shows it again, with the new images
+    run(c, [sweep(3)])
+    assert panel.variants_box.isVisibleTo(panel) and strip.labels() == LABELS[:3]
