@@ -270,7 +270,9 @@ def test_event_stream_reconnects_and_skips_replayed_events():
     stream.start()
     assert wait_until(lambda: stream.finished, 10)
     assert got == ["queued", "started", "progress", "done"]
-    assert stream.reconnects == 1 and srv.connections == 2
+    # One reconnect of ours; Qt itself may retry a request whose connection it saw close
+    # before it read the answer (seen on a loaded machine), so the server may count more.
+    assert stream.reconnects == 1 and srv.connections >= 2
 
 
 def test_sse_parser_handles_chunks_crlf_comments_multiline():
