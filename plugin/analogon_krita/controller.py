@@ -791,37 +791,43 @@ class Controller(QObject):
         top = list(doc.rootNode().childNodes())
         return top[-1] if top else None
 
+    def _on_variant(self, index: int, failure: str, action) -> str | None:
+        """Run ``action(variant, where)`` on the latest result's variant ``index``; its message,
+        or None when there is nothing to do or it failed (the error is shown)."""
+        where = self._variant_result
+        if where is None or not 0 <= index < len(self.variants) or self.busy:
+            return None
+        self.set_error("")
+        try:
+            kdoc.check_document(where.doc)
+            return action(self.variants[index], where)
+        except AdapterError as e:
+            self.set_error(e.message)
+        except Exception as e:  # a closed document, an odd host error
+            self.set_error(f"{failure}: {e}")
+        return None
+
     def pick_variant(self, index: int) -> bool:
         """Show variant ``index`` in the result layer of the latest result (its pixels and
         name), and make it that pass's result in the history and for chaining. When that
         layer was deleted, a new result layer is added instead."""
-        where = self._variant_result
-        if where is None or not 0 <= index < len(self.variants) or self.busy:
-            return False
-        v, doc = self.variants[index], where.doc
-        self.set_error("")
-        try:
-            kdoc.check_document(doc)
-            node = kdoc.find_layer(doc, where.layer_id)
+        def show(v: Variant, where: _VariantResult) -> str:
+            node = kdoc.find_layer(where.doc, where.layer_id)
             if node is not None:
-                kdoc.replace_result(doc, node, v.rgba, v.width, v.height, where.roi, where.mask,
-                                    v.layer_name)
-                what = f"\u201c{v.layer_name}\u201d now shows {v.label}."
-            else:
-                above = self._variant_anchor(doc)
-                node = kdoc.insert_result(doc, above, v.rgba, v.width, v.height, where.roi,
-                                          v.layer_name, where.mask)
-                where.layer_id = kdoc.layer_id(node)
-                what = f"The result layer was removed; added \u201c{v.layer_name}\u201d."
-        except AdapterError as e:
-            self.set_error(e.message)
+                kdoc.replace_result(where.doc, node, v.rgba, v.width, v.height, where.roi,
+                                    where.mask, v.layer_name)
+                return f"\u201c{v.layer_name}\u201d now shows {v.label}."
+            node = kdoc.insert_result(where.doc, self._variant_anchor(where.doc), v.rgba, v.width,
+                                      v.height, where.roi, v.layer_name, where.mask)
+            where.layer_id = kdoc.layer_id(node)
+            return f"The result layer was removed; added \u201c{v.layer_name}\u201d."
+
+        what = self._on_variant(index, "Could not show the variant", show)
+        if what is None:
             return False
-        except Exception as e:  # a closed document, an odd host error
-            self.set_error(f"Could not show the variant: {e}")
-            return False
-        entry = where.entry
+        v, entry = self.variants[index], self._variant_result.entry
         entry.result_sha, entry.thumbnail = v.sha, v.thumbnail
-        entry.layer_id, entry.layer_name = where.layer_id, v.layer_name
+        entry.layer_id, entry.layer_name = self._variant_result.layer_id, v.layer_name
         self._chain_sha = v.sha
         self.picked = index
         self.variantsChanged.emit()
@@ -834,25 +840,18 @@ class Controller(QObject):
     def add_variant_as_layer(self, index: int) -> bool:
         """Keep variant ``index`` as an additional result layer above the result layer (the
         result layer itself is left as it is)."""
-        where = self._variant_result
-        if where is None or not 0 <= index < len(self.variants) or self.busy:
-            return False
-        v, doc = self.variants[index], where.doc
-        self.set_error("")
-        try:
-            kdoc.check_document(doc)
-            above = self._variant_anchor(doc, where.added_id, where.layer_id)
-            node = kdoc.insert_result(doc, above, v.rgba, v.width, v.height, where.roi,
+        def add(v: Variant, where: _VariantResult) -> str:
+            above = self._variant_anchor(where.doc, where.added_id, where.layer_id)
+            node = kdoc.insert_result(where.doc, above, v.rgba, v.width, v.height, where.roi,
                                       v.layer_name, where.mask)
-        except AdapterError as e:
-            self.set_error(e.message)
+            where.added_id = kdoc.layer_id(node)
+            return f"Added the layer \u201c{v.layer_name}\u201d."
+
+        what = self._on_variant(index, "Could not add the variant", add)
+        if what is None:
             return False
-        except Exception as e:
-            self.set_error(f"Could not add the variant: {e}")
-            return False
-        where.added_id = kdoc.layer_id(node)
         self.refresh_layers(force=True)
-        self.set_message(f"Added the layer \u201c{v.layer_name}\u201d.")
+        self.set_message(what)
         return True
 
     # == history =========================================================================
