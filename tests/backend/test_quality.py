@@ -95,3 +95,30 @@ def test_demo_case_gives_each_method_its_roles_from_the_toy_world():
             for sha in ref if isinstance(ref, list) else [ref]:
                 assert source.load(sha).shape[2] == 4
     assert demo_case("no-such-method") is None
+
+
+def test_model_baselines_run_next_to_the_methods_of_their_kind(monkeypatch):
+    """A registered model baseline runs through the engine for each case of its kind (with
+    per-case parameters), and only when a method measured on that kind runs."""
+    seen = []
+
+    def params_for(case):
+        seen.append(case.name)
+        return {"prompt": case.changed.get("colour", "")}
+
+    monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(
+        ("exemplar",), {"source": "source"}, {"steps": 2, "strength": 0.5}))
+    monkeypatch.setattr(qc, "MODEL_BASELINES", {})
+    qc.register_baseline("exemplar", "img2img", "pixels", {"source": "source"},
+                         {"steps": 2, "strength": 0.5}, params_for=params_for)
+    rep = run_quality(methods=["pixels"], kinds=["exemplar"], n=2, seed=0, model="tiny-sd",
+                      device="cpu", log=lambda s: None)
+    row = next(r for r in rep["rows"] if r["method"] == "img2img")
+    assert row["cases"] == 2 and row["baseline"] and "errors" not in row
+    assert set(row["change_by"]) <= {"colour", "texture"}
+    assert len(seen) == 2 and [c["method"] for c in rep["cases"]].count("img2img") == 2
+    # no method of that kind asked for: the model is not loaded for the baseline
+    seen.clear()
+    rep = run_quality(methods=["no-such-method"], kinds=["exemplar"], n=2, model="tiny-sd",
+                      device="cpu", log=lambda s: None)
+    assert not seen and all(r["method"] != "img2img" for r in rep["rows"])

@@ -63,6 +63,7 @@ def score_case(case: Case, result: np.ndarray) -> dict[str, Any]:
     keep_ok = [r.get(k) == case.truth[k] for k in case.kept]
     out: dict[str, Any] = {
         "change": float(np.mean(change_ok)) if change_ok else 1.0,
+        "change_by": {k: float(ok) for k, ok in zip(case.changed, change_ok)},
         "keep": float(np.mean(keep_ok)) if keep_ok else 1.0,
         "all": float(all(change_ok) and all(keep_ok)),
         "dist": float(np.abs(res.astype(np.float32) - case.truth_image.astype(np.float32)).mean()
@@ -83,6 +84,12 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [s[k] for s in scores if k in s]
         if vals:
             out[k] = float(np.mean(vals))
+    # adoption rate of each changed attribute (an appearance case changes two)
+    by: dict[str, list[float]] = {}
+    for s in scores:
+        for k, v in s.get("change_by", {}).items():
+            by.setdefault(k, []).append(v)
+    out["change_by"] = {k: float(np.mean(v)) for k, v in by.items()}
     return out
 
 
@@ -219,7 +226,10 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
 
     try:
         if baselines:
-            for kind in built:
+            # baselines that run the model, for the kinds a method here is measured on
+            measured = {k for m in wanted if m in METHODS and m in registered
+                        for k in METHODS[m].kinds}
+            for kind in (k for k in built if k in measured):
                 for name, b in cases_mod.MODEL_BASELINES.get(kind, {}).items():
                     if b.method not in registered:
                         notes.append(f"{name}: skipped ({b.method} is not installed)")
