@@ -1,6 +1,7 @@
 """Appearance transfer on the trained toy world (skipped when toy-sd is not installed): seeded,
-it must adopt the appearance more often than returning the structure does, while keeping the
-structure's shape more often than returning the appearance does."""
+it must adopt the appearance more often than plain img2img of the structure with the same
+prompt, steps and seed does, and keep the structure more often than returning the appearance
+does."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,27 @@ def test_registered_quality_cases():
     get("appearance").Params(**PARAMS)  # valid parameters
 
 
-def test_beats_the_trivial_baselines_on_toy_sd():
+def test_appearance_cases_carry_the_img2img_baselines():
+    from analogon.methods import get
+    from analogon.quality import cases as cases_mod
+    from analogon.quality.cases_appearance import PARAMS
+
+    baselines = cases_mod.MODEL_BASELINES["appearance"]
+    assert set(baselines) == {"img2img, same prompt", "img2img, look in words"}
+    case = cases_mod.build("appearance", 1, 0)[0]
+    for b in baselines.values():
+        params = get(b.method).Params(**b.params_of(case))  # valid pixels parameters
+        assert b.roles == {"source": "structure"}
+        # the transfer's schedule: the same steps run
+        assert params.steps == PARAMS["steps"]
+        assert round(params.steps * params.strength) == PARAMS["steps"] - PARAMS["skip_steps"]
+    same = baselines["img2img, same prompt"].params_of(case)
+    assert same["prompt"] == "a shape" and same["guidance"] == 1.0
+    words = baselines["img2img, look in words"].params_of(case)
+    assert words["prompt"] == f"a {case.changed['colour']} {case.changed['texture']} shape"
+
+
+def test_beats_plain_img2img_on_toy_sd():
     from analogon.models.toy import toy_sd_available
 
     if not toy_sd_available():
@@ -26,6 +47,8 @@ def test_beats_the_trivial_baselines_on_toy_sd():
     report = run_quality(methods=["appearance"], kinds=["appearance"], n=4, seed=0,
                          model="toy-sd", device="cpu", log=lambda s: None)
     rows = {r["method"]: r for r in report["rows"]}
-    ours = rows["appearance"]
-    assert ours["change"] > rows["structure unchanged"]["change"]
-    assert ours["keep"] > rows["appearance returned"]["keep"]
+    ours, img2img = rows["appearance"], rows["img2img, same prompt"]
+    assert not ours.get("errors") and not img2img.get("errors"), report["notes"]
+    assert ours["change"] > img2img["change"], (ours, img2img)
+    assert ours["change_by"]["colour"] > img2img["change_by"]["colour"], (ours, img2img)
+    assert ours["keep"] > rows["appearance returned"]["keep"], ours

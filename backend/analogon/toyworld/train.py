@@ -566,7 +566,7 @@ def parse_args(argv):
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
     ap.add_argument("--clip-minutes", type=float, default=0, help="time limit (0: none)")
-    ap.add_argument("--unet-steps", type=int, default=613)
+    ap.add_argument("--unet-steps", type=int, default=6203)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--unet-minutes", type=float, default=0, help="time limit (0: none)")
