@@ -86,6 +86,18 @@ def alpha_of(rgba: np.ndarray) -> np.ndarray:
     return rgba[..., 3].astype(np.float32) / 255.0
 
 
+def over(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """RGBA ``top`` composited over RGBA ``bottom`` (same size) by its straight alpha; the
+    bottom's alpha is kept. An opaque ``top`` is returned as it is."""
+    a = top[..., 3:4].astype(np.float32) / 255.0
+    if (a >= 1.0).all():
+        return top
+    rgb = top[..., :3].astype(np.float32) * a + bottom[..., :3].astype(np.float32) * (1.0 - a)
+    out = bottom.copy()
+    out[..., :3] = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    return out
+
+
 def combine_maps(maps: list[np.ndarray | None]) -> np.ndarray | None:
     """Product of the given maps (None entries ignored); None when there are none."""
     out = None

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .diffusion import noised
+from .images import over
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
 
@@ -111,10 +112,7 @@ def composite_over(top: np.ndarray, base: np.ndarray) -> np.ndarray:
     would look pasted on the source, opaque. The VAE then encodes the exemplar with the source
     around it rather than with black transparent pixels, so nothing dark bleeds into the latent
     at the exemplar's edge (the authors zero-pad instead)."""
-    a = top[..., 3:4].astype(np.float32) / 255.0
-    rgb = top[..., :3].astype(np.float32) * a + base[..., :3].astype(np.float32) * (1.0 - a)
-    out = np.empty(base.shape[:2] + (4,), np.uint8)
-    out[..., :3] = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    out = over(top, base).copy()
     out[..., 3] = 255
     return out
 

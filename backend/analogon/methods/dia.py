@@ -37,6 +37,7 @@ from ..core import conditioning_inversion as CI
 from ..core import noise_inversion as NI
 from ..core.diffusion import Conditioning, encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core import images as im
 from ..core.images import (check_not_empty, check_same_size, combine_maps,
                            from_tensor, map_from_rgba, map_to_tensor, native_size, resize_rgba,
                            rgb_to_rgba, size_of, small_preview, to_tensor)
@@ -145,12 +146,9 @@ class Params(MethodParams):
 def over(top: LayerImage, under: LayerImage) -> LayerImage:
     """A′ painted on a layer of its own (transparent where nothing changes) is A′ composited
     over A; an opaque A′ is itself. The composite gets its own content hash (cache key)."""
-    alpha = top.rgba[..., 3:4].astype(np.float32) / 255.0
-    if (alpha >= 1.0).all():
+    out = im.over(top.rgba, under.rgba)
+    if out is top.rgba:
         return top
-    rgb = top.rgba[..., :3].astype(np.float32) * alpha + under.rgba[..., :3].astype(np.float32) * (1 - alpha)
-    out = under.rgba.copy()
-    out[..., :3] = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
     h = hashlib.sha256(b"over:" + top.sha.encode() + b":" + under.sha.encode())
     return LayerImage(out, h.hexdigest())
 

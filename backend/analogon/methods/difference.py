@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..core import images as im
+from ..core.images import over
 from ..core.captioning import (
     CAPTIONERS, DEFAULT_CAPTION_MODEL, PezCaptioner, PezSettings, blip_captioner,
     resolve_captions,
@@ -436,16 +437,6 @@ def to_scheduler_space(scheduler, x_vp: torch.Tensor, t, alphas_cumprod: torch.T
 
 
 # -- the method ---------------------------------------------------------------------------------
-
-def over(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
-    """``top`` composited over ``bottom`` by its alpha (RGB; the bottom's alpha is kept)."""
-    a = top[..., 3:4].astype(np.float32) / 255.0
-    if (a >= 1.0).all():
-        return top
-    out = bottom.copy()
-    out[..., :3] = np.clip(np.round(top[..., :3] * a + bottom[..., :3] * (1 - a)), 0, 255).astype(np.uint8)
-    return out
-
 
 class DifferenceMethod(Method):
     id = "difference"
