@@ -129,10 +129,7 @@ def run(opts) -> list[dict[str, Any]]:
         saved = _Saved()
 
         def go(count: bool = False):
-            if count:
-                with saved:
-                    box["r"] = CI.invert_conditioning(bundle, x, s)
-            else:
+            with saved if count else contextlib.nullcontext():
                 box["r"] = CI.invert_conditioning(bundle, x, s)
             _sync(bundle)
 

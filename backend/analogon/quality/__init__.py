@@ -139,7 +139,6 @@ def case_images(method_id: str, roles: dict[str, str], case: Case):
 def demo_case(method_id: str, seed: int = 0):
     """One toy-world case for ``analogon demo`` on toy-sd: (refs by role, image source), or
     None when the method registered no cases."""
-    _load_method_cases()
     spec = METHODS.get(method_id)
     if spec is None or not spec.kinds:
         return None

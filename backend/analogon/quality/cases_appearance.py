@@ -32,7 +32,7 @@ register_baseline("appearance", "img2img, same prompt", "pixels", {"source": "st
 register_baseline("appearance", "img2img, look in words", "pixels", {"source": "structure"},
                   {**_IMG2IMG, "guidance": 7.5},
                   params_for=lambda c: {"prompt": f"a {c.changed['colour']} "
-                                                  f"{c.changed['texture']} shape"})
+                                                  f"{c.changed['texture']} {PARAMS['domain']}"})
 
 register_method(
     "appearance", ("appearance",), {"structure": "structure", "appearance": "appearance"},
