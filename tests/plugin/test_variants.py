@@ -81,21 +81,30 @@ def layer(doc, name, colour):
     return n
 
 
-def dia_setup(kapp, runner, w=16, h=16):
+def new_document(kapp, runner, w=16, h=16):
     doc = kapp.createDocument(w, h, "t", "RGBA", "U8", "", 72.0)
     kapp.setActiveDocument(doc)
-    a, ap = layer(doc, "A", (10, 10, 10, 255)), layer(doc, "A'", (20, 20, 20, 255))
-    b = layer(doc, "B", (30, 30, 30, 255))
+    runner.size = (w, h)
+    return doc
+
+
+def connected(kapp, method, seed, roles):
+    """A controller as if connected to a backend, with ``roles``: role -> layers."""
     c = Controller(app=kapp)
     c.methods = [dict(m) for m in schemas.METHODS]
-    c.method_id = "dia"
+    c.method_id = method
     c.connection = "connected"
-    c.set_seed(5, False)
-    c.set_role("a", [kd.layer_id(a)])
-    c.set_role("a_prime", [kd.layer_id(ap)])
-    c.set_role("b", [kd.layer_id(b)])
-    runner.size = (w, h)
-    return doc, c, (a, ap, b)
+    c.set_seed(seed, False)
+    for role, nodes in roles.items():
+        c.set_role(role, [kd.layer_id(n) for n in nodes])
+    return c
+
+
+def dia_setup(kapp, runner, w=16, h=16):
+    doc = new_document(kapp, runner, w, h)
+    a, ap = layer(doc, "A", (10, 10, 10, 255)), layer(doc, "A'", (20, 20, 20, 255))
+    b = layer(doc, "B", (30, 30, 30, 255))
+    return doc, connected(kapp, "dia", 5, {"a": [a], "a_prime": [ap], "b": [b]}), (a, ap, b)
 
 
 def run(c, script):
@@ -205,19 +214,11 @@ def test_a_variant_can_be_kept_as_another_layer(kapp, runner):
 
 
 def test_chained_passes_put_only_the_last_pass_variants_in_the_strip(kapp, runner):
-    doc = kapp.createDocument(16, 16, "t", "RGBA", "U8", "", 72.0)
-    kapp.setActiveDocument(doc)
+    doc = new_document(kapp, runner)
     photo = layer(doc, "photo", (30, 30, 30, 255))
     ex1, ex2 = layer(doc, "ex1", (0, 0, 255, 255)), layer(doc, "ex2", (0, 255, 0, 255))
-    c = Controller(app=kapp)
-    c.methods = [dict(m) for m in schemas.METHODS]
-    c.method_id = "pixels"
-    c.connection = "connected"
-    c.set_seed(3, False)
-    c.set_role("source", [kd.layer_id(photo)])
-    c.set_role("exemplar", [kd.layer_id(ex1), kd.layer_id(ex2)])
+    c = connected(kapp, "pixels", 3, {"source": [photo], "exemplar": [ex1, ex2]})
     c.set_progressive(True)
-    runner.size = (16, 16)
     first = [("one", COLOURS[0]), ("two", COLOURS[1]), ("three", COLOURS[2])]
     run(c, [first, sweep()])
     assert names(doc) == ["photo", "pixels seed 3 (pass 1/2) one",
