@@ -66,15 +66,14 @@ class Variant:
 
 @dataclass
 class _VariantResult:
-    """Where the variants of the latest result go: the pass's document, region and mask,
-    its history entry and its layer."""
+    """Where the variants of the latest result go: the pass's document, region and mask, and
+    its history entry (whose layer is the result layer)."""
 
     doc: Any
     target: Any
     roi: Rect
     mask: bytes | None
     entry: Pass
-    layer_id: str
     above_id: str = ""  # the layer the result layer was put above
     added_id: str = ""  # the layer add_variant_as_layer added last (the next one goes above)
 
@@ -724,7 +723,7 @@ class Controller(QObject):
                 variants.append(Variant(label or f"#{k + 1}", thumb, vsha, names[k], px, vw, vh))
             above_id = kdoc.layer_id(above) if above is not None else ""
             self._set_variants(variants, _VariantResult(doc, prepared.target, prepared.roi, prepared.mask,
-                                                        entry, entry.layer_id, above_id))
+                                                        entry, above_id))
             self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d. It shows the first "
                              f"of {len(variants)} variants: click another in Variants to show it there.")
         else:
@@ -812,14 +811,14 @@ class Controller(QObject):
         name), and make it that pass's result in the history and for chaining. When that
         layer was deleted, a new result layer is added instead."""
         def show(v: Variant, where: _VariantResult) -> str:
-            node = kdoc.find_layer(where.doc, where.layer_id)
+            node = kdoc.find_layer(where.doc, where.entry.layer_id)
             if node is not None:
                 kdoc.replace_result(where.doc, node, v.rgba, v.width, v.height, where.roi,
                                     where.mask, v.layer_name)
                 return f"\u201c{v.layer_name}\u201d now shows {v.label}."
             node = kdoc.insert_result(where.doc, self._variant_anchor(where.doc), v.rgba, v.width,
                                       v.height, where.roi, v.layer_name, where.mask)
-            where.layer_id = kdoc.layer_id(node)
+            where.entry.layer_id = kdoc.layer_id(node)
             return f"The result layer was removed; added \u201c{v.layer_name}\u201d."
 
         what = self._on_variant(index, "Could not show the variant", show)
@@ -827,7 +826,7 @@ class Controller(QObject):
             return False
         v, entry = self.variants[index], self._variant_result.entry
         entry.result_sha, entry.thumbnail = v.sha, v.thumbnail
-        entry.layer_id, entry.layer_name = self._variant_result.layer_id, v.layer_name
+        entry.layer_name = v.layer_name
         self._chain_sha = v.sha
         self.picked = index
         self.variantsChanged.emit()
@@ -841,7 +840,7 @@ class Controller(QObject):
         """Keep variant ``index`` as an additional result layer above the result layer (the
         result layer itself is left as it is)."""
         def add(v: Variant, where: _VariantResult) -> str:
-            above = self._variant_anchor(where.doc, where.added_id, where.layer_id)
+            above = self._variant_anchor(where.doc, where.added_id, where.entry.layer_id)
             node = kdoc.insert_result(where.doc, above, v.rgba, v.width, v.height, where.roi,
                                       v.layer_name, where.mask)
             where.added_id = kdoc.layer_id(node)
