@@ -7,8 +7,9 @@ The engine
 3. decodes the images and places them on their canvases (``Role.canvas``),
 4. resolves the model (kept warm by a :class:`~analogon.models.ModelManager`),
 5. runs ``method.run`` with a :class:`~analogon.methods.base.JobContext`,
-6. brings every result back onto the target image with ``core.images.finalize``, so that
-   pixels outside the edit map / mask are bit-identical to the target.
+   (which brings every result back onto the target through the one shared return path,
+   ``core.hires.finish``: pixels where the edit map is black / outside the mask are the
+   target's own bytes, and each result also comes as a layer carrying only the change).
 It reports the seed and the full parameters actually used.
 """
 from __future__ import annotations
@@ -247,38 +248,6 @@ def decode_inputs(job: PreparedJob, source: ImageSource) -> Inputs:
     return Inputs(decoded)
 
 
-def _maps(inputs: Inputs, role: str, combine: Callable) -> np.ndarray | None:
-    from .core.images import map_from_rgba
-
-    maps = [map_from_rgba(li.rgba) for li in inputs.all(role)]
-    if not maps:
-        return None
-    out = maps[0]
-    for m in maps[1:]:
-        out = combine(out, m)
-    return out
-
-
-def finalize_results(method: Method, inputs: Inputs, result_images: list[ResultImage]) -> list[ResultImage]:
-    """Every result onto the target: outside the edit map(s) (any map allows change) and the
-    mask, pixels are the target's own."""
-    from .core.images import as_rgba, finalize
-
-    target = inputs.get(method.target_role)
-    if target is None:
-        return result_images
-    edit_map = _maps(inputs, "edit_map", np.maximum)
-    mask = _maps(inputs, "mask", np.maximum)
-    for m in (edit_map, mask):
-        if m is not None and m.shape != target.rgba.shape[:2]:
-            raise InputError("size_mismatch", "The edit map and mask must have the target image's size.")
-    out = []
-    for r in result_images:
-        rgba = finalize(as_rgba(r.rgba), target.rgba, edit_map=edit_map, mask=mask)
-        out.append(ResultImage(rgba=rgba, label=r.label))
-    return out
-
-
 # -- running ---------------------------------------------------------------------------
 
 def execute(
@@ -319,9 +288,7 @@ def execute(
     timings["run"] = time.perf_counter() - t
     if not result.images:
         raise AnalogonError("no_result", f"{job.method.title} produced no image.", status=500)
-    t = time.perf_counter()
-    images = finalize_results(job.method, inputs, result.images)
-    timings["finalize"] = time.perf_counter() - t
+    images = result.images
     timings["total"] = time.perf_counter() - t0
     return EngineResult(
         images=images, seed=job.seed, params=job.params.model_dump(mode="json"), model=job.model,

@@ -30,7 +30,7 @@ class FailMethod(Method):
     roles = (Role("source", "Source"),)
     target_role = "source"
 
-    def run(self, ctx, inputs, params):
+    def generate(self, ctx, inputs, params):
         raise RuntimeError("this method always fails")
 
 

@@ -54,23 +54,6 @@ def test_native_size_keeps_aspect_in_latent_multiples():
         I.native_size((0, 5), 64)
 
 
-def test_finalize_black_map_and_outside_mask_are_bit_identical():
-    target = _rgba(16, 24, 1)
-    result = _rgba(8, 12, 2)  # another size: resized to the target's
-    edit = np.zeros((16, 24), np.float32)
-    edit[4:12, 4:12] = 0.7
-    out = I.finalize(result, target, edit_map=edit)
-    keep = edit == 0
-    assert np.array_equal(out[keep], target[keep])
-    assert not np.array_equal(out[~keep][:, :3], target[~keep][:, :3])
-    assert np.array_equal(out[..., 3], target[..., 3])
-
-    mask = np.zeros((16, 24), np.float32)
-    mask[:, :10] = 1.0
-    out = I.finalize(result, target, mask=mask)
-    assert np.array_equal(out[:, 10:], target[:, 10:])
-
-
 def test_tensor_round_trip_is_lossless_for_uint8():
     img = _rgba(8, 8)
     assert np.array_equal(I.from_tensor(I.to_tensor(img)), img[..., :3])

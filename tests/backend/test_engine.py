@@ -7,6 +7,7 @@ import pytest
 from analogon import engine, methods
 from analogon.core.cache import Cache
 from analogon.errors import AnalogonError, JobCancelled
+from analogon.methods.base import MethodParams
 from analogon.models import LoadOptions, ModelManager
 from test_engine_methods import EchoMethod
 
@@ -109,8 +110,13 @@ def test_execute_places_exemplars_and_finalizes(echo, models, tmp_path):
     # right half: changed by the method (shift), exemplar pasted where placed
     assert (out[12:, 16:, :3] == (15, 25, 35)).all()
     assert (out[4:8, 20:24, :3] == (250, 0, 0)).all()
-    assert res.seed == 11 and res.params == {"steps": 2, "delay": 0.0, "fail": "", "shift": 5}
-    assert res.info == {"note": "echoed"} and set(res.timings) >= {"run", "total"}
+    assert res.seed == 11 and res.params == {**MethodParams().model_dump(), "steps": 2, "delay": 0.0, "fail": "", "shift": 5}
+    assert res.info == {"note": "echoed", "return": {"box": [0, 0, 32, 24], "working_size": [32, 24],
+                                                     "changed_pixels": 16 * 24}}
+    assert set(res.timings) >= {"run", "total"}
+    layer = res.images[0].layer  # only the change: transparent where the map is black
+    assert (layer[:, :16] == 0).all() and (layer[:, 16:, 3] == 255).all()
+    assert np.array_equal(layer[:, 16:], out[:, 16:])
     assert ("denoise", 2, 2) in events
 
 

@@ -41,7 +41,7 @@ class EchoMethod(Method):
         self.calls: list[dict] = []
         self.started = threading.Event()
 
-    def run(self, ctx: JobContext, inputs: Inputs, params: EchoParams) -> MethodResult:
+    def generate(self, ctx: JobContext, inputs: Inputs, params: EchoParams) -> MethodResult:
         self.calls.append({"seed": ctx.seed, "params": params.model_dump(), "model": ctx.model.spec,
                            "exemplars": [li.rgba.copy() for li in inputs.all("exemplar")]})
         self.started.set()

@@ -15,6 +15,7 @@ from analogon import methods
 from analogon.core.images import raw_image_id
 from analogon.server import Settings, ServerThread
 from analogon.server.store import Limits
+from analogon.methods.base import MethodParams
 from test_engine_methods import EchoMethod
 
 
@@ -276,7 +277,7 @@ def test_event_stream_sequence_and_result(client):
     p = Image.open(io.BytesIO(base64.b64decode(prev["png"])))
     assert max(p.size) <= 256 and p.size == (24, 16)
     done = evs[-1][1]
-    assert done["seed"] == 42 and done["params"] == {"steps": 3, "delay": 0.0, "fail": "", "shift": 7}
+    assert done["seed"] == 42 and done["params"] == {**MethodParams().model_dump(), "steps": 3, "delay": 0.0, "fail": "", "shift": 7}
     assert evs[1][1]["model"] == "tiny-sd" and "total" in done["timings"]
     (res,) = done["images"]
     assert (res["width"], res["height"]) == (24, 16)

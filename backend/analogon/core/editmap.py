@@ -55,7 +55,7 @@ def thresholds(kind: str, n: int) -> np.ndarray:
 class EditSchedule:
     """Per-step keep masks for a change map over ``n_steps`` remaining denoising steps.
 
-    ``change`` is (1, 1, h, w) at latent size (see ``analogon.core.images.map_to_tensor``), or
+    ``change`` is (1, 1, h, w) at latent size (see ``analogon.core.compositing.map_to_grid``), or
     None for "change everywhere" (no resets)."""
 
     def __init__(self, change: torch.Tensor | None, n_steps: int, kind: str = "linear"):

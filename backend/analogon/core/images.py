@@ -140,35 +140,6 @@ def rgb_to_rgba(rgb: np.ndarray, alpha: np.ndarray | None = None) -> np.ndarray:
     return np.concatenate([rgb, a], axis=-1)
 
 
-def map_to_tensor(m: np.ndarray, size: Size, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H, W) map to (1, 1, h, w) at ``size`` with bilinear filtering (maps go to latent size so)."""
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    if (t.shape[-1], t.shape[-2]) != tuple(size):
-        t = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False)
-    return t.clamp(0, 1).to(device=device, dtype=dtype)
-
-
-def finalize(result: np.ndarray, target: np.ndarray, edit_map: np.ndarray | None = None,
-             mask: np.ndarray | None = None) -> np.ndarray:
-    """Bring a method's result back onto its target: the result is resized to the target's size,
-    pixels where the edit map is black (0) or outside the mask are the target's own bytes,
-    the mask's soft edge blends, and the target's alpha is kept."""
-    target = as_rgba(target)
-    size = size_of(target)
-    result = resize_rgba(as_rgba(result), size)
-    weight = np.ones(target.shape[:2], np.float32)
-    if mask is not None:
-        weight = weight * np.clip(mask, 0, 1)
-    if edit_map is not None:
-        weight = weight * (edit_map > 0)
-    w = weight[..., None]
-    mixed = result[..., :3].astype(np.float32) * w + target[..., :3].astype(np.float32) * (1 - w)
-    out = target.copy()
-    changed = weight > 0
-    out[..., :3][changed] = np.clip(np.round(mixed[changed]), 0, 255).astype(np.uint8)
-    return out
-
-
 def check_not_empty(rgba: np.ndarray, role: str) -> None:
     """Refuse a fully transparent image with a message naming the role."""
     if not (as_rgba(rgba)[..., 3] > 0).any():

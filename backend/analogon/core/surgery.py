@@ -30,37 +30,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .compositing import map_to_grid, snap_unit  # noqa: F401  (snap_unit re-exported)
 from .diffusion import noised
 from .images import over
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive
 
 
-# -- maps at latent size ------------------------------------------------------------------------
-
-def snap_unit(t: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Values within ``eps`` of 0 or 1 become exactly 0 or 1: a white layer's luminance or a
-    filtered all-white area can come out as 0.99999994 in float32, and "exactly full change" /
-    "exactly keep" decide the schedule's resets, the paste rule and the final latent."""
-    t = t.clamp(0.0, 1.0)
-    t = torch.where(t >= 1.0 - eps, torch.ones_like(t), t)
-    return torch.where(t <= eps, torch.zeros_like(t), t)
-
+# -- maps at latent size: one function for every method (``core.compositing.map_to_grid``) ------
 
 def map_to_latent(m: np.ndarray, latent_size: tuple[int, int], device=None,
                   dtype=torch.float32) -> torch.Tensor:
-    """An (H, W) map in [0, 1] to (1, 1, h, w) at ``latent_size`` = (w, h).
-
-    Bilinear with antialiasing (a triangle filter over the whole footprint, what
-    ``torchvision.transforms.Resize`` does for Differential Diffusion's maps), so that a thin
-    stroke still reaches the latent pixels it covers; then snapped at 0 and 1 (``snap_unit``)."""
-    t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-    w, h = latent_size
-    if (t.shape[-1], t.shape[-2]) != (w, h):
-        down = t.shape[-1] > w or t.shape[-2] > h
-        t = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False,
-                                            antialias=down)
-    return snap_unit(t).to(device=device, dtype=dtype)
+    """An (H, W) map in [0, 1] to (1, 1, h, w) at ``latent_size`` = (w, h), area-weighted and
+    snapped: ``core.compositing.map_to_grid``."""
+    return map_to_grid(m, latent_size, device=device, dtype=dtype)
 
 
 def bbox(m: np.ndarray) -> Box | None:
@@ -125,10 +108,17 @@ def paste_region(alpha: np.ndarray, change: np.ndarray | None, alpha_threshold: 
     ``alpha_threshold`` and its change map at least ``paste_threshold`` (no map: change
     everywhere). A latent pixel is pasted when most of its footprint is (filtered value ≥ ½), so
     that a small exemplar under a soft-edged map is not lost to the map's filtering."""
+    px = paste_pixels(alpha, change, alpha_threshold, paste_threshold)
+    return map_to_latent(px.astype(np.float32), latent_size, device=device) >= 0.5
+
+
+def paste_pixels(alpha: np.ndarray, change: np.ndarray | None, alpha_threshold: float,
+                 paste_threshold: float) -> np.ndarray:
+    """The pixels an exemplar is pasted on (bool (H, W)): the rule of :func:`paste_region`."""
     px = alpha >= alpha_threshold
     if change is not None:
         px = px & (change >= paste_threshold - 1e-4)
-    return map_to_latent(px.astype(np.float32), latent_size, device=device) >= 0.5
+    return px
 
 
 # -- the surgical latent ------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..core import images as im
+from ..core.compositing import map_to_grid
 from ..core.adain import adain, freeu
 from ..core.attention import (
     CONTRAST_MODES, SwapController, decoder_attention_factors, installed, spatial_size,
@@ -289,7 +290,7 @@ class AppearanceTransfer(Method):
             ctl.clear_capture()
 
     # -- the method -------------------------------------------------------------------------------
-    def run(self, ctx: JobContext, inputs: Inputs, params: MethodParams) -> MethodResult:
+    def generate(self, ctx: JobContext, inputs: Inputs, params: MethodParams) -> MethodResult:
         p: AppearanceParams = params  # type: ignore[assignment]
         bundle = ctx.model
         struct = inputs.get("structure")
@@ -337,8 +338,8 @@ class AppearanceTransfer(Method):
             dev = bundle.device
 
             # masks for AdaIN, at latent size
-            m_s = im.map_to_tensor(s_mask, (latent_hw[1], latent_hw[0]), device=dev) if s_mask is not None else None
-            m_a = im.map_to_tensor(a_mask, (latent_hw[1], latent_hw[0]), device=dev) if a_mask is not None else None
+            m_s = map_to_grid(s_mask, (latent_hw[1], latent_hw[0]), device=dev) if s_mask is not None else None
+            m_a = map_to_grid(a_mask, (latent_hw[1], latent_hw[0]), device=dev) if a_mask is not None else None
             mask_source = {"structure": "user" if m_s is not None else None,
                            "appearance": "user" if m_a is not None else None}
             masks_ready = p.adain != "masked" or (m_s is not None and m_a is not None)
@@ -347,7 +348,7 @@ class AppearanceTransfer(Method):
                 mask_source = {"structure": "whole", "appearance": "whole"}
 
             edit = EditSchedule(
-                None if change is None else im.map_to_tensor(change, (latent_hw[1], latent_hw[0]), device=dev),
+                None if change is None else map_to_grid(change, (latent_hw[1], latent_hw[0]), device=dev),
                 sch.n, p.edit_curve)
             x = inv_s.x(p.skip_steps).clone()
             stage = "transferring"
@@ -411,7 +412,6 @@ class AppearanceTransfer(Method):
             x = edit.finish(x, inv_s.x(p.steps))
             rgb = im.from_tensor(vae_decode(bundle, x))
 
-        rgba = im.resize_rgba(im.rgb_to_rgba(rgb), im.size_of(struct.rgba))
         info = {
             "working_size": list(size),
             "prompt": prompt,
@@ -425,7 +425,7 @@ class AppearanceTransfer(Method):
         }
         if notes:
             info["notes"] = notes
-        return MethodResult([ResultImage(rgba, label=f"appearance {p.domain}")], info=info)
+        return MethodResult([ResultImage(rgb, label=f"appearance {p.domain}")], info=info)
 
 
 register(AppearanceTransfer())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import AnalogonError, JobCancelled  # noqa: F401  (re-exported for methods)
 
@@ -52,9 +52,33 @@ MASK_ROLE = Role(
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameter model: unknown keys are refused."""
+    """Base of every method's parameter model: unknown keys are refused. The fields here are
+    the shared way back into the document (``analogon.core.compositing`` and
+    ``analogon.core.hires``), the same for every method."""
 
     model_config = ConfigDict(extra="forbid")
+
+    hires: Literal["auto", "on", "off"] = Field(
+        "auto", title="High-resolution pass",
+        description="After the run at the model's own size, refine the changed area at (or "
+                    "towards) the document's resolution, tile by tile, at low strength and graded "
+                    "by the edit map. auto: when the region is more than 1.5× the model's size.",
+        json_schema_extra={"advanced": True})
+    hires_strength: float = Field(
+        0.3, ge=0.0, le=1.0, title="High-resolution strength",
+        description="How much the high-resolution pass may redraw (0: nothing, 1: everything).",
+        json_schema_extra={"advanced": True})
+    hires_overlap: float = Field(
+        0.25, ge=0.0, le=0.5, title="Tile overlap",
+        description="Overlap of neighbouring tiles in the high-resolution pass, as a fraction of a "
+                    "tile's side; the overlap is blended so that no seam shows.",
+        json_schema_extra={"advanced": True})
+    hires_max_pixels: int = Field(
+        0, ge=0, le=67_108_864, title="Maximum pixels",
+        description="The most pixels the high-resolution pass works at (it works at a lower "
+                    "resolution, still above the model's own, when the changed area is larger). "
+                    "0: automatic, 16 × the model's native area (2048² on SD 1.5).",
+        json_schema_extra={"advanced": True, "unit": "px"})
 
 
 @dataclass
@@ -94,8 +118,17 @@ class Inputs:
 
 @dataclass
 class ResultImage:
-    rgba: np.ndarray  # (H, W, 4) uint8
+    """One result. From a method's ``generate``: the model's picture at its working size of
+    ``box`` (None: the whole target), and ``base``, the full-resolution picture of that box the
+    model started from (None: the target's own pixels). After :meth:`Method.run`: ``rgba`` is
+    the finished image at the target's size (its own bytes wherever nothing may change) and
+    ``layer`` only the change (alpha 0 wherever nothing may change)."""
+
+    rgba: np.ndarray  # (h, w, 3|4) uint8
     label: str = ""
+    box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) on the target
+    base: np.ndarray | None = None  # (y1-y0, x1-x0, 4) uint8
+    layer: np.ndarray | None = None  # (H, W, 4) uint8, set by Method.run
 
 
 @dataclass
@@ -137,8 +170,18 @@ class Method:
             "params": self.Params.model_json_schema(),
         }
 
-    def run(self, ctx: "JobContext", inputs: Inputs, params: MethodParams) -> MethodResult:
+    def generate(self, ctx: "JobContext", inputs: Inputs, params: MethodParams) -> MethodResult:
+        """The method itself: results at the model's working size (see :class:`ResultImage`)."""
         raise NotImplementedError
+
+    def run(self, ctx: "JobContext", inputs: Inputs, params: MethodParams) -> MethodResult:
+        """``generate``, then every result brought back onto the target by the one shared
+        return path (``analogon.core.hires.finish``): the finished image and the change as a
+        layer, at the target's full resolution."""
+        from ..core.hires import finish
+
+        result = self.generate(ctx, inputs, params)
+        return finish(ctx, self, inputs, params, result)
 
 
 ProgressFn = Callable[[str, int | None, int | None], None]

@@ -38,9 +38,10 @@ from ..core import noise_inversion as NI
 from ..core.diffusion import Conditioning, encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core import images as im
+from ..core.compositing import map_to_grid
 from ..core.images import (check_not_empty, check_same_size, combine_maps,
-                           from_tensor, map_from_rgba, map_to_tensor, native_size, resize_rgba,
-                           rgb_to_rgba, size_of, small_preview, to_tensor)
+                           from_tensor, map_from_rgba, native_size, size_of, small_preview,
+                           to_tensor)
 from ..errors import InputError
 from . import register
 from .base import (Inputs, JobContext, LayerImage, Method, MethodParams, MethodResult, ResultImage,
@@ -212,7 +213,7 @@ class DiffusionImageAnalogies(Method):
                    "noise_evaluations": 2, "sweep": True, "sweep_strengths": [0.0, 1.0]}
 
     # -- the job -------------------------------------------------------------------------
-    def run(self, ctx: JobContext, inputs: Inputs, params: MethodParams) -> MethodResult:
+    def generate(self, ctx: JobContext, inputs: Inputs, params: MethodParams) -> MethodResult:
         p: Params = params  # type: ignore[assignment]
         bundle = ctx.model
         t_start = time.perf_counter()
@@ -269,13 +270,8 @@ class DiffusionImageAnalogies(Method):
         schedule = self._schedule(inputs, size_b, bundle, p)
         outs = self._sample(ctx, noise, z_b, c_a, c_a2, c_b, uncond, variants, schedule, p)
 
-        images = []
-        alpha = b.rgba[..., 3]
-        for (g, lam), lat in zip(variants, outs):
-            rgb = from_tensor(vae_decode(bundle, lat[None]))
-            rgba = np.array(resize_rgba(rgb_to_rgba(rgb), size_of(b.rgba)))
-            rgba[..., 3] = alpha
-            images.append(ResultImage(rgba=rgba, label=label(g, lam)))
+        images = [ResultImage(rgba=from_tensor(vae_decode(bundle, lat[None])), label=label(g, lam))
+                  for (g, lam), lat in zip(variants, outs)]
         info = {
             "working_size": {"a": list(size_a), "b": list(size_b)},
             "resized": {"a": size_a != size_of(a.rgba), "b": size_b != size_of(b.rgba)},
@@ -301,7 +297,7 @@ class DiffusionImageAnalogies(Method):
         if change is None:
             return EditSchedule(None, p.steps, p.edit_map_curve)
         f = bundle.vae_scale_factor
-        lat = map_to_tensor(change, (size_b[0] // f, size_b[1] // f), device=bundle.device)
+        lat = map_to_grid(change, (size_b[0] // f, size_b[1] // f), device=bundle.device)
         return EditSchedule(lat, p.steps, p.edit_map_curve)
 
     @staticmethod

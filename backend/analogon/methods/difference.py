@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..core import images as im
+from ..core.compositing import map_to_grid
 from ..core.images import over
 from ..core.captioning import (
     CAPTIONERS, DEFAULT_CAPTION_MODEL, PezCaptioner, PezSettings, blip_captioner,
@@ -459,7 +460,7 @@ class DifferenceMethod(Method):
         "guidance": 3.0,
     }
 
-    def run(self, ctx: JobContext, inputs: Inputs, params: Params) -> MethodResult:
+    def generate(self, ctx: JobContext, inputs: Inputs, params: Params) -> MethodResult:
         p = params
         bundle = ctx.model
         t_start = time.perf_counter()
@@ -524,8 +525,7 @@ class DifferenceMethod(Method):
 
         # sampling B′
         rgb = self._sample(ctx, p, inputs, b, cap_b, diffs)
-        out = im.rgb_to_rgba(np.asarray(im.resize_rgba(im.rgb_to_rgba(rgb), b.size))[..., :3],
-                             b.rgba[..., 3])
+        out = rgb
         return MethodResult(
             [ResultImage(out, label=f"difference ×{p.diff_scale:g}")],
             info={"captions": captions, "caption_sources": sources,
@@ -636,7 +636,7 @@ class DifferenceMethod(Method):
         if m is None:
             return None
         f = bundle.vae_scale_factor
-        return im.map_to_tensor(m, (size[0] // f, size[1] // f), bundle.device)
+        return map_to_grid(m, (size[0] // f, size[1] // f), bundle.device)
 
 
 TRAIN_SETTINGS = ("clip_model", "clip_pretrained", "alpha", "clip_anchor", "n_tokens",

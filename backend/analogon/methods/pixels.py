@@ -46,7 +46,7 @@ from ..core.diffusion import (
 )
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.surgery import (
-    Box, Paste, SurgicalLatents, bbox, composite_over, context_box, crop, map_to_latent,
+    Box, Paste, SurgicalLatents, bbox, composite_over, context_box, crop, map_to_latent, paste_pixels,
     paste_region,
 )
 from ..errors import InputError
@@ -121,6 +121,7 @@ class ExemplarPlan:
     index: int  # 1-based, as the painter counts layers
     rgb: np.ndarray  # (h, w, 4) composite over the source, cropped to the box (opaque)
     region: torch.Tensor  # (1, 1, lh, lw) bool: where it is pasted
+    pixels: np.ndarray  # (h, w) bool: the same, decided per pixel of the box
 
 
 @dataclass
@@ -225,9 +226,9 @@ def plan_job(bundle, inputs: Inputs, params: PixelsParams) -> Plan:
     ex_plans: list[ExemplarPlan] = []
     for k, (ex, m) in enumerate(zip(exemplars, ex_maps), 1):
         ex_crop = crop(ex, box)
-        region = paste_region(ex_crop[..., 3].astype(np.float32) / 255.0,
-                              None if m is None else crop(m, box),
-                              params.alpha_threshold, params.paste_threshold, lat, device=dev)
+        ex_alpha, ex_map = ex_crop[..., 3].astype(np.float32) / 255.0, None if m is None else crop(m, box)
+        region = paste_region(ex_alpha, ex_map, params.alpha_threshold, params.paste_threshold, lat,
+                              device=dev)
         if not bool(region.any()):
             if change is not None and not (change > 0).any():
                 continue  # a black map: nothing may change, the run returns the source
@@ -238,7 +239,9 @@ def plan_job(bundle, inputs: Inputs, params: PixelsParams) -> Plan:
                 f"bright (and the exemplar at least {params.alpha_threshold:.0%} opaque), so it "
                 "would not be used: paint the edit map white under it, move it, or lower "
                 "'paste threshold'.", {"index": k})
-        ex_plans.append(ExemplarPlan(k, composite_over(ex_crop, source_crop), region))
+        ex_plans.append(ExemplarPlan(k, composite_over(ex_crop, source_crop), region,
+                                     paste_pixels(ex_alpha, ex_map, params.alpha_threshold,
+                                                  params.paste_threshold)))
 
     if params.mode == "iterative" and len(ex_plans) > 1:
         passes = [PassPlan([e], latent_map(m)) for e, m in zip(ex_plans, ex_maps)]
@@ -318,16 +321,17 @@ def denoise(ctx: JobContext, plan: Plan, params: PixelsParams, progress_offset: 
     return z
 
 
-def render(ctx: JobContext, plan: Plan, latents: torch.Tensor) -> np.ndarray:
-    """Decode, bring the region back to its own size, put it into the source, and keep the
-    source's own bytes wherever the map is black."""
+def render(ctx: JobContext, plan: Plan, latents: torch.Tensor) -> ResultImage:
+    """Decode the processed region at the working size. Its base, the full-resolution picture
+    the loop started from, is the source with each exemplar where it was pasted (later ones on
+    top): carried up, the result keeps the exemplars' own detail as well as the source's."""
     ctx.progress("decode", None, None)
     rgb = im.from_tensor(vae_decode(ctx.model, latents))
-    x0, y0, x1, y1 = plan.box
-    region = im.resize_rgba(im.rgb_to_rgba(rgb), (x1 - x0, y1 - y0))
-    out = plan.source.copy()
-    out[y0:y1, x0:x1, :3] = region[..., :3]
-    return im.finalize(out, plan.source, edit_map=plan.change)
+    base = plan.source_crop.copy()
+    for p in plan.passes:
+        for e in p.exemplars:
+            base[e.pixels] = e.rgb[e.pixels]
+    return ResultImage(rgb, label="pixels", box=plan.box, base=base)
 
 
 class PixelsMethod(Method):
@@ -352,7 +356,7 @@ class PixelsMethod(Method):
     target_role = "source"
     demo_params = {"steps": 4, "strength": 0.75, "scheduler": "ddim"}
 
-    def run(self, ctx: JobContext, inputs: Inputs, params: PixelsParams) -> MethodResult:
+    def generate(self, ctx: JobContext, inputs: Inputs, params: PixelsParams) -> MethodResult:
         plan = plan_job(ctx.model, inputs, params)
         info = {"box": list(plan.box), "working_size": list(plan.work), "passes": len(plan.passes),
                 "exemplars": sum(len(p.exemplars) for p in plan.passes)}
@@ -362,8 +366,8 @@ class PixelsMethod(Method):
         latents = denoise(ctx, plan, params)
         out = render(ctx, plan, latents)
         info["steps_run"] = plan.steps_run
-        ctx.preview(im.small_preview(out[..., :3]), None)
-        return MethodResult([ResultImage(out, label="pixels")], info=info)
+        ctx.preview(im.small_preview(out.rgba[..., :3]), None)
+        return MethodResult([out], info=info)
 
 
 register(PixelsMethod())

@@ -249,8 +249,11 @@ class JobQueue:
             stored = []
             for i, img in enumerate(res.images):
                 s = self.store.put_array(img.rgba)
-                stored.append({**s.to_json(), "label": img.label or f"{p.method.id} {res.seed}"
-                               + (f" #{i + 1}" if len(res.images) > 1 else "")})
+                entry = {**s.to_json(), "label": img.label or f"{p.method.id} {res.seed}"
+                         + (f" #{i + 1}" if len(res.images) > 1 else "")}
+                if img.layer is not None:  # only the change: alpha 0 where nothing may change
+                    entry["layer"] = self.store.put_array(img.layer).to_json()
+                stored.append(entry)
             if job.cancel_requested.is_set():
                 raise JobCancelled()
             job.result = {"images": stored, "seed": res.seed, "params": res.params,
