@@ -284,6 +284,11 @@ def test_event_stream_sequence_and_result(client):
     raw = client.get(f"/v1/images/{res['sha']}", params={"format": "rgba"}).content
     out = np.frombuffer(raw, np.uint8).reshape(16, 24, 4)
     assert (out[..., :3] == (17, 27, 37)).all() and (out[..., 3] == 255).all()
+    # the same result as a layer: only the change (here everything changed: the whole image)
+    lay = res["layer"]
+    assert (lay["width"], lay["height"]) == (24, 16)
+    raw = client.get(f"/v1/images/{lay['sha']}", params={"format": "rgba"}).content
+    assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(16, 24, 4), out)
     st = client.get(f"/v1/jobs/{job}").json()
     assert st["status"] == "done" and st["result"]["images"][0]["sha"] == res["sha"]
     # a late subscriber gets the whole history again, ending with the terminal event
