@@ -170,8 +170,11 @@ def method_parser(method) -> argparse.ArgumentParser:
         epilog="Images: FILE, or FILE@x,y[,scale] to place a layer on the target's canvas "
                "(scaled by scale, top-left corner at x,y).")
     taken = {"-o", "--output", "--model", "--seed", "--device", "--dtype", "--cpu-offload",
-             "--vae-tiling", "--cache-dir", "--json", "-h", "--help"}
+             "--vae-tiling", "--cache-dir", "--json", "--layer", "-h", "--help"}
     p.add_argument("-o", "--output", required=True, help="result PNG (more results: NAME-2.png, ...)")
+    p.add_argument("--layer", action="store_true",
+                   help="also write each result as a layer with only the change (NAME.layer.png: "
+                        "transparent wherever nothing may change), as the Krita plugin adds it")
     p.add_argument("--seed", type=int, help="random seed (default: random; the used seed is printed)")
     p.add_argument("--json", action="store_true", help="print the run's report as JSON")
     _add_model_options(p, "tiny-sd")
@@ -321,6 +324,10 @@ def cmd_run(args, extra: list[str]) -> int:
         path = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
         write_png(path, img.rgba)
         written.append(str(path))
+        if a.layer and img.layer is not None:
+            lpath = path.with_name(f"{path.stem}.layer.png")
+            write_png(lpath, img.layer)
+            written.append(str(lpath))
     report = {"method": method.id, "model": res.model, "seed": res.seed, "params": res.params,
               "info": res.info, "timings": res.timings, "outputs": written,
               "seconds": round(time.perf_counter() - t0, 3)}

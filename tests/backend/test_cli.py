@@ -111,6 +111,23 @@ def test_run_writes_result(registered, tmp_path, capsys):
     assert (img[2:6, 3:7, :3] == (200, 0, 0)).all() and (img[8:, 10:, :3] == (15, 25, 35)).all()
 
 
+def test_run_writes_the_layer_with_only_the_change(registered, tmp_path, capsys):
+    src = write_png(tmp_path / "src.png", solid(20, 12, (10, 20, 30)))
+    emap = solid(20, 12, (0, 0, 0))
+    emap[:, 10:, :3] = 255  # the right half may change
+    emap = write_png(tmp_path / "map.png", emap)
+    out = tmp_path / "result.png"
+    rc = cli.main(["run", "test-echo", "--source", str(src), "--edit-map", str(emap), "--shift", "5",
+                   "--cache-dir", "", "-o", str(out), "--layer", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    layer_path = tmp_path / "result.layer.png"
+    assert report["outputs"] == [str(out), str(layer_path)]
+    layer, img = read_png(layer_path), read_png(out)
+    assert (layer[:, :10] == 0).all() and (layer[:, 10:, 3] == 255).all()
+    assert (layer[:, 10:, :3] == (15, 25, 35)).all() and (img[:, :10, :3] == (10, 20, 30)).all()
+
+
 def test_run_errors_are_readable(registered, tmp_path, capsys):
     src = write_png(tmp_path / "src.png", solid(8, 8, (1, 2, 3)))
     rc = cli.main(["run", "test-echo", "--source", str(src), "--steps", "99", "-o", str(tmp_path / "o.png")])

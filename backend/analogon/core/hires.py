@@ -124,15 +124,14 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
     W, H = size
     base_r = C.resample(torch.from_numpy(np.ascontiguousarray(base[..., :3])).permute(2, 0, 1).float(),
                         size).permute(1, 2, 0).numpy()
+    # the result carried up to the refine size (unweighted: the weight is applied once, when
+    # the refined picture is brought back onto the target)
     start = C.guided_upsample(np.asarray(out)[..., :3], np.clip(base_r + 0.5, 0, 255).astype(np.uint8))
     w_r = C.map_to_grid(weight, size)[0, 0].numpy()
-    start = base_r + w_r[..., None] * (start - base_r)  # the picture the document would get
     start_u8 = np.clip(np.floor(start + 0.5), 0, 255).astype(np.uint8)
 
-    tile = min(native, W, H)
-    tile = max(f, tile // f * f)
-    tw, th = min(native, W) // f * f, min(native, H) // f * f
-    ov = int(round(s.overlap * tile)) // f * f
+    tw, th = max(f, min(native, W) // f * f), max(f, min(native, H) // f * f)
+    ov = int(round(s.overlap * min(tw, th))) // f * f
     xs, ys = tile_starts(W, tw, ov), tile_starts(H, th, ov)
     tiles = [(x, y) for y in ys for x in xs if (w_r[y:y + th, x:x + tw] > 0).any()]
 
@@ -169,8 +168,6 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
     done = wsum > 0
     refined = start.copy()
     refined[done] = acc[done] / wsum[done][:, None]
-    # where the weight is < 1 the pass's own VAE round trip must not leak in more than the weight
-    refined = start + w_r[..., None] * (refined - start)
     info = {"size": [W, H], "tiles": len(tiles), "tile": [tw, th], "overlap": ov, "steps": n,
             "strength": s.strength}
     return np.clip(np.floor(refined + 0.5), 0, 255).astype(np.uint8), info
