@@ -3,8 +3,9 @@
 Documents of 512², 2048², 3000×2000 and 4096² pixels (``--quick``: 512² and 3000×2000) made here
 with fine detail: film grain (σ 9 levels), a red disc whose edge is a 2.5 px ramp, 1-px dark lines
 every 23 px and a 3-px one. The edit map is a white spot over the disc's edge, a grey (0.3) ring
-around it and black elsewhere. Cases: a PIXELS edit (prompt only), appearance and DIA with that
-map and without one, each brought back by
+around it and black elsewhere. Cases: PIXELS edits with that map and a prompt that repaints
+(``pixels``: a blue circle) or retouches (``pixels-retouch``: the picture's own words), appearance
+and DIA with that map and without one, each brought back by
 
 - ``stretch``: the return path before this section existed, for comparison: the working-size
   output resized to the region (Lanczos) and written over the target wherever the map is above 0;
@@ -41,8 +42,8 @@ def _add_arguments(p) -> None:
                    help="model spec for the resolution section (default toy-sd)")
     p.add_argument("--resolution-sizes", default=None,
                    help="document sizes, e.g. 512x512,3000x2000 (default: all four; --quick: two)")
-    p.add_argument("--resolution-methods", default="pixels,appearance,dia",
-                   help="methods to run (default pixels,appearance,dia)")
+    p.add_argument("--resolution-methods", default="pixels,pixels-retouch,appearance,dia",
+                   help="cases to run (default pixels,pixels-retouch,appearance,dia)")
     p.add_argument("--resolution-max-pixels", type=int, default=0,
                    help="the high-resolution pass's pixel cap (0: the automatic one)")
     p.add_argument("--resolution-figures", metavar="DIR", default=None,
@@ -240,7 +241,10 @@ def _inputs(method_id: str, doc: np.ndarray, m: np.ndarray | None):
 
 
 PARAMS = {
+    # a repaint (a new colour: the disc's edge is the model's) and a retouch (the picture's own
+    # words: the model keeps the disc, so its edge measures how the return path keeps detail)
     "pixels": {"steps": 8, "strength": 0.75, "prompt": "a blue circle on a white background"},
+    "pixels-retouch": {"steps": 8, "strength": 0.75, "prompt": "a red circle on a white background"},
     "appearance": {"steps": 8, "skip_steps": 2},
     "dia": {"steps": 4, "token_iterations": 4, "views": 2, "noise_iterations": 2},
 }
@@ -260,14 +264,15 @@ def run(opts) -> list[dict[str, Any]]:
     elif opts.quick:
         sizes = QUICK_SIZES
     rows: list[dict[str, Any]] = []
-    for method_id in opts.resolution_methods.split(","):
+    for case in opts.resolution_methods.split(","):
+        method_id = case.split("-")[0]
         method = get_method(method_id)
         for (w, h) in sizes:
             doc, geo = document(w, h)
             for with_map in ((True,) if method_id == "pixels" else (False, True)):
                 m = edit_map(w, h, geo) if with_map else None
                 inputs = _inputs(method_id, doc, m)
-                params = method.Params(**PARAMS.get(method_id, {}))
+                params = method.Params(**PARAMS.get(case, {}))
                 ctx = JobContext(bundle, Cache(None), 0)
                 t0 = time.perf_counter()
                 with PeakMemory(bundle.device) as mem_gen:
@@ -275,7 +280,7 @@ def run(opts) -> list[dict[str, Any]]:
                 t_gen = time.perf_counter() - t0
                 first = gen.images[0]
                 work = (first.rgba.shape[1], first.rgba.shape[0])
-                base = {"method": method_id, "size": f"{w}x{h}", "map": with_map,
+                base = {"case": case, "size": f"{w}x{h}", "map": with_map,
                         "work": f"{work[0]}x{work[1]}", "gen_s": round(t_gen, 2),
                         "gen_mb": round(mem_gen.peak_mb, 1)}
                 stretched = _stretch(first, doc, m)
@@ -303,9 +308,9 @@ def run(opts) -> list[dict[str, Any]]:
 
                     d = Path(opts.resolution_figures)
                     d.mkdir(parents=True, exist_ok=True)
-                    figure(d / f"resolution-{method_id}-{w}x{h}{'-map' if with_map else ''}.png",
+                    figure(d / f"resolution-{case}-{w}x{h}{'-map' if with_map else ''}.png",
                            doc, outs, m, geo)
-                print(f"  {method_id} {w}x{h} map={with_map}: done", flush=True)
+                print(f"  {case} {w}x{h} map={with_map}: done", flush=True)
     return rows
 
 
