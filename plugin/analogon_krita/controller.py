@@ -142,6 +142,7 @@ class Controller(QObject):
         self._insert_above = None
         self._chain_sha = ""
         self._chain: list = []  # the result layers of the running sequence, bottom first
+        self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
         self._connecting = False
         self._after_connect: list[Callable[[bool], None]] = []
@@ -763,6 +764,7 @@ class Controller(QObject):
                  for k, (_, _, _, label, _) in enumerate(result.images)]
         rgba, w, h, _, sha = result.images[0]
         layers = list(result.layers) + [None] * (len(result.images) - len(result.layers))
+        self.last_result_had_layer = any(lay is not None for lay in layers)
         # what goes into the document: the result layer (transparent where nothing changes),
         # or the finished image from a backend that sends no layer
         pixels = [(lay[0], lay[1], lay[2]) if lay else (px, pw, ph)
