@@ -225,15 +225,13 @@ def selection_mask(doc, rect: Rect) -> bytes | None:
 
 
 def feathered_mask(doc, rect: Rect, radius: int = DEFAULT_FEATHER) -> bytes | None:
-    """The selection over ``rect``, softened inward by ``radius`` pixels: feathered with
-    Krita's own feather, then multiplied by the selection itself, so that nothing outside
-    it changes."""
+    """The selection over ``rect``, softened inward by about ``radius`` pixels: feathered with
+    Qt's smooth scaling (Krita's own feather takes seconds on a 4000×3000 selection), then
+    multiplied by the selection itself, so that nothing outside it changes."""
     raw = selection_mask(doc, rect)
     if raw is None or radius <= 0:
         return raw
-    soft = doc.selection().duplicate()
-    soft.feather(int(radius))
-    fea = _bytes(soft.pixelData(rect.x, rect.y, rect.w, rect.h))
+    fea = imaging.feather(raw, rect.w, rect.h, 2 * int(radius))
     return imaging.multiply_masks(raw, fea, rect.w, rect.h)
 
 

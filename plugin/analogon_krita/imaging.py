@@ -92,6 +92,19 @@ def mask_image(mask: bytes, w: int, h: int):
     return wrap(mask, w, h, F.Format_Alpha8, 1)
 
 
+def feather(mask: bytes, w: int, h: int, radius: int) -> bytes:
+    """A mask softened over about ``radius`` pixels on each side of its edges: an area-average
+    down to 1/radius of the size and a bilinear scale back up (Qt's smooth scaling)."""
+    if radius <= 1:
+        return bytes(mask)
+    img = wrap(mask, w, h, F.Format_Grayscale8, 1)
+    small = img.scaled(max(1, w // radius), max(1, h // radius), Qt.AspectRatioMode.IgnoreAspectRatio,
+                       Qt.TransformationMode.SmoothTransformation)
+    back = small.scaled(w, h, Qt.AspectRatioMode.IgnoreAspectRatio,
+                        Qt.TransformationMode.SmoothTransformation)
+    return image_bytes(back.convertToFormat(F.Format_Grayscale8), 1)
+
+
 def mask_to_rgba(mask: bytes, w: int, h: int) -> bytes:
     """A mask -> opaque grey RGBA8 (brighter = selected)."""
     return rgba_bytes(wrap(mask, w, h, F.Format_Grayscale8, 1))
