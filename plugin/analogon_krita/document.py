@@ -231,7 +231,7 @@ def feathered_mask(doc, rect: Rect, radius: int = DEFAULT_FEATHER) -> bytes | No
     raw = selection_mask(doc, rect)
     if raw is None or radius <= 0:
         return raw
-    fea = imaging.feather(raw, rect.w, rect.h, 2 * int(radius))
+    fea = imaging.feather(raw, rect.w, rect.h, int(radius))
     return imaging.multiply_masks(raw, fea, rect.w, rect.h)
 
 
