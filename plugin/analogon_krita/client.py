@@ -482,6 +482,9 @@ class JobResult:
     timings: dict[str, Any]
     job_id: str
     info: dict[str, Any] = field(default_factory=dict)  # what the method adds (captions, ...)
+    # per image: the result *layer* (rgba, width, height, sha) — transparent where nothing
+    # changes — or None from a backend that sends only the finished image
+    layers: list[tuple[bytes, int, int, str] | None] = field(default_factory=list)
 
 
 class JobRunner(QObject):
@@ -608,8 +611,13 @@ class JobRunner(QObject):
     def _download(self):
         self.state = "downloading"
         self.stage.emit("downloading")
-        self._to_fetch = list((self._done_data or {}).get("images") or [])
+        self._to_fetch = []
+        for info in (self._done_data or {}).get("images") or []:
+            self._to_fetch.append((info, "image"))
+            if isinstance(info.get("layer"), dict) and info["layer"].get("sha"):
+                self._to_fetch.append((info["layer"], "layer"))
         self._results = []
+        self._layers = []
         self._next_download()
 
     def _next_download(self):
@@ -620,11 +628,12 @@ class JobRunner(QObject):
             self.state = "finished"
             return self.done.emit(JobResult(self._results, d.get("seed"), d.get("params") or {},
                                             d.get("timings") or {}, self.job_id or "",
-                                            d.get("info") or {}))
-        info = self._to_fetch.pop(0)
-        self._call = self.client.get_image_rgba(info["sha"], lambda r, i=info: self._after_download(i, r))
+                                            d.get("info") or {}, self._layers))
+        info, kind = self._to_fetch.pop(0)
+        self._call = self.client.get_image_rgba(
+            info["sha"], lambda r, i=info, k=kind: self._after_download(i, r, k))
 
-    def _after_download(self, info: dict, resp: Response):
+    def _after_download(self, info: dict, resp: Response, kind: str = "image"):
         self._call = None
         if resp.error is not None:
             return self._fail(f"Downloading the result failed: {resp.error.message}")
@@ -632,7 +641,11 @@ class JobRunner(QObject):
         h = int(resp.headers.get("x-image-height", info.get("height", 0)))
         if len(resp.body) != w * h * 4:
             return self._fail("The backend sent a result image of the wrong size.")
-        self._results.append((resp.body, w, h, info.get("label", ""), info["sha"]))
+        if kind == "layer":
+            self._layers[-1] = (resp.body, w, h, info["sha"])
+        else:
+            self._results.append((resp.body, w, h, info.get("label", ""), info["sha"]))
+            self._layers.append(None)
         self._next_download()
 
     # -- endings --------------------------------------------------------------------------

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import document as kdoc
+from . import imaging
 from .backend_process import DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, read_server_info
 from .client import Client, ImagePayload, ImageRef, JobResult, JobRunner, JobSpec, Response
 from .document import AdapterError, Rect
 from .forms import Field, FormError, coerce_all, fields_from_schema
 from .qt import QObject, Qt, QTimer, pyqtSignal, rgba_image
+from .session import Pass, Session
 from .settings import Settings
 
 SELECTION = "@selection"  # the mask role's value for "the current selection"
@@ -25,30 +27,6 @@ MAX_SEED = 2**31 - 1
 def _norm(text: str) -> str:
     return (str(text).lower().replace("\u2032", "'").replace("\u2019", "'").replace("prime", "'")
             .replace(" ", "").replace("_", "").replace("-", ""))
-
-
-@dataclass
-class Pass:
-    """One finished pass, as the history shows it."""
-
-    method: str
-    title: str
-    params: dict[str, Any]
-    seed: int | None
-    model: str
-    roles: dict[str, list[str]]
-    layer_id: str
-    layer_name: str
-    roi: list[int]
-    from_selection: bool
-    thumbnail: Any = None  # QImage
-    result_sha: str = ""
-    sequence: tuple[int, int] | None = None
-    timings: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        bits = [f"{k}={v}" for k, v in sorted(self.params.items()) if not isinstance(v, (list, dict))]
-        return f"{self.layer_name} \u2014 " + ", ".join(bits[:6])
 
 
 @dataclass
@@ -82,18 +60,21 @@ class _VariantResult:
 class PreparedPass:
     spec: JobSpec
     doc: Any
-    target: Any  # the node the result goes above
+    target: Any  # the node the result goes above (the source, or its latest result)
     roi: Rect
     from_selection: bool
     mask: bytes | None
     roles: dict[str, list[str]]
     index: int = 0
     count: int = 1
+    source: Any = None  # the source layer itself (its opacity is the result's)
+    stack: list = field(default_factory=list)  # results above the source that it is read with
+    used: list = field(default_factory=list)  # every layer the pass reads
+    maps: list = field(default_factory=list)  # the edit maps it reads
 
 
 def _thumbnail(rgba: bytes, w: int, h: int, size: int = 96):
-    return rgba_image(rgba, w, h).scaled(size, size, Qt.AspectRatioMode.KeepAspectRatio,
-                                         Qt.TransformationMode.SmoothTransformation)
+    return imaging.thumbnail(rgba, w, h, size)
 
 
 class Controller(QObject):
@@ -149,18 +130,19 @@ class Controller(QObject):
         self.error = ""
         self.message = ""
         self.preview = None
-        self.history: list[Pass] = []
         self.variants: list[Variant] = []  # the latest result's images when it has several
         self.picked = -1  # the variant shown in the result layer (-1: no variants)
         self._variant_result: _VariantResult | None = None
         self._doc = None
-        self._doc_roles: dict[str, dict[str, dict[str, list[str]]]] = {}
+        self._sessions: dict[str, Session] = {}
         self._layer_signature: tuple = ()
         self._runner: JobRunner | None = None
         self._queue: list[PreparedPass] = []
         self._current: PreparedPass | None = None
         self._insert_above = None
         self._chain_sha = ""
+        self._chain: list = []  # the result layers of the running sequence, bottom first
+        self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
         self._connecting = False
         self._after_connect: list[Callable[[bool], None]] = []
@@ -310,6 +292,27 @@ class Controller(QObject):
         except Exception:
             return str(id(doc))
 
+    # == sessions (one per document) =====================================================
+    def session(self, doc=None) -> Session:
+        """The roles and history of ``doc`` (default: the current document), read from the
+        document's annotation the first time."""
+        doc = doc if doc is not None else self.document()
+        key = self._doc_key(doc)
+        s = self._sessions.get(key)
+        if s is None:
+            s = self._sessions[key] = Session(key)
+        if not s.loaded and doc is not None:
+            s.load(doc)
+        return s
+
+    @property
+    def history(self) -> list[Pass]:
+        """The current document's passes, newest first."""
+        return self.session().history
+
+    def _save_history(self, doc):
+        self.session(doc).save(doc)
+
     def set_document(self, doc):
         """Follow the active document (the docker calls this on canvasChanged)."""
         if self._doc_key(doc) == self._doc_key(self._doc) and doc is not None:
@@ -320,6 +323,7 @@ class Controller(QObject):
         self.documentChanged.emit()
         self.refresh_layers(force=True)
         self._ensure_roles()
+        self.historyChanged.emit()
 
     def layers(self) -> list[tuple[str, str]]:
         """(id, name) of the layers a role may use, top first; nested names with their group."""
@@ -393,7 +397,7 @@ class Controller(QObject):
         self.settings.set_json(f"params.{mid}", self.params[mid])
 
     def _roles_store(self) -> dict[str, dict[str, list[str]]]:
-        return self._doc_roles.setdefault(self._doc_key(self.document()), {})
+        return self.session().roles
 
     def roles(self, method_id: str | None = None) -> dict[str, list[str]]:
         mid = method_id or self.method_id
@@ -408,6 +412,13 @@ class Controller(QObject):
         elif isinstance(layer_ids, str):
             layer_ids = [layer_ids]
         self.roles(method_id)[role] = list(layer_ids)
+        desc = self.method(method_id) or {}
+        kind = next((r.get("kind") for r in desc.get("roles", []) if r.get("name") == role), "")
+        if kind == "map" and self.document() is not None:  # a picked map is shown to paint on
+            for lid in layer_ids:
+                node = kdoc.find_layer(self.document(), lid)
+                if node is not None and not node.visible():
+                    node.setVisible(True)
         self.rolesChanged.emit()
 
     def _ensure_roles(self):
@@ -424,15 +435,25 @@ class Controller(QObject):
             for name, chosen in roles.items():
                 roles[name] = [c for c in chosen if c == SELECTION or c in ids]
 
+    def selection_roles(self, desc: dict | None = None) -> set[str]:
+        """The mask roles that may take the current selection: those placed on the edited
+        image (a selection is a region of the canvas, not of another role's image)."""
+        desc = desc or self.method() or {}
+        target = self.target_role(desc)
+        return {r["name"] for r in desc.get("roles", [])
+                if r.get("kind") == "mask" and r.get("canvas") == target}
+
     def default_roles(self, desc: dict | None) -> dict[str, list[str]]:
         """Sensible picks: a layer named like the role; the active layer as the target; the
-        nearest layers above it for the other images; the nearest edit map above the target;
-        the selection as the mask."""
+        nearest layers above it for the other required images (never the background or a
+        layer below the target, never an edit map or an earlier result); the nearest edit
+        map above the target; the selection as the mask of the edited image only."""
         out: dict[str, list[str]] = {}
         doc = self.document()
         if not desc or doc is None:
             return out
         layers = kdoc.pickable_layers(doc)  # top first
+        results = self.session(doc).result_ids()
         images = [n for n in layers if not kdoc.is_edit_map(n)]
         roles = desc.get("roles", [])
         target_name = self.target_role(desc)
@@ -461,28 +482,29 @@ class Controller(QObject):
         elif target_name in out:
             target = kdoc.find_layer(doc, out[target_name][0])
         order = [kdoc.layer_id(n) for n in images]
-        tpos = order.index(kdoc.layer_id(target)) if target is not None else len(order)
-        nearby = list(reversed(order[:tpos])) + order[tpos + 1:]  # above (nearest first), then below
+        tpos = order.index(kdoc.layer_id(target)) if target is not None else 0
+        above = [i for i in reversed(order[:tpos]) if i not in results]  # nearest first
         for r in roles:
             name = r["name"]
             if r.get("kind") != "image" or name in out or not r.get("required"):
                 continue
-            pick = next((i for i in nearby if i not in used), None)
+            pick = next((i for i in above if i not in used), None)
             if pick is not None:
                 out[name] = [pick]
                 used.add(pick)
+        sel_roles = self.selection_roles(desc)
         for r in roles:
             if r.get("kind") == "map" and r["name"] not in out:
                 maps = [n for n in layers if kdoc.is_edit_map(n)]
-                above = None
+                above_map = None
                 if target is not None:
                     all_ids = [kdoc.layer_id(n) for n in layers]
                     t = all_ids.index(kdoc.layer_id(target)) if kdoc.layer_id(target) in all_ids else 0
-                    above = next((n for n in reversed(layers[:t]) if kdoc.is_edit_map(n)), None)
-                pick = above or (maps[0] if maps else None)
+                    above_map = next((n for n in reversed(layers[:t]) if kdoc.is_edit_map(n)), None)
+                pick = above_map or (maps[0] if maps else None)
                 out[r["name"]] = [kdoc.layer_id(pick)] if pick is not None else []
             elif r.get("kind") == "mask" and r["name"] not in out:
-                out[r["name"]] = [SELECTION]
+                out[r["name"]] = [SELECTION] if r["name"] in sel_roles else []
         for r in roles:
             out.setdefault(r["name"], [])
         return out
@@ -564,15 +586,24 @@ class Controller(QObject):
         fmt = self.settings.get("image_format") or "rgba"
         images: dict[str, Any] = {}
         target_node = None
+        anchor, source, stack, used, maps = None, None, [], [], []
+        target_ids = set((roles.get(target_name) or [])[:1])
         for role in desc.get("roles", []):
             name, title = role["name"], role.get("title") or role["name"]
             chosen = roles.get(name) or []
             if role.get("kind") == "mask":
                 if chosen and chosen[0] == SELECTION:
+                    if name not in self.selection_roles(desc):
+                        raise AdapterError(f"\u201c{title}\u201d is a mask of another image than the "
+                                           "edited one: pick a layer for it, or (none).")
                     mask = kdoc.selection_mask(doc, roi) if from_sel else None
                     if mask is not None:
-                        images[name] = ImageRef(ImagePayload.from_rgba(kdoc.mask_to_rgba(mask), roi.w, roi.h, fmt))
+                        images[name] = ImageRef(ImagePayload.from_rgba(kdoc.mask_to_rgba(mask, roi.w, roi.h),
+                                                                       roi.w, roi.h, fmt))
                     continue
+            if role.get("kind") == "image" and name != target_name and target_ids & set(chosen):
+                raise AdapterError(f"The edited layer cannot also be \u201c{title}\u201d: pick another "
+                                   "layer for it.")
             if not chosen:
                 if role.get("required"):
                     raise AdapterError(f"Pick a layer for \u201c{title}\u201d.")
@@ -583,19 +614,35 @@ class Controller(QObject):
                 if node is None:
                     raise AdapterError(f"The layer chosen for \u201c{title}\u201d no longer exists. Pick another one.")
                 is_target = name == target_name
-                ri = kdoc.role_image(doc, node, role, roi, is_target)
                 if is_target:
+                    anchor = node
+                    source, stack = self._source_stack(doc, node)
+                    ri = kdoc.role_image(doc, source, role, roi, True, stack)
                     target_node = node
+                    used += [source] + stack
+                else:
+                    ri = kdoc.role_image(doc, node, role, roi, False)
+                    used.append(node)
+                    if role.get("kind") == "map":
+                        maps.append(node)
                 payload = ImagePayload.from_rgba(ri.rgba, ri.width, ri.height, fmt)
                 refs.append(ImageRef(payload, ri.x, ri.y))
             images[name] = refs if role.get("multiple") else refs[0]
         if target_node is None:
             raise AdapterError("Pick the layer to edit (the target) first.")
+        # earlier results of the same source count as used: the new one goes above them
+        sid = kdoc.layer_id(source)
+        for e in self.session(doc).history:
+            if e.source_ids and e.source_ids[0] == sid:
+                n = kdoc.find_layer(doc, e.layer_id)
+                if n is not None:
+                    used.append(n)
         mask = kdoc.feathered_mask(doc, roi, feather) if from_sel else None
         seed = random.randint(0, MAX_SEED) if self.random_seed else self.seed
         model = self.model or None
-        base = PreparedPass(JobSpec(desc["id"], images, params, model, seed), doc, target_node, roi,
-                            from_sel, mask, roles)
+        extra = dict(source=source, stack=stack, used=used, maps=maps)
+        base = PreparedPass(JobSpec(desc["id"], images, params, model, seed), doc, anchor, roi,
+                            from_sel, mask, roles, **extra)
         multi = self.multiple_image_role(desc)
         if not (self.progressive and multi and isinstance(images.get(multi["name"]), list)
                 and len(images[multi["name"]]) > 1):
@@ -613,8 +660,21 @@ class Controller(QObject):
             spec = JobSpec(desc["id"], imgs, params, model, seed)
             sub_roles = dict(roles)
             sub_roles[multi["name"]] = [roles[multi["name"]][i]]
-            passes.append(PreparedPass(spec, doc, target_node, roi, from_sel, mask, sub_roles, i, len(exemplars)))
+            passes.append(PreparedPass(spec, doc, anchor, roi, from_sel, mask, sub_roles, i,
+                                       len(exemplars), **extra))
         return passes
+
+    def _source_stack(self, doc, node) -> tuple[Any, list]:
+        """(source layer, results above it) for a chosen target: a result layer of an earlier
+        pass stands for the picture of that pass's source with its results (what *Use as next
+        source* picks), so that the next pass sees the whole picture."""
+        entry = self.session(doc).entry_for_layer(kdoc.layer_id(node))
+        if entry is None or not entry.source_ids:
+            return node, []
+        nodes = [kdoc.find_layer(doc, i) for i in entry.source_ids]
+        if any(n is None for n in nodes):  # a layer of the chain was removed: the layer alone
+            return node, []
+        return nodes[0], nodes[1:] + [node]
 
     def generate(self, method_id: str | None = None) -> bool:
         """What the Generate button does. Returns False when nothing was started (the
@@ -645,6 +705,7 @@ class Controller(QObject):
         self._queue = passes
         self._insert_above = passes[0].target
         self._chain_sha = ""
+        self._chain = []
         self._set_variants([], None)
         self._cancelling = False
         self._set_busy(True)
@@ -657,8 +718,15 @@ class Controller(QObject):
         prepared = self._queue.pop(0)
         self._current = prepared
         spec = prepared.spec
-        if prepared.index > 0 and self._chain_sha:
-            spec.images[self.target_role(self.method(spec.method))] = ImageRef(None, sha=self._chain_sha)
+        if prepared.index > 0 and self._chain:
+            # the next pass's source: the source with the results so far, as the canvas shows it
+            try:
+                rgba = kdoc.read_stack([prepared.source] + prepared.stack + self._chain, prepared.roi)
+            except AdapterError as e:
+                return self._on_failed(e.message)
+            fmt = self.settings.get("image_format") or "rgba"
+            spec.images[self.target_role(self.method(spec.method))] = ImageRef(
+                ImagePayload.from_rgba(rgba, prepared.roi.w, prepared.roi.h, fmt))
         runner = JobRunner(self.client, spec, self)
         self._runner = runner
         prefix = f"pass {prepared.index + 1}/{prepared.count}: " if prepared.count > 1 else ""
@@ -695,39 +763,60 @@ class Controller(QObject):
         names = [self._result_name(prepared, seed, label, k, several)
                  for k, (_, _, _, label, _) in enumerate(result.images)]
         rgba, w, h, _, sha = result.images[0]
+        layers = list(result.layers) + [None] * (len(result.images) - len(result.layers))
+        self.last_result_had_layer = any(lay is not None for lay in layers)
+        # what goes into the document: the result layer (transparent where nothing changes),
+        # or the finished image from a backend that sends no layer
+        pixels = [(lay[0], lay[1], lay[2]) if lay else (px, pw, ph)
+                  for lay, (px, pw, ph, _, _) in zip(layers, result.images)]
         above = self._insert_above
+        show_variants = several and prepared.index == prepared.count - 1  # the last pass's only
+        used = list(prepared.used) + list(self._chain)
         try:  # one layer per pass: the first image; the others are variants to pick from
-            node = kdoc.insert_result(doc, above, rgba, w, h, prepared.roi, names[0],
-                                      prepared.mask)
+            node = kdoc.insert_result(doc, above, *pixels[0], prepared.roi, names[0], prepared.mask,
+                                      used=used, opacity=int(prepared.source.opacity())
+                                      if prepared.source is not None else None,
+                                      variants=show_variants)
         except AdapterError as e:
             return self._on_failed(e.message)
         except Exception as e:  # never lose the session over an odd host error
             return self._on_failed(f"Could not add the result layer: {e}")
+        hidden = kdoc.hide_layers(prepared.maps)
         self._insert_above = node
         self._chain_sha = sha
+        self._chain.append(node)
+        source_ids = [kdoc.layer_id(n) for n in [prepared.source] + prepared.stack + self._chain[:-1]
+                      if n is not None]
         entry = Pass(prepared.spec.method, desc.get("title", prepared.spec.method),
                      dict(result.params or prepared.spec.params), seed, prepared.spec.model or "",
                      prepared.roles, kdoc.layer_id(node), str(node.name()), prepared.roi.to_list(),
                      prepared.from_selection, _thumbnail(rgba, w, h), sha,
-                     (prepared.index, prepared.count) if prepared.count > 1 else None, result.timings)
+                     (prepared.index, prepared.count) if prepared.count > 1 else None, result.timings,
+                     source_ids, [kdoc.layer_id(n) for n in prepared.maps])
         self.apply_suggestions((result.info or {}).get("param_suggestions") or {},
                                prepared.spec.method)
-        self.history.insert(0, entry)
+        session = self.session(doc)
+        session.history.insert(0, entry)
+        session.save(doc)
         self.historyChanged.emit()
         self.refresh_layers(force=True)
         self.resultAdded.emit(entry)
-        if several and prepared.index == prepared.count - 1:  # only the last pass's variants
+        note = (" The edit map was hidden (pick it, or New edit map, to paint on it again)."
+                if hidden else "")
+        if show_variants:
             variants = []
             for k, (px, vw, vh, label, vsha) in enumerate(result.images):
                 thumb = entry.thumbnail if k == 0 else _thumbnail(px, vw, vh)
-                variants.append(Variant(label or f"#{k + 1}", thumb, vsha, names[k], px, vw, vh))
+                lp, lw, lh = pixels[k]
+                variants.append(Variant(label or f"#{k + 1}", thumb, vsha, names[k], lp, lw, lh))
             above_id = kdoc.layer_id(above) if above is not None else ""
             self._set_variants(variants, _VariantResult(doc, prepared.target, prepared.roi, prepared.mask,
                                                         entry, above_id))
             self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d. It shows the first "
-                             f"of {len(variants)} variants: click another in Variants to show it there.")
+                             f"of {len(variants)} variants: click another in Variants to show it there."
+                             + note)
         else:
-            self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d.")
+            self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d." + note)
         self._run_next()
 
     @staticmethod
@@ -807,19 +896,20 @@ class Controller(QObject):
         return None
 
     def pick_variant(self, index: int) -> bool:
-        """Show variant ``index`` in the result layer of the latest result (its pixels and
-        name), and make it that pass's result in the history and for chaining. When that
-        layer was deleted, a new result layer is added instead."""
+        """Show variant ``index`` in the result group of the latest result (one new layer on
+        top of the group, so that one undo brings the previous variant back; the group is
+        renamed after it), and make it that pass's result in the history and for chaining.
+        When that group was deleted, a new result is added instead."""
         def show(v: Variant, where: _VariantResult) -> str:
             node = kdoc.find_layer(where.doc, where.entry.layer_id)
-            if node is not None:
-                kdoc.replace_result(where.doc, node, v.rgba, v.width, v.height, where.roi,
-                                    where.mask, v.layer_name)
+            if node is not None and node.type() == "grouplayer":
+                kdoc.show_variant(where.doc, node, v.rgba, v.width, v.height, where.roi, v.layer_name,
+                                  where.mask)
                 return f"\u201c{v.layer_name}\u201d now shows {v.label}."
             node = kdoc.insert_result(where.doc, self._variant_anchor(where.doc), v.rgba, v.width,
-                                      v.height, where.roi, v.layer_name, where.mask)
+                                      v.height, where.roi, v.layer_name, where.mask, variants=True)
             where.entry.layer_id = kdoc.layer_id(node)
-            return f"The result layer was removed; added \u201c{v.layer_name}\u201d."
+            return f"The result layer was removed; added \u201c{node.name()}\u201d."
 
         what = self._on_variant(index, "Could not show the variant", show)
         if what is None:
@@ -830,7 +920,9 @@ class Controller(QObject):
         self._chain_sha = v.sha
         self.picked = index
         self.variantsChanged.emit()
-        if any(e is entry for e in self.history):
+        session = self.session(self._variant_result.doc)
+        if any(e is entry for e in session.history):
+            session.save(self._variant_result.doc)
             self.historyChanged.emit()
         self.refresh_layers(force=True)
         self.set_message(what)

@@ -2,14 +2,18 @@
 
 Only this module touches Krita's Document/Node/Selection API. Krita's 8-bit RGBA pixel bytes
 are in BGRA order (16-bit: BGRA of little-endian uint16); everything that leaves this module
-is RGBA8, row-major, top row first. Nothing here modifies an existing layer, except
-``replace_result``, which rewrites a result layer the plugin itself added (picking another
-variant of a multi-image result).
+is RGBA8, row-major, top row first; pixel conversions are Qt image operations
+(``imaging``). Nothing here modifies the pixels of an existing layer: results are new layers
+(filled before they are added, so that one undo removes them), another variant of a result
+is one more layer in the result's group, and the only other changes are hiding the edit
+maps a pass used and renaming a result group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable
+
+from . import imaging
 
 EDIT_MAP_NAME = "Edit map"
 EDIT_MAP_OPACITY = 128  # 0..255: the user sees the image through the map while painting
@@ -75,65 +79,10 @@ def _bytes(data) -> bytes:
 
 
 # -- pixels --------------------------------------------------------------------------------
-
-def bgra_to_rgba(data: bytes) -> bytes:
-    out = bytearray(data)
-    out[0::4] = data[2::4]
-    out[2::4] = data[0::4]
-    return bytes(out)
-
-
-rgba_to_bgra = bgra_to_rgba  # the same swap
-
-
-def u16_to_u8(data: bytes) -> bytes:
-    """Little-endian uint16 channels -> uint8 (the high byte: v8 = v16 >> 8, which maps
-    every 8-bit value promoted as v*257 back to itself)."""
-    return bytes(data[1::2])
-
-
-def u8_to_u16(data: bytes) -> bytes:
-    """uint8 -> little-endian uint16 (v*257: both bytes equal v)."""
-    out = bytearray(len(data) * 2)
-    out[0::2] = data
-    out[1::2] = data
-    return bytes(out)
-
-
-def grey_alpha_to_rgba(data: bytes) -> bytes:
-    """(grey, alpha) pairs -> RGBA with R=G=B=grey."""
-    out = bytearray(len(data) * 2)
-    g, a = data[0::2], data[1::2]
-    out[0::4], out[1::4], out[2::4], out[3::4] = g, g, g, a
-    return bytes(out)
-
-
-def mask_to_rgba(mask: bytes) -> bytes:
-    """A 1-byte-per-pixel mask -> opaque grey RGBA (brighter = selected)."""
-    return grey_alpha_to_rgba(_interleave(mask, b"\xff" * len(mask)))
-
-
-def _interleave(a: bytes, b: bytes) -> bytes:
-    out = bytearray(len(a) * 2)
-    out[0::2], out[1::2] = a, b
-    return bytes(out)
-
+# Conversions are Qt image operations (imaging.py); these names stay for callers and tests.
 
 def is_transparent(rgba: bytes) -> bool:
-    alpha = rgba[3::4]
-    return alpha.count(0) == len(alpha)
-
-
-def multiply_alpha(rgba: bytes, mask: bytes) -> bytes:
-    """Scale the alpha of RGBA8 pixels by a 0..255 mask (one byte per pixel)."""
-    alpha = rgba[3::4]
-    if alpha.count(255) == len(alpha):
-        new_alpha = bytes(mask)
-    else:
-        new_alpha = bytes(map(lambda a, m: (a * m + 127) // 255, alpha, mask))
-    out = bytearray(rgba)
-    out[3::4] = new_alpha
-    return bytes(out)
+    return not imaging.has_content(rgba)
 
 
 def _pixel_size(model: str, depth: str) -> int:
@@ -206,7 +155,8 @@ def is_edit_map(node) -> bool:
 
 
 def read_layer(node, rect: Rect, role_title: str = "") -> bytes:
-    """A layer's pixels over ``rect`` as RGBA8 (grey layers become grey RGBA)."""
+    """A layer's pixels over ``rect`` as RGBA8 (grey layers become grey RGBA; 16-bit values
+    are rounded to the nearest 8-bit value)."""
     model, depth = node.colorModel(), node.colorDepth()
     label = f"The layer \u201c{node.name()}\u201d" + (f" ({role_title})" if role_title else "")
     if model == "GRAYA" and depth in ("U8", "U16"):
@@ -221,11 +171,27 @@ def read_layer(node, rect: Rect, role_title: str = "") -> bytes:
     expected = rect.w * rect.h * _pixel_size(model, depth)
     if len(raw) != expected:
         raise AdapterError(f"Krita returned {len(raw)} bytes for {label}, expected {expected}.")
-    if depth == "U16":
-        raw = u16_to_u8(raw)
     if model == "GRAYA":
-        return grey_alpha_to_rgba(raw)
-    return bgra_to_rgba(raw)
+        return imaging.krita_grey_to_rgba8(raw, rect.w, rect.h, depth)
+    return imaging.krita_to_rgba8(raw, rect.w, rect.h, depth)
+
+
+def read_stack(nodes: list, rect: Rect, role_title: str = "") -> bytes:
+    """The picture of ``nodes`` (bottom first) over ``rect``: the first layer's pixels with
+    the others composited over it ("normal" blending, each at its opacity relative to the
+    first layer's), as RGBA8. Used for a source that earlier results were put above."""
+    base = read_layer(nodes[0], rect, role_title)
+    if len(nodes) == 1:
+        return base
+    base_opacity = max(1, int(nodes[0].opacity()))
+    overlays = []
+    for n in nodes[1:]:
+        if not n.visible():
+            continue
+        rgba = read_layer(n, rect, role_title)
+        if imaging.has_content(rgba):
+            overlays.append((rgba, min(1.0, int(n.opacity()) / base_opacity)))
+    return imaging.composite(base, rect.w, rect.h, overlays) if overlays else base
 
 
 @dataclass
@@ -259,15 +225,18 @@ def selection_mask(doc, rect: Rect) -> bytes | None:
 
 
 def feathered_mask(doc, rect: Rect, radius: int = DEFAULT_FEATHER) -> bytes | None:
-    """The selection over ``rect``, softened inward by ``radius`` pixels: feathered with
-    Krita's own feather, then limited to the selection, so that nothing outside changes."""
+    """The selection over ``rect``, softened inward by about ``radius`` pixels: feathered with
+    Qt's smooth scaling (Krita's own feather takes seconds on a 4000×3000 selection), then
+    multiplied by the selection itself, so that nothing outside it changes."""
     raw = selection_mask(doc, rect)
     if raw is None or radius <= 0:
         return raw
-    soft = doc.selection().duplicate()
-    soft.feather(int(radius))
-    fea = _bytes(soft.pixelData(rect.x, rect.y, rect.w, rect.h))
-    return bytes(map(min, raw, fea))
+    fea = imaging.feather(raw, rect.w, rect.h, int(radius))
+    return imaging.multiply_masks(raw, fea, rect.w, rect.h)
+
+
+def mask_to_rgba(mask: bytes, w: int, h: int) -> bytes:
+    return imaging.mask_to_rgba(mask, w, h)
 
 
 def is_placed(role: dict) -> bool:
@@ -277,13 +246,21 @@ def is_placed(role: dict) -> bool:
     return bool(role.get("canvas")) or role.get("kind") in ("map", "mask") or bool(role.get("multiple"))
 
 
-def role_image(doc, node, role: dict, roi: Rect, is_target: bool) -> RoleImage:
-    """Read the layer chosen for ``role``: the target over the region of interest, placed
-    roles only where the layer has content inside that region (with its offset), the others
-    over their own bounds."""
+CONTROL_KINDS = ("map", "mask")  # layers that steer a pass; painters keep them hidden
+
+
+def role_image(doc, node, role: dict, roi: Rect, is_target: bool, stack: list | None = None) -> RoleImage:
+    """Read the layer chosen for ``role``: the target over the region of interest (composited
+    with ``stack``, the results above it, when given), placed roles only where the layer has
+    content inside that region (with its offset), the others over their own bounds. Hidden
+    maps and masks are read (they are controls); hidden images are refused. Exemplars (roles
+    taking several placed layers) are read at their layer's opacity."""
     title = role.get("title") or role.get("name", "")
     name = str(node.name())
-    if not node.visible():
+    if not node.visible() and role.get("kind") not in CONTROL_KINDS and not is_target:
+        raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is hidden. "
+                           "Show it, or pick another layer.")
+    if is_target and not node.visible():
         raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is hidden. "
                            "Show it, or pick another layer.")
     full = document_rect(doc)
@@ -297,7 +274,12 @@ def role_image(doc, node, role: dict, roi: Rect, is_target: bool) -> RoleImage:
     if rect.empty:
         raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is empty{where}. "
                            "Paint on it, or pick another layer.")
-    rgba = read_layer(node, rect, title)
+    if is_target and stack:
+        rgba = read_stack([node] + list(stack), rect, title)
+    else:
+        rgba = read_layer(node, rect, title)
+    if role.get("multiple") and role.get("kind") == "image" and int(node.opacity()) < 255:
+        rgba = imaging.with_opacity(rgba, rect.w, rect.h, int(node.opacity()) / 255.0)
     if is_transparent(rgba):
         raise AdapterError(f"The layer \u201c{name}\u201d chosen for {title} is empty{where}. "
                            "Paint on it, or pick another layer.")
@@ -313,56 +295,116 @@ def result_layer_name(method: str, seed: Any, suffix: str = "") -> str:
     return f"{name} {suffix}".rstrip() if suffix else name
 
 
-def insert_result(doc, target, rgba: bytes, width: int, height: int, roi: Rect, name: str,
-                  mask: bytes | None = None):
-    """Add a new paint layer above ``target`` holding the result at the region's offset,
-    its alpha multiplied by ``mask`` (a feathered selection). Returns the new node."""
-    check_document(doc)
-    pixels = _result_pixels(rgba, width, height, roi, mask, doc.colorDepth())
-    node = doc.createNode(name, "paintlayer")
+def unique_name(doc, name: str) -> str:
+    """``name``, or ``name #2``, ``#3``… when a layer of the document has it already."""
+    taken = {str(n.name()) for n in iter_layers(doc)}
+    if name not in taken:
+        return name
+    k = 2
+    while f"{name} #{k}" in taken:
+        k += 1
+    return f"{name} #{k}"
+
+
+def placement(doc, target, used: Iterable[Any] = ()) -> tuple[Any, Any]:
+    """(parent, above): where a result of ``target`` goes so that the painter sees it: in
+    the target's group, above the target and above every other layer of the pass that lies
+    in that group (directly or inside a sub-group)."""
     parent = target.parentNode() if target is not None else None
     if parent is None:
         parent = doc.rootNode()
-    parent.addChildNode(node, target)
-    node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
-    _refresh(doc)
-    return node
+    children = list(parent.childNodes())
+    ids = [layer_id(c) for c in children]
+    best = ids.index(layer_id(target)) if target is not None and layer_id(target) in ids else len(ids) - 1
+    pid = layer_id(parent)
+    for node in used:
+        n = node
+        while n is not None:
+            up = n.parentNode()
+            if up is not None and layer_id(up) == pid:
+                if layer_id(n) in ids:
+                    best = max(best, ids.index(layer_id(n)))
+                break
+            n = up
+    return parent, (children[best] if children and best >= 0 else None)
 
 
-def replace_result(doc, node, rgba: bytes, width: int, height: int, roi: Rect,
-                   mask: bytes | None = None, name: str | None = None):
-    """Put another result into a result layer that :func:`insert_result` added: the same
-    region, scaling and selection mask, over the region only (the whole region is written,
-    so nothing of the previous result stays). Renames the layer when ``name`` is given."""
-    check_document(doc)
-    if node.type() != "paintlayer":
-        raise AdapterError(f"The layer \u201c{node.name()}\u201d is no longer a paint layer.")
-    check_color_space(node.colorModel(), node.colorDepth(), f"The layer \u201c{node.name()}\u201d")
-    pixels = _result_pixels(rgba, width, height, roi, mask, node.colorDepth())
-    node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
-    if name is not None:
-        node.setName(name)
-    _refresh(doc)
-    return node
-
-
-def _result_pixels(rgba: bytes, width: int, height: int, roi: Rect, mask: bytes | None,
-                   depth: str) -> bytes:
-    """A result as Krita pixels for the region: scaled to it, alpha times the mask, BGRA."""
+def result_pixels(rgba: bytes, width: int, height: int, roi: Rect, mask: bytes | None,
+                  depth: str) -> bytes:
+    """A result layer image as Krita pixels for the region: scaled to it when the backend
+    sent another size, alpha times the (feathered) selection, in the document's depth."""
     if (width, height) != (roi.w, roi.h):
-        rgba, width, height = _scaled(rgba, width, height, roi.w, roi.h)
+        rgba = imaging.scaled(rgba, width, height, roi.w, roi.h)
     if mask is not None:
-        rgba = multiply_alpha(rgba, mask)
-    bgra = rgba_to_bgra(rgba)
-    return u8_to_u16(bgra) if depth == "U16" else bgra
+        rgba = imaging.multiply_alpha(rgba, mask, roi.w, roi.h)
+    return imaging.rgba8_to_krita(rgba, roi.w, roi.h, depth)
 
 
-def _scaled(rgba: bytes, w: int, h: int, tw: int, th: int):
-    from .qt import Qt, image_rgba_bytes, rgba_image
+def _paint_node(doc, name: str, pixels: bytes, roi: Rect, opacity: int = 255,
+                blending: str = ""):
+    """A new paint layer holding ``pixels`` before it is added (so that adding it is the
+    one undo step)."""
+    node = doc.createNode(name, "paintlayer")
+    node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
+    if opacity != 255:
+        node.setOpacity(int(opacity))
+    if blending:
+        node.setBlendingMode(blending)
+    return node
 
-    img = rgba_image(rgba, w, h).scaled(tw, th, Qt.AspectRatioMode.IgnoreAspectRatio,
-                                        Qt.TransformationMode.SmoothTransformation)
-    return image_rgba_bytes(img)
+
+def insert_result(doc, target, rgba: bytes, width: int, height: int, roi: Rect, name: str,
+                  mask: bytes | None = None, used: Iterable[Any] = (), opacity: int | None = None,
+                  variants: bool = False):
+    """Add the result of a pass: a paint layer holding ``rgba`` (the backend's result layer:
+    transparent where nothing changes) at the region's offset, its alpha times ``mask``, at
+    the target's opacity, placed by :func:`placement`. With ``variants`` it is a group
+    holding that layer, so that another variant can be shown by adding one layer into it
+    (:func:`show_variant`). One undo step removes it. Returns the new node."""
+    check_document(doc)
+    pixels = result_pixels(rgba, width, height, roi, mask, doc.colorDepth())
+    if opacity is None:
+        opacity = int(target.opacity()) if target is not None else 255
+    parent, above = placement(doc, target, used)
+    name = unique_name(doc, name)
+    if variants:
+        node = doc.createNode(name, "grouplayer")
+        node.setOpacity(int(opacity))
+        parent.addChildNode(node, above)
+        node.addChildNode(_paint_node(doc, name, pixels, roi), None)
+    else:
+        node = _paint_node(doc, name, pixels, roi, opacity)
+        parent.addChildNode(node, above)
+    _refresh(doc)
+    return node
+
+
+def show_variant(doc, group, rgba: bytes, width: int, height: int, roi: Rect, name: str,
+                 mask: bytes | None = None):
+    """Show another variant in a result group that :func:`insert_result` added: one new
+    layer on top of the group in "copy" blending, so that the group shows exactly it (the
+    whole region is written: nothing of the previous variant shows through), and one undo
+    brings the previous one back. Renames the group."""
+    check_document(doc)
+    if group.type() != "grouplayer":
+        raise AdapterError(f"The layer \u201c{group.name()}\u201d is not an Analogon result group.")
+    pixels = result_pixels(rgba, width, height, roi, mask, doc.colorDepth())
+    children = list(group.childNodes())
+    node = _paint_node(doc, name, pixels, roi, 255, "copy" if children else "")
+    group.addChildNode(node, children[-1] if children else None)
+    group.setName(name)
+    _refresh(doc)
+    return node
+
+
+def hide_layers(nodes: Iterable[Any]) -> list[str]:
+    """Hide ``nodes`` (the edit maps of a pass, after it); the names of those hidden."""
+    hidden = []
+    for n in nodes:
+        if n is not None and n.visible():
+            n.setVisible(False)
+            hidden.append(str(n.name()))
+    return hidden
 
 
 def create_edit_map(doc, target):

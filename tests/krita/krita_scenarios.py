@@ -209,12 +209,13 @@ def live(entry, app, controller_cls):
     doc.refreshProjection()
     entry["roles"] = {k: len(v) for k, v in c.roles().items()}
 
-    def run(fn, timeout=90):
+    def run(fn, timeout=90, ctl=None):
+        ctl = ctl or c
         ends = []
-        c.finished.connect(ends.append)
+        ctl.finished.connect(ends.append)
         fn()
         _wait(lambda: ends, timeout)
-        c.finished.disconnect()
+        ctl.finished.disconnect()
         return ends[0] if ends else "timeout"
 
     # 1. the whole canvas
@@ -226,6 +227,8 @@ def live(entry, app, controller_cls):
     entry["full"] = {"how": how, "error": c.error, "names": _names(doc), "expected_name": name,
                      "bounds": _bounds(node) if node else None,
                      "alpha": _alpha_stats(node, [0, 0, 96, 64]) if node else None,
+                     "alpha_outside_map": _alpha_stats(node, [48, 0, 48, 64]) if node else None,
+                     "alpha_inside_map": _alpha_stats(node, [12, 12, 24, 24]) if node else None,
                      "unchanged": [k for k in before if before[k] == after.get(k)],
                      "changed": [k for k in before if before[k] != after.get(k)],
                      "result_differs_from_photo": bool(node) and bytes(node.pixelData(0, 0, 96, 64)) != before["photo"],
@@ -274,12 +277,180 @@ def live(entry, app, controller_cls):
     if node is not None:
         node.remove()
 
-    # 4. Krita closing stops the backend we started
+    # 4. what the painter sees: the composite, for sources Krita composites in other ways
+    for case in ("semi_transparent", "half_opacity", "sixteen_bit"):
+        entry.setdefault("exact", {})[case] = _guard(_exact_case, app, c, method, case, run)
+    # 5. appearance with an elliptical selection and the default roles
+    entry["appearance_selection"] = _guard(_appearance_with_selection, app, c, run)
+    # 6. history saved in the .kra, restored on open, usable after reopening
+    entry["reopen"] = _guard(_history_survives_reopen, app, c, method, run, controller_cls)
+
+    # 7. Krita closing stops the backend we started
     pid = c.process.pid
     c.shutdown()
     gone = _wait(lambda: not _alive(pid), 15)
     entry["shutdown"] = {"pid": pid, "gone": gone}
     doc.close()
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:
+        return {"traceback": traceback.format_exc()}
+
+
+def _px(depth):
+    return 4 if depth == "U8" else 8
+
+
+def _colour(rgba, depth):
+    """An RGBA colour (0..255) as one Krita pixel (BGRA; 16-bit: not a multiple of 257)."""
+    r, g, b, a = rgba
+    if depth == "U8":
+        return bytes((b, g, r, a))
+    return b"".join((v * 257 + (37 if 0 < v < 255 else 0)).to_bytes(2, "little") for v in (b, g, r, a))
+
+
+def _exact_case(app, c, method, case, run):
+    """A pass whose edit map is white in a square and black elsewhere: the composite
+    (what the painter sees) is byte-identical outside the square, and changes inside."""
+    from analogon_krita import document as kd
+
+    depth = "U16" if case == "sixteen_bit" else "U8"
+    w, h = 64, 48
+    doc = _doc(app, w, h, depth)
+    root = doc.rootNode()
+    bg = root.childNodes()[0] if root.childNodes() else None
+    if bg is not None:
+        bg.setPixelData(_colour((230, 220, 40, 255), depth) * (w * h), 0, 0, w, h)
+    photo = doc.createNode("photo", "paintlayer")
+    # a gradient-free but varied source: two colours in halves, alpha 128 for the first case
+    alpha = 128 if case == "semi_transparent" else 255
+    half = _colour((40, 120, 200, alpha), depth) * (w * h // 2) + _colour((180, 60, 90, alpha), depth) * (w * h // 2)
+    photo.setPixelData(half, 0, 0, w, h)
+    root.addChildNode(photo, bg)
+    if case == "half_opacity":
+        photo.setOpacity(128)
+    doc.setActiveNode(photo)
+    c.set_document(doc)
+    c.set_method(method)
+    c.set_role(c.target_role(), [kd.layer_id(photo)])
+    if "exemplar" in c.roles():
+        c.set_role("exemplar", [])
+    emap = c.new_edit_map()
+    white = b"\xff" * kd._pixel_size(emap.colorModel(), emap.colorDepth())
+    sq = (16, 12, 24, 20)
+    emap.setPixelData(white * (sq[2] * sq[3]), *sq)
+    emap.setVisible(False)  # maps are controls: a hidden one is used, and is not in the picture
+    doc.refreshProjection()
+    doc.waitForDone()
+    before = bytes(root.projectionPixelData(0, 0, w, h))
+    how = run(c.generate)
+    doc.refreshProjection()
+    doc.waitForDone()
+    after = bytes(root.projectionPixelData(0, 0, w, h))
+    ps = _px(depth)
+    outside_changed = inside_changed = 0
+    for y in range(h):
+        for x in range(w):
+            i = (y * w + x) * ps
+            same = before[i:i + ps] == after[i:i + ps]
+            if sq[0] <= x < sq[0] + sq[2] and sq[1] <= y < sq[1] + sq[3]:
+                inside_changed += not same
+            else:
+                outside_changed += not same
+    result = c.history[0] if c.history else None
+    node = kd.find_layer(doc, result.layer_id) if result else None
+    out = {"how": how, "error": c.error, "outside_changed": outside_changed,
+           "inside_changed": inside_changed, "inside_n": sq[2] * sq[3],
+           "has_layer": bool(getattr(c, "last_result_had_layer", False)),
+           "result_opacity": node.opacity() if node else None, "source_opacity": photo.opacity(),
+           "map_used": bool(result) and kd.layer_id(emap) in result.map_ids,
+           "names": _names(doc)}
+    doc.setModified(False)
+    doc.close()
+    return out
+
+
+def _appearance_with_selection(app, c, run):
+    from krita import Selection
+
+    if not any(m["id"] == "appearance" for m in c.methods):
+        return {"skipped": "no appearance method"}
+    w, h = 96, 64
+    doc = _doc(app, w, h)
+    root = doc.rootNode()
+    bg = root.childNodes()[0] if root.childNodes() else None
+    structure = _layer(doc, "photo", (40, 120, 200, 255), 0, 0, w, h, above=bg)
+    look = _layer(doc, "look", (20, 200, 60, 255), 0, 0, 48, 32, above=structure)
+    doc.setActiveNode(structure)
+    sel = Selection()
+    ell = bytearray(w * h)
+    cx, cy, rx, ry = 48, 32, 30, 18
+    for y in range(h):
+        for x in range(w):
+            if ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1:
+                ell[y * w + x] = 255
+    sel.setPixelData(bytes(ell), 0, 0, w, h)
+    doc.setSelection(sel)
+    c.set_document(doc)
+    c.set_method("appearance")
+    for k, v in {"steps": 4, "skip_steps": 1}.items():
+        if k in c.param_values():
+            c.set_param(k, v)
+    roles = {k: list(v) for k, v in c.roles().items()}
+    how = run(c.generate, 120)
+    out = {"how": how, "error": c.error, "roles": {k: len(v) for k, v in roles.items()},
+           "masks": {k: v for k, v in roles.items() if k.endswith("mask")}, "names": _names(doc)}
+    doc.setModified(False)
+    doc.close()
+    return out
+
+
+def _history_survives_reopen(app, c, method, run, controller_cls):
+    from analogon_krita import document as kd
+
+    w, h = 64, 48
+    doc = _doc(app, w, h)
+    bg = doc.rootNode().childNodes()[0] if doc.rootNode().childNodes() else None
+    photo = _layer(doc, "photo", (40, 120, 200, 255), 0, 0, w, h, above=bg)
+    doc.setActiveNode(photo)
+    c.set_document(doc)
+    c.set_method(method)
+    c.set_role(c.target_role(), [kd.layer_id(photo)])
+    if "exemplar" in c.roles():
+        c.set_role("exemplar", [])
+    emap = c.new_edit_map()
+    white = b"\xff" * (2 if emap.colorModel() == "GRAYA" else 4)
+    emap.setPixelData(white * (16 * 16), 8, 8, 16, 16)
+    how = run(c.generate)
+    first = {"how": how, "error": c.error, "history": len(c.history)}
+    path = os.path.join(os.environ["ANALOGON_TEST_TMP"], "history.kra")
+    saved = doc.saveAs(path)
+    doc.waitForDone()
+    doc.close()
+    other = _doc(app, 32, 32)  # another document never shows this history
+    c.set_document(other)
+    other_history = len(c.history)
+    reopened = app.openDocument(path)
+    fresh = controller_cls(app=app)  # as after a restart of Krita
+    fresh.client, fresh.server, fresh.methods = c.client, c.server, c.methods
+    fresh.connection = "connected"
+    fresh.set_document(reopened)
+    entries = [(e.method, e.seed, e.layer_name) for e in fresh.history]
+    has_thumb = bool(fresh.history) and fresh.history[0].thumbnail is not None \
+        and not fresh.history[0].thumbnail.isNull()
+    used = fresh.use_as_source(0) if fresh.history else False
+    again = run(lambda: fresh.apply_again(0), 90, fresh) if fresh.history else "no history"
+    out = {"first": first, "saved": bool(saved), "other_history": other_history,
+           "entries": entries, "thumbnail": has_thumb, "use_as_source": used,
+           "apply_again": again, "apply_again_error": fresh.error,
+           "history_after": len(fresh.history), "names": _names(reopened)}
+    reopened.setModified(False)
+    reopened.close()
+    other.close()
+    return out
 
 
 def _alive(pid):

@@ -104,9 +104,12 @@ def test_backend_started_by_the_plugin(live):
 def test_result_layer_name_size_offset_and_pixels(live):
     full = live["full"]
     assert full["how"] == "done", full["error"]
-    assert full["names"] == ["Background", "photo", "pixels seed 21", "Edit map", "Edit map", "exemplar"]
-    assert full["bounds"] == [0, 0, 96, 64]
-    assert full["alpha"]["opaque"] == 96 * 64
+    # above every layer the pass used (the source, its edit map, the exemplar)
+    assert full["names"] == ["Background", "photo", "Edit map", "Edit map", "exemplar", "pixels seed 21"]
+    x, y, w, h = full["bounds"]  # the layer holds only the change: the map's white square
+    assert x >= 8 and y >= 8 and x + w <= 40 and y + h <= 40
+    assert full["alpha_outside_map"]["transparent"] == full["alpha_outside_map"]["n"]
+    assert full["alpha_inside_map"]["opaque"] == full["alpha_inside_map"]["n"]
     assert full["result_differs_from_photo"]
     assert full["changed"] == [] and full["history"] == 1
     assert full["restored"], "removing the result layer must restore the document"
@@ -132,3 +135,32 @@ def test_cancelled_job_adds_no_layer(live):
 
 def test_backend_stops_when_krita_closes(live):
     assert live["shutdown"]["gone"], "the backend the plugin started is still running"
+
+
+@pytest.mark.parametrize("case", ["semi_transparent", "half_opacity", "sixteen_bit"])
+def test_the_composite_is_exact_where_nothing_may_change(live, case):
+    e = live["exact"][case]
+    assert "traceback" not in e, e.get("traceback")
+    assert e["how"] == "done", e["error"]
+    assert e["map_used"] and e["result_opacity"] == e["source_opacity"]
+    assert e["inside_changed"] > e["inside_n"] // 4, "the result does not show where the map is white"
+    if not e["has_layer"]:
+        pytest.skip("this backend sends no result layer (issue 11): the finished image is used")
+    assert e["outside_changed"] == 0
+
+
+def test_appearance_with_an_elliptical_selection_and_default_roles(live):
+    a = live["appearance_selection"]
+    assert "traceback" not in a, a.get("traceback")
+    assert a["how"] == "done", a["error"]
+    assert a["masks"].get("structure_mask") == [] and a["masks"].get("appearance_mask") == []
+
+
+def test_history_survives_save_close_and_reopen(live):
+    r = live["reopen"]
+    assert "traceback" not in r, r.get("traceback")
+    assert r["first"]["how"] == "done" and r["saved"]
+    assert r["other_history"] == 0, "another document showed this history"
+    assert len(r["entries"]) == 1 and r["thumbnail"]
+    assert r["use_as_source"] and r["apply_again"] == "done", r["apply_again_error"]
+    assert r["history_after"] == 2

@@ -10,9 +10,10 @@ import itertools
 import sys
 import types
 import uuid
+from array import array
 
 from PyQt6.QtCore import QObject, QRect, pyqtSignal
-from PyQt6.QtGui import QImage
+from PyQt6.QtGui import QImage, QPainter
 from PyQt6.QtWidgets import QDockWidget
 
 _CHANNELS = {"RGBA": 4, "GRAYA": 2, "CMYKA": 5, "LABA": 4}
@@ -112,6 +113,8 @@ class Node(QObject):
         self._parent: Node | None = None
         self._visible = True
         self._opacity = 255
+        self._blending = "normal"
+        self._locked = False
         self._pixels = bytearray(doc._w * doc._h * pixel_size(self._model, self._depth))
         self.writes = 0  # how many times setPixelData was called
 
@@ -153,6 +156,18 @@ class Node(QObject):
     def setOpacity(self, v):
         self._opacity = int(v)
 
+    def blendingMode(self):
+        return self._blending
+
+    def setBlendingMode(self, mode):
+        self._blending = str(mode)
+
+    def locked(self):
+        return self._locked
+
+    def setLocked(self, v):
+        self._locked = bool(v)
+
     # tree
     def parentNode(self):
         return self._parent
@@ -193,7 +208,12 @@ class Node(QObject):
             out[(yy * w + x0 - x) * ps:(yy * w + x1 - x) * ps] = src
         return bytes(out)
 
-    projectionPixelData = pixelData
+    def projectionPixelData(self, x, y, w, h):
+        """Paint layers: their pixels; groups: their children composited (normal or copy
+        blending, opacity, visibility), in the document's colour space, as Krita does."""
+        if self._type != "grouplayer":
+            return self.pixelData(x, y, w, h)
+        return _composite_children(self, x, y, w, h)
 
     def setPixelData(self, data, x, y, w, h):
         ps, W, H = self._ps(), self._doc._w, self._doc._h
@@ -216,10 +236,15 @@ class Node(QObject):
 
     def bounds(self):
         W, H = self._doc._w, self._doc._h
+        if self._type == "grouplayer":
+            data, ps, d = self.projectionPixelData(0, 0, W, H), pixel_size(self._doc._model, self._doc._depth), _DEPTH[self._doc._depth]
+            alpha_at = lambda i: any(data[i * ps + ps - d:i * ps + ps])  # noqa: E731
+        else:
+            alpha_at = self._alpha_at
         xs, ys = [], []
         for yy in range(H):
             for xx in range(W):
-                if self._alpha_at(yy * W + xx):
+                if alpha_at(yy * W + xx):
                     xs.append(xx)
                     ys.append(yy)
         if not xs:
@@ -228,6 +253,59 @@ class Node(QObject):
 
     def thumbnail(self, w, h):
         return QImage(w, h, QImage.Format.Format_ARGB32)
+
+
+def _qimage(node, x, y, w, h):
+    """A node's pixels (projection for groups) as a QImage in Krita's byte order: 8-bit BGRA
+    is ARGB32, 16-bit BGRA is RGBA64 with red and blue swapped (the same for compositing)."""
+    doc = node._doc
+    data = node.projectionPixelData(x, y, w, h)
+    if node._model == "GRAYA":  # grey + alpha -> RGBA in the document's depth
+        n = w * h
+        if node._depth == "U8":
+            out = bytearray(n * 4)
+            g = data[0::2]
+            out[0::4], out[1::4], out[2::4], out[3::4] = g, g, g, data[1::2]
+            data, fmt, bpp = bytes(out), QImage.Format.Format_ARGB32, 4
+        else:
+            src = array("H")
+            src.frombytes(data)
+            out = array("H", bytes(n * 8))
+            g = src[0::2]
+            out[0::4], out[1::4], out[2::4], out[3::4] = g, g, g, src[1::2]
+            data, fmt, bpp = out.tobytes(), QImage.Format.Format_RGBA64, 8
+    elif node._depth == "U8":
+        fmt, bpp = QImage.Format.Format_ARGB32, 4
+    else:
+        fmt, bpp = QImage.Format.Format_RGBA64, 8
+    img = QImage(bytes(data), w, h, w * bpp, fmt).copy()
+    if doc._depth == "U16" and bpp == 4:
+        img = img.convertToFormat(QImage.Format.Format_RGBA64)
+    return img
+
+
+def _composite_children(group, x, y, w, h):
+    doc = group._doc
+    out = QImage(w, h, QImage.Format.Format_RGBA64_Premultiplied)
+    out.fill(0)
+    p = QPainter(out)
+    for child in group._children:  # bottom first, as Krita lists them
+        if not child._visible:
+            continue
+        p.setCompositionMode(QPainter.CompositionMode.CompositionMode_Source if child._blending == "copy"
+                             else QPainter.CompositionMode.CompositionMode_SourceOver)
+        p.setOpacity(child._opacity / 255.0)
+        p.drawImage(0, 0, _qimage(child, x, y, w, h))
+    p.end()
+    if doc._depth == "U8":
+        img, bpp = out.convertToFormat(QImage.Format.Format_ARGB32), 4
+    else:
+        img, bpp = out.convertToFormat(QImage.Format.Format_RGBA64), 8
+    ptr = img.constBits()
+    ptr.setsize(img.bytesPerLine() * h)
+    raw = bytes(ptr.asstring(img.bytesPerLine() * h))
+    row = w * bpp
+    return b"".join(raw[r * img.bytesPerLine():r * img.bytesPerLine() + row] for r in range(h))
 
 
 class Document(QObject):
@@ -239,6 +317,7 @@ class Document(QObject):
         self._active = None
         self._selection: Selection | None = None
         self.refreshes = 0
+        self._annotations: dict[str, tuple[str, bytes]] = {}
 
     def width(self):
         return self._w
@@ -286,6 +365,27 @@ class Document(QObject):
         if sel is not None:
             sel._ensure(self._w, self._h)
         self._selection = sel
+
+    def pixelData(self, x, y, w, h):
+        """The composite of the whole image (Krita: the document's projection)."""
+        return self._root.projectionPixelData(x, y, w, h)
+
+    def annotationTypes(self):
+        return list(self._annotations)
+
+    def annotation(self, kind):
+        from PyQt6.QtCore import QByteArray
+
+        return QByteArray(self._annotations.get(kind, ("", b""))[1])
+
+    def annotationDescription(self, kind):
+        return self._annotations.get(kind, ("", b""))[0]
+
+    def setAnnotation(self, kind, description, data):
+        self._annotations[kind] = (description, bytes(data.data()) if hasattr(data, "data") else bytes(data))
+
+    def removeAnnotation(self, kind):
+        self._annotations.pop(kind, None)
 
     def refreshProjection(self):
         self.refreshes += 1

@@ -264,7 +264,9 @@ def test_generate_adds_result_layer_and_history(kapp, live):
     how, _ = run(live)
     assert how == "done", live.error
     names = [n.name() for n in doc.rootNode().childNodes()]
-    assert names == ["Background", "photo", "pixels seed 11", "Edit map", "ex1", "ex2"]
+    # above every layer the pass used (source, map, exemplar), not above the unused ex2
+    assert names == ["Background", "photo", "Edit map", "ex1", "pixels seed 11", "ex2"]
+    assert not emap.visible() and "edit map was hidden" in live.message
     result = doc.nodeByName("pixels seed 11")
     assert result.bounds().width() == 64 and result.bounds().height() == 64
     for n in (bg, photo, ex1, ex2, emap):
@@ -276,8 +278,10 @@ def test_generate_adds_result_layer_and_history(kapp, live):
     # apply again: same seed, same layers -> identical pixels in a second layer
     how, _ = run(live, lambda: live.apply_again(0))
     assert how == "done"
-    results = [n for n in doc.rootNode().childNodes() if n.name() == "pixels seed 11"]
-    assert len(results) == 2 and results[0].pixelData(0, 0, 64, 64) == results[1].pixelData(0, 0, 64, 64)
+    names = [n.name() for n in doc.rootNode().childNodes()]
+    assert names == ["Background", "photo", "Edit map", "ex1", "pixels seed 11", "pixels seed 11 #2", "ex2"]
+    results = [doc.nodeByName("pixels seed 11"), doc.nodeByName("pixels seed 11 #2")]
+    assert results[0].pixelData(0, 0, 64, 64) == results[1].pixelData(0, 0, 64, 64)
     # use as next source
     assert live.use_as_source(0)
     assert live.roles()["source"] == [live.history[0].layer_id]
@@ -308,7 +312,7 @@ def test_progressive_sequence_one_pass_per_exemplar(kapp, live):
     how, _ = run(live, timeout=180)
     assert how == "done", live.error
     names = [n.name() for n in doc.rootNode().childNodes()]
-    assert names == ["Background", "photo", "pixels seed 11 (pass 1/2)", "pixels seed 11 (pass 2/2)", "ex1", "ex2"]
+    assert names == ["Background", "photo", "ex1", "ex2", "pixels seed 11 (pass 1/2)", "pixels seed 11 (pass 2/2)"]
     assert [h.sequence for h in live.history] == [(1, 2), (0, 2)]
     assert any(s.startswith("pass 2/2") for s in stages)
 

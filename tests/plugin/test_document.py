@@ -6,6 +6,7 @@ import pytest
 from fake_krita import Selection
 
 from analogon_krita import document as kd
+from analogon_krita import imaging
 from analogon_krita.document import AdapterError, Rect
 
 
@@ -42,12 +43,35 @@ def test_sixteen_bit_is_converted_both_ways(kapp):
     assert [int.from_bytes(raw[i:i + 2], "little") for i in range(0, 8, 2)] == [3 * 257, 2 * 257, 1 * 257, 65535]
 
 
-def test_u16_to_u8_rounding_is_within_one_level():
-    vals = list(range(0, 65536, 97))
+def test_u16_reads_are_rounded_not_truncated():
+    vals = list(range(0, 65536, 7))
+    vals += [0] * (-len(vals) % 4)
     data = b"".join(v.to_bytes(2, "little") for v in vals)
-    out = kd.u16_to_u8(data)
-    assert all(abs(o - round(v / 257)) <= 1 for o, v in zip(out, vals))
-    assert kd.u16_to_u8(kd.u8_to_u16(bytes(range(256)))) == bytes(range(256))
+    out = imaging.krita_to_rgba8(data, len(vals) // 4, 1, "U16")
+    # BGRA in, RGBA out: swap back to compare channel by channel
+    bgra = imaging.rgba8_to_krita(out, len(vals) // 4, 1, "U8")
+    assert list(bgra) == [round(v / 257) for v in vals]
+    assert imaging.krita_to_rgba8(bytes([1, 0x12, 0xff, 0x12, 0, 0, 0xff, 0xff]), 1, 1, "U16")[:2] == bytes([0, 19])
+    every = bytes(range(256))
+    assert imaging.krita_to_rgba8(imaging.rgba8_to_krita(every, 64, 1, "U16"), 64, 1, "U16") == every
+
+
+def test_masks_and_alpha_with_qt_image_operations():
+    assert imaging.multiply_alpha(bytes([1, 2, 3, 255, 4, 5, 6, 255]), bytes([0, 128]), 2, 1)[3::4] == bytes([0, 128])
+    assert imaging.multiply_alpha(bytes([10, 20, 30, 128]), bytes([128]), 1, 1) == bytes([10, 20, 30, 64])
+    assert imaging.mask_to_rgba(bytes([7, 0, 255]), 3, 1) == bytes([7, 7, 7, 255, 0, 0, 0, 255, 255, 255, 255, 255])
+    assert imaging.multiply_masks(bytes([255, 128, 0, 255]), bytes([255, 255, 255, 64]), 4, 1) == bytes([255, 128, 0, 64])
+
+
+def test_composite_keeps_the_base_exact_where_overlays_are_transparent():
+    # every colour at every alpha from 2 up: drawn under a transparent overlay, nothing moves
+    base = b"".join(bytes([c, 255 - c, (c * 7) % 256, a]) for a in range(2, 256) for c in range(256))
+    w, h = 256, 254
+    clear = bytes(w * h * 4)
+    assert imaging.composite(base, w, h, [(clear, 1.0)]) == base
+    red = bytes([255, 0, 0, 255]) * (w * h)
+    over = imaging.composite(base, w, h, [(red, 0.5)])
+    assert over[4 * 300:4 * 301] != base[4 * 300:4 * 301] and over[3::4] != base[3::4]
 
 
 @pytest.mark.parametrize("model,depth,words", [
@@ -145,20 +169,73 @@ def test_result_of_another_size_is_scaled_to_the_region(kapp):
     assert node.pixelData(15, 15, 1, 1) == bytes([9, 9, 9, 255])
 
 
-def test_replace_result_rewrites_only_that_layer_over_the_region(kapp):
+def test_show_variant_adds_a_copy_layer_that_alone_shows(kapp):
     doc = new_doc(kapp, 16, 16, depth="U16")
     t = add_layer(doc, "t", (0, 0, 0, 0, 0, 0, 255, 255))
     roi = Rect(4, 4, 8, 8)
     mask = bytes([255] * 32 + [0] * 32)  # top half of the region only
-    node = kd.insert_result(doc, t, bytes([10, 20, 30, 255]) * 64, 8, 8, roi, "r 1", mask)
-    kd.replace_result(doc, node, bytes([40, 50, 60, 255]) * 16, 4, 4, roi, mask, "r 2")
+    group = kd.insert_result(doc, t, bytes([10, 20, 30, 255]) * 64, 8, 8, roi, "r 1", mask, variants=True)
+    assert group.type() == "grouplayer" and [n.name() for n in group.childNodes()] == ["r 1"]
+    kd.show_variant(doc, group, bytes([40, 50, 60, 255]) * 16, 4, 4, roi, "r 2", mask)
     expected = kd.insert_result(doc, t, bytes([40, 50, 60, 255]) * 64, 8, 8, roi, "e", mask)
-    assert node.name() == "r 2" and node.pixelData(0, 0, 16, 16) == expected.pixelData(0, 0, 16, 16)
-    assert kd.read_layer(node, Rect(4, 4, 1, 1)) == bytes([40, 50, 60, 255])
-    assert kd.read_layer(node, Rect(4, 11, 1, 1))[3] == 0 and t.writes == 0
-    group = doc.createNode("g", "grouplayer")
+    assert group.name() == "r 2" and group.projectionPixelData(0, 0, 16, 16) == expected.pixelData(0, 0, 16, 16)
+    assert [n.blendingMode() for n in group.childNodes()] == ["normal", "copy"]
+    assert t.writes == 0 and group.childNodes()[0].writes == 1  # filled once, before it was added
     with pytest.raises(AdapterError):
-        kd.replace_result(doc, group, bytes([1, 2, 3, 255]) * 64, 8, 8, roi)
+        kd.show_variant(doc, t, bytes([1, 2, 3, 255]) * 64, 8, 8, roi, "x")
+
+
+def test_results_go_above_every_layer_the_pass_used_with_unique_names(kapp):
+    doc = new_doc(kapp, 8, 8)
+    group = doc.createNode("group", "grouplayer")
+    src = add_layer(doc, "src", (1, 2, 3, 255))
+    doc.rootNode().addChildNode(group, src)
+    inner = doc.createNode("exemplar", "paintlayer")
+    group.addChildNode(inner, None)
+    top = add_layer(doc, "unused", (9, 9, 9, 255), above=group)
+    clear = bytes(8 * 8 * 4)
+    r1 = kd.insert_result(doc, src, clear, 8, 8, Rect(0, 0, 8, 8), "pixels seed 7", used=[inner])
+    r2 = kd.insert_result(doc, src, clear, 8, 8, Rect(0, 0, 8, 8), "pixels seed 7", used=[inner, r1])
+    assert [n.name() for n in doc.rootNode().childNodes()] == [
+        "src", "group", "pixels seed 7", "pixels seed 7 #2", "unused"]
+    assert r2.name() == "pixels seed 7 #2" and top.writes == 0
+
+
+def test_the_composite_is_unchanged_where_the_result_layer_is_transparent(kapp):
+    """A semi-transparent source at 50 % opacity in a 16-bit document: the result layer
+    takes the source's opacity and the composite moves only where the layer has content."""
+    doc = new_doc(kapp, 8, 8, depth="U16")
+    bg = add_layer(doc, "bg", (0x1234).to_bytes(2, "little") * 3 + b"\xff\xff")
+    src = add_layer(doc, "src", b"".join(v.to_bytes(2, "little") for v in (40000, 1234, 777, 30000)), above=bg)
+    src.setOpacity(128)
+    before = doc.pixelData(0, 0, 8, 8)
+    layer_rgba = bytearray(8 * 8 * 4)
+    layer_rgba[0:4] = bytes([255, 0, 0, 255])  # one changed pixel, the rest transparent
+    node = kd.insert_result(doc, src, bytes(layer_rgba), 8, 8, Rect(0, 0, 8, 8), "r")
+    assert node.opacity() == 128
+    after = doc.pixelData(0, 0, 8, 8)
+    assert after[8:] == before[8:] and after[:8] != before[:8]
+
+
+def test_exemplars_are_read_at_their_layer_opacity(kapp):
+    doc = new_doc(kapp, 4, 4)
+    ex = add_layer(doc, "ex", (0, 0, 255, 255))
+    ex.setOpacity(128)
+    role = {"name": "exemplar", "kind": "image", "multiple": True}
+    ri = kd.role_image(doc, ex, role, Rect(0, 0, 4, 4), False)
+    assert len(set(ri.rgba[3::4])) == 1 and abs(ri.rgba[3] - 128) <= 1 and ri.rgba[:3] == bytes([255, 0, 0])
+
+
+def test_hidden_maps_are_read_hidden_images_refused(kapp):
+    doc = new_doc(kapp, 4, 4)
+    t = add_layer(doc, "photo", (1, 2, 3, 255))
+    m = kd.create_edit_map(doc, t)
+    m.setVisible(False)
+    ri = kd.role_image(doc, m, {"name": "edit_map", "kind": "map"}, Rect(0, 0, 4, 4), False)
+    assert ri.rgba == bytes([0, 0, 0, 255]) * 16
+    t.setVisible(False)
+    with pytest.raises(AdapterError, match="hidden"):
+        kd.role_image(doc, t, {"name": "a", "kind": "image"}, Rect(0, 0, 4, 4), False)
 
 
 def test_edit_map_layer(kapp):
@@ -171,9 +248,3 @@ def test_edit_map_layer(kapp):
     rgba = kd.read_layer(m, Rect(0, 0, 8, 8))
     assert rgba == bytes([0, 0, 0, 255]) * 64
     assert t.writes == 0
-
-
-def test_multiply_alpha_and_mask_to_rgba():
-    assert kd.multiply_alpha(bytes([1, 2, 3, 255, 4, 5, 6, 255]), bytes([0, 128])) == bytes([1, 2, 3, 0, 4, 5, 6, 128])
-    assert kd.multiply_alpha(bytes([1, 2, 3, 128]), bytes([128])) == bytes([1, 2, 3, 64])
-    assert kd.mask_to_rgba(bytes([7])) == bytes([7, 7, 7, 255])

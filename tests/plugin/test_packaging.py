@@ -69,3 +69,30 @@ def test_action_file_lists_the_extension_actions(pk):
     text = (ROOT / "manifest" / "analogon_krita.action").read_text()
     for action_id, _, _ in AnalogonExtension.ACTIONS:
         assert f'<Action name="{action_id}">' in text
+
+
+def _shortcuts(path: Path) -> dict[str, str]:
+    """key combination (normalised: lower case, modifiers sorted) -> action name."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for action in ET.parse(path).getroot().iter("Action"):
+        text = action.findtext("shortcut") or ""
+        for part in text.split(";"):
+            if part.strip():
+                out["+".join(sorted(part.strip().lower().replace(" ", "").split("+")))] = action.get("name")
+    return out
+
+
+KRITA_ACTIONS = sorted(Path("/usr/share/krita/actions").glob("*.action"))
+
+
+@pytest.mark.skipif(not KRITA_ACTIONS, reason="Krita's action files are not installed")
+def test_no_default_shortcut_clashes_with_krita():
+    ours = _shortcuts(ROOT / "manifest" / "analogon_krita.action")
+    krita = {}
+    for f in KRITA_ACTIONS:
+        krita.update(_shortcuts(f))
+    assert "alt+ctrl+g" in krita  # the parser reads Krita's own file (Quick Ungroup)
+    assert ours, "Generate has a default shortcut"
+    assert not set(ours) & set(krita), {k: (ours[k], krita[k]) for k in set(ours) & set(krita)}

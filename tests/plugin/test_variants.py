@@ -1,5 +1,6 @@
-"""Multi-image results (a DIA λ sweep): one result layer, the others as variants to pick from,
-in the controller and in the panel's strip. The backend is replaced by a runner that answers
+"""Multi-image results (a DIA λ sweep): one result group showing one variant, the others to
+pick from (each pick one more layer in the group, so that one undo goes back), in the
+controller and in the panel's strip. The backend is replaced by a runner that answers
 each pass with the images a test gives it."""
 from __future__ import annotations
 
@@ -139,21 +140,30 @@ def test_a_sweep_adds_one_layer_and_lists_its_variants(kapp, runner):
     [entry] = c.history
     assert entry.layer_name == "dia seed 5 \u03bb=0, cfg=7.5" and entry.result_sha == c.variants[0].sha
     node = doc.nodeByName(entry.layer_name)
-    assert node.pixelData(0, 0, 16, 16) == bgra(COLOURS[0], 256)
+    assert node.type() == "grouplayer" and [n.name() for n in node.childNodes()] == [entry.layer_name]
+    assert node.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[0], 256)
     assert c._chain_sha == c.variants[0].sha
 
 
-def test_picking_a_variant_rewrites_the_result_layer(kapp, runner):
+def test_picking_a_variant_adds_one_layer_into_the_result_group(kapp, runner):
     doc, c, inputs = dia_setup(kapp, runner)
     run(c, [sweep()])
     node = doc.nodeByName(c.history[0].layer_name)
+    first = node.childNodes()[0]
+    first.writes = 0
     before = snapshot(inputs)
     history_changes = []
     c.historyChanged.connect(lambda: history_changes.append(1))
     assert c.pick_variant(2)
-    assert node.pixelData(0, 0, 16, 16) == bgra(COLOURS[2], 256)
+    assert node.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[2], 256)
     assert node.name() == "dia seed 5 \u03bb=1, cfg=7.5" and c.picked == 2
-    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=1, cfg=7.5"]  # no layer added
+    assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=1, cfg=7.5"]  # no layer added at the top
+    # the variant is a new layer on top of the group ("copy": it alone shows); removing it
+    # (what one undo does) shows the previous variant again; nothing was rewritten
+    top = node.childNodes()[-1]
+    assert len(node.childNodes()) == 2 and top.blendingMode() == "copy" and first.writes == 0
+    top.remove()
+    assert node.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[0], 256)
     entry = c.history[0]
     assert entry.layer_id == kd.layer_id(node) and entry.layer_name == node.name()
     assert entry.result_sha == c.variants[2].sha and entry.thumbnail is c.variants[2].thumbnail
@@ -177,9 +187,9 @@ def test_picking_follows_the_selection_like_the_first_result(kapp, runner):
     mask = kd.feathered_mask(doc, roi, 2)
     expected = kd.insert_result(doc, None, bytes(COLOURS[3]) * (roi.w * roi.h), roi.w, roi.h, roi,
                                 "expected", mask)
-    assert node.pixelData(0, 0, 32, 32) == expected.pixelData(0, 0, 32, 32)
+    assert node.projectionPixelData(0, 0, 32, 32) == expected.pixelData(0, 0, 32, 32)
     assert Rect.of(node.bounds()).intersect(roi) == Rect.of(node.bounds())  # nothing outside
-    assert node.pixelData(0, 0, 1, 1)[3] == 0
+    assert node.projectionPixelData(0, 0, 1, 1)[3] == 0
 
 
 def test_picking_after_the_layer_was_removed_adds_a_new_one(kapp, runner):
@@ -191,11 +201,11 @@ def test_picking_after_the_layer_was_removed_adds_a_new_one(kapp, runner):
     assert c.pick_variant(1)
     assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=0.5, cfg=7.5", "painted later"]
     new = doc.nodeByName("dia seed 5 \u03bb=0.5, cfg=7.5")
-    assert new.pixelData(0, 0, 16, 16) == bgra(COLOURS[1], 256)
+    assert new.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[1], 256)
     assert c.history[0].layer_id == kd.layer_id(new) and snapshot(inputs + (other,)) == before
     assert c.pick_variant(3)  # the new layer is now the one that shows the picks
     assert names(doc) == ["A", "A'", "B", "dia seed 5 \u03bb=1.5, cfg=7.5", "painted later"]
-    assert new.pixelData(0, 0, 16, 16) == bgra(COLOURS[3], 256)
+    assert new.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[3], 256)
 
 
 def test_a_variant_can_be_kept_as_another_layer(kapp, runner):
@@ -209,7 +219,7 @@ def test_a_variant_can_be_kept_as_another_layer(kapp, runner):
     assert result.writes == 0 and c.picked == 0 and len(c.history) == 1
     assert c.add_variant_as_layer(1)  # stacked above the one kept before
     assert names(doc)[-1] == "dia seed 5 \u03bb=0.5, cfg=7.5"
-    assert c.pick_variant(2)  # the result layer still takes the picks
+    assert c.pick_variant(2)  # the result group still takes the picks
     assert names(doc)[3] == "dia seed 5 \u03bb=1, cfg=7.5" and len(doc.rootNode().childNodes()) == 6
 
 
@@ -221,14 +231,17 @@ def test_chained_passes_put_only_the_last_pass_variants_in_the_strip(kapp, runne
     c.set_progressive(True)
     first = [("one", COLOURS[0]), ("two", COLOURS[1]), ("three", COLOURS[2])]
     run(c, [first, sweep()])
-    assert names(doc) == ["photo", "pixels seed 3 (pass 1/2) one",
-                          "pixels seed 3 (pass 2/2) \u03bb=0, cfg=7.5", "ex1", "ex2"]
-    assert runner.specs[1].images["source"].sha == sha_of("one", COLOURS[0])  # pass 2 starts from pass 1
+    assert names(doc) == ["photo", "ex1", "ex2", "pixels seed 3 (pass 1/2) one",
+                          "pixels seed 3 (pass 2/2) \u03bb=0, cfg=7.5"]
+    # pass 2 starts from the picture of pass 1: the source with pass 1's layer over it
+    src = runner.specs[1].images["source"].payload
+    assert src.body == bytes(COLOURS[0]) * 256
     assert [v.label for v in c.variants] == LABELS
     assert c.pick_variant(1)
     assert c.history[0].layer_name == "pixels seed 3 (pass 2/2) \u03bb=0.5, cfg=7.5"
     assert c.history[1].layer_name == "pixels seed 3 (pass 1/2) one"
     assert doc.nodeByName("pixels seed 3 (pass 1/2) one").pixelData(0, 0, 16, 16) == bgra(COLOURS[0], 256)
+    assert doc.nodeByName("pixels seed 3 (pass 2/2) \u03bb=0.5, cfg=7.5").type() == "grouplayer"
 
 
 def test_a_new_job_clears_the_variants(kapp, runner):
@@ -242,8 +255,8 @@ def test_a_new_job_clears_the_variants(kapp, runner):
     assert c.busy and c.variants == [] and c.picked == -1  # cleared as the job starts
     assert not c.pick_variant(0) and not c.add_variant_as_layer(0)
     assert wait_until(lambda: ends, 10) and ends == ["done"]
-    assert c.variants == [] and names(doc)[3] == "dia seed 5"  # one image: named as before
-    assert names(doc)[4] == "dia seed 5 \u03bb=0, cfg=7.5"
+    assert c.variants == [] and names(doc)[4] == "dia seed 5"  # one image: named as before
+    assert names(doc)[3] == "dia seed 5 \u03bb=0, cfg=7.5"  # the new result goes above the earlier one
 
 
 def test_panel_strip_shows_variants_and_picks(kapp, runner):
@@ -262,8 +275,8 @@ def test_panel_strip_shows_variants_and_picks(kapp, runner):
     assert "\u03bb=1, cfg=7.5" in panel.history_list.item(0).text()
     strip.menu_for(3).actions()[1].trigger()  # context menu: add as a new layer
     assert names(doc)[-1] == "dia seed 5 \u03bb=1.5, cfg=7.5"
-    strip.keep_button.click()  # keeps the picked one
-    assert names(doc)[-1] == "dia seed 5 \u03bb=1, cfg=7.5" and len(names(doc)) == 6
+    strip.keep_button.click()  # keeps the picked one (its name is taken by the group: #2)
+    assert names(doc)[-1] == "dia seed 5 \u03bb=1, cfg=7.5 #2" and len(names(doc)) == 6
     strip.menu_for(0).actions()[0].trigger()  # context menu: show in the result layer
     assert c.picked == 0 and strip.current() == 0
     # a single-image result: the strip goes away when the job starts and stays away
