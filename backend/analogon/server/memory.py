@@ -25,7 +25,7 @@ MiB = 1024**2
 GiB = 1024**3
 
 # host bytes per pixel of the largest image, by method (measured: see the module docstring)
-FULL_RES_BYTES_PER_PIXEL = {"pixels": 64, "appearance": 64, "dia": 64, "difference": 64}
+FULL_RES_BYTES_PER_PIXEL = {"pixels": 64, "appearance": 60, "dia": 66, "difference": 68}
 DEFAULT_BYTES_PER_PIXEL = 64
 IMAGE_BYTES_PER_PIXEL = 8  # each further image: its RGBA8 copy and its placed canvas
 
