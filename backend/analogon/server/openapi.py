@@ -98,7 +98,6 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/images/{sha}", "put"): {
         400: "`bad_sha`, `bad_image` (not a PNG, cut short, wrong length, size headers missing or "
              "not whole numbers), `hash_mismatch`.",
-        409: "`store_in_use`: the image store is held by another backend.",
         413: "`too_large`: the body or the pixel count is over the limits (`detail` has them).",
         415: "`unsupported_media_type`: Content-Type is neither image/png nor "
              "application/x-analogon-rgba (or is missing)."},
