@@ -47,6 +47,13 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", help="where server.json (address + token) and images are kept")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host and any Host header (exposes the backend; warns)")
+    s.add_argument("--image-store-cap", type=_size_arg, default="8G", metavar="SIZE",
+                   help="most disk the image store uses, e.g. 500M or 8G (default 8G); downloaded "
+                        "results go first, then results, then uploads, oldest used first")
+    s.add_argument("--result-max-age-days", type=float, default=7.0, metavar="DAYS",
+                   help="results unused for this long are removed (default 7; 0: only the cap)")
+    s.add_argument("--cache-cap", type=_size_arg, default="4G", metavar="SIZE",
+                   help="most disk the inversion cache uses (default 4G)")
     _add_model_options(s, "tiny-sd")
 
     r = sub.add_parser("run", help="run one method on image files: analogon run METHOD --help",
@@ -112,17 +119,41 @@ def _cache_dir_arg(value: str | None):
     return "" if value == "" else Path(value).expanduser()
 
 
-def cmd_serve(args) -> int:
-    from .server import Settings, serve
+def _size_arg(value: str) -> int:
+    """A size in bytes: 1234, 500K, 500M, 8G, 1T (binary units)."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    try:
+        if text and text[-1] in units:
+            n = float(text[:-1]) * units[text[-1]]
+        else:
+            n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size (e.g. 500M, 8G)") from None
+    if not n >= 0 or n != n or n == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size (e.g. 500M, 8G)")
+    return int(n)
 
-    settings = Settings(
+
+def _settings_from_args(args):
+    from .server import Settings
+
+    age = args.result_max_age_days
+    return Settings(
         host=args.host, port=args.port,
         state_dir=Path(args.state_dir).expanduser() if args.state_dir else None,
         default_model=args.model, device=args.device, dtype=args.dtype,
         cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
         cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
+        image_store_cap_bytes=args.image_store_cap, cache_disk_cap_bytes=args.cache_cap,
+        result_max_age_s=age * 24 * 3600 if age and age > 0 else None,
     )
-    return serve(settings, log_level="debug" if args.verbose else "info")
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(_settings_from_args(args), log_level="debug" if args.verbose else "info")
 
 
 # -- run -------------------------------------------------------------------------------------

@@ -283,14 +283,19 @@ TERMINAL_EVENTS = ("done", "error", "cancelled")
 
 
 class SseParser:
-    """Incremental text/event-stream parser: feed bytes, get (event, data) pairs."""
+    """Incremental text/event-stream parser: feed bytes, get (event, data, id) triples.
+
+    ``id`` is the stream's last event id when the event was dispatched (an ``id:`` line sets
+    it and it stays until the next one, as in the HTML standard); "" when the server sent none.
+    """
 
     def __init__(self):
         self._buf = b""
         self._event = ""
         self._data: list[str] = []
+        self.last_id = ""
 
-    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+    def feed(self, chunk: bytes) -> list[tuple[str, str, str]]:
         self._buf += chunk
         out = []
         while True:
@@ -301,7 +306,7 @@ class SseParser:
             self._buf = self._buf[idx + 1:]
             if not line:
                 if self._data or self._event:
-                    out.append((self._event or "message", "\n".join(self._data)))
+                    out.append((self._event or "message", "\n".join(self._data), self.last_id))
                 self._event, self._data = "", []
                 continue
             if line.startswith(":"):
@@ -313,15 +318,19 @@ class SseParser:
                 self._event = value
             elif name == "data":
                 self._data.append(value)
+            elif name == "id" and "\0" not in value:
+                self.last_id = value
         return out
 
 
 class EventStream(QObject):
     """Follows GET /v1/jobs/{id}/events, reading as bytes arrive (readyRead).
 
-    If the connection drops before a terminal event it reconnects; the server replays the
-    events so far, and the ones already delivered are skipped. Emits ``received(type, data)``
-    for each event and ``failed(message)`` when it gives up.
+    Each event has an id (``id:``, counting up per job). If the connection drops before a
+    terminal event it reconnects with ``Last-Event-ID`` set to the last id read, and the server
+    sends only what came after it; an event whose id is not above the last one read (a server
+    that replays anyway) is skipped. Emits ``received(type, data)`` for each event and
+    ``failed(message)`` when it gives up.
     """
 
     received = pyqtSignal(str, object)
@@ -335,11 +344,10 @@ class EventStream(QObject):
         self.max_reconnects = max_reconnects
         self.reconnect_delay_ms = reconnect_delay_ms
         self.reconnects = 0
-        self.seen = 0
+        self.last_event_id = ""  # the id of the last event delivered ("" before the first)
         self.finished = False
         self._reply = None
         self._parser = SseParser()
-        self._index = 0
         self._idle = QTimer(self)
         self._idle.setSingleShot(True)
         self._idle.setInterval(idle_timeout_ms)
@@ -349,9 +357,11 @@ class EventStream(QObject):
         self._open()
 
     def _open(self):
-        req = self.client._request(f"/v1/jobs/{self.job_id}/events", {"Accept": "text/event-stream"})
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        req = self.client._request(f"/v1/jobs/{self.job_id}/events", headers)
         self._parser = SseParser()
-        self._index = 0
         self._reply = self.client.nam.get(req)
         self._reply.readyRead.connect(self._on_ready)
         self._reply.finished.connect(self._on_finished)
@@ -362,11 +372,12 @@ class EventStream(QObject):
         if reply is not self._reply:
             return
         self._idle.start()
-        for etype, raw in self._parser.feed(to_bytes(reply.readAll())):
-            self._index += 1
-            if self._index <= self.seen:  # replayed after a reconnect
-                continue
-            self.seen = self._index
+        for etype, raw, event_id in self._parser.feed(to_bytes(reply.readAll())):
+            if _id_number(event_id) is not None and _id_number(self.last_event_id) is not None \
+                    and _id_number(event_id) <= _id_number(self.last_event_id):
+                continue  # read before the reconnect
+            if event_id:
+                self.last_event_id = event_id
             try:
                 data = json.loads(raw) if raw else {}
             except ValueError:
@@ -425,6 +436,10 @@ class EventStream(QObject):
                 pass
             reply.abort()
             reply.deleteLater()
+
+
+def _id_number(event_id: str) -> int | None:
+    return int(event_id) if event_id.isascii() and event_id.isdigit() and len(event_id) <= 18 else None
 
 
 @dataclass

@@ -95,3 +95,71 @@ def test_corrupt_or_foreign_file_is_a_miss(tmp_path):
     # and the cache still works afterwards
     c.put(k, _t(5))
     assert torch.equal(Cache(tmp_path).get(k)["latents"], _t(5)["latents"])
+
+
+def _data_offset(path) -> int:
+    """Where a safetensors file's tensor bytes start (after the 8-byte length and the header)."""
+    import struct
+
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_changed_tensor_bytes_are_a_miss_removed_and_recomputed(tmp_path, caplog):
+    c = Cache(tmp_path, memory_items=0)
+    k = c.key("x", "m", i=1)
+    c.put(k, _t(1))
+    path = tmp_path / f"{k}.safetensors"
+    data = bytearray(path.read_bytes())
+    start = _data_offset(path)
+    data[start + 5] ^= 0x40  # one bit of one float, header untouched: still a valid file
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="analogon.core.cache"):
+        assert Cache(tmp_path, memory_items=0).get(k) is None
+    assert not path.exists(), "the changed entry is kept"
+    assert any("do not match" in r.getMessage() for r in caplog.records)
+    c.put(k, _t(1))  # recomputed
+    assert torch.equal(Cache(tmp_path).get(k)["latents"], _t(1)["latents"])
+
+
+def test_nan_bytes_are_a_miss(tmp_path):
+    c = Cache(tmp_path, memory_items=0)
+    k = c.key("x", "m", i=2)
+    c.put(k, _t(2))
+    path = tmp_path / f"{k}.safetensors"
+    data = bytearray(path.read_bytes())
+    start = _data_offset(path)
+    data[start:start + 16] = torch.full((4,), float("nan")).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    assert Cache(tmp_path, memory_items=0).get(k) is None
+
+
+def test_a_folder_where_an_entry_should_be_is_a_miss_not_a_crash(tmp_path):
+    c = Cache(tmp_path, memory_items=0)
+    k = c.key("x", "m", i=3)
+    (tmp_path / f"{k}.safetensors").mkdir()
+    (tmp_path / f"{k}.safetensors" / "inside").write_bytes(b"x")
+    assert c.get(k) is None and k not in c
+    c.put(k, _t(3))
+    assert torch.equal(Cache(tmp_path, memory_items=0).get(k)["latents"], _t(3)["latents"])
+
+
+def test_leftover_tmp_files_of_dead_writers_are_removed_at_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    c = Cache(tmp_path, memory_items=0)
+    k = c.key("x", "m", i=4)
+    c.put(k, _t(4))
+    # a process that has exited: its pid is free (a killed writer leaves a complete .tmp file)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    complete = (tmp_path / f"{k}.safetensors").read_bytes()
+    leftover = tmp_path / f".{c.key('x', 'm', i=5)}.safetensors.{dead}.1234.tmp"
+    leftover.write_bytes(complete)
+    ours = tmp_path / f".{c.key('x', 'm', i=6)}.safetensors.{os.getpid()}.1234.tmp"
+    ours.write_bytes(b"being written by a live process")
+    c2 = Cache(tmp_path)
+    assert not leftover.exists() and c2.removed_tmp == 1
+    assert ours.exists()  # a live writer's file is left alone
+    assert torch.equal(c2.get(k)["latents"], _t(4)["latents"])

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from conftest import process_events, wait_until
+from PyQt6.QtCore import QTimer
 
 from analogon_krita.client import (
     Client, EventStream, ImagePayload, ImageRef, JobRunner, JobSpec, SseParser, raw_image_id, sha256_hex,
@@ -224,7 +225,10 @@ def test_connection_refused_message():
 
 class DroppingSseServer:
     """First connection: two events, then the connection drops. Later connections: the
-    full replay plus the terminal event (what the real server does for late subscribers)."""
+    events after the request's Last-Event-ID, up to the terminal event (what the real server
+    does); ``replay_all`` sends every event again instead (a server that ignores the header)."""
+
+    replay_all = False
 
     EVENTS = [("queued", '{"id": "j", "position": 0}'), ("started", '{"id": "j", "model": "m"}'),
               ("progress", '{"stage": "denoise", "step": 1, "total": 2}'),
@@ -236,6 +240,7 @@ class DroppingSseServer:
         self.sock.listen(5)
         self.port = self.sock.getsockname()[1]
         self.connections = 0
+        self.last_event_ids: list[int] = []
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
@@ -249,10 +254,20 @@ class DroppingSseServer:
                     if not chunk:
                         break
                     request += chunk
+                last = 0
+                for line in request.decode("latin-1").split("\r\n"):
+                    if line.lower().startswith("last-event-id:"):
+                        last = int(line.split(":", 1)[1].strip())
+                self.last_event_ids.append(last)
                 head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                         b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
-                events = self.EVENTS[:2] if self.connections == 1 else self.EVENTS
-                body = b"".join(f"event: {e}\r\ndata: {d}\r\n\r\n".encode() for e, d in events)
+                numbered = list(enumerate(self.EVENTS, 1))
+                if self.connections == 1:
+                    numbered = numbered[:2]
+                elif not self.replay_all:
+                    numbered = [(n, ev) for n, ev in numbered if n > last]
+                body = b"".join(f"id: {n}\r\nevent: {e}\r\ndata: {d}\r\n\r\n".encode()
+                                for n, (e, d) in numbered)
                 c.sendall(head + body[:10])
                 c.sendall(body[10:])  # split mid-event: the parser must join the pieces
                 c.shutdown(socket.SHUT_WR)
@@ -261,8 +276,10 @@ class DroppingSseServer:
             pass
 
 
-def test_event_stream_reconnects_and_skips_replayed_events():
+@pytest.mark.parametrize("replay_all", [False, True])
+def test_event_stream_reconnects_with_last_event_id(replay_all):
     srv = DroppingSseServer()
+    srv.replay_all = replay_all
     c = Client(f"http://127.0.0.1:{srv.port}", "t")
     stream = EventStream(c, "j", reconnect_delay_ms=50)
     got = []
@@ -270,15 +287,99 @@ def test_event_stream_reconnects_and_skips_replayed_events():
     stream.start()
     assert wait_until(lambda: stream.finished, 10)
     assert got == ["queued", "started", "progress", "done"]
+    assert stream.last_event_id == "4"
     # One reconnect of ours; Qt itself may retry a request whose connection it saw close
     # before it read the answer (seen on a loaded machine), so the server may count more.
     assert stream.reconnects == 1 and srv.connections >= 2
+    assert srv.last_event_ids[0] == 0 and srv.last_event_ids[-1] == 2  # resumed after "started"
 
 
-def test_sse_parser_handles_chunks_crlf_comments_multiline():
-    raw = b": keep-alive\r\nevent: progress\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\nevent: done\ndata: {}\n\n"
+@pytest.fixture(scope="module")
+def preview_server(tmp_path_factory):
+    """The real server in this process, with a method that sends a preview at every step
+    (the shipped methods send one or two per job on the tiny models)."""
+    pytest.importorskip("analogon.server")
+    import time
+
+    import numpy as np
+    from pydantic import Field
+
+    from analogon import methods
+    from analogon.methods.base import Method, MethodParams, MethodResult, ResultImage, Role
+    from analogon.server import Settings, ServerThread
+
+    class PreviewParams(MethodParams):
+        steps: int = Field(12, ge=1, le=100)
+        delay: float = Field(0.25, ge=0, le=2)
+
+    class PreviewEveryStep(Method):
+        id = "test-previews"
+        title = "Previews at every step"
+        description = "A test method."
+        Params = PreviewParams
+        roles = (Role("source", "Source"),)
+        target_role = "source"
+
+        def run(self, ctx, inputs, params):
+            out = np.array(inputs.get("source").rgba, copy=True)
+            for i in range(params.steps):
+                ctx.progress("denoise", i + 1, params.steps)
+                time.sleep(params.delay)  # longer than the server's 0.2 s between previews
+                ctx.preview(out[..., :3], i + 1)
+            return MethodResult([ResultImage(out, label="previews")])
+
+    m = methods.register(PreviewEveryStep())
+    settings = Settings(port=0, state_dir=tmp_path_factory.mktemp("preview-state"), cache_dir="", device="cpu")
+    with ServerThread(settings) as srv:
+        yield srv
+    methods.unregister(m.id)
+
+
+def test_event_stream_resumes_after_several_previews_on_the_real_server(preview_server):
+    """The server keeps only the newest preview for late subscribers: a client that skipped
+    "replayed" events by counting them lost real ones after a reconnect."""
+    client = Client(preview_server.url, preview_server.token)
+    source = ImagePayload.from_rgba(rgba(16, 16), 16, 16)
+    assert call(client.put_image, source).status in (200, 201)
+    submitted = call(client.send_json, "POST", "/v1/jobs", JobSpec(
+        "test-previews", {"source": ImageRef(source)}, {"steps": 12}, seed=1).body())
+    assert submitted.status == 202, submitted.body
+    job_id = submitted.json()["id"]
+    stream = EventStream(client, job_id, reconnect_delay_ms=50)
+    got, state = [], {"previews": 0, "dropped": False, "failed": None}
+
+    def on_event(etype, data):
+        got.append((etype, data))
+        if etype == "preview":
+            state["previews"] += 1
+            if state["previews"] == 3 and not state["dropped"]:
+                state["dropped"] = True
+                QTimer.singleShot(0, stream._reply.abort)  # the connection drops mid-job
+
+    stream.received.connect(on_event)
+    stream.failed.connect(lambda m: state.__setitem__("failed", m))
+    stream.start()
+    assert wait_until(lambda: stream.finished, 120), got[-3:]
+    assert state["failed"] is None, state["failed"]
+    assert state["dropped"] and stream.reconnects >= 1
+    assert got[-1][0] == "done"
+    # every event but the previews the server no longer keeps arrived, once, in order
+    replay = EventStream(client, job_id)
+    history = []
+    replay.received.connect(lambda t, d: history.append((t, d)))
+    replay.start()
+    assert wait_until(lambda: replay.finished, 30)
+    assert [e for e in got if e[0] != "preview"] == [e for e in history if e[0] != "preview"]
+    steps = [d["step"] for t, d in got if t == "progress" and d["stage"] == "denoise"]
+    assert steps == list(range(1, 13))
+
+
+def test_sse_parser_handles_chunks_crlf_comments_multiline_ids():
+    raw = (b": keep-alive\r\nid: 7\r\nevent: progress\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n"
+           b"event: preview\ndata: {}\n\nid: 9\nevent: done\ndata: {}\n\n")
     for cut in range(1, len(raw)):
         p = SseParser()
         out = p.feed(raw[:cut]) + p.feed(raw[cut:])
-        assert out == [("progress", '{"a":\n1}'), ("done", "{}")]
+        # an event without an id line keeps the stream's last id (the HTML standard's rule)
+        assert out == [("progress", '{"a":\n1}', "7"), ("preview", "{}", "7"), ("done", "{}", "9")]
     process_events(1)

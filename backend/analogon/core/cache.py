@@ -7,7 +7,11 @@ is also written to ``folder`` as a ``.safetensors`` file with the caller's metad
 file's header, and the folder is kept under ``disk_cap_bytes`` by deleting the entries used
 longest ago. ``Cache(None)`` keeps everything in memory only.
 
-A file that cannot be read (truncated, foreign, half-written) is a miss, never a crash.
+Every file carries a SHA-256 digest of its tensors (names, dtypes, shapes and bytes) in its
+header; a file whose tensors do not match it (bytes changed on disk), that cannot be read
+(truncated, foreign, half-written) or that is not a file at all is a miss: it is removed,
+logged and recomputed, never used and never a crash. Half-written ``.tmp`` files that a
+killed process left are removed when a cache opens the folder.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +33,31 @@ log = logging.getLogger(__name__)
 
 _META_KEY = "analogon_meta"
 _KEY_FIELD = "analogon_key"
+_DIGEST_FIELD = "analogon_digest"
+_TMP_RE = re.compile(r"\..+\.safetensors\.(\d+)\.\d+\.tmp")
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _canonical(value: Any) -> Any:
@@ -63,8 +94,21 @@ class Cache:
         self.hits = 0
         self.misses = 0
         self._last_touch = 0
+        self.removed_tmp = 0
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """``.tmp`` files whose writer is gone (a process killed while writing). Several
+        processes may share the folder, so a live writer's file is left alone."""
+        for p in self.folder.glob(".*.tmp"):
+            m = _TMP_RE.fullmatch(p.name)
+            if m is None or not _pid_alive(int(m.group(1))):
+                _remove(p)
+                self.removed_tmp += 1
+        if self.removed_tmp:
+            log.info("cache: removed %d half-written files left by a killed process", self.removed_tmp)
 
     # -- keys -------------------------------------------------------------------------
     @staticmethod
@@ -88,7 +132,7 @@ class Cache:
             if key in self._mem:
                 self._mem.move_to_end(key)
                 self.hits += 1
-                if self.folder is not None and self._path(key).exists():
+                if self.folder is not None and self._path(key).is_file():
                     self._touch(self._path(key))
                 return self._mem[key]
             entry = self._read_disk(key)
@@ -105,7 +149,7 @@ class Cache:
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
-            return key in self._mem or (self.folder is not None and self._path(key).exists())
+            return key in self._mem or (self.folder is not None and self._path(key).is_file())
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
         meta = dict(meta or {})
@@ -121,7 +165,7 @@ class Cache:
             self._mem.clear()
             if self.folder is not None:
                 for p in self.folder.glob("*.safetensors"):
-                    p.unlink(missing_ok=True)
+                    _remove(p)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -152,9 +196,11 @@ class Cache:
         if self.folder is None:
             return None
         path = self._path(key)
-        if not path.exists():
+        if not os.path.lexists(path):
             return None
         try:
+            if not path.is_file():
+                raise ValueError("not a file")
             from safetensors import safe_open
 
             tensors: dict[str, torch.Tensor] = {}
@@ -165,9 +211,14 @@ class Cache:
                 meta = json.loads(header.get(_META_KEY, "{}"))
                 for name in f.keys():
                     tensors[name] = f.get_tensor(name)
-        except Exception as e:  # corrupt / truncated / foreign: a miss
-            log.warning("cache entry %s unreadable (%s); ignoring it", path.name, e)
-            path.unlink(missing_ok=True)
+            digest = header.get(_DIGEST_FIELD)
+            if digest is None:
+                raise ValueError("no digest (written by an older version)")
+            if tensors_digest(tensors) != digest:
+                raise ValueError("its tensors do not match their digest (changed on disk)")
+        except Exception as e:  # corrupt / truncated / foreign / changed: a miss
+            log.warning("cache entry %s unusable (%s); removed, it will be recomputed", path.name, e)
+            _remove(path)
             return None
         self._touch(path)
         return tensors, meta
@@ -177,14 +228,17 @@ class Cache:
 
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        header = {_KEY_FIELD: key, _META_KEY: json.dumps(meta, sort_keys=True, default=str)}
+        header = {_KEY_FIELD: key, _META_KEY: json.dumps(meta, sort_keys=True, default=str),
+                  _DIGEST_FIELD: tensors_digest(tensors)}
         try:
+            if os.path.lexists(path) and not path.is_file():
+                _remove(path)  # something else took the entry's name (a folder): ours
             save_file(tensors, str(tmp), metadata=header)
             os.replace(tmp, path)
             self._touch(path)
         except Exception as e:
             log.warning("could not write cache entry %s: %s", path.name, e)
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
 
     def _touch(self, path: Path) -> None:
         """Mark a file as just used. The file clock is coarse (milliseconds), so successive
@@ -213,5 +267,16 @@ class Cache:
                 break
             if keep is not None and p.stem == keep:
                 continue
-            p.unlink(missing_ok=True)
+            _remove(p)
             total -= size
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, or a folder standing where a cache file should be."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cache: could not remove %s: %s", path.name, e)

@@ -12,8 +12,8 @@ from .app import DEFAULT_HOST, DEFAULT_PORT, Settings, create_app, default_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Settings", "create_app", "serve", "bind_socket", "write_server_json", "ServerThread",
-           "DEFAULT_HOST", "DEFAULT_PORT", "default_state_dir"]
+__all__ = ["Settings", "create_app", "serve", "bind_socket", "write_server_json", "server_json_state",
+           "ServerThread", "DEFAULT_HOST", "DEFAULT_PORT", "default_state_dir"]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -43,11 +43,32 @@ def url_of(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}"
 
 
+def server_json_state(state_dir: Path) -> str:
+    """``"live"`` when a backend holds this state folder, ``"stale"`` when server.json was left
+    by one that is gone (killed: it could not remove it), ``"absent"`` when there is none.
+    A live backend holds a lock on its image store; the lock dies with the process."""
+    from .store import ImageStore
+
+    path = Path(state_dir) / "server.json"
+    if not path.exists():
+        return "absent"
+    return "live" if ImageStore.folder_in_use(Path(state_dir) / "images") else "stale"
+
+
 def write_server_json(state_dir: Path, url: str, token: str) -> Path:
-    """server.json, readable by the user only (created with mode 0600, never world-readable)."""
+    """server.json, readable by the user only (created with mode 0600, never world-readable).
+    Call it while holding the state folder (after ``create_app``): a server.json already there
+    is then stale, and replaced."""
     from .. import __version__
 
     state_dir.mkdir(parents=True, exist_ok=True)
+    old = state_dir / "server.json"
+    if old.exists():
+        try:
+            pid = json.loads(old.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            pid = None
+        log.warning("replacing a stale server.json (left by process %s, which is gone)", pid)
     try:
         os.chmod(state_dir, 0o700)
     except OSError:
@@ -71,12 +92,74 @@ def remove_server_json(path: Path) -> None:
         pass
 
 
+def _protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers: a client
+    that opens a connection and never finishes its headers is closed after ``header_timeout_s``
+    (uvicorn only times out idle kept-alive connections)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def _arm_header_timer(self):
+            self._disarm_header_timer()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._on_header_timeout)
+
+        def _disarm_header_timer(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _awaiting_request(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            if self._header_timer is None and self._awaiting_request():
+                self._arm_header_timer()  # the first bytes of another request on this connection
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers arrived
+                self._disarm_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._disarm_header_timer()  # uvicorn's keep-alive timeout takes over
+            super().on_response_complete()
+
+        def connection_lost(self, exc):
+            self._disarm_header_timer()
+            super().connection_lost(exc)
+
+        def _on_header_timeout(self):
+            self._header_timer = None
+            if self._awaiting_request() and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def _uvicorn_server(app, log_level: str = "warning"):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # end the jobs first: their event streams then end, and the connections close
+            begin = getattr(app.state, "begin_shutdown", None)
+            if begin is not None:
+                try:
+                    await begin()
+                except Exception:  # pragma: no cover
+                    log.exception("ending the jobs at shutdown failed")
+            await super().shutdown(sockets)
+
+    settings = getattr(app.state, "settings", None)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                            access_log=False, lifespan="on")
-    return uvicorn.Server(config)
+                            access_log=False, lifespan="on",
+                            http=_protocol(getattr(settings, "header_timeout_s", 10.0)))
+    return Server(config)
 
 
 def serve(settings: Settings, log_level: str = "info") -> int:
@@ -119,7 +202,11 @@ class ServerThread:
     def __init__(self, settings: Settings, write_json: bool = False):
         self.settings = settings
         self.app = create_app(settings)
-        self.sock = bind_socket(settings.host, settings.port)
+        try:
+            self.sock = bind_socket(settings.host, settings.port)
+        except BaseException:
+            self.app.state.store.close()
+            raise
         self.url = url_of(self.sock, settings.host)
         self.token = self.app.state.token
         self.server = _uvicorn_server(self.app)
@@ -139,8 +226,11 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)
+        if self._thread.is_alive():
+            self.server.should_exit = True
+            self._thread.join(15)
+        else:  # never started: release what create_app holds
+            self.app.state.store.close()
         self.sock.close()
         if self._json is not None:
             remove_server_json(self._json)

@@ -5,7 +5,9 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import __version__, engine
 from ..errors import AnalogonError
@@ -26,8 +29,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7871
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
 KEEPALIVE_S = 15.0
+MAX_JSON_BYTES = 1024 * 1024  # a job body is a few hundred bytes
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**53  # I-JSON (RFC 7493): integers a double holds exactly
+_HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
+_EVENT_ID_RE = re.compile(r"[0-9]{1,18}")
+_DIGITS_RE = re.compile(r"[0-9]{1,9}")
 
 
 def default_state_dir() -> Path:
@@ -61,15 +70,47 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     warm_models: int = 1
     image_store_cap_bytes: int = 8 * 1024**3
+    result_max_age_s: float | None = 7 * 24 * 3600.0  # None: results stay until the cap
+    header_timeout_s: float = 10.0  # a client must send its request line and headers within this
+    job_memory_bytes: int | None = None  # None: what the machine has free when a job is submitted
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
 
 
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(str(k)): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    return _json_safe(repr(value))
+
+
+def _json_bytes(content: Any) -> bytes:
+    """Strict JSON (no NaN, valid UTF-8): what cannot be written so is made safe first (an
+    error's detail may quote the caller's input)."""
+    try:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return json.dumps(_json_safe(content), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+
+
+class SafeJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return _json_bytes(content)
+
+
 def error_response(status: int, code: str, message: str, detail: Any = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message, "detail": detail}, status_code=status,
-                        headers=headers)
+    return SafeJSONResponse({"code": code, "message": message, "detail": detail}, status_code=status,
+                            headers=headers)
 
 
 class GuardMiddleware:
@@ -102,25 +143,80 @@ class GuardMiddleware:
 
 
 def _is_loopback_host(host: str) -> bool:
-    host = host.strip().lower()
-    if not host:
-        return False
-    if host.startswith("["):
-        name = host[: host.find("]") + 1] if "]" in host else host
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return name in LOOPBACK_NAMES
+    """``name[:port]`` where name is a loopback name, and nothing else (RFC 9110 Host)."""
+    m = _HOST_RE.fullmatch(host.strip().lower())
+    return m is not None and m.group(1) in LOOPBACK_NAMES
 
 
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field(description="Method id, from /v1/methods.")
-    model: str | None = Field(None, description="Model spec; absent: the server's default model.")
-    seed: int | None = Field(None, ge=0, le=engine.MAX_SEED, description="Absent or null: random.")
+    method: StrictStr = Field(description="Method id, from /v1/methods.")
+    model: StrictStr | None = Field(None, description="Model spec; absent: the server's default model.")
+    seed: StrictInt | None = Field(None, ge=0, le=engine.MAX_SEED, description="Absent or null: random.")
     params: dict[str, Any] = Field(default_factory=dict)
     images: dict[str, Any] = Field(default_factory=dict,
                                    description="Role name -> sha, {sha,x,y,scale}, or a list of those.")
+
+
+class _BadJson(Exception):
+    pass
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The body as I-JSON (RFC 7493): UTF-8, no NaN/Infinity, numbers a double holds, no lone
+    surrogates, nesting at most 64 deep. Anything else is ``400 bad_json``."""
+    def bad_constant(name: str):
+        raise _BadJson(f"{name} is not a JSON number")
+
+    def parse_float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _BadJson(f"the number {text[:40]} is out of range")
+        return value
+
+    def parse_int(text: str) -> int:
+        if len(text) > 20 or abs(int(text)) > MAX_JSON_INT:
+            raise _BadJson(f"the whole number {text[:40]} is out of range (at most 2^53)")
+        return int(text)
+
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(text, parse_constant=bad_constant, parse_float=parse_float, parse_int=parse_int)
+        _check_json_value(value)
+    except UnicodeDecodeError:
+        raise AnalogonError("bad_json", "The request body is not UTF-8 text.", status=400) from None
+    except RecursionError:
+        raise AnalogonError("bad_json", "The request body is nested too deeply.", status=400) from None
+    except _BadJson as e:
+        raise AnalogonError("bad_json", f"The request body is not portable JSON: {e}.", status=400) from None
+    except ValueError as e:
+        raise AnalogonError("bad_json", "The request body is not valid JSON.",
+                            {"error": str(e)[:200]}, status=400) from None
+    return value
+
+
+def _check_json_value(value: Any) -> None:
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _BadJson(f"it is nested more than {MAX_JSON_DEPTH} deep")
+        if isinstance(v, str):
+            _check_text(v)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                _check_text(k)
+                stack.append((item, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((item, depth + 1) for item in v)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _BadJson("a string holds a lone surrogate (not Unicode text)") from None
 
 
 def memory_info() -> dict[str, Any]:
@@ -153,6 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from ..core.cache import Cache
     from ..methods import UNAVAILABLE, all_methods
     from ..models import LoadOptions, ModelManager, pick_device, pick_dtype
+    from . import memory, openapi
 
     settings = settings or Settings()
     token = settings.token or secrets.token_urlsafe(32)
@@ -162,13 +259,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling)
     device = pick_device(settings.device)
     dtype = pick_dtype(device, settings.dtype)
-    store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes)
+    store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes,
+                       result_max_age_s=settings.result_max_age_s)
+    if store.removed_at_start["tmp"] or store.removed_at_start["damaged"]:
+        log.warning("image store: removed %(tmp)d half-written and %(damaged)d damaged files left by "
+                    "a previous run", store.removed_at_start)
     if settings.cache_dir == "" or settings.cache_dir == Path(""):
         cache = Cache(None)
     else:
         cache = Cache(settings.cache_dir or default_cache_dir(), disk_cap_bytes=settings.cache_disk_cap_bytes)
     models = ModelManager(settings.warm_models, options)
     queue = JobQueue(store, models, cache, device_name=str(device))
+    budget = memory.Budget(device, dtype, settings.job_memory_bytes)
+
+    async def begin_shutdown() -> None:
+        """Before the server waits for open connections: end every job that has not ended
+        (an ``error`` event, code ``shutting_down``), so that event streams end too."""
+        if app.state.closing:
+            return
+        app.state.closing = True
+        await asyncio.to_thread(queue.stop)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -177,13 +287,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            app.state.closing = True
-            await asyncio.to_thread(queue.stop)
+            await begin_shutdown()
+            store.close()
 
     app = FastAPI(
         title="Analogon backend", version=__version__, lifespan=lifespan,
         description="Example-based image editing for Krita. See docs/protocol.md.",
-        docs_url=None, redoc_url=None,
+        docs_url=None, redoc_url=None, default_response_class=SafeJSONResponse,
     )
     app.state.settings = settings
     app.state.token = token
@@ -191,8 +301,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = models
     app.state.cache = cache
     app.state.queue = queue
+    app.state.budget = budget
     app.state.closing = False
+    app.state.begin_shutdown = begin_shutdown
     app.add_middleware(GuardMiddleware, token=token, allow_remote=settings.allow_remote)
+
+    def custom_openapi() -> dict[str, Any]:
+        ms = all_methods()
+        key = tuple((m.id, id(m)) for m in ms)
+        cached = getattr(app.state, "_openapi", None)
+        if cached is None or cached[0] != key:
+            from fastapi.openapi.utils import get_openapi
+
+            base = get_openapi(title=app.title, version=app.version, description=app.description,
+                               routes=app.routes)
+            cached = (key, openapi.build(base, ms))
+            app.state._openapi = cached
+        return cached[1]
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
 
     # -- errors -------------------------------------------------------------------------
     @app.exception_handler(AnalogonError)
@@ -201,22 +328,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        errors = json.loads(json.dumps(exc.errors(), default=str))
+        errors = json.loads(_json_bytes(exc.errors()))
         for e in errors:
             e.pop("url", None)
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(400, "bad_json", "The request body is not valid JSON.", errors)
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-                 for e in errors[:5]]
-        return error_response(422, "invalid_params", "The request is not valid: " + "; ".join(parts) + ".",
-                              errors)
+        return error_response(422, "invalid_params", _validation_message(errors), errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
         codes = {404: ("not_found", "There is nothing at this address."),
                  405: ("method_not_allowed", "This address does not take this kind of request.")}
         code, message = codes.get(exc.status_code, (f"http_{exc.status_code}", str(exc.detail)))
-        return error_response(exc.status_code, code, message, None, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, message, None, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
@@ -224,13 +351,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(500, "internal_error", f"The backend failed: {type(exc).__name__}: {exc}")
 
     # -- service ------------------------------------------------------------------------
+    @app.head("/v1/health")
+    def health_head():
+        return Response(status_code=200)
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {
             "status": "ok", "version": __version__, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "memory": memory_info(),
             "loaded_models": models.loaded(), "default_model": settings.default_model,
-            "queue": queue.queue_length(), "limits": settings.limits.to_json(),
+            "queue": queue.queue_length(), "limits": settings.limits.to_json(), "pid": os.getpid(),
         }
 
     @app.get("/v1/models")
@@ -242,19 +373,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"methods": [m.describe() for m in all_methods()], "unavailable": dict(UNAVAILABLE)}
 
     # -- images -------------------------------------------------------------------------
-    image_body = {"requestBody": {"required": True, "content": {
-        PNG: {"schema": {"type": "string", "format": "binary"}},
-        RGBA: {"schema": {"type": "string", "format": "binary"}}}}}
-
-    @app.put("/v1/images/{sha}", status_code=201, openapi_extra=image_body,
-             responses={200: {"description": "Already stored (no-op)."}})
+    @app.put("/v1/images/{sha}", status_code=201)
     async def put_image(sha: str, request: Request):
         check_sha(sha)
         limit = settings.limits.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        length = request.headers.get("content-length", "").strip()
+        if length.isascii() and length.isdigit() and int(length) > limit:
             raise too_large(f"The upload is {int(length)} bytes; the limit is {limit}.",
                             max_body_bytes=limit)
+        w, h = _int_header(request, "x-image-width"), _int_header(request, "x-image-height")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -262,22 +389,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise too_large(f"The upload is over the limit of {limit} bytes.", max_body_bytes=limit)
             chunks.append(chunk)
         body = b"".join(chunks)
-        w, h = _int_header(request, "x-image-width"), _int_header(request, "x-image-height")
         info, created = await asyncio.to_thread(
             store.put_bytes, sha, body, request.headers.get("content-type", ""), w, h)
-        return JSONResponse(info.to_json(), status_code=201 if created else 200)
+        return SafeJSONResponse(info.to_json(), status_code=201 if created else 200)
 
     @app.head("/v1/images/{sha}")
     def head_image(sha: str):
         check_sha(sha)
-        info = store.info(sha) if sha in store else None
+        info = store.info(sha)
         if info is None:
             return Response(status_code=404)
         return Response(status_code=200, headers={"X-Image-Width": str(info.width),
                                                   "X-Image-Height": str(info.height)})
 
-    @app.get("/v1/images/{sha}", response_class=Response,
-             responses={200: {"content": {PNG: {}, RGBA: {}}}})
+    @app.get("/v1/images/{sha}", response_class=Response)
     async def get_image(sha: str, format: str = "png"):
         check_sha(sha)
         if format not in ("png", "rgba"):
@@ -288,12 +413,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- jobs ---------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202)
-    def submit(req: JobRequest) -> dict[str, Any]:
-        prepared = engine.prepare(req.method, req.params, req.images, req.model, req.seed,
-                                  settings.default_model, source=store)
-        job = queue.submit(prepared)
-        return {"id": job.id, "status": job.status, "position": queue.position(job),
-                "seed": prepared.seed}
+    async def submit(request: Request):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            raise AnalogonError("unsupported_media_type", "A job is sent as application/json.",
+                                {"content_type": ctype}, status=415)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_JSON_BYTES:
+                raise too_large(f"A job body is at most {MAX_JSON_BYTES} bytes.", max_body_bytes=MAX_JSON_BYTES)
+            chunks.append(chunk)
+        data = parse_json_body(b"".join(chunks))
+        try:
+            req = JobRequest.model_validate(data)
+        except ValidationError as e:
+            errors = json.loads(_json_bytes(e.errors(include_url=False)))
+            for err in errors:
+                err["loc"] = ["body", *err.get("loc", [])]
+            raise AnalogonError("invalid_params", _validation_message(errors), errors, status=422) from None
+
+        def prepare() -> dict[str, Any]:
+            prepared = engine.prepare(req.method, req.params, req.images, req.model, req.seed,
+                                      settings.default_model, source=store)
+            budget.check(memory.estimate(prepared, store, models))
+            job = queue.submit(prepared)
+            return {"id": job.id, "status": job.status, "position": queue.position(job),
+                    "seed": prepared.seed}
+
+        return SafeJSONResponse(await asyncio.to_thread(prepare), status_code=202)
 
     @app.get("/v1/jobs/{job_id}")
     def job_status(job_id: str) -> dict[str, Any]:
@@ -306,12 +454,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"id": job.id, "status": job.status, "cancel_requested": job.cancel_requested.is_set()
                 or job.status == "cancelled"}
 
-    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
     async def events(job_id: str, request: Request):
         job = queue.get(job_id)
-        last = request.headers.get("last-event-id", "")
-        start = int(last) if last.isdigit() else 0
+        last = request.headers.get("last-event-id", "").strip()
+        if last and _EVENT_ID_RE.fullmatch(last) is None:
+            raise AnalogonError("bad_event_id", "Last-Event-ID is the id of an event of this job: a "
+                                "whole number of at most 18 digits.", {"last_event_id": last[:40]}, status=400)
+        start = int(last) if last else 0
 
         async def stream():
             ev = job.subscribe()
@@ -319,13 +469,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 while True:
                     ev.clear()
-                    for n, kind, data in job.events_after(seq):
+                    for n, kind, data in job.events_since(seq):
                         seq = n
-                        yield f"id: {n}\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                        yield f"id: {n}\nevent: {kind}\ndata: {_json_bytes(data).decode()}\n\n".encode()
                         if kind in TERMINAL:
                             return
-                    if app.state.closing:
-                        return
                     try:
                         await asyncio.wait_for(ev.wait(), KEEPALIVE_S)
                     except asyncio.TimeoutError:
@@ -339,11 +487,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+             for e in errors[:5]]
+    return "The request is not valid: " + "; ".join(parts) + "."
+
+
+def _allowed_methods(app: FastAPI, scope) -> list[str]:
+    """Every method some route takes at this path (Starlette names only the first route's)."""
+    allowed: set[str] = set()
+    for route in app.router.routes:
+        methods = getattr(route, "methods", None)
+        if not methods:
+            continue
+        match, _ = route.matches({**scope, "method": next(iter(methods))})
+        if match == Match.FULL:
+            allowed |= set(methods)
+    return sorted(allowed)
+
+
 def _int_header(request: Request, name: str) -> int | None:
     v = request.headers.get(name)
     if v is None:
         return None
-    try:
-        return int(v)
-    except ValueError:
-        raise AnalogonError("bad_image", f"The {name} header must be a whole number.", status=400) from None
+    if _DIGITS_RE.fullmatch(v) is None:
+        raise AnalogonError("bad_image", f"The {name} header must be a whole number written with the "
+                            "digits 0-9 only (at most 9 of them).", {name: v[:40]}, status=400)
+    return int(v)

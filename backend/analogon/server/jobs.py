@@ -43,6 +43,7 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    user_cancelled: bool = False
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -54,8 +55,11 @@ class Job:
     def finished(self) -> bool:
         return self.status in TERMINAL
 
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
+    def emit(self, kind: str, data: dict[str, Any]) -> bool:
+        """Add an event; after a terminal event nothing more is added (returns False)."""
         with self._lock:
+            if self.events and self.events[-1][1] in TERMINAL:
+                return False
             self._seq += 1
             if kind == "preview":  # keep only the newest preview in the history
                 self.events = [e for e in self.events if e[1] != "preview"]
@@ -66,6 +70,7 @@ class Job:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # loop closed
                 pass
+        return True
 
     def subscribe(self) -> asyncio.Event:
         ev = asyncio.Event()
@@ -81,6 +86,26 @@ class Job:
         """Events with a sequence number above ``seq`` (numbers start at 1)."""
         with self._lock:
             return [e for e in self.events if e[0] > seq]
+
+    def events_since(self, seq: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """What a subscriber that has read up to ``seq`` gets next: the events after it, or, when
+        the job has ended and there are none, its terminal event again (so a stream resumed at or
+        after the end ends at once)."""
+        with self._lock:
+            out = [e for e in self.events if e[0] > seq]
+            if not out and self.events and self.events[-1][1] in TERMINAL:
+                out = [self.events[-1]]
+            return out
+
+    def finish(self, status: str, kind: str, data: dict[str, Any]) -> bool:
+        """End the job with a terminal event, unless it has ended already."""
+        with self._lock:
+            if self.events and self.events[-1][1] in TERMINAL:
+                return False
+            self.status = status
+            if kind == "error":
+                self.error = data
+        return self.emit(kind, data)
 
 
 def preview_png(rgb: np.ndarray) -> str:
@@ -122,6 +147,8 @@ class JobQueue:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker. Every job that has not ended ends with an ``error`` event, code
+        ``shutting_down`` (a running one is asked to stop at its next step first)."""
         with self._cond:
             self._stop = True
             running = self._running
@@ -129,12 +156,21 @@ class JobQueue:
             self._queue.clear()
             self._cond.notify_all()
         for job in queued:
-            self._finish_cancelled(job)
+            self._finish_shutdown(job)
         if running is not None:
             running.cancel_requested.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
+        for job in list(self.jobs.values()):
+            if not job.finished:
+                self._finish_shutdown(job)
+
+    def _finish_shutdown(self, job: Job) -> None:
+        job.finish("error", "error", {
+            "code": "shutting_down", "detail": {"id": job.id},
+            "message": "The backend stopped before the job finished; start it again and resubmit."})
 
     # -- queries ------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -187,6 +223,7 @@ class JobQueue:
 
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
+        job.user_cancelled = True
         with self._cond:
             if job.status == "queued" and job in self._queue:
                 self._queue.remove(job)
@@ -197,8 +234,9 @@ class JobQueue:
         return job
 
     def _finish_cancelled(self, job: Job) -> None:
-        job.status = "cancelled"
-        job.emit("cancelled", {"id": job.id})
+        if self._stop and not job.user_cancelled:
+            return self._finish_shutdown(job)
+        job.finish("cancelled", "cancelled", {"id": job.id})
 
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs.values() if j.finished]
@@ -258,31 +296,42 @@ class JobQueue:
                 raise JobCancelled()
             job.result = {"images": stored, "seed": res.seed, "params": res.params,
                           "model": res.model, "info": res.info, "timings": res.timings}
-            job.status = "done"
-            job.emit("done", job.result)
+            if not job.finish("done", "done", job.result):
+                job.result = None  # ended meanwhile (the server is stopping)
         except JobCancelled:
             self._finish_cancelled(job)
         except AnalogonError as e:
-            job.error = e.to_json()
-            job.status = "error"
-            job.emit("error", job.error)
-        except Exception as e:
-            if type(e).__name__ == "OutOfMemoryError":
-                job.error = {"code": "out_of_memory", "detail": {"exception": type(e).__name__},
-                             "message": "The GPU ran out of memory. Try a smaller region, fewer "
-                             "exemplars or fewer steps, or start the backend with --cpu-offload "
-                             "and --vae-tiling."}
-                job.status = "error"
-                job.emit("error", job.error)
+            job.finish("error", "error", e.to_json())
+        except Exception as e:  # MemoryError included
+            oom = out_of_memory_error(e, self.device_name)
+            if oom is not None:
+                log.warning("job %s (%s) ran out of memory: %s", job.id, p.method.id, e)
+                job.finish("error", "error", oom)
                 return
             log.error("job %s (%s) failed:\n%s", job.id, p.method.id, traceback.format_exc())
-            job.error = {"code": "internal_error",
-                         "message": f"The {p.method.title} method failed: {type(e).__name__}: {e}",
-                         "detail": {"exception": type(e).__name__}}
-            job.status = "error"
-            job.emit("error", job.error)
+            job.finish("error", "error", {
+                "code": "internal_error", "detail": {"exception": type(e).__name__},
+                "message": f"The {p.method.title} method failed: {type(e).__name__}: {e}"})
         finally:
             _free_accelerator_memory()
+
+
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+              "defaultcpuallocator", "failed to allocate")
+
+
+def out_of_memory_error(e: BaseException, device: str = "") -> dict[str, Any] | None:
+    """The ``out_of_memory`` error for an allocation failure (CPU ``MemoryError``, CUDA or MPS
+    out of memory, PyTorch's CPU allocator), else None."""
+    text = str(e).lower()
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and any(t in text for t in _OOM_TEXTS))):
+        return None
+    where = "GPU" if (type(e).__name__ == "OutOfMemoryError" or "cuda" in text or "mps" in text) else "computer"
+    return {"code": "out_of_memory", "detail": {"exception": type(e).__name__, "device": device or None},
+            "message": f"The {where} ran out of memory. Try a smaller region, fewer exemplars or "
+                       "fewer steps" + (", or start the backend with --cpu-offload and --vae-tiling."
+                                        if where == "GPU" else ", or close other programs.")}
 
 
 def _free_accelerator_memory() -> None:

@@ -1,0 +1,147 @@
+"""How much memory a job needs, estimated before it is queued, against what the machine has.
+
+A job's memory has two parts:
+
+- the full-resolution work: decoding, placing and compositing the images at their own size
+  (a 4096² PIXELS job holds about 1 GB of such arrays). It grows with the pixel count and is
+  on the host whatever the device. ``FULL_RES_BYTES_PER_PIXEL`` is what ``analogon``'s jobs
+  measured on tiny-sd at 1024² and 2048² (peak RSS over the model's own, see
+  docs/hardening.md); each image beyond the first adds ``IMAGE_BYTES_PER_PIXEL``.
+- the model's work at its native size (the methods scale every region to it), from a table
+  per family, for fp16; fp32 (the CPU's default) doubles it. It is on the device.
+
+A job that would not fit is refused at submission (``413 out_of_memory``, with the estimate
+in ``detail``); an allocation that fails anyway while the job runs ends it with an
+``out_of_memory`` error event, never ``internal_error``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AnalogonError
+
+MiB = 1024**2
+GiB = 1024**3
+
+# host bytes per pixel of the largest image, by method (measured: see the module docstring)
+FULL_RES_BYTES_PER_PIXEL = {"pixels": 64, "appearance": 60, "dia": 66, "difference": 68}
+DEFAULT_BYTES_PER_PIXEL = 64
+IMAGE_BYTES_PER_PIXEL = 8  # each further image: its RGBA8 copy and its placed canvas
+
+# activations at the family's native size, fp16 (sd1 512², sd2 768², sdxl 1024²)
+MODEL_WORK_BYTES = {"tiny": 64 * MiB, "sd1": int(1.5 * GiB), "sd2": int(2.5 * GiB), "sdxl": 5 * GiB}
+# methods that run several branches at once or train (Difference Inversion's DIFF tokens)
+METHOD_WORK_FACTOR = {"pixels": 1.0, "appearance": 2.0, "dia": 1.0, "difference": 3.0}
+EMBEDDED_TINY = ("tiny-sd", "tiny-sdxl", "toy-sd")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    method: str
+    family: str
+    width: int
+    height: int
+    images: int
+    full_res_bytes: int  # on the host
+    model_bytes: int  # on the device (the host when the device is the CPU)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "family": self.family, "width": self.width, "height": self.height,
+                "images": self.images, "full_res_bytes": self.full_res_bytes, "model_bytes": self.model_bytes}
+
+
+def family_of(spec: str, models=None) -> str:
+    """The family a model spec most likely is, without loading it."""
+    if spec in EMBEDDED_TINY:
+        return "tiny"
+    if models is not None:
+        bundle = getattr(models, "_models", {}).get(spec)
+        if bundle is not None:
+            return bundle.family
+    low = spec.lower()
+    if "xl" in low:
+        return "sdxl"
+    if "2-1" in low or "2.1" in low or "sd2" in low or "v2" in low:
+        return "sd2"
+    return "sd1"
+
+
+def estimate(prepared, store, models=None) -> Estimate:
+    """The memory ``prepared`` (an engine.PreparedJob) needs, from the stored images' sizes."""
+    refs = [r for v in prepared.refs.values() for r in (v if isinstance(v, list) else [v])]
+    sizes = []
+    for r in refs:
+        info = store.info(r.sha) if hasattr(store, "info") else None
+        if info is not None:
+            sizes.append((info.width, info.height))
+        else:
+            arr = store.load(r.sha)
+            sizes.append((arr.shape[1], arr.shape[0]))
+    w, h = max(sizes, key=lambda s: s[0] * s[1]) if sizes else (0, 0)
+    pixels = w * h
+    method = prepared.method.id
+    full = pixels * (FULL_RES_BYTES_PER_PIXEL.get(method, DEFAULT_BYTES_PER_PIXEL)
+                     + IMAGE_BYTES_PER_PIXEL * max(0, len(refs) - 1))
+    family = family_of(prepared.model, models)
+    work = MODEL_WORK_BYTES.get(family, MODEL_WORK_BYTES["sd1"]) * METHOD_WORK_FACTOR.get(method, 1.0)
+    return Estimate(method, family, w, h, len(refs), int(full), int(work))
+
+
+def host_available() -> int | None:
+    """Memory the system can give without swapping (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def device_available(device) -> int | None:
+    try:
+        import torch
+
+        if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(device)
+            # memory torch holds in its cache but does not use is free for the job too
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
+class Budget:
+    """What a job may use: ``host_bytes`` (a setting) or what is free at submission."""
+
+    def __init__(self, device, dtype=None, host_bytes: int | None = None):
+        self.device = device
+        self.on_cpu = getattr(device, "type", str(device)) == "cpu"
+        self.fp32 = str(dtype).endswith("float32") if dtype is not None else self.on_cpu
+        self.host_bytes = host_bytes
+
+    def check(self, est: Estimate) -> None:
+        model_need = est.model_bytes * (2 if self.fp32 else 1)
+        host_need = est.full_res_bytes + (model_need if self.on_cpu else 0)
+        host_have = self.host_bytes if self.host_bytes is not None else host_available()
+        if host_have is not None and host_need > host_have:
+            raise self._refuse(est, host_need, host_have, "memory")
+        if not self.on_cpu:
+            dev_have = device_available(self.device)
+            if dev_have is not None and model_need > dev_have:
+                raise self._refuse(est, model_need, dev_have, "GPU memory")
+
+    def _refuse(self, est: Estimate, need: int, have: int, what: str) -> AnalogonError:
+        return AnalogonError(
+            "out_of_memory",
+            f"This {est.method} job at {est.width}×{est.height} pixels needs about {need / GiB:.1f} GiB of "
+            f"{what}; {max(0, have) / GiB:.1f} GiB are free. Use a smaller region (a selection), "
+            "scale the layers down, or close other programs.",
+            {**est.to_json(), "needed_bytes": need, "available_bytes": have}, status=413)

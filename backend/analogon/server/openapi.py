@@ -1,0 +1,261 @@
+"""The OpenAPI document the server publishes: the contract (docs/protocol.md explains it).
+
+FastAPI's generated document knows the routes; this module adds what the server really
+does around them: the bearer-token scheme (every path but health), the id patterns, the
+request bodies (images, and one job body per registered method with that method's own
+parameter schema), the success bodies, and every error status with its JSON body
+``{code, message, detail}``, so that a client generated from the document handles them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from .. import engine
+from .store import PNG, RGBA, SHA_PATTERN
+
+JOB_ID_PATTERN = "^[0-9a-f]{32}$"
+EVENT_ID_PATTERN = "^[0-9]{0,18}$"
+JOB_STATUSES = ["queued", "running", "done", "error", "cancelled"]
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props,
+                           "required": list(props) if required is None else required}
+    if not extra:
+        out["additionalProperties"] = False
+    return out
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+STR = {"type": "string"}
+INT = {"type": "integer"}
+ANY: dict[str, Any] = {}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        **_obj({"code": {"type": "string", "pattern": "^[a-z0-9_]+$",
+                         "description": "Stable, snake_case: see docs/protocol.md."},
+                "message": {"type": "string", "description": "A sentence a painter can read."},
+                "detail": {"description": "What the code needs: pydantic errors, the role, the limits, ..."}}),
+        "description": "Every error the server answers with.",
+    },
+    "Limits": _obj({"max_body_bytes": INT, "max_side": INT, "max_pixels": INT}),
+    "Health": _obj({
+        "status": {"type": "string", "enum": ["ok"]}, "version": STR, "device": STR, "dtype": STR,
+        "memory": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "loaded_models": {"type": "array", "items": STR}, "default_model": STR,
+        "queue": {"type": "integer", "minimum": 0}, "limits": {"$ref": "#/components/schemas/Limits"},
+        "pid": INT}),
+    "Model": _obj({"id": STR, "family": _nullable(STR), "source": STR, "loaded": {"type": "boolean"}}),
+    "Models": _obj({"default": STR, "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}),
+    "Role": _obj({"name": STR, "title": STR, "kind": {"type": "string", "enum": ["image", "map", "mask"]},
+                  "required": {"type": "boolean"}, "multiple": {"type": "boolean"}, "help": STR,
+                  "canvas": _nullable(STR)}),
+    "MethodInfo": _obj({"id": STR, "title": STR, "description": STR, "help": STR, "target_role": STR,
+                        "roles": {"type": "array", "items": {"$ref": "#/components/schemas/Role"}},
+                        "params": {"type": "object", "description": "The method's parameters as JSON schema."}}),
+    "Methods": _obj({"methods": {"type": "array", "items": {"$ref": "#/components/schemas/MethodInfo"}},
+                     "unavailable": {"type": "object", "additionalProperties": STR}}),
+    "ImageInfo": _obj({"sha": {"type": "string", "pattern": SHA_PATTERN},
+                       "width": {"type": "integer", "minimum": 1}, "height": {"type": "integer", "minimum": 1}}),
+    "ImageRef": {"anyOf": [
+        {"type": "string", "pattern": SHA_PATTERN},
+        _obj({"sha": {"type": "string", "pattern": SHA_PATTERN}, "x": INT, "y": INT,
+              "scale": {"type": "number", "exclusiveMinimum": 0, "maximum": 64}}, ["sha"], extra=False),
+    ], "description": "A stored image's id, or the id placed at (x, y) with a scale."},
+    "JobSubmitted": _obj({"id": {"type": "string", "pattern": JOB_ID_PATTERN},
+                          "status": {"type": "string", "enum": ["queued"]},
+                          "position": _nullable({"type": "integer", "minimum": 0}),
+                          "seed": {"type": "integer", "minimum": 0, "maximum": engine.MAX_SEED}}),
+    "ResultImage": _obj({"sha": {"type": "string", "pattern": SHA_PATTERN}, "width": INT, "height": INT,
+                         "label": STR}, ["sha", "width", "height"]),
+    "JobResult": _obj({"images": {"type": "array", "items": {"$ref": "#/components/schemas/ResultImage"}},
+                       "seed": INT, "params": {"type": "object"}, "model": STR, "info": ANY,
+                       "timings": {"type": "object"}}, ["images", "seed", "params", "model"]),
+    "JobStatus": _obj({"id": {"type": "string", "pattern": JOB_ID_PATTERN}, "method": STR,
+                       "status": {"type": "string", "enum": JOB_STATUSES}, "model": STR, "seed": INT,
+                       "position": {"type": "integer", "minimum": 0},
+                       "result": {"$ref": "#/components/schemas/JobResult"}, "error": ERROR},
+                      ["id", "method", "status", "model", "seed"]),
+    "CancelAnswer": _obj({"id": {"type": "string", "pattern": JOB_ID_PATTERN},
+                          "status": {"type": "string", "enum": JOB_STATUSES},
+                          "cancel_requested": {"type": "boolean"}}),
+}
+
+# what each operation answers besides success (401 and 403 are added where they apply)
+ERRORS: dict[tuple[str, str], dict[int, str]] = {
+    ("/v1/health", "get"): {},
+    ("/v1/health", "head"): {},
+    ("/v1/models", "get"): {},
+    ("/v1/methods", "get"): {},
+    ("/v1/images/{sha}", "put"): {
+        400: "`bad_sha`, `bad_image` (not a PNG, cut short, wrong length, size headers missing or "
+             "not whole numbers), `hash_mismatch`.",
+        413: "`too_large`: the body or the pixel count is over the limits (`detail` has them).",
+        415: "`unsupported_media_type`: Content-Type is neither image/png nor "
+             "application/x-analogon-rgba (or is missing)."},
+    ("/v1/images/{sha}", "head"): {400: "`bad_sha` (no body: HEAD).", 404: "Not stored (no body: HEAD)."},
+    ("/v1/images/{sha}", "get"): {400: "`bad_sha`, `bad_format`.", 404: "`image_not_found`."},
+    ("/v1/jobs", "post"): {
+        400: "`bad_json`: not JSON, not UTF-8, NaN/Infinity, a number outside ±2^53 or ±1.8e308, "
+             "a lone surrogate, nesting deeper than 64.",
+        404: "`unknown_method`, `image_not_found` (`detail.missing` lists the ids).",
+        413: "`too_large`: a body over 1 MiB; `out_of_memory`: the job would need more memory than "
+             "there is (`detail` has the estimate).",
+        415: "`unsupported_media_type`: Content-Type is not application/json.",
+        422: "`invalid_params` (`detail`: pydantic errors), `invalid_images` (`detail.role`).",
+        503: "`shutting_down`."},
+    ("/v1/jobs/{job_id}", "get"): {404: "`job_not_found`."},
+    ("/v1/jobs/{job_id}", "delete"): {404: "`job_not_found`."},
+    ("/v1/jobs/{job_id}/events", "get"): {
+        400: "`bad_event_id`: Last-Event-ID is not a whole number of at most 18 digits.",
+        404: "`job_not_found`."},
+}
+
+SUCCESS: dict[tuple[str, str], dict[int, dict[str, Any]]] = {
+    ("/v1/health", "get"): {200: {"description": "The backend's state (no token needed).",
+                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}},
+    ("/v1/health", "head"): {200: {"description": "The backend answers (no token needed)."}},
+    ("/v1/models", "get"): {200: {"description": "Models.", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Models"}}}}},
+    ("/v1/methods", "get"): {200: {"description": "Methods, with their roles and parameter schemas.", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Methods"}}}}},
+    ("/v1/images/{sha}", "put"): {
+        201: {"description": "Stored.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImageInfo"}}}},
+        200: {"description": "Already stored (no-op).", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ImageInfo"}}}}},
+    ("/v1/images/{sha}", "head"): {200: {"description": "Stored.", "headers": {
+        "X-Image-Width": {"schema": {"type": "string", "pattern": "^[0-9]+$"}},
+        "X-Image-Height": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}}}},
+    ("/v1/images/{sha}", "get"): {200: {"description": "The image: PNG, or raw RGBA8 with `format=rgba`.",
+                                        "headers": {"X-Image-Width": {"schema": {"type": "string"}},
+                                                    "X-Image-Height": {"schema": {"type": "string"}}},
+                                        "content": {PNG: {"schema": {"type": "string", "format": "binary"}},
+                                                    RGBA: {"schema": {"type": "string", "format": "binary"}}}}},
+    ("/v1/jobs", "post"): {202: {"description": "Queued.", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/JobSubmitted"}}}}},
+    ("/v1/jobs/{job_id}", "get"): {200: {"description": "The job.", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/JobStatus"}}}}},
+    ("/v1/jobs/{job_id}", "delete"): {200: {"description": "Cancel requested (a finished job is left as it is).",
+                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CancelAnswer"}}}}},
+    ("/v1/jobs/{job_id}/events", "get"): {200: {
+        "description": "Server-sent events: `id`, `event` (queued, started, progress, preview, done, error, "
+                       "cancelled) and `data` (JSON); ends after the terminal event.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+}
+
+PATH_PARAMS = {
+    "sha": {"name": "sha", "in": "path", "required": True, "description": "The image's id (docs/protocol.md).",
+            "schema": {"type": "string", "pattern": SHA_PATTERN}},
+    "job_id": {"name": "job_id", "in": "path", "required": True, "description": "A job id from POST /v1/jobs.",
+               "schema": {"type": "string", "pattern": JOB_ID_PATTERN}},
+}
+
+
+def _hoist(schema: dict[str, Any], prefix: str, components: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` moved into the components."""
+    schema = copy.deepcopy(schema)
+    defs = schema.pop("$defs", {})
+    text = json.dumps(schema)
+    for name in defs:
+        text = text.replace(f'"#/$defs/{name}"', f'"#/components/schemas/{prefix}{name}"')
+    for name, d in defs.items():
+        d_text = json.dumps(d)
+        for other in defs:
+            d_text = d_text.replace(f'"#/$defs/{other}"', f'"#/components/schemas/{prefix}{other}"')
+        components[prefix + name] = json.loads(d_text)
+    return json.loads(text)
+
+
+def _job_body(methods: list, components: dict[str, Any]) -> dict[str, Any]:
+    variants = []
+    for m in methods:
+        prefix = "".join(p.capitalize() for p in m.id.replace("-", "_").split("_"))
+        params = _hoist(m.Params.model_json_schema(), prefix, components)
+        components[f"{prefix}Params"] = params
+        roles = {}
+        for r in m.all_roles():
+            ref = {"$ref": "#/components/schemas/ImageRef"}
+            roles[r.name] = {"anyOf": [ref, {"type": "array", "items": ref,
+                                             **({} if r.multiple else {"maxItems": 1})}]}
+        components[f"{prefix}Job"] = {
+            "type": "object", "title": f"{m.title} job", "additionalProperties": False,
+            "required": ["method"] + (["images"] if any(r.required for r in m.all_roles()) else []),
+            "properties": {
+                "method": {"type": "string", "enum": [m.id]},
+                "model": _nullable({"type": "string", "description": "Model spec; absent: the server's default."}),
+                "seed": _nullable({"type": "integer", "minimum": 0, "maximum": engine.MAX_SEED}),
+                "params": {"$ref": f"#/components/schemas/{prefix}Params"},
+                "images": {"type": "object", "properties": roles, "additionalProperties": False},
+            }}
+        variants.append({"$ref": f"#/components/schemas/{prefix}Job"})
+    return {"oneOf": variants} if variants else {"type": "object"}
+
+
+def build(base: dict[str, Any], methods: list) -> dict[str, Any]:
+    """The published document, from FastAPI's ``base`` (routes) and the registered methods."""
+    doc = copy.deepcopy(base)
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas.update(copy.deepcopy(SCHEMAS))
+    components["securitySchemes"] = {"bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "The token the backend wrote to server.json in its state folder (mode 0600)."}}
+    doc["security"] = [{"bearer": []}]
+    schemas["JobRequest"] = _job_body(methods, schemas)
+    for path, ops in doc.get("paths", {}).items():
+        for verb, op in ops.items():
+            key = (path, verb)
+            if key not in ERRORS:
+                continue
+            op["parameters"] = [PATH_PARAMS[p["name"]] if p.get("in") == "path" and p["name"] in PATH_PARAMS
+                                else p for p in op.get("parameters", [])]
+            responses: dict[str, Any] = {str(s): v for s, v in SUCCESS.get(key, {}).items()}
+            errors = dict(ERRORS[key])
+            if path == "/v1/health":
+                op["security"] = []
+            else:
+                errors[401] = "`unauthorized`: the token is missing or wrong."
+            errors[403] = "`forbidden_host`: the Host header is not a loopback name."
+            errors[500] = "`internal_error`: a fault of the backend (never the caller's input)."
+            for status, text in sorted(errors.items()):
+                r: dict[str, Any] = {"description": text}
+                if verb != "head":
+                    r["content"] = {"application/json": {"schema": ERROR}}
+                if status == 401:
+                    r["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+                responses[str(status)] = r
+            op["responses"] = responses
+    images = doc["paths"].get("/v1/images/{sha}", {})
+    if "put" in images:
+        images["put"]["requestBody"] = {"required": True, "content": {
+            PNG: {"schema": {"type": "string", "format": "binary"}},
+            RGBA: {"schema": {"type": "string", "format": "binary"}}}}
+        images["put"]["parameters"] = [PATH_PARAMS["sha"]] + [
+            {"name": h, "in": "header", "required": False,
+             "description": "Raw RGBA uploads: the image's size in pixels.",
+             "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}} for h in ("X-Image-Width", "X-Image-Height")]
+    if "get" in images:
+        images["get"]["parameters"] = [PATH_PARAMS["sha"], {
+            "name": "format", "in": "query", "required": False,
+            "schema": {"type": "string", "enum": ["png", "rgba"], "default": "png"}}]
+    jobs = doc["paths"].get("/v1/jobs", {})
+    if "post" in jobs:
+        jobs["post"]["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}
+    ev = doc["paths"].get("/v1/jobs/{job_id}/events", {})
+    if "get" in ev:
+        ev["get"]["parameters"] = [PATH_PARAMS["job_id"], {
+            "name": "Last-Event-ID", "in": "header", "required": False,
+            "description": "Resume after this event id (a reconnecting client sends the last `id:` it read).",
+            "schema": {"type": "string", "pattern": EVENT_ID_PATTERN}}]
+    return doc
