@@ -28,7 +28,7 @@ from .errors import AnalogonError, InputError
 from .methods import get as get_method
 from .methods.base import Inputs, JobContext, LayerImage, Method, MethodParams, ResultImage
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_SEED = 2**32 - 1
 
 
@@ -129,7 +129,7 @@ def parse_ref(raw: Any, role: str) -> ImageRef:
             raise _image_error(f"The {role} image scale {scale} is out of range (0, 64].", role)
     else:
         raise _image_error(f"The {role} image must be a SHA-256 string or {{sha, x, y, scale}}.", role)
-    if not isinstance(sha, str) or not SHA_RE.match(sha):
+    if not isinstance(sha, str) or not SHA_RE.fullmatch(sha):
         raise _image_error(f"The {role} image reference is not a SHA-256 hex digest.", role)
     return ImageRef(sha, x, y, scale, placed)
 

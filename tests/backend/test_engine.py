@@ -135,3 +135,12 @@ def test_execute_cancel_and_errors(echo, models):
     with pytest.raises(AnalogonError) as e:
         engine.execute(job, source=src, models=models, cache=Cache(None))
     assert e.value.code == "model_not_found" and "model.safetensors" in e.value.message
+
+
+def test_an_image_reference_is_exactly_a_sha256_digest():
+    sha = "ab" * 32
+    assert engine.parse_ref(sha, "source").sha == sha
+    for bad in (sha + "\n", " " + sha, sha.upper(), sha[:-1], sha + "0"):
+        with pytest.raises(AnalogonError) as e:
+            engine.parse_ref(bad, "source")
+        assert e.value.code == "invalid_images"
