@@ -104,7 +104,8 @@ def test_docker_shows_in_real_krita(which, tmp_path):
     rep = {}
     try:
         with krita_host.session(tmp_path):
-            backend = krita_host.backend_command(tmp_path, str(analogon), offline)
+            private = {k: v for k, v in env.items() if k.startswith("XDG_") or k in ("HOME", "TMPDIR")}
+            backend = krita_host.backend_command(tmp_path, str(analogon), {**private, **offline})
             with open(config / "kritarc", "a") as f:
                 f.write(f"\n[analogon]\nautostart=true\nbackend_command={backend}\nmodel=tiny-sd\n")
             argv, penv = krita_host.command(["krita", "--nosplash"], env)

@@ -59,7 +59,9 @@ def report(request, tmp_path_factory):
         **offline,
     }
     with krita.session(tmp):
-        env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, offline)
+        # the backend gets what Krita 5's inherits from Krita: the private folders, offline
+        private = {k: env[k] for k in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "TMPDIR")}
+        env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, {**private, **offline})
         argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "main"], env)
         proc = subprocess.run(argv, env=penv, capture_output=True, timeout=300)
     if not out.exists():
