@@ -14,8 +14,8 @@ Debian mirror; ``build`` says so and exits 0 when one of them is missing, so tha
 test`` goes on and the Krita 6 tests skip with that reason. The tests themselves never build
 and never reach the network: they use a root that is already there (:func:`unavailable`).
 
-While a command runs inside, ``/proc``, ``/dev`` (with a private ``/dev/shm``) and the
-folders asked for with ``bind`` are mounted at the same paths inside the root; they are
+While a command runs inside, ``/proc``, a private ``/dev/shm`` and the folders asked for
+with ``bind`` are mounted at the same paths inside the root; they are
 unmounted when the command ends, whatever the reason (``try``/``finally``; while they are
 mounted, SIGTERM and SIGHUP raise ``SystemExit`` so that they unwind too). Mounts that a killed
 run left behind are found in ``/proc/self/mountinfo`` and unmounted before the next use, under
@@ -202,10 +202,20 @@ def _signals_unwind():
             signal.signal(s, h)
 
 
+def _char_device(path: Path) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def mounted(root: Path, binds: list[str | os.PathLike] = (), readonly: list[str | os.PathLike] = ()):
-    """``/proc``, ``/dev`` (with its own ``/dev/shm``) and each of ``binds``/``readonly``
-    (host folders, mounted at the same path inside the root) for the duration of the block.
+    """``/proc``, a ``/dev/shm`` of its own (and the host's ``/dev`` where the root has no
+    device nodes) and each of ``binds``/``readonly`` (host folders, mounted at the same path
+    inside the root) for the duration of the block.
     The caller holds :func:`lock`. Every mount is made private first so that nothing mounted
     inside the root propagates back to the host."""
     root = Path(root)
@@ -213,8 +223,9 @@ def mounted(root: Path, binds: list[str | os.PathLike] = (), readonly: list[str 
     created: list[Path] = []
     with _signals_unwind(), _unmounting(root, created):
         _mount(["-t", "proc", "proc", str(root / "proc")])
-        _mount(["--bind", "/dev", str(root / "dev")])
-        _mount(["--make-private", str(root / "dev")])
+        if not _char_device(root / "dev" / "null"):  # debootstrap could not make the nodes
+            _mount(["--bind", "/dev", str(root / "dev")])
+            _mount(["--make-private", str(root / "dev")])
         (root / "dev" / "shm").mkdir(exist_ok=True)
         _mount(["-t", "tmpfs", "-o", "mode=1777,size=1g", "shm", str(root / "dev" / "shm")])
         for path, ro in [(b, False) for b in binds] + [(b, True) for b in readonly]:
