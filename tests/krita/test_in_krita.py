@@ -41,9 +41,11 @@ def report(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(krita.name)
     for d in ("data", "config", "tmp", "cache", "home", "py"):
         (tmp / d).mkdir()
-    # What Krita runs: the scenario module and the plugin package, copied so that the same
-    # paths work inside the Krita 6 root.
-    shutil.copy2(HERE / "krita_scenarios.py", tmp / "py")
+    # What Krita runs: the scenario module (with any helper module beside it) and the plugin
+    # package, copied so that the same paths work inside the Krita 6 root.
+    for module in HERE.glob("*.py"):
+        if not module.name.startswith(("test_", "conftest")):
+            shutil.copy2(module, tmp / "py")
     shutil.copytree(ROOT / "plugin" / "analogon_krita", tmp / "py" / "analogon_krita",
                     ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp / "report.json"
@@ -63,7 +65,7 @@ def report(request, tmp_path_factory):
         private = {k: env[k] for k in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "TMPDIR")}
         env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, {**private, **offline})
         argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "main"], env)
-        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=300)
+        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=600)
     if not out.exists():
         pytest.fail(f"{krita.name} wrote no report (exit code {proc.returncode}). stderr:\n"
                     + proc.stderr.decode(errors="replace")[-3000:])
