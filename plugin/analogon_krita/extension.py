@@ -9,10 +9,11 @@ def register():
 
     from .controller import Controller
     from .panel import make_docker_class
+    from .qt import scoped_enum
 
     app = krita.Krita.instance()
-    app.addDockWidgetFactory(krita.DockWidgetFactory(
-        DOCKER_ID, krita.DockWidgetFactoryBase.DockRight, make_docker_class()))
+    right = scoped_enum(krita.DockWidgetFactoryBase, "DockPosition", "DockRight")
+    app.addDockWidgetFactory(krita.DockWidgetFactory(DOCKER_ID, right, make_docker_class()))
     app.addExtension(AnalogonExtension(app))
     try:
         app.notifier().applicationClosing.connect(lambda: Controller.instance().shutdown())

@@ -89,6 +89,17 @@ QNetworkRequest = QtNetwork.QNetworkRequest
 QNetworkReply = QtNetwork.QNetworkReply
 
 
+def scoped_enum(owner, scope: str, name: str):
+    """An enum member of a non-Qt sip class, e.g. ``krita.DockWidgetFactoryBase``: Krita 6's
+    PyQt6-style bindings only have the scoped ``owner.scope.name``
+    (``DockWidgetFactoryBase.DockPosition.DockRight``), Krita 5's PyQt5-style ones the flat
+    ``owner.name``."""
+    enum = getattr(owner, scope, None)
+    if enum is not None and hasattr(enum, name):
+        return getattr(enum, name)
+    return getattr(owner, name)
+
+
 def exec_loop(obj) -> int:
     """Run a modal loop / event loop in both bindings (``exec`` vs ``exec_``)."""
     fn = getattr(obj, "exec", None) or getattr(obj, "exec_")

@@ -18,7 +18,7 @@ REPORT: dict = {"scenarios": {}}
 
 
 def _wait(predicate, timeout):
-    from PyQt5.QtCore import QEventLoop, QTimer
+    from analogon_krita.qt import QEventLoop, QTimer, exec_loop
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -26,7 +26,7 @@ def _wait(predicate, timeout):
             return True
         loop = QEventLoop()
         QTimer.singleShot(20, loop.quit)
-        loop.exec_()
+        exec_loop(loop)
     return bool(predicate())
 
 

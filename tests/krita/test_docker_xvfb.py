@@ -1,7 +1,8 @@
-"""Real Krita under Xvfb with the plugin installed and enabled in a private profile: the
-docker appears, starts the backend (autostart), shows the methods and their forms, and the
-backend stops when Krita quits. A screenshot of the whole screen and a grab of the docker
-are kept (set ANALOGON_SCREENSHOT_DIR to copy them somewhere to look at)."""
+"""Real Krita (5 on this machine, 6 in its Debian sid root: see kritas.py) under Xvfb with the
+plugin installed and enabled in a private profile: the docker appears, starts the backend
+(autostart), shows the methods and their forms, and the backend stops when Krita quits. A
+screenshot of the whole screen and a grab of the docker are kept (set ANALOGON_SCREENSHOT_DIR
+to copy them, as ``krita5-*.png`` and ``krita6-*.png``, somewhere to look at)."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+import kritas
+
 pytestmark = pytest.mark.krita
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-KRITA = shutil.which("krita")
 XVFB = shutil.which("Xvfb")
 XWD = shutil.which("xwd")  # the screenshot: x11-apps' xwd piped into ImageMagick's convert
 
@@ -30,13 +32,6 @@ def _load_packaging():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _free_display() -> int:
-    for n in range(91, 140):
-        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            return n
-    raise RuntimeError("no free X display number")
 
 
 def _alive(pid: int | None) -> bool:
@@ -50,76 +45,108 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
-@pytest.mark.skipif(KRITA is None or XVFB is None or XWD is None,
-                    reason="krita, Xvfb and xwd (x11-apps) are not installed")
-def test_docker_shows_in_real_krita(tmp_path):
+def _start_xvfb():
+    """Xvfb on the first free display; returns (process, display number) once it accepts
+    connections (it writes the number to ``-displayfd`` only then). ``-noreset``: Krita
+    connects more than once while it starts, and a connection that arrives while the server
+    resets after the previous client left is refused ("could not connect to display")."""
+    r, w = os.pipe()
+    try:
+        xvfb = subprocess.Popen([XVFB, "-displayfd", str(w), "-screen", "0", "1600x1000x24",
+                                 "-nolisten", "tcp", "-noreset"], pass_fds=(w,),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(w)
+        w = None
+        with os.fdopen(r, "rb") as f:
+            r = None
+            number = f.readline().strip()  # empty when Xvfb exits without a display
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
+    if not number.isdigit():
+        xvfb.kill()
+        xvfb.wait(10)
+        raise RuntimeError("Xvfb did not start")
+    return xvfb, int(number)
+
+
+@pytest.mark.skipif(XVFB is None or XWD is None, reason="Xvfb and xwd (x11-apps) are not installed")
+@pytest.mark.parametrize("which", kritas.KRITAS)
+def test_docker_shows_in_real_krita(which, tmp_path):
+    krita_host = kritas.get(which)
+    reason = krita_host.unavailable("krita")
+    if reason:
+        pytest.skip(reason)
     analogon = Path(sys.executable).parent / "analogon"
     if not analogon.exists():
         pytest.skip("the analogon backend command is not installed")
-    data, config, state = tmp_path / "data", tmp_path / "config", tmp_path / "state"
-    for d in (data, config, state):
+    data, config, state, home = (tmp_path / d for d in ("data", "config", "state", "home"))
+    runtime, tmp = tmp_path / "runtime", tmp_path / "tmp"
+    for d in (data, config, state, home, runtime, tmp):
         d.mkdir()
+    runtime.chmod(0o700)
     pk = _load_packaging()
     pk.install(resources=data / "krita", config=config)
     shutil.copytree(HERE / "selftest" / "analogon_selftest", data / "krita" / "pykrita" / "analogon_selftest")
     shutil.copy2(HERE / "selftest" / "analogon_selftest.desktop", data / "krita" / "pykrita")
     pk.enable_in_kritarc(config / "kritarc", "analogon_selftest")
-    with open(config / "kritarc", "a") as f:
-        f.write(f"\n[analogon]\nautostart=true\nbackend_command={analogon}\nmodel=tiny-sd\n")
     report = tmp_path / "report.json"
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-    display = _free_display()
-    xvfb = subprocess.Popen([XVFB, f":{display}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = dict(os.environ)
-    for k in ("QT_QPA_PLATFORM", "ANALOGON_QT_API", "ANALOGON_NO_REGISTER", "PYTHONPATH"):
-        env.pop(k, None)
-    env.update(DISPLAY=f":{display}", XDG_DATA_HOME=str(data), XDG_CONFIG_HOME=str(config),
-               XDG_STATE_HOME=str(state), XDG_CACHE_HOME=str(tmp_path / "cache"),
-               ANALOGON_SELFTEST_REPORT=str(report), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    xvfb, display = _start_xvfb()
+    env = {"QT_QPA_PLATFORM": None, "ANALOGON_QT_API": None, "ANALOGON_NO_REGISTER": None,
+           "DISPLAY": f":{display}", "HOME": str(home), "XDG_DATA_HOME": str(data),
+           "XDG_CONFIG_HOME": str(config), "XDG_STATE_HOME": str(state),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_RUNTIME_DIR": str(runtime),
+           "TMPDIR": str(tmp), "ANALOGON_SELFTEST_REPORT": str(report), **offline}
     krita = None
     rep = {}
     try:
-        for _ in range(50):
-            if Path(f"/tmp/.X11-unix/X{display}").exists():
-                break
-            time.sleep(0.1)
-        log = open(tmp_path / "krita.log", "wb")
-        krita = subprocess.Popen([KRITA, "--nosplash"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 150
-        while not report.exists() and time.monotonic() < deadline and krita.poll() is None:
-            time.sleep(0.5)
-        assert report.exists(), "Krita did not report: " + (tmp_path / "krita.log").read_text(errors="replace")[-3000:]
-        rep = json.loads(report.read_text())
-        time.sleep(1.0)  # let the window repaint after the docker settled
-        shot = tmp_path / "screen.png"
-        subprocess.run(f"xwd -root -display :{display} | convert xwd:- {shot}", shell=True, check=True,
-                       timeout=60)
-        keep = os.environ.get("ANALOGON_SCREENSHOT_DIR")
-        if keep:
-            Path(keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(shot, Path(keep) / "krita-screen.png")
-            if (tmp_path / "docker.png").exists():
-                shutil.copy2(tmp_path / "docker.png", Path(keep) / "krita-docker.png")
-        # Quit Krita the way a user does; the backend it started must go with it.
-        Path(str(report) + ".quit").touch()
-        try:
-            krita.wait(40)
-        except subprocess.TimeoutExpired:
-            pass
-        pid = rep.get("backend_pid")
-        gone = not _alive(pid) or any(not _alive(pid) or time.sleep(0.5) for _ in range(20))
-        assert rep.get("found"), rep
-        assert rep["title"] == "Analogon" and rep["visible"]
-        assert rep["geometry"][2] > 100 and rep["geometry"][3] > 100
-        assert {"Generate", "Cancel", "New edit map"} <= set(rep["buttons"])
-        assert rep["status"].startswith("Connected"), rep["status"]
-        assert "PIXELS exemplar edit" in rep["methods"]
-        assert "steps" in rep["params"]
-        assert shot.stat().st_size > 10_000
-        assert krita.poll() is not None, "Krita did not quit"
-        assert pid and gone, "the backend started by the plugin outlived Krita"
+        with krita_host.session(tmp_path):
+            private = {k: v for k, v in env.items() if k.startswith("XDG_") or k in ("HOME", "TMPDIR")}
+            backend = krita_host.backend_command(tmp_path, str(analogon), {**private, **offline})
+            with open(config / "kritarc", "a") as f:
+                f.write(f"\n[analogon]\nautostart=true\nbackend_command={backend}\nmodel=tiny-sd\n")
+            argv, penv = krita_host.command(["krita", "--nosplash"], env)
+            log = open(tmp_path / "krita.log", "wb")
+            krita = subprocess.Popen(argv, env=penv, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            deadline = time.monotonic() + 180
+            while not report.exists() and time.monotonic() < deadline and krita.poll() is None:
+                time.sleep(0.5)
+            assert report.exists(), "Krita did not report: " + (tmp_path / "krita.log").read_text(errors="replace")[-3000:]
+            rep = json.loads(report.read_text())
+            time.sleep(1.0)  # let the window repaint after the docker settled
+            shot = tmp_path / "screen.png"
+            subprocess.run(f"xwd -root -display :{display} | convert xwd:- {shot}", shell=True, check=True,
+                           timeout=60)
+            keep = os.environ.get("ANALOGON_SCREENSHOT_DIR")
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(shot, Path(keep) / f"{which}-screen.png")
+                if (tmp_path / "docker.png").exists():
+                    shutil.copy2(tmp_path / "docker.png", Path(keep) / f"{which}-docker.png")
+            # Quit Krita the way a user does; the backend it started must go with it.
+            Path(str(report) + ".quit").touch()
+            try:
+                krita.wait(40)
+            except subprocess.TimeoutExpired:
+                pass
+            pid = rep.get("backend_pid")
+            gone = not _alive(pid) or any(not _alive(pid) or time.sleep(0.5) for _ in range(20))
+            assert rep.get("found"), rep
+            assert rep["title"] == "Analogon" and rep["visible"]
+            assert rep["geometry"][2] > 100 and rep["geometry"][3] > 100
+            assert {"Generate", "Cancel", "New edit map"} <= set(rep["buttons"])
+            assert rep["status"].startswith("Connected"), rep["status"]
+            assert "PIXELS exemplar edit" in rep["methods"]
+            assert "steps" in rep["params"]
+            assert rep["binding"] == {"krita5": "PyQt5", "krita6": "PyQt6"}[which], rep
+            assert rep["krita_version"].startswith(f"{krita_host.major}."), rep
+            assert shot.stat().st_size > 10_000
+            assert krita.poll() is not None, "Krita did not quit"
+            assert pid and gone, "the backend started by the plugin outlived Krita"
     finally:
         if krita is not None and krita.poll() is None:
             os.killpg(krita.pid, signal.SIGTERM)
@@ -127,6 +154,7 @@ def test_docker_shows_in_real_krita(tmp_path):
                 krita.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(krita.pid, signal.SIGKILL)
+                krita.wait(10)
         pid = rep.get("backend_pid")
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -6,6 +6,7 @@ little-endian uint16, grey layers as (grey, alpha). ``install()`` puts it in sys
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import sys
 import types
@@ -464,8 +465,8 @@ class DockWidget(QDockWidget):
 
 
 class DockWidgetFactoryBase:
-    DockRight = 1
-    DockLeft = 2
+    class DockPosition(enum.Enum):  # scoped only, as in Krita 6's bindings (PyQt6)
+        DockTornOff, DockTop, DockBottom, DockRight, DockLeft, DockMinimized = range(6)
 
 
 class DockWidgetFactory:

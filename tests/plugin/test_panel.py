@@ -121,11 +121,14 @@ def test_panel_shows_errors_connection_and_history(kapp):
 
 
 def test_docker_registration_and_canvas_following(kapp):
+    import krita
+
     import analogon_krita.extension as ext
 
     kapp.docker_factories.clear()
     ext.register()
     assert kapp.docker_factories and kapp.docker_factories[0].id == "analogon_docker"
+    assert kapp.docker_factories[0].pos is krita.DockWidgetFactoryBase.DockPosition.DockRight
     Docker = make_docker_class()
     Controller._instance = None
     dock = Docker()

@@ -6,9 +6,13 @@ import json
 import os
 import time
 
+from analogon_krita import qt
+from analogon_krita.qt import QTimer, QtWidgets
 from krita import Krita
-from PyQt5.QtCore import QTimer
-from PyQt5.QtWidgets import QAbstractButton, QComboBox, QDockWidget, QLabel
+
+QAbstractButton, QComboBox, QDockWidget, QLabel, QWidget_ = (
+    QtWidgets.QAbstractButton, QtWidgets.QComboBox, QtWidgets.QDockWidget, QtWidgets.QLabel,
+    QtWidgets.QWidget)
 
 REPORT = os.environ.get("ANALOGON_SELFTEST_REPORT")
 STATE = {"t0": time.monotonic(), "doc": None, "report": {}}
@@ -59,7 +63,7 @@ def _tick():
         methods=[method.itemText(i) for i in range(method.count())] if method else [],
         params=sorted(w.objectName()[6:] for w in dock.findChildren(QWidget_) if w.objectName().startswith("param_")),
         backend_pid=getattr(getattr(dock, "controller", None), "process", None) and dock.controller.process.pid,
-        seconds=round(elapsed, 1),
+        seconds=round(elapsed, 1), krita_version=str(app.version()), binding=qt.BINDING,
     )
     # Float the docker at a comfortable size so that the screenshot shows the whole panel.
     dock.setFloating(True)
@@ -90,6 +94,4 @@ def _wait_for_quit():
 
 
 if REPORT:
-    from PyQt5.QtWidgets import QWidget as QWidget_
-
     QTimer.singleShot(1000, _tick)
