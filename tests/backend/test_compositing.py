@@ -229,3 +229,15 @@ def test_hires_pass_runs_tiles_keeps_black_pixels_and_can_be_cancelled(tiny_sd, 
     n_before = sum(1 for e in ctx.events if e[0] == "progress" and e[1] != "high-resolution pass")
     with pytest.raises(JobCancelled):
         method.run(make_ctx(tiny_sd, cancel_after=n_before + 2), inputs, p)
+
+
+def test_novelty_is_zero_for_a_recolouring_and_one_for_a_new_edge():
+    base, disc = textured(480, 640)
+    recoloured = base.copy()
+    recoloured[disc, :3] = recoloured[disc][:, [2, 1, 0]]
+    assert C.novelty(down(recoloured, (64, 48)), base).max() < 0.05
+    drawn = base.copy()
+    drawn[40:200, 420:600, :3] = (30, 200, 30)  # a square where the base is flat
+    n = C.novelty(down(drawn, (64, 48)), base)
+    assert n[4:20, 42:60].max() == 1.0  # along the new square's edges
+    assert n[30:, :30].max() < 0.05  # the untouched part

@@ -130,6 +130,23 @@ def guided_coefficients(guide: torch.Tensor, out: torch.Tensor, radius: int = 1,
     return A, b
 
 
+def novelty(out: np.ndarray, base: np.ndarray, radius: int = 1, eps: float = 2e-3,
+            low: float = 0.02, high: float = 0.1) -> np.ndarray:
+    """Where the model drew something the base does not explain, per pixel of ``out``'s grid
+    ((h, w) in [0, 1]): the RMS residual of the guided fit (what carrying the change up cannot
+    reproduce at full resolution), mapped from ``low`` (0) to ``high`` (1) in [0, 1] colour units.
+    A recolouring, a kept picture or a changed colour under the base's own edges scores 0; a new
+    edge or texture where the base is flat scores 1."""
+    h, w = out.shape[:2]
+    base_t = torch.from_numpy(np.ascontiguousarray(base[..., :3])).permute(2, 0, 1).float() / 255.0
+    out_t = torch.from_numpy(np.ascontiguousarray(out[..., :3])).permute(2, 0, 1).float() / 255.0
+    guide = resample(base_t, (w, h))
+    A, b = guided_coefficients(guide, out_t, radius, eps)
+    pred = (A * guide[:, None]).sum(0) + b
+    r = _box3(((out_t - pred) ** 2).mean(0, keepdim=True)[None], radius)[0, 0].sqrt()
+    return ((r - low) / (high - low)).clamp(0, 1).numpy()
+
+
 def guided_upsample(out: np.ndarray, base: np.ndarray, radius: int = 1, eps: float = 2e-3,
                     strip: int = 512) -> np.ndarray:
     """The model's working-size picture ``out`` ((h, w, 3) uint8 or float in [0, 255]) brought to

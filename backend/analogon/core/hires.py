@@ -14,7 +14,11 @@ most ``hires_max_pixels`` (default 16 × the model's native area), cut into tile
 native size that overlap by ``hires_overlap``, and each tile is re-noised to ``hires_strength`` and
 denoised with the job's prompt (when the method has one) under the same per-pixel start-time
 schedule as every edit map (``core.editmap.EditSchedule``): a pixel of weight w is redrawn at
-strength w × hires_strength, a pixel of weight 0 not at all. Tiles are blended with linear ramps
+strength w × hires_strength, a pixel of weight 0 not at all. Only what the model *drew* is
+redrawn: the schedule's map is the weight times the result's novelty (``compositing.novelty``,
+where the guided fit cannot explain the result by the base), so a recoloured or kept area keeps
+the base's own grain exactly instead of getting the model's idea of it; tiles without novelty
+are skipped. Tiles are blended with linear ramps
 across their overlaps, so no seam shows; the job can be cancelled between any two denoising
 steps. The refined picture then goes through the same carrying-up as any result.
 
@@ -126,8 +130,13 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
                         size).permute(1, 2, 0).numpy()
     # the result carried up to the refine size (unweighted: the weight is applied once, when
     # the refined picture is brought back onto the target)
-    start = C.guided_upsample(np.asarray(out)[..., :3], np.clip(base_r + 0.5, 0, 255).astype(np.uint8))
-    w_r = C.map_to_grid(weight, size)[0, 0].numpy()
+    base_u8 = np.clip(base_r + 0.5, 0, 255).astype(np.uint8)
+    start = C.guided_upsample(np.asarray(out)[..., :3], base_u8)
+    # redraw only what carrying up cannot explain (a new edge, a new texture): where the model
+    # kept or recoloured the base, its own detail already comes back exactly
+    new = C.novelty(np.asarray(out)[..., :3], base)
+    new_r = C.resample(torch.from_numpy(new), size).clamp(0, 1).numpy()
+    w_r = C.map_to_grid(weight, size)[0, 0].numpy() * new_r
     start_u8 = np.clip(np.floor(start + 0.5), 0, 255).astype(np.uint8)
 
     tw, th = max(f, min(native, W) // f * f), max(f, min(native, H) // f * f)
@@ -168,8 +177,9 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
     done = wsum > 0
     refined = start.copy()
     refined[done] = acc[done] / wsum[done][:, None]
+    refined = start + new_r[..., None] * (refined - start)  # the pass only where it redrew
     info = {"size": [W, H], "tiles": len(tiles), "tile": [tw, th], "overlap": ov, "steps": n,
-            "strength": s.strength}
+            "strength": s.strength, "redrawn": round(float((w_r > 0).mean()), 4)}
     return np.clip(np.floor(refined + 0.5), 0, 255).astype(np.uint8), info
 
 
