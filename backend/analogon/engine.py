@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 from pydantic import ValidationError
 
-from .errors import AnalogonError, InputError
+from .errors import AnalogonError
 from .methods import get as get_method
 from .methods.base import Inputs, JobContext, LayerImage, Method, MethodParams, ResultImage
 

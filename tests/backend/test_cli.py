@@ -1,7 +1,6 @@
 """The `analogon` command: run (options from the schema), demo, doctor, bench, hooks, serve."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from PIL import Image
 from pydantic import Field
 
 from analogon import cli, methods
-from analogon.methods.base import Method, MethodParams, MethodResult, Role
+from analogon.methods.base import Method, MethodParams, Role
 from test_engine_methods import EchoMethod
 
 
