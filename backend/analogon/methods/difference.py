@@ -137,10 +137,10 @@ class Params(MethodParams):
         title="Learning rate", json_schema_extra={"advanced": True})
     lambda_tc: float = Field(0.01, ge=0.0, le=1000.0, description=(
         "Weight of the token-consistency loss (0.01: the paper, eq. 10)."),
-        title="Consistency loss weight (λ_tc)", json_schema_extra={"advanced": True})
+        title="Consistency loss weight", json_schema_extra={"advanced": True})
     lambda_clip: float = Field(6.0, ge=0.0, le=1000.0, description=(
         "Weight of the CLIP loss (6: the paper, eq. 10)."),
-        title="CLIP loss weight (λ_clip)", json_schema_extra={"advanced": True})
+        title="CLIP loss weight", json_schema_extra={"advanced": True})
     tc_norm: Literal["l2", "mse"] = Field("l2", description=(
         "Token-consistency distance: 'l2' the L2 norm of the noise error as written in the "
         "paper (eqs. 7–8; the scale its λ_tc = 0.01 was set for), 'mse' the mean squared error "
