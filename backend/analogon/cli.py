@@ -47,6 +47,8 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dir", help="where server.json (address + token) and images are kept")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host and any Host header (exposes the backend; warns)")
+    s.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process ends (the Krita plugin passes Krita's pid)")
     _add_model_options(s, "tiny-sd")
 
     r = sub.add_parser("run", help="run one method on image files: analogon run METHOD --help",
@@ -113,8 +115,10 @@ def _cache_dir_arg(value: str | None):
 
 
 def cmd_serve(args) -> int:
+    from .lifeline import watch_parent
     from .server import Settings, serve
 
+    watch_parent(args.parent_pid)
     settings = Settings(
         host=args.host, port=args.port,
         state_dir=Path(args.state_dir).expanduser() if args.state_dir else None,

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from . import document as kdoc
 from . import imaging
-from .backend_process import DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, read_server_info
+from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
+                              read_server_info)
 from .client import Client, ImagePayload, ImageRef, JobResult, JobRunner, JobSpec, Response
 from .document import AdapterError, Rect
 from .forms import Field, FormError, coerce_all, fields_from_schema
@@ -169,7 +170,9 @@ class Controller(QObject):
         url = self.settings.get("backend_url").strip().rstrip("/")
         if url:
             return ServerInfo(url, info.token if info else None)
-        return info or ServerInfo(DEFAULT_URL, None)
+        # else one that wrote server.json, else the one we started last (gone now: its real
+        # address, so that every message names it), else the default
+        return info or self.process.info or ServerInfo(DEFAULT_URL, None)
 
     def connect_backend(self, then: Callable[[bool], None] | None = None):
         """(Re)connect: health, then methods and models. ``then(ok)`` is called at the end."""
@@ -234,7 +237,14 @@ class Controller(QObject):
         if self.process.running:
             return self.connect_backend()
         self._set_connection("starting", "Starting the backend\u2026")
+        self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
         self.process.start(self.settings.get("backend_command"), self.model or None)
+
+    def log_path(self):
+        """The log of the backend the panel started last (this session or an earlier one)."""
+        if self.process.log_directory is None:
+            self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
+        return self.process.latest_log()
 
     def stop_backend(self):
         self.process.stop()
@@ -261,8 +271,8 @@ class Controller(QObject):
             self.connect_backend()
 
     def _on_health_tick(self):
-        if self._connecting or self.busy or self.process.state == "starting":
-            return
+        if self._connecting or self.busy or self.process.state in ("starting", "failed"):
+            return  # a backend we started failed: its message (last words) stays until you act
         if self.connected and self.client is not None:
             def check(resp: Response):
                 if not resp.ok:

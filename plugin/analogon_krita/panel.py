@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .controller import SELECTION, Controller
 from .forms import fields_from_schema
-from .qt import QPixmap, Qt, QTimer, QtGui, QtWidgets, QIcon
+from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
 from .forms import wrap_tooltip
 from .widgets import (LayerPicker, ParamForm, VariantStrip, form_layout, narrow_combo, set_tip,
                       wrapped_label)
@@ -221,6 +221,7 @@ class AnalogonPanel(QWidget):
         self.start_button.clicked.connect(self._on_start)
         self.connect_button.clicked.connect(lambda: self.c.connect_backend())
         self.settings_button.clicked.connect(self.open_settings)
+        self.log_button.clicked.connect(self.open_log)
         self.model_combo.currentTextChanged.connect(self._on_model)
         self.method_combo.currentIndexChanged.connect(self._on_method)
         self.edit_map_button.clicked.connect(lambda: self.c.new_edit_map())
@@ -280,6 +281,10 @@ class AnalogonPanel(QWidget):
         set_tip(self.start_button, "Stop the backend this panel started." if running else
                                      "Start a local Analogon backend; it stops when Krita quits.")
         self.start_button.setEnabled(running or state != "starting")
+        log = self.c.log_path()
+        self.log_button.setEnabled(log is not None)
+        set_tip(self.log_button, f"Open the backend's log: {log}" if log is not None else
+                "The log of a backend this panel starts goes to the state folder; none yet.")
 
     def _show_methods(self):
         self._building = True
@@ -450,6 +455,19 @@ class AnalogonPanel(QWidget):
     def _on_random(self, on: bool):
         self.seed_spin.setEnabled(not on)
         self.c.set_seed(self.seed_spin.value(), on)
+
+    def open_log(self) -> str:
+        """Open the backend's log file with the system's viewer; the path opened ("" if none)."""
+        path = self.c.log_path()
+        if path is None:
+            self.c.set_message("There is no backend log yet: it is written when the panel starts "
+                               "the backend.")
+            return ""
+        self.open_url(QUrl.fromLocalFile(str(path)))
+        return str(path)
+
+    def open_url(self, url):
+        QtGui.QDesktopServices.openUrl(url)
 
     def open_settings(self):
         dlg = SettingsDialog(self.c, self)
