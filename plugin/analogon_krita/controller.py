@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from . import document as kdoc
 from . import imaging
+from .canvas_preview import CanvasPreview
 from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
                               read_server_info)
 from .client import Client, ImagePayload, ImageRef, JobResult, JobRunner, JobSpec, Response
@@ -143,6 +144,7 @@ class Controller(QObject):
         self._insert_above = None
         self._chain_sha = ""
         self._chain: list = []  # the result layers of the running sequence, bottom first
+        self._canvas_preview: CanvasPreview | None = None  # the running pass's preview layer
         self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
         self._connecting = False
@@ -718,6 +720,7 @@ class Controller(QObject):
         self._chain = []
         self._set_variants([], None)
         self._cancelling = False
+        self._on_preview(None)  # the previous job's thumbnail goes
         self._set_busy(True)
         self._run_next()
         return True
@@ -737,6 +740,11 @@ class Controller(QObject):
             fmt = self.settings.get("image_format") or "rgba"
             spec.images[self.target_role(self.method(spec.method))] = ImageRef(
                 ImagePayload.from_rgba(rgba, prepared.roi.w, prepared.roi.h, fmt))
+        last = prepared.index == prepared.count - 1
+        self._canvas_preview = CanvasPreview(
+            prepared.doc, self._insert_above, prepared.roi, prepared.mask,
+            list(prepared.used) + list(self._chain),
+            group=last and bool(spec.params.get("sweep")))  # a sweep's result is a group
         runner = JobRunner(self.client, spec, self)
         self._runner = runner
         prefix = f"pass {prepared.index + 1}/{prepared.count}: " if prepared.count > 1 else ""
@@ -758,6 +766,11 @@ class Controller(QObject):
 
     def _on_preview(self, image):
         self.preview = image
+        if image is not None and self._canvas_preview is not None and not self._cancelling:
+            try:
+                self._canvas_preview.show(image)
+            except Exception as e:  # a preview is never worth failing the job
+                self.set_message(f"(No preview on the canvas: {e})")
         self.previewChanged.emit(image)
 
     def _on_done(self, result: JobResult):
@@ -782,11 +795,15 @@ class Controller(QObject):
         above = self._insert_above
         show_variants = several and prepared.index == prepared.count - 1  # the last pass's only
         used = list(prepared.used) + list(self._chain)
+        opacity = int(prepared.source.opacity()) if prepared.source is not None else None
+        preview, self._canvas_preview = self._canvas_preview, None
         try:  # one layer per pass: the first image; the others are variants to pick from
-            node = kdoc.insert_result(doc, above, *pixels[0], prepared.roi, names[0], prepared.mask,
-                                      used=used, opacity=int(prepared.source.opacity())
-                                      if prepared.source is not None else None,
-                                      variants=show_variants)
+            node = preview.take_result(*pixels[0], names[0], 255 if opacity is None else opacity,
+                                       show_variants) if preview is not None else None
+            if node is None:
+                node = kdoc.insert_result(doc, above, *pixels[0], prepared.roi, names[0],
+                                          prepared.mask, used=used, opacity=opacity,
+                                          variants=show_variants)
         except AdapterError as e:
             return self._on_failed(e.message)
         except Exception as e:  # never lose the session over an odd host error
@@ -848,6 +865,12 @@ class Controller(QObject):
         self._end("cancelled")
 
     def _end(self, how: str):
+        preview, self._canvas_preview = self._canvas_preview, None
+        if preview is not None:  # cancelled or failed: the preview goes
+            try:
+                preview.discard()
+            except Exception:  # a closed document
+                pass
         self._runner = None
         self._current = None
         self._cancelling = False
