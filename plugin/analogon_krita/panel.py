@@ -29,7 +29,7 @@ _STATE_COLOURS = {"connected": "#3a9a3a", "starting": "#c08a00", "connecting": "
 class AnalogonPanel(QWidget):
     """The docker's contents. Everything it shows comes from the controller's state."""
 
-    PREVIEW_SIZE = 48  # the docker's thumbnail of the running job (the canvas shows it large)
+    PREVIEW_SIZE = 40  # the docker's thumbnail of the running job (the canvas shows it large)
 
     def __init__(self, controller: Controller, parent: QWidget | None = None):
         super().__init__(parent)
@@ -38,14 +38,28 @@ class AnalogonPanel(QWidget):
         self.pickers: dict[str, LayerPicker] = {}
         self._shown_variants: list = []
 
-        # Three parts, so that a docker of Krita's default size (about 260 × 230 px) works:
-        # the connection line on top and Generate / Cancel, progress and the latest message
-        # or error at the bottom are pinned; everything else scrolls between them.
+        # Two parts, so that a docker of Krita's default size (about 260 px wide and 160 to
+        # 230 px high) works: Generate / Cancel, the progress and the latest message or error
+        # are pinned at the bottom; everything else scrolls above them, the connection first.
         outer = QtWidgets.QVBoxLayout(self)
         outer.setContentsMargins(4, 4, 4, 4)
         outer.setSpacing(4)
 
-        # -- pinned top: the connection ---------------------------------------------------
+        # -- the scrolled middle ------------------------------------------------------------
+        self.scroll = QtWidgets.QScrollArea()
+        self.scroll.setObjectName("panel_scroll")
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setMinimumHeight(0)  # the pinned message comes first when room is short
+        outer.addWidget(self.scroll, 1)
+        body = QWidget()
+        body.setObjectName("panel_body")
+        self.scroll.setWidget(body)
+        lay = QtWidgets.QVBoxLayout(body)
+        lay.setContentsMargins(0, 0, 0, 0)
+
+        # the connection, first thing in the scrolled part (where it is when nothing is scrolled)
         row = QtWidgets.QHBoxLayout()
         row.setSpacing(4)
         self.status_dot = QtWidgets.QLabel("\u25cf")
@@ -54,21 +68,7 @@ class AnalogonPanel(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         row.addWidget(self.status_dot, 0, Qt.AlignmentFlag.AlignTop)
         row.addWidget(self.status_label, 1)
-        outer.addLayout(row)
-
-        # -- the scrolled middle ------------------------------------------------------------
-        self.scroll = QtWidgets.QScrollArea()
-        self.scroll.setObjectName("panel_scroll")
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.scroll.setMinimumHeight(40)
-        outer.addWidget(self.scroll, 1)
-        body = QWidget()
-        body.setObjectName("panel_body")
-        self.scroll.setWidget(body)
-        lay = QtWidgets.QVBoxLayout(body)
-        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(row)
 
         row = QtWidgets.QHBoxLayout()
         row.setSpacing(2)
@@ -390,16 +390,31 @@ class AnalogonPanel(QWidget):
         set_tip(self.preview, "The running job's latest preview (also shown on the canvas).")
         self.preview.show()
 
+    def _fit_footer(self):
+        """Give the error and the message the height their wrapped text needs at the panel's
+        width (a layout squeezes word-wrapped labels otherwise): the scrolled part gives way,
+        and where even that is not enough the docker asks Krita for the room."""
+        margins = self.layout().contentsMargins()
+        width = max(50, self.width() - margins.left() - margins.right())
+        for label in (self.error_label, self.message_label):
+            label.setMinimumHeight(label.heightForWidth(width) if label.isVisibleTo(self) and label.text() else 0)
+
+    def resizeEvent(self, event):
+        self._fit_footer()
+        super().resizeEvent(event)
+
     def _show_error(self, text: str):
         """An error takes the message's place (both would not fit a small docker); the
         message comes back when the error is cleared (by the next action)."""
         self.error_label.setText(text)
         self.error_label.setVisible(bool(text))
         self.message_label.setVisible(bool(self.message_label.text()) and not text)
+        self._fit_footer()
 
     def _show_message(self, text: str):
         self.message_label.setText(text)
         self.message_label.setVisible(bool(text) and not self.error_label.text())
+        self._fit_footer()
 
     def _show_history(self):
         self.history_list.clear()
