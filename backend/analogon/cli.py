@@ -54,6 +54,8 @@ def _base_parser() -> argparse.ArgumentParser:
                    help="results unused for this long are removed (default 7; 0: only the cap)")
     s.add_argument("--cache-cap", type=_size_arg, default="4G", metavar="SIZE",
                    help="most disk the inversion cache uses (default 4G)")
+    s.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process ends (the Krita plugin passes Krita's pid)")
     _add_model_options(s, "tiny-sd")
 
     r = sub.add_parser("run", help="run one method on image files: analogon run METHOD --help",
@@ -151,8 +153,10 @@ def _settings_from_args(args):
 
 
 def cmd_serve(args) -> int:
+    from .lifeline import watch_parent
     from .server import serve
 
+    watch_parent(args.parent_pid)
     return serve(_settings_from_args(args), log_level="debug" if args.verbose else "info")
 
 

@@ -1,14 +1,23 @@
 """Starting and stopping a local backend, reading its token, waiting until it is ready.
 
 The backend writes ``server.json`` ({url, token, pid, version}) into its state folder when it
-listens. We start it with a private state folder and ``--port 0``, wait for that file and for
-``GET /v1/health``, and stop it when Krita quits (only if we started it).
+listens. We start it with a private state folder (``analogon-krita-*`` in the temporary
+folder) and ``--port 0``, wait for that file and for ``GET /v1/health``, and stop it when
+Krita quits (only if we started it).
+
+A backend must not outlive Krita, also when Krita is killed: it is started with
+``--parent-pid`` (Krita's pid) and stops itself when Krita is gone (see the backend's
+``analogon.lifeline``). The private folders of backends that are gone are removed the next
+time Krita starts. Everything the backend prints goes to a log file in the state folder
+(``logs/backend.log``, the one before as ``backend.1.log``); when it stops unexpectedly,
+its "last words" are the log's last error lines.
 """
 from __future__ import annotations
 
 import atexit
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -17,9 +26,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .qt import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
+from .qt import QIODevice, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
 SERVER_FILE = "server.json"
+OWNER_FILE = "owner.json"  # {krita_pid}: which Krita started the backend of a private folder
+STATE_PREFIX = "analogon-krita-"
+LOG_NAME = "backend.log"
 DEFAULT_URL = "http://127.0.0.1:7871"
 
 
@@ -53,6 +65,128 @@ def read_server_info(state_dir: str | os.PathLike) -> ServerInfo | None:
     pid = data.get("pid")
     return ServerInfo(str(data["url"]).rstrip("/"), data.get("token"),
                       int(pid) if isinstance(pid, int) else None, data.get("version"))
+
+
+def log_dir(state_dir: str | os.PathLike | None = None) -> Path:
+    """Where the logs of the backends the plugin starts go: ``logs`` in the state folder."""
+    return Path(state_dir or default_state_dir()) / "logs"
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid runs (a zombie counts as gone)."""
+    if not pid or pid <= 0:
+        return False
+    if sys.platform == "win32":  # os.kill(pid, 0) would send CTRL_C_EVENT there
+        import ctypes
+
+        k32 = ctypes.windll.kernel32
+        handle = k32.OpenProcess(0x1000, False, int(pid))  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ok = k32.GetExitCodeProcess(handle, ctypes.byref(code))
+        k32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) said it exists
+
+
+def _json_pid(path: Path, key: str) -> int | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def remove_stale_state_dirs(tmp: str | os.PathLike | None = None, min_age_s: float = 600.0) -> list[Path]:
+    """Remove the private folders (token, server.json) of backends that are gone: neither
+    the Krita that started one nor the backend itself runs. A folder that names no process
+    is removed once it is older than ``min_age_s``. Returns the folders removed."""
+    import time
+
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(STATE_PREFIX + "*"):
+        try:
+            if not d.is_dir() or d.is_symlink():
+                continue
+            pids = [_json_pid(d / OWNER_FILE, "krita_pid"), _json_pid(d / SERVER_FILE, "pid")]
+            if any(pid_alive(p) for p in pids if p):
+                continue
+            if not any(pids) and time.time() - d.stat().st_mtime < min_age_s:
+                continue  # being made right now, perhaps
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+    return removed
+
+
+_PROGRESS = re.compile(r"(\d+%\|)|(\|[\s\S]*\|\s*\d+/\d+)|(\d+(\.\d+)?\s*(it/s|s/it)\])")
+_ERRORISH = re.compile(r"error|exception|fatal|killed|cannot|can't|could not|failed|refused|"
+                       r"out of memory|no such|not found|denied|errno|abort", re.IGNORECASE)
+
+
+def last_words(path: str | os.PathLike | None, lines: int = 3, max_chars: int = 400) -> str:
+    """What a backend said last that explains why it stopped, from its log: the exception
+    of the last traceback, else the last lines that read like errors, else its last lines;
+    never progress bars (lines redrawn with carriage returns, tqdm bars)."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            raw = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    text = []
+    for line in raw.split("\n"):
+        line = line.split("\r")[-1].rstrip()  # what a carriage-return redraw left showing
+        if line.strip() and not _PROGRESS.search(line):
+            text.append(line)
+    text = [t for t in text if not t.startswith("=== ")]  # our own start markers
+    last_tb = max((i for i, t in enumerate(text) if t.startswith("Traceback (most recent call last)")),
+                  default=-1)
+    if last_tb >= 0:
+        after = [t for t in text[last_tb + 1:] if not t[:1].isspace()]
+        if after:
+            picked = after[:lines]
+            return _clip("\n".join(picked), max_chars)
+    errors = [t.strip() for t in text if _ERRORISH.search(t)]
+    picked = errors[-lines:] if errors else [t.strip() for t in text[-lines:]]
+    return _clip("\n".join(picked), max_chars)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else "\u2026" + text[-(n - 1):]
+
+
+def open_log(directory: Path, header: str) -> Path:
+    """The log file for a backend about to start: the previous one is kept as ``backend.1.log``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOG_NAME
+    if path.exists():
+        try:
+            os.replace(path, directory / "backend.1.log")
+        except OSError:
+            pass
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(header.rstrip() + "\n")
+    return path
 
 
 def default_command() -> str:
@@ -91,23 +225,32 @@ def _stop_all():  # last resort when Krita exits without telling us
             pass
 
 
+_SWEPT = False  # the stale private folders are looked at once per Krita session
+
+
 class BackendProcess(QObject):
     """A backend subprocess. Signals: ``stateChanged(state, message)`` with state in
-    stopped/starting/ready/failed; ``ready(ServerInfo)``."""
+    stopped/starting/ready/failed; ``ready(ServerInfo)``. ``info`` keeps the address of the
+    last backend that was ready, also after it stopped, so that messages name it."""
 
     stateChanged = pyqtSignal(str, str)
     ready = pyqtSignal(object)
 
     def __init__(self, parent: QObject | None = None, start_timeout_ms: int = 180_000,
-                 poll_ms: int = 200):
+                 poll_ms: int = 200, log_directory: str | os.PathLike | None = None):
         super().__init__(parent)
+        global _SWEPT
+        if not _SWEPT:
+            _SWEPT = True
+            remove_stale_state_dirs()
         self.state = "stopped"
         self.message = ""
         self.info: ServerInfo | None = None
         self.state_dir: Path | None = None
+        self.log_directory = Path(log_directory) if log_directory else None
+        self.log_path: Path | None = None
         self.start_timeout_ms = start_timeout_ms
         self._proc: QProcess | None = None
-        self._output = b""
         self._poll = QTimer(self)
         self._poll.setInterval(poll_ms)
         self._poll.timeout.connect(self._on_poll)
@@ -128,6 +271,18 @@ class BackendProcess(QObject):
         pid = self._proc.processId()
         return int(pid) if pid else None
 
+    @property
+    def url(self) -> str:
+        """The address of the backend we started last ("" before it was ready)."""
+        return self.info.url if self.info is not None else ""
+
+    def latest_log(self) -> Path | None:
+        """The log of the backend started last (also from an earlier Krita session)."""
+        if self.log_path is not None and self.log_path.exists():
+            return self.log_path
+        path = (self.log_directory or log_dir()) / LOG_NAME
+        return path if path.exists() else None
+
     def _set_state(self, state: str, message: str = ""):
         self.state, self.message = state, message
         self.stateChanged.emit(state, message)
@@ -136,14 +291,20 @@ class BackendProcess(QObject):
               env: dict[str, str] | None = None):
         if self.running:
             return
+        import time
+
+        remove_stale_state_dirs()
         argv = split_command(command)
-        self.state_dir = Path(tempfile.mkdtemp(prefix="analogon-krita-"))
+        self.state_dir = Path(tempfile.mkdtemp(prefix=STATE_PREFIX))
+        (self.state_dir / OWNER_FILE).write_text(json.dumps({"krita_pid": os.getpid()}), encoding="utf-8")
         args = argv[1:] + ["serve", "--host", "127.0.0.1", "--port", "0",
-                           "--state-dir", str(self.state_dir)]
+                           "--state-dir", str(self.state_dir), "--parent-pid", str(os.getpid())]
         if model:
             args += ["--model", model]
         args += list(extra_args or [])
-        self._output = b""
+        self.log_path = open_log(self.log_directory or log_dir(),
+                                 f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} Krita (pid {os.getpid()}) "
+                                 f"starts: {' '.join([argv[0]] + args)}")
         self.info = None
         proc = QProcess(self)
         penv = QProcessEnvironment.systemEnvironment()
@@ -151,7 +312,8 @@ class BackendProcess(QObject):
             penv.insert(k, v)
         proc.setProcessEnvironment(penv)
         proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
-        proc.readyReadStandardOutput.connect(self._on_output)
+        # the operating system writes the output: nothing is lost when Krita is busy or dies
+        proc.setStandardOutputFile(str(self.log_path), QIODevice.OpenModeFlag.Append)
         proc.errorOccurred.connect(self._on_error)
         proc.finished.connect(self._on_finished)
         self._proc = proc
@@ -162,13 +324,9 @@ class BackendProcess(QObject):
         self._poll.start()
         self._deadline.start(self.start_timeout_ms)
 
-    def _on_output(self):
-        if self._proc is not None:
-            self._output = (self._output + bytes(self._proc.readAllStandardOutput().data()))[-8000:]
-
     def last_output(self, lines: int = 3) -> str:
-        text = self._output.decode("utf-8", "replace").strip().splitlines()
-        return "\n".join(text[-lines:])
+        """The backend's last words: the log's last error lines (see :func:`last_words`)."""
+        return last_words(self.log_path, lines)
 
     def _on_error(self, error):
         if error == QProcess.ProcessError.FailedToStart:
@@ -179,11 +337,17 @@ class BackendProcess(QObject):
     def _on_finished(self, code, status=None):
         if self.state in ("starting", "ready"):
             tail = self.last_output()
-            msg = f"The backend stopped (exit code {code})."
+            where = f" at {self.url}" if self.url else ""
+            crashed = status == QProcess.ExitStatus.CrashExit
+            msg = (f"The backend{where} was killed or crashed." if crashed
+                   else f"The backend{where} stopped (exit code {code}).")
             if tail:
                 msg += " Its last words: " + tail
+            if self.log_path is not None:
+                msg += f" (log: {self.log_path})"
             self._fail(msg)
         _RUNNING.discard(self)
+        self._remove_state_dir()
 
     def _on_poll(self):
         if self.state != "starting" or self._health_call is not None:
@@ -211,8 +375,9 @@ class BackendProcess(QObject):
 
     def _on_deadline(self):
         if self.state == "starting":
-            self._fail(f"The backend did not become ready within {self.start_timeout_ms // 1000} s. "
-                       + (("Its last words: " + self.last_output()) if self._output else ""))
+            tail = self.last_output()
+            self._fail(f"The backend did not become ready within {self.start_timeout_ms // 1000} s."
+                       + (" Its last words: " + tail if tail else ""))
             self.stop()
 
     def _fail(self, message: str):
@@ -222,6 +387,11 @@ class BackendProcess(QObject):
             _RUNNING.discard(self)
         if self.state != "failed":
             self._set_state("failed", message)
+
+    def _remove_state_dir(self):
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = None
 
     def stop(self, wait_ms: int = 5000):
         """Stop the backend if we started it (terminate, then kill)."""
@@ -243,11 +413,9 @@ class BackendProcess(QObject):
                     proc.waitForFinished(2000)
                 if proc.state() != QProcess.ProcessState.NotRunning and pid:
                     try:
-                        os.kill(int(pid), signal.SIGKILL)
+                        os.kill(int(pid), getattr(signal, "SIGKILL", signal.SIGTERM))
                     except OSError:
                         pass
-        if self.state_dir is not None:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-            self.state_dir = None
+        self._remove_state_dir()
         if self.state != "stopped":
             self._set_state("stopped", "The backend was stopped.")

@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 from . import document as kdoc
 from . import imaging
-from .backend_process import DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, read_server_info
+from .canvas_preview import CanvasPreview
+from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
+                              read_server_info)
 from .client import Client, ImagePayload, ImageRef, JobResult, JobRunner, JobSpec, Response
 from .document import AdapterError, Rect
 from .forms import Field, FormError, coerce_all, fields_from_schema
@@ -142,6 +144,7 @@ class Controller(QObject):
         self._insert_above = None
         self._chain_sha = ""
         self._chain: list = []  # the result layers of the running sequence, bottom first
+        self._canvas_preview: CanvasPreview | None = None  # the running pass's preview layer
         self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
         self._connecting = False
@@ -169,7 +172,9 @@ class Controller(QObject):
         url = self.settings.get("backend_url").strip().rstrip("/")
         if url:
             return ServerInfo(url, info.token if info else None)
-        return info or ServerInfo(DEFAULT_URL, None)
+        # else one that wrote server.json, else the one we started last (gone now: its real
+        # address, so that every message names it), else the default
+        return info or self.process.info or ServerInfo(DEFAULT_URL, None)
 
     def connect_backend(self, then: Callable[[bool], None] | None = None):
         """(Re)connect: health, then methods and models. ``then(ok)`` is called at the end."""
@@ -234,7 +239,14 @@ class Controller(QObject):
         if self.process.running:
             return self.connect_backend()
         self._set_connection("starting", "Starting the backend\u2026")
+        self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
         self.process.start(self.settings.get("backend_command"), self.model or None)
+
+    def log_path(self):
+        """The log of the backend the panel started last (this session or an earlier one)."""
+        if self.process.log_directory is None:
+            self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
+        return self.process.latest_log()
 
     def stop_backend(self):
         self.process.stop()
@@ -261,8 +273,8 @@ class Controller(QObject):
             self.connect_backend()
 
     def _on_health_tick(self):
-        if self._connecting or self.busy or self.process.state == "starting":
-            return
+        if self._connecting or self.busy or self.process.state in ("starting", "failed"):
+            return  # a backend we started failed: its message (last words) stays until you act
         if self.connected and self.client is not None:
             def check(resp: Response):
                 if not resp.ok:
@@ -708,6 +720,7 @@ class Controller(QObject):
         self._chain = []
         self._set_variants([], None)
         self._cancelling = False
+        self._on_preview(None)  # the previous job's thumbnail goes
         self._set_busy(True)
         self._run_next()
         return True
@@ -727,6 +740,11 @@ class Controller(QObject):
             fmt = self.settings.get("image_format") or "rgba"
             spec.images[self.target_role(self.method(spec.method))] = ImageRef(
                 ImagePayload.from_rgba(rgba, prepared.roi.w, prepared.roi.h, fmt))
+        last = prepared.index == prepared.count - 1
+        self._canvas_preview = CanvasPreview(
+            prepared.doc, self._insert_above, prepared.roi, prepared.mask,
+            list(prepared.used) + list(self._chain),
+            group=last and bool(spec.params.get("sweep")))  # a sweep's result is a group
         runner = JobRunner(self.client, spec, self)
         self._runner = runner
         prefix = f"pass {prepared.index + 1}/{prepared.count}: " if prepared.count > 1 else ""
@@ -748,6 +766,11 @@ class Controller(QObject):
 
     def _on_preview(self, image):
         self.preview = image
+        if image is not None and self._canvas_preview is not None and not self._cancelling:
+            try:
+                self._canvas_preview.show(image)
+            except Exception as e:  # a preview is never worth failing the job
+                self.set_message(f"(No preview on the canvas: {e})")
         self.previewChanged.emit(image)
 
     def _on_done(self, result: JobResult):
@@ -772,11 +795,15 @@ class Controller(QObject):
         above = self._insert_above
         show_variants = several and prepared.index == prepared.count - 1  # the last pass's only
         used = list(prepared.used) + list(self._chain)
+        opacity = int(prepared.source.opacity()) if prepared.source is not None else None
+        preview, self._canvas_preview = self._canvas_preview, None
         try:  # one layer per pass: the first image; the others are variants to pick from
-            node = kdoc.insert_result(doc, above, *pixels[0], prepared.roi, names[0], prepared.mask,
-                                      used=used, opacity=int(prepared.source.opacity())
-                                      if prepared.source is not None else None,
-                                      variants=show_variants)
+            node = preview.take_result(*pixels[0], names[0], 255 if opacity is None else opacity,
+                                       show_variants) if preview is not None else None
+            if node is None:
+                node = kdoc.insert_result(doc, above, *pixels[0], prepared.roi, names[0],
+                                          prepared.mask, used=used, opacity=opacity,
+                                          variants=show_variants)
         except AdapterError as e:
             return self._on_failed(e.message)
         except Exception as e:  # never lose the session over an odd host error
@@ -838,6 +865,12 @@ class Controller(QObject):
         self._end("cancelled")
 
     def _end(self, how: str):
+        preview, self._canvas_preview = self._canvas_preview, None
+        if preview is not None:  # cancelled or failed: the preview goes
+            try:
+                preview.discard()
+            except Exception:  # a closed document
+                pass
         self._runner = None
         self._current = None
         self._cancelling = False

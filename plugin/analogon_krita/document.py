@@ -368,15 +368,96 @@ def insert_result(doc, target, rgba: bytes, width: int, height: int, roi: Rect, 
     parent, above = placement(doc, target, used)
     name = unique_name(doc, name)
     if variants:
-        node = doc.createNode(name, "grouplayer")
+        node = _filled_group(doc, name, _paint_node(doc, name, pixels, roi))
         node.setOpacity(int(opacity))
         parent.addChildNode(node, above)
-        node.addChildNode(_paint_node(doc, name, pixels, roi), None)
     else:
         node = _paint_node(doc, name, pixels, roi, opacity)
         parent.addChildNode(node, above)
     _refresh(doc)
     return node
+
+
+def _filled_group(doc, name: str, child):
+    """A new group holding ``child``, filled before the group is added: ``setChildNodes``
+    on a group that is not in the image records no undo step (``addChildNode`` would), so
+    that adding the group is the one step."""
+    group = doc.createNode(name, "grouplayer")
+    group.setChildNodes([child])
+    return group
+
+
+# -- the running job's preview ---------------------------------------------------------------
+
+PREVIEW_NAME = "Analogon preview"
+
+
+def add_preview_layer(doc, target, rgba: bytes, width: int, height: int, roi: Rect,
+                      mask: bytes | None = None, used: Iterable[Any] = (), group: bool = False):
+    """A locked layer showing a job's preview where its result will go (placed as
+    :func:`insert_result` places it; a group holding the layer when the result will have
+    variants). Adding it is one undo step; :func:`preview_to_result` turns it into the
+    result without another one."""
+    check_document(doc)
+    pixels = result_pixels(rgba, width, height, roi, mask, doc.colorDepth())
+    parent, above = placement(doc, target, used)
+    layer = _paint_node(doc, PREVIEW_NAME, pixels, roi)
+    node = _filled_group(doc, PREVIEW_NAME, layer) if group else layer
+    node.setLocked(True)
+    parent.addChildNode(node, above)
+    _refresh(doc)
+    return node
+
+
+def _content_layer(node):
+    if node.type() == "grouplayer":
+        children = list(node.childNodes())
+        return children[0] if children else None
+    return node
+
+
+def update_preview_layer(doc, node, rgba: bytes, width: int, height: int, roi: Rect,
+                         mask: bytes | None = None) -> bool:
+    """Show a newer preview in the preview layer (pixels written in place: no undo step)."""
+    layer = _content_layer(node)
+    if layer is None:
+        return False
+    layer.setPixelData(result_pixels(rgba, width, height, roi, mask, doc.colorDepth()),
+                       roi.x, roi.y, roi.w, roi.h)
+    _refresh(doc)
+    return True
+
+
+def preview_to_result(doc, node, rgba: bytes, width: int, height: int, roi: Rect, name: str,
+                      mask: bytes | None = None, opacity: int = 255):
+    """Turn the preview layer into the result layer: its pixels replaced by the result over
+    the whole region (nothing of the preview is left), named, unlocked, at the result's
+    opacity. The pass stays one undo step (the preview's "Add Layer"), and one undo removes
+    the result. Returns the node, or None when the preview layer is gone."""
+    layer = _content_layer(node)
+    if layer is None or find_layer(doc, layer_id(node)) is None:
+        return None
+    check_document(doc)
+    layer.setPixelData(result_pixels(rgba, width, height, roi, mask, doc.colorDepth()),
+                       roi.x, roi.y, roi.w, roi.h)
+    name = unique_name(doc, name)
+    for n in {layer_id(node): node, layer_id(layer): layer}.values():
+        n.setName(name)
+        n.setLocked(False)
+    node.setOpacity(int(opacity))
+    _refresh(doc)
+    return node
+
+
+def remove_preview_layer(doc, node) -> bool:
+    """Remove a preview layer (a cancelled or failed job): Krita records it as one undo step,
+    so that an undo after a cancel shows the preview again (it adds nothing else)."""
+    if node is None or find_layer(doc, layer_id(node)) is None:
+        return False
+    node.setLocked(False)
+    node.remove()
+    _refresh(doc)
+    return True
 
 
 def show_variant(doc, group, rgba: bytes, width: int, height: int, roi: Rect, name: str,

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("int", "float", "bool", "enum", "str", "json")
+TOOLTIP_WIDTH = 60  # characters per tooltip line
+
+
+def wrap_tooltip(text: str, width: int = TOOLTIP_WIDTH) -> str:
+    """Plain text with its paragraphs (lines) wrapped to ``width`` characters, so that a
+    tooltip is a readable block instead of one screen-wide line."""
+    return "\n".join(textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False)
+                     if line.strip() else "" for line in (text or "").splitlines())
 
 
 @dataclass
@@ -28,16 +37,23 @@ class Field:
     choices: list[Any] = field(default_factory=list)
     nullable: bool = False
     multiline: bool = False
+    advanced: bool = False  # the schema's "advanced": shown under Advanced
+    unit: str = ""  # the schema's "unit", shown after the title
+
+    @property
+    def label(self) -> str:
+        """The title as the form shows it, with the unit."""
+        return f"{self.title} ({self.unit})" if self.unit else self.title
 
     @property
     def tooltip(self) -> str:
         parts = [self.description] if self.description else []
         rng = self.range_text()
         if rng:
-            parts.append(rng)
+            parts.append(rng + (f" {self.unit}" if self.unit else ""))
         if self.default is not None:
             parts.append(f"Default: {self.default}")
-        return "\n".join(parts)
+        return wrap_tooltip("\n".join(parts))
 
     def range_text(self) -> str:
         if self.kind not in ("int", "float"):
@@ -107,7 +123,7 @@ def _field(schema: dict, name: str, prop: dict) -> Field:
         ptype = next((t for t in ptype if t != "null"), "string")
     title = prop.get("title") or name.replace("_", " ").capitalize()
     f = Field(name, "str", title, prop.get("default"), prop.get("description", "") or "",
-              nullable=nullable)
+              nullable=nullable, advanced=bool(prop.get("advanced")), unit=str(prop.get("unit") or ""))
     if "enum" in prop or "const" in prop:
         f.kind = "enum"
         f.choices = list(prop.get("enum") or [prop.get("const")])

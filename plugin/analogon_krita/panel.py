@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from .controller import SELECTION, Controller
 from .forms import fields_from_schema
-from .qt import QPixmap, Qt, QTimer, QtGui, QtWidgets, QIcon
-from .widgets import LayerPicker, ParamForm, VariantStrip
+from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
+from .forms import wrap_tooltip
+from .widgets import (LayerPicker, ParamForm, VariantStrip, form_layout, narrow_combo, set_tip,
+                      wrapped_label)
 
 QWidget = QtWidgets.QWidget
 
@@ -27,6 +29,8 @@ _STATE_COLOURS = {"connected": "#3a9a3a", "starting": "#c08a00", "connecting": "
 class AnalogonPanel(QWidget):
     """The docker's contents. Everything it shows comes from the controller's state."""
 
+    PREVIEW_SIZE = 40  # the docker's thumbnail of the running job (the canvas shows it large)
+
     def __init__(self, controller: Controller, parent: QWidget | None = None):
         super().__init__(parent)
         self.c = controller
@@ -34,53 +38,72 @@ class AnalogonPanel(QWidget):
         self.pickers: dict[str, LayerPicker] = {}
         self._shown_variants: list = []
 
+        # Two parts, so that a docker of Krita's default size (about 260 px wide and 160 to
+        # 230 px high) works: Generate / Cancel, the progress and the latest message or error
+        # are pinned at the bottom; everything else scrolls above them, the connection first.
         outer = QtWidgets.QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QtWidgets.QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
-        outer.addWidget(scroll)
-        body = QWidget()
-        scroll.setWidget(body)
-        lay = QtWidgets.QVBoxLayout(body)
-        lay.setContentsMargins(4, 4, 4, 4)
+        outer.setContentsMargins(4, 4, 4, 4)
+        outer.setSpacing(4)
 
-        # connection
+        # -- the scrolled middle ------------------------------------------------------------
+        self.scroll = QtWidgets.QScrollArea()
+        self.scroll.setObjectName("panel_scroll")
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setMinimumHeight(0)  # the pinned message comes first when room is short
+        outer.addWidget(self.scroll, 1)
+        body = QWidget()
+        body.setObjectName("panel_body")
+        self.scroll.setWidget(body)
+        lay = QtWidgets.QVBoxLayout(body)
+        lay.setContentsMargins(0, 0, 0, 0)
+
+        # the connection, first thing in the scrolled part (where it is when nothing is scrolled)
         row = QtWidgets.QHBoxLayout()
+        row.setSpacing(4)
         self.status_dot = QtWidgets.QLabel("\u25cf")
-        self.status_label = QtWidgets.QLabel()
-        self.status_label.setWordWrap(True)
+        self.status_label = wrapped_label()
         self.status_label.setObjectName("connection_status")
-        self.start_button = QtWidgets.QPushButton("Start backend")
-        self.start_button.setToolTip("Start a local Analogon backend; it stops when Krita quits.")
-        self.connect_button = QtWidgets.QToolButton()
-        self.connect_button.setText("\u21bb")
-        self.connect_button.setToolTip("Connect again")
-        self.settings_button = QtWidgets.QToolButton()
-        self.settings_button.setText("\u2699")
-        self.settings_button.setToolTip("Backend settings")
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         row.addWidget(self.status_dot, 0, Qt.AlignmentFlag.AlignTop)
         row.addWidget(self.status_label, 1)
         lay.addLayout(row)
+
         row = QtWidgets.QHBoxLayout()
+        row.setSpacing(2)
+        self.start_button = QtWidgets.QPushButton("Start backend")
+        set_tip(self.start_button, "Start a local Analogon backend; it stops when Krita quits.")
+        self.connect_button = QtWidgets.QToolButton()
+        self.connect_button.setText("\u21bb")
+        set_tip(self.connect_button, "Connect again")
+        self.log_button = QtWidgets.QToolButton()
+        self.log_button.setObjectName("open_log")
+        self.log_button.setText("Log")
+        set_tip(self.log_button, "Open the log of the backend this panel started (for a bug "
+                                   "report: what it printed, its errors).")
+        self.settings_button = QtWidgets.QToolButton()
+        self.settings_button.setText("\u2699")
+        set_tip(self.settings_button, "Backend settings")
         row.addWidget(self.start_button, 1)
         row.addWidget(self.connect_button)
+        row.addWidget(self.log_button)
         row.addWidget(self.settings_button)
         lay.addLayout(row)
 
-        form = QtWidgets.QFormLayout()
-        self.model_combo = QtWidgets.QComboBox()
+        form = form_layout()
+        self.model_combo = narrow_combo(QtWidgets.QComboBox())
         self.model_combo.setEditable(True)
-        self.model_combo.setToolTip("A model from the backend, a Hugging Face id, a diffusers folder "
-                                    "or a .safetensors file. Empty: the backend's default.")
+        set_tip(self.model_combo, (
+            "A model from the backend, a Hugging Face id, a diffusers folder or a .safetensors "
+            "file. Empty: the backend's default."))
         self.model_combo.lineEdit().setPlaceholderText("(backend default)")
         form.addRow("Model", self.model_combo)
-        self.method_combo = QtWidgets.QComboBox()
+        self.method_combo = narrow_combo(QtWidgets.QComboBox())
         self.method_combo.setObjectName("method")
         form.addRow("Method", self.method_combo)
         lay.addLayout(form)
-        self.method_help = QtWidgets.QLabel()
-        self.method_help.setWordWrap(True)
+        self.method_help = wrapped_label()
         font = self.method_help.font()
         font.setItalic(True)
         self.method_help.setFont(font)
@@ -88,29 +111,30 @@ class AnalogonPanel(QWidget):
 
         # roles
         self.roles_box = QtWidgets.QGroupBox("Layers")
-        self.roles_form = QtWidgets.QFormLayout(self.roles_box)
+        self.roles_form = form_layout(self.roles_box)
         lay.addWidget(self.roles_box)
-        row = QtWidgets.QHBoxLayout()
         self.edit_map_button = QtWidgets.QPushButton(plugin_icon("edit_map"), "New edit map")
-        self.edit_map_button.setToolTip("Add a black grey-scale layer above the target. Paint white "
-                                        "where the image may change; black keeps it.")
+        set_tip(self.edit_map_button, (
+            "Add a black grey-scale layer above the target. Paint white where the image may "
+            "change; black keeps it."))
         self.progressive_check = QtWidgets.QCheckBox("One pass per exemplar")
-        self.progressive_check.setToolTip("Run one pass per exemplar, each result feeding the next.")
+        set_tip(self.progressive_check, "Run one pass per exemplar, each result feeding the next.")
+        row = QtWidgets.QHBoxLayout()
         row.addWidget(self.edit_map_button)
-        row.addWidget(self.progressive_check)
         row.addStretch(1)
         lay.addLayout(row)
+        lay.addWidget(self.progressive_check)
 
-        # parameters
+        # parameters: the few a painter touches, the rest under Advanced
         self.params_box = QtWidgets.QGroupBox("Parameters")
         pl = QtWidgets.QVBoxLayout(self.params_box)
         self.form = ParamForm()
         pl.addWidget(self.form)
         self.reset_button = QtWidgets.QPushButton("Defaults")
+        set_tip(self.reset_button, "Set every parameter of this method to its default.")
         pl.addWidget(self.reset_button, 0, Qt.AlignmentFlag.AlignRight)
         lay.addWidget(self.params_box)
 
-        # seed + run
         row = QtWidgets.QHBoxLayout()
         row.addWidget(QtWidgets.QLabel("Seed"))
         self.seed_spin = QtWidgets.QSpinBox()
@@ -119,34 +143,6 @@ class AnalogonPanel(QWidget):
         row.addWidget(self.seed_spin, 1)
         row.addWidget(self.random_check)
         lay.addLayout(row)
-        row = QtWidgets.QHBoxLayout()
-        self.generate_button = QtWidgets.QPushButton(plugin_icon("generate"), "Generate")
-        self.generate_button.setObjectName("generate")
-        self.cancel_button = QtWidgets.QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        row.addWidget(self.generate_button, 1)
-        row.addWidget(self.cancel_button)
-        lay.addLayout(row)
-        self.progress = QtWidgets.QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setTextVisible(True)
-        self.progress.setFormat("")
-        lay.addWidget(self.progress)
-        self.preview = QtWidgets.QLabel()
-        self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.preview.setMinimumHeight(0)
-        lay.addWidget(self.preview)
-        self.error_label = QtWidgets.QLabel()
-        self.error_label.setObjectName("error")
-        self.error_label.setWordWrap(True)
-        self.error_label.setStyleSheet("color: #c0392b;")
-        self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.error_label.hide()
-        lay.addWidget(self.error_label)
-        self.message_label = QtWidgets.QLabel()
-        self.message_label.setWordWrap(True)
-        lay.addWidget(self.message_label)
 
         # variants of the latest result (a sweep): shown only when it has several
         self.variants_box = QtWidgets.QGroupBox("Variants")
@@ -162,20 +158,70 @@ class AnalogonPanel(QWidget):
         self.history_list = QtWidgets.QListWidget()
         self.history_list.setIconSize(QtGui.QPixmap(48, 48).size())
         self.history_list.setMaximumHeight(160)
+        self.history_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         hl.addWidget(self.history_list)
         row = QtWidgets.QHBoxLayout()
         self.again_button = QtWidgets.QPushButton("Apply again")
-        self.source_button = QtWidgets.QPushButton("Use as next source")
+        self.source_button = QtWidgets.QPushButton("Use as source")
+        set_tip(self.source_button, "Make this result the edited layer of the next pass.")
         row.addWidget(self.again_button)
         row.addWidget(self.source_button)
         hl.addLayout(row)
         lay.addWidget(self.history_box)
         lay.addStretch(1)
 
+        # -- pinned bottom: run, progress, the latest message -------------------------------
+        footer = QWidget()
+        footer.setObjectName("panel_footer")
+        fl = QtWidgets.QVBoxLayout(footer)
+        fl.setContentsMargins(0, 0, 0, 0)
+        fl.setSpacing(2)
+        row = QtWidgets.QHBoxLayout()
+        row.setSpacing(4)
+        self.preview = QtWidgets.QLabel()
+        self.preview.setObjectName("preview")
+        self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview.setFixedSize(self.PREVIEW_SIZE, self.PREVIEW_SIZE)
+        self.preview.hide()
+        row.addWidget(self.preview)
+        col = QtWidgets.QVBoxLayout()
+        col.setSpacing(2)
+        buttons = QtWidgets.QHBoxLayout()
+        self.generate_button = QtWidgets.QPushButton(plugin_icon("generate"), "Generate")
+        self.generate_button.setObjectName("generate")
+        self.cancel_button = QtWidgets.QPushButton("Cancel")
+        self.cancel_button.setObjectName("cancel")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.generate_button, 1)
+        buttons.addWidget(self.cancel_button)
+        col.addLayout(buttons)
+        self.progress = QtWidgets.QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("")
+        col.addWidget(self.progress)
+        row.addLayout(col, 1)
+        fl.addLayout(row)
+        self.error_label = wrapped_label()
+        self.error_label.setObjectName("error")
+        self.error_label.setStyleSheet("color: #c0392b;")
+        self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.error_label.hide()
+        fl.addWidget(self.error_label)
+        self.message_label = wrapped_label()
+        self.message_label.setObjectName("message")
+        self.message_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.message_label.hide()
+        fl.addWidget(self.message_label)
+        outer.addWidget(footer)
+        self.footer = footer
+
         # bindings: widgets -> controller
         self.start_button.clicked.connect(self._on_start)
         self.connect_button.clicked.connect(lambda: self.c.connect_backend())
         self.settings_button.clicked.connect(self.open_settings)
+        self.log_button.clicked.connect(self.open_log)
         self.model_combo.currentTextChanged.connect(self._on_model)
         self.method_combo.currentIndexChanged.connect(self._on_method)
         self.edit_map_button.clicked.connect(lambda: self.c.new_edit_map())
@@ -204,7 +250,7 @@ class AnalogonPanel(QWidget):
         c.progressChanged.connect(self._show_progress)
         c.previewChanged.connect(self._show_preview)
         c.errorChanged.connect(self._show_error)
-        c.messageChanged.connect(self.message_label.setText)
+        c.messageChanged.connect(self._show_message)
         c.historyChanged.connect(self._show_history)
         c.variantsChanged.connect(self._show_variants)
 
@@ -212,6 +258,7 @@ class AnalogonPanel(QWidget):
         self._layer_timer.setInterval(1500)
         self._layer_timer.timeout.connect(lambda: self.c.refresh_layers())
         self._layer_timer.start()
+        c.destroyed.connect(self._layer_timer.stop)  # a panel that outlives its controller
 
         self.seed_spin.setValue(c.seed)
         self.random_check.setChecked(c.random_seed)
@@ -228,19 +275,24 @@ class AnalogonPanel(QWidget):
     def _show_connection(self, state: str, message: str):
         self.status_dot.setStyleSheet(f"color: {_STATE_COLOURS.get(state, '#808080')};")
         self.status_label.setText(message)
-        self.status_label.setToolTip(message)
+        set_tip(self.status_label, message)
         running = self.c.process.running
         self.start_button.setText("Stop backend" if running else "Start backend")
-        self.start_button.setToolTip("Stop the backend this panel started." if running else
+        set_tip(self.start_button, "Stop the backend this panel started." if running else
                                      "Start a local Analogon backend; it stops when Krita quits.")
         self.start_button.setEnabled(running or state != "starting")
+        log = self.c.log_path()
+        self.log_button.setEnabled(log is not None)
+        set_tip(self.log_button, f"Open the backend's log: {log}" if log is not None else
+                "The log of a backend this panel starts goes to the state folder; none yet.")
 
     def _show_methods(self):
         self._building = True
         self.method_combo.clear()
         for m in self.c.methods:
             self.method_combo.addItem(m.get("title") or m["id"], m["id"])
-            self.method_combo.setItemData(self.method_combo.count() - 1, m.get("description", ""),
+            self.method_combo.setItemData(self.method_combo.count() - 1,
+                                          wrap_tooltip(m.get("description", "")),
                                           Qt.ItemDataRole.ToolTipRole)
         idx = self.method_combo.findData(self.c.method_id)
         self.method_combo.setCurrentIndex(max(0, idx))
@@ -272,7 +324,7 @@ class AnalogonPanel(QWidget):
             self._rebuild_pickers()
             return
         self.method_help.setText(desc.get("description", ""))
-        self.method_help.setToolTip(desc.get("help", ""))
+        set_tip(self.method_help, desc.get("help", ""))
         self.form.build(fields_from_schema(desc.get("params")), self.c.param_values())
         self.progressive_check.setVisible(self.c.multiple_image_role(desc) is not None)
         self._rebuild_pickers()
@@ -291,8 +343,8 @@ class AnalogonPanel(QWidget):
             title = role.get("title") or role["name"]
             if role["name"] == target:
                 title += " (edited)"
-            label = QtWidgets.QLabel(title + ("" if role.get("required") else " \u2014 optional"))
-            label.setToolTip(role.get("help", ""))
+            label = wrapped_label(title + ("" if role.get("required") else " (optional)"))
+            set_tip(label, role.get("help", ""))
             self.roles_form.addRow(label, picker)
             self.pickers[role["name"]] = picker
         self._show_roles()
@@ -327,22 +379,48 @@ class AnalogonPanel(QWidget):
             self.progress.setFormat(stage)
 
     def _show_preview(self, image):
-        if image is None:
+        if image is None or image.isNull():
             self.preview.clear()
+            self.preview.hide()
             return
-        pix = QPixmap.fromImage(image).scaled(192, 192, Qt.AspectRatioMode.KeepAspectRatio,
+        size = self.PREVIEW_SIZE
+        pix = QPixmap.fromImage(image).scaled(size, size, Qt.AspectRatioMode.KeepAspectRatio,
                                               Qt.TransformationMode.SmoothTransformation)
         self.preview.setPixmap(pix)
+        set_tip(self.preview, "The running job's latest preview (also shown on the canvas).")
+        self.preview.show()
+
+    def _fit_footer(self):
+        """Give the error and the message the height their wrapped text needs at the panel's
+        width (a layout squeezes word-wrapped labels otherwise): the scrolled part gives way,
+        and where even that is not enough the docker asks Krita for the room."""
+        margins = self.layout().contentsMargins()
+        width = max(50, self.width() - margins.left() - margins.right())
+        for label in (self.error_label, self.message_label):
+            label.setMinimumHeight(label.heightForWidth(width) if label.isVisibleTo(self) and label.text() else 0)
+
+    def resizeEvent(self, event):
+        self._fit_footer()
+        super().resizeEvent(event)
 
     def _show_error(self, text: str):
+        """An error takes the message's place (both would not fit a small docker); the
+        message comes back when the error is cleared (by the next action)."""
         self.error_label.setText(text)
         self.error_label.setVisible(bool(text))
+        self.message_label.setVisible(bool(self.message_label.text()) and not text)
+        self._fit_footer()
+
+    def _show_message(self, text: str):
+        self.message_label.setText(text)
+        self.message_label.setVisible(bool(text) and not self.error_label.text())
+        self._fit_footer()
 
     def _show_history(self):
         self.history_list.clear()
         for entry in self.c.history:
             item = QtWidgets.QListWidgetItem(entry.summary())
-            item.setToolTip("\n".join(f"{k}: {v}" for k, v in sorted(entry.params.items())))
+            set_tip(item, "\n".join(f"{k}: {v}" for k, v in sorted(entry.params.items())))
             if entry.thumbnail is not None:
                 item.setIcon(QIcon(QPixmap.fromImage(entry.thumbnail)))
             self.history_list.addItem(item)
@@ -393,6 +471,19 @@ class AnalogonPanel(QWidget):
         self.seed_spin.setEnabled(not on)
         self.c.set_seed(self.seed_spin.value(), on)
 
+    def open_log(self) -> str:
+        """Open the backend's log file with the system's viewer; the path opened ("" if none)."""
+        path = self.c.log_path()
+        if path is None:
+            self.c.set_message("There is no backend log yet: it is written when the panel starts "
+                               "the backend.")
+            return ""
+        self.open_url(QUrl.fromLocalFile(str(path)))
+        return str(path)
+
+    def open_url(self, url):
+        QtGui.QDesktopServices.openUrl(url)
+
     def open_settings(self):
         dlg = SettingsDialog(self.c, self)
         if dlg.exec_() if hasattr(dlg, "exec_") else dlg.exec():
@@ -417,7 +508,7 @@ class SettingsDialog(QtWidgets.QDialog):
         self.edits = {}
         for key, label, tip in self.KEYS:
             e = QtWidgets.QLineEdit(self.c.settings.get(key))
-            e.setToolTip(tip)
+            set_tip(e, tip)
             e.setPlaceholderText(tip.split(" (")[0] if key != "backend_command" else "analogon")
             lay.addRow(label, e)
             self.edits[key] = e

@@ -5,42 +5,104 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .forms import Field
+from .forms import Field, wrap_tooltip
 from .qt import QIcon, QPixmap, QSize, Qt, QtWidgets, pyqtSignal
 
 QWidget = QtWidgets.QWidget
 
 
+def set_tip(widget, text: str):
+    """A tooltip wrapped to a readable width."""
+    widget.setToolTip(wrap_tooltip(text))
+
+
+def form_layout(parent: QWidget | None = None) -> "QtWidgets.QFormLayout":
+    """A form layout for a narrow docker: a label that does not fit beside its field goes
+    above it, fields take the width."""
+    lay = QtWidgets.QFormLayout(parent)
+    lay.setRowWrapPolicy(QtWidgets.QFormLayout.RowWrapPolicy.WrapLongRows)
+    lay.setFieldGrowthPolicy(QtWidgets.QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return lay
+
+
+def narrow_combo(combo: "QtWidgets.QComboBox", chars: int = 8) -> "QtWidgets.QComboBox":
+    """A combo box whose width does not grow with its longest item (a narrow docker)."""
+    combo.setSizeAdjustPolicy(QtWidgets.QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    return combo
+
+
+def wrapped_label(text: str = "") -> "QtWidgets.QLabel":
+    label = QtWidgets.QLabel(text)
+    label.setWordWrap(True)
+    return label
+
+
 class ParamForm(QWidget):
-    """A form generated from :class:`forms.Field` s. ``changed(name, value)`` on edits."""
+    """A form generated from :class:`forms.Field` s: the fields a painter touches, then an
+    *Advanced* toggle with the rest (the schema's ``advanced``), closed by default.
+    ``changed(name, value)`` on edits."""
 
     changed = pyqtSignal(str, object)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        self.layout_ = QtWidgets.QFormLayout(self)
+        outer = QtWidgets.QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.basic = QWidget()
+        self.layout_ = form_layout(self.basic)
         self.layout_.setContentsMargins(0, 0, 0, 0)
-        self.layout_.setFieldGrowthPolicy(QtWidgets.QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        outer.addWidget(self.basic)
+        self.advanced_button = QtWidgets.QToolButton()
+        self.advanced_button.setObjectName("advanced_toggle")
+        self.advanced_button.setCheckable(True)
+        self.advanced_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.advanced_button.setArrowType(Qt.ArrowType.RightArrow)
+        self.advanced_button.setAutoRaise(True)
+        self.advanced_button.toggled.connect(self.show_advanced)
+        outer.addWidget(self.advanced_button)
+        self.advanced = QWidget()
+        self.advanced.setObjectName("advanced_params")
+        self.advanced_layout = form_layout(self.advanced)
+        self.advanced_layout.setContentsMargins(0, 0, 0, 0)
+        self.advanced.hide()
+        outer.addWidget(self.advanced)
         self.fields: list[Field] = []
         self.editors: dict[str, QWidget] = {}
+        self.labels: dict[str, QWidget] = {}
         self._loading = False
 
+    def show_advanced(self, on: bool):
+        if self.advanced_button.isChecked() != bool(on):
+            self.advanced_button.setChecked(bool(on))  # comes back here through toggled
+            return
+        self.advanced_button.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self.advanced.setVisible(bool(on) and bool(self.advanced_layout.rowCount()))
+
     def build(self, fields: list[Field], values: dict[str, Any]):
-        while self.layout_.rowCount():
-            self.layout_.removeRow(0)
+        for lay in (self.layout_, self.advanced_layout):
+            while lay.rowCount():
+                lay.removeRow(0)
         self.editors = {}
+        self.labels = {}
         self.fields = list(fields)
         self._loading = True
         for f in fields:
             editor = self._editor(f)
-            editor.setToolTip(f.tooltip)
+            set_tip(editor, f.tooltip)
             editor.setObjectName(f"param_{f.name}")
-            label = QtWidgets.QLabel(f.title)
-            label.setToolTip(f.tooltip)
-            self.layout_.addRow(label, editor)
+            label = wrapped_label(f.label)
+            set_tip(label, f.tooltip)
+            label.setBuddy(editor)
+            (self.advanced_layout if f.advanced else self.layout_).addRow(label, editor)
             self.editors[f.name] = editor
+            self.labels[f.name] = label
             self.set_value(f.name, values.get(f.name, f.default))
         self._loading = False
+        n = sum(1 for f in fields if f.advanced)
+        self.advanced_button.setText(f"Advanced ({n})")
+        self.advanced_button.setVisible(n > 0)
+        self.show_advanced(self.advanced_button.isChecked())
 
     def _emit(self, name: str):
         if not self._loading:
@@ -64,7 +126,7 @@ class ParamForm(QWidget):
             w.setSingleStep(max(10 ** -w.decimals(), round(span / 100, w.decimals())))
             w.valueChanged.connect(lambda _=None, n=f.name: self._emit(n))
         elif f.kind == "enum":
-            w = QtWidgets.QComboBox()
+            w = narrow_combo(QtWidgets.QComboBox())
             for c in f.choices:
                 w.addItem(str(c), c)
             w.currentIndexChanged.connect(lambda _=None, n=f.name: self._emit(n))
@@ -149,11 +211,11 @@ class LayerPicker(QWidget):
             lay.addWidget(self.list)
             self.combo = None
         else:
-            self.combo = QtWidgets.QComboBox()
+            self.combo = narrow_combo(QtWidgets.QComboBox())
             self.combo.currentIndexChanged.connect(self._on_combo)
             lay.addWidget(self.combo)
             self.list = None
-        self.setToolTip(role.get("help", ""))
+        set_tip(self, role.get("help", ""))
         self.setObjectName(f"role_{role.get('name')}")
 
     def set_layers(self, layers: list[tuple[str, str]], chosen: list[str], selection_id: str):
@@ -229,11 +291,11 @@ class VariantStrip(QWidget):
         self.list.setFixedHeight(self.ICON + 36 + 24)
         self.list.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.SingleSelection)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
-        self.list.setToolTip("Click a variant to show it in the result layer; right-click to add "
+        set_tip(self.list, "Click a variant to show it in the result layer; right-click to add "
                              "it as a new layer.")
         lay.addWidget(self.list)
         self.keep_button = QtWidgets.QPushButton("Keep as new layer")
-        self.keep_button.setToolTip("Add the highlighted variant as another layer above the "
+        set_tip(self.keep_button, "Add the highlighted variant as another layer above the "
                                     "result, so that the result layer can show another one.")
         lay.addWidget(self.keep_button, 0, Qt.AlignmentFlag.AlignRight)
         self._loading = False
@@ -248,7 +310,7 @@ class VariantStrip(QWidget):
             self.list.clear()
             for label, thumb in variants:
                 item = QtWidgets.QListWidgetItem(label)
-                item.setToolTip(label)
+                set_tip(item, label)
                 if thumb is not None and not thumb.isNull():
                     item.setIcon(QIcon(QPixmap.fromImage(thumb)))
                 self.list.addItem(item)

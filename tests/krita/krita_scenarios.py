@@ -487,3 +487,42 @@ def main(*args):
     with open(out, "w") as f:
         json.dump(REPORT, f, indent=1)
     print("analogon krita report written to", out)
+
+
+def orphan(*args):
+    """``kritarunner -f orphan``: start a backend through the plugin, write where it is to
+    $ANALOGON_KRITA_REPORT, then wait to be killed (the test sends SIGKILL to Krita)."""
+    out = os.environ["ANALOGON_KRITA_REPORT"]
+    rep = {}
+    try:
+        from krita import Krita
+
+        from analogon_krita.controller import Controller
+
+        c = Controller(app=Krita.instance())
+        c.settings.set("backend_command", os.environ["ANALOGON_BACKEND_COMMAND"])
+        c.set_model("tiny-sd")
+        c.start_backend()
+        _wait(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 120)
+        rep = {"krita_pid": os.getpid(), "backend_pid": c.process.pid, "state": c.connection,
+               "message": c.connection_message, "url": c.process.url,
+               "state_dir": str(c.process.state_dir), "log": str(c.log_path())}
+    except Exception:
+        rep["traceback"] = traceback.format_exc()
+    with open(out + ".tmp", "w") as f:
+        json.dump(rep, f)
+    os.replace(out + ".tmp", out)
+    _wait(lambda: False, 120)  # killed long before
+
+
+def sweep(*args):
+    """``kritarunner -f sweep``: Krita starts again; the plugin's backend machinery is made
+    (as the docker does) and the report says which private folders are left."""
+    import tempfile
+
+    from analogon_krita import backend_process as bp
+
+    bp.BackendProcess()
+    left = sorted(str(p) for p in __import__("pathlib").Path(tempfile.gettempdir()).glob(bp.STATE_PREFIX + "*"))
+    with open(os.environ["ANALOGON_KRITA_REPORT"], "w") as f:
+        json.dump({"left": left, "tmp": tempfile.gettempdir()}, f)

@@ -112,7 +112,7 @@ def test_docker_shows_in_real_krita(which, tmp_path):
             log = open(tmp_path / "krita.log", "wb")
             krita = subprocess.Popen(argv, env=penv, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 560  # start, connect, a DIA sweep, undo (a busy machine)
             while not report.exists() and time.monotonic() < deadline and krita.poll() is None:
                 time.sleep(0.5)
             assert report.exists(), "Krita did not report: " + (tmp_path / "krita.log").read_text(errors="replace")[-3000:]
@@ -127,6 +127,7 @@ def test_docker_shows_in_real_krita(which, tmp_path):
                 shutil.copy2(shot, Path(keep) / f"{which}-screen.png")
                 if (tmp_path / "docker.png").exists():
                     shutil.copy2(tmp_path / "docker.png", Path(keep) / f"{which}-docker.png")
+            _keep_pictures(tmp_path)
             # Quit Krita the way a user does; the backend it started must go with it.
             Path(str(report) + ".quit").touch()
             try:
@@ -145,6 +146,7 @@ def test_docker_shows_in_real_krita(which, tmp_path):
             assert rep["binding"] == {"krita5": "PyQt5", "krita6": "PyQt6"}[which], rep
             assert rep["krita_version"].startswith(f"{krita_host.major}."), rep
             assert shot.stat().st_size > 10_000
+            _check_panel_and_undo(rep)
             assert krita.poll() is not None, "Krita did not quit"
             assert pid and gone, "the backend started by the plugin outlived Krita"
     finally:
@@ -160,3 +162,51 @@ def test_docker_shows_in_real_krita(which, tmp_path):
             os.kill(pid, signal.SIGKILL)
         xvfb.terminate()
         xvfb.wait(10)
+
+
+PICTURES = ("docker-docked.png", "docker-floating.png", "window-docked.png")
+
+
+def _keep_pictures(tmp_path):
+    """With ANALOGON_DOCS_SCREENSHOTS=1 the pictures in docs/images are replaced by the ones
+    this run took (docs/plugin.md shows them)."""
+    if os.environ.get("ANALOGON_DOCS_SCREENSHOTS") != "1":
+        return
+    for name in PICTURES:
+        if (tmp_path / name).exists():
+            shutil.copy2(tmp_path / name, ROOT / "docs" / "images" / name)
+
+
+def _check_panel_and_undo(rep):
+    assert "traceback" not in rep, rep["traceback"]
+    # a DIA sweep: a locked preview layer while it ran, which became the result group
+    run = rep["sweep"]
+    assert run["how"] == "done", run["error"]
+    assert run["variants"] == 2 and run["result"]["type"] == "grouplayer"
+    assert run["previews"] and all(p["layer"] and p["locked"] for p in run["previews"]), run["previews"]
+    assert run["previews"][0]["id"] == run["result"]["id"]
+    assert "Analogon preview" not in run["result"]["names"]
+    # the docker where Krita docks it, and floating: Generate and the message in view, no
+    # label cut off
+    for where in ("docked", "floating"):
+        m = rep[where]
+        assert m["generate_inside"], (where, m)
+        assert m["message_inside"], (where, m)
+        assert m["clipped"] == [], (where, m["clipped"])
+    assert not rep["docked"]["floating"] and rep["floating"]["floating"]
+    # one Undo after the pass removes it (its preview left no step of its own); Redo brings it
+    und = rep["undo"]
+    assert und["action"]
+    assert und["after_pass_undo"] == [n for n in run["result"]["names"] if not n.startswith("dia seed")]
+    assert und["after_redo"]["back"] and und["after_redo"]["children"] == 1
+    # a variant pick is undone by one Undo: the group shows the first variant again
+    assert und["picked"] and und["after_pick"]["children"] == 2
+    assert und["after_pick"]["pixel"] != und["before_pick_pixel"]
+    assert und["after_undo"]["children"] == 1 and und["after_undo"]["pixel"] == und["before_pick_pixel"]
+    assert und["after_pick_redo"] == 2
+
+
+def test_the_docs_show_the_pictures_this_test_takes():
+    text = (ROOT / "docs" / "plugin.md").read_text()
+    for name in PICTURES[:2]:
+        assert f"images/{name}" in text and (ROOT / "docs" / "images" / name).exists(), name

@@ -53,7 +53,8 @@ def report(request, tmp_path_factory):
     env = {
         "QT_QPA_PLATFORM": "offscreen", "HOME": str(tmp / "home"),
         "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config"),
-        "XDG_CACHE_HOME": str(tmp / "cache"), "TMPDIR": str(tmp / "tmp"),
+        "XDG_CACHE_HOME": str(tmp / "cache"), "XDG_STATE_HOME": str(tmp / "cache"),
+        "TMPDIR": str(tmp / "tmp"),
         # the host's PYTHONPATH too, for the backend that Krita 5 starts with its environment
         "PYTHONPATH": os.pathsep.join([str(tmp / "py"), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "ANALOGON_NO_REGISTER": "1", "ANALOGON_QT_API": "",
@@ -62,7 +63,7 @@ def report(request, tmp_path_factory):
     }
     with krita.session(tmp):
         # the backend gets what Krita 5's inherits from Krita: the private folders, offline
-        private = {k: env[k] for k in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "TMPDIR")}
+        private = {k: env[k] for k in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "TMPDIR")}
         env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, {**private, **offline})
         argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "main"], env)
         proc = subprocess.run(argv, env=penv, capture_output=True, timeout=600)
@@ -183,3 +184,76 @@ def test_history_survives_save_close_and_reopen(live):
     assert len(r["entries"]) == 1 and r["thumbnail"]
     assert r["use_as_source"] and r["apply_again"] == "done", r["apply_again_error"]
     assert r["history_after"] == 2
+
+
+def _kritarunner_env(tmp, report):
+    """The environment of a kritarunner run: private profile and temporary folder; the
+    backend it starts runs this checkout's backend code."""
+    for d in ("data", "config", "tmp", "cache", "state"):
+        (tmp / d).mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.update({
+        "QT_QPA_PLATFORM": "offscreen",
+        "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config"),
+        "XDG_CACHE_HOME": str(tmp / "cache"), "XDG_STATE_HOME": str(tmp / "state"),
+        "TMPDIR": str(tmp / "tmp"),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "plugin"), str(ROOT / "backend")]),
+        "ANALOGON_NO_REGISTER": "1", "ANALOGON_KRITA_REPORT": str(report),
+        "ANALOGON_BACKEND_COMMAND": analogon_command() or "analogon",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    })
+    env.pop("ANALOGON_QT_API", None)
+    return env
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_backend_dies_with_a_killed_krita_and_its_folder_goes_at_the_next_start(tmp_path):
+    import signal
+    import time
+
+    if KRITARUNNER is None or analogon_command() is None:
+        pytest.skip("kritarunner or the analogon backend command is not installed")
+    report = tmp_path / "orphan.json"
+    env = _kritarunner_env(tmp_path, report)
+    krita = subprocess.Popen([KRITARUNNER, "-s", "krita_scenarios", "-f", "orphan"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rep = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not report.exists() and krita.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rep = json.loads(report.read_text())
+        assert "traceback" not in rep, rep.get("traceback")
+        assert rep["state"] == "connected", rep["message"]
+        assert rep["krita_pid"] == krita.pid and _pid_alive(rep["backend_pid"])
+        assert Path(rep["state_dir"]).exists() and Path(rep["log"]).exists()
+        os.kill(krita.pid, signal.SIGKILL)
+        krita.wait(10)
+        t0 = time.monotonic()
+        while _pid_alive(rep["backend_pid"]) and time.monotonic() - t0 < 5.0:
+            time.sleep(0.05)
+        assert not _pid_alive(rep["backend_pid"]), "the backend outlived a killed Krita by 5 s"
+        print(f"backend gone {time.monotonic() - t0:.2f} s after SIGKILL of Krita")
+        assert Path(rep["state_dir"]).exists()  # nobody could remove it ...
+        sweep = tmp_path / "sweep.json"
+        env["ANALOGON_KRITA_REPORT"] = str(sweep)
+        subprocess.run([KRITARUNNER, "-s", "krita_scenarios", "-f", "sweep"], env=env,
+                       capture_output=True, timeout=120)
+        left = json.loads(sweep.read_text())
+        assert left["tmp"] == str(tmp_path / "tmp")
+        assert left["left"] == [], "... until Krita starts again"
+        assert "Analogon backend on " + rep["url"] in Path(rep["log"]).read_text()
+    finally:
+        if krita.poll() is None:
+            krita.kill()
+            krita.wait(10)
+        if rep.get("backend_pid") and _pid_alive(rep["backend_pid"]):
+            os.kill(rep["backend_pid"], signal.SIGKILL)

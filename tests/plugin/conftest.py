@@ -86,7 +86,8 @@ def backend(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log = open(state / "log.txt", "wb")
     proc = subprocess.Popen([analogon_command(), "serve", "--host", "127.0.0.1", "--port", "0",
-                             "--state-dir", str(state), "--model", "tiny-sd"],
+                             "--state-dir", str(state), "--model", "tiny-sd",
+                             "--parent-pid", str(os.getpid())],  # gone with an aborted test run
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 90
     while not (state / "server.json").exists():

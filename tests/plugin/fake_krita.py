@@ -183,13 +183,26 @@ class Node(QObject):
         else:
             idx = next(i for i, c in enumerate(self._children) if c is above)
             self._children.insert(idx + 1, child)
+        self._doc.undo_log.append(("add", child._name))  # Krita: one undo step "Add Layer"
         return True
 
     def remove(self):
         if self._parent is not None:
             self._parent._children.remove(self)
             self._parent = None
+            self._doc.undo_log.append(("remove", self._name))  # one undo step "Remove Layer"
         return True
+
+    def setChildNodes(self, nodes):
+        """As Krita 5's: no undo step; it removes the first child only (it walks the
+        siblings of a node it has just detached), then adds each node that has no parent on
+        top."""
+        if self._children:
+            self._children.pop(0)._parent = None
+        for n in nodes:
+            if n._parent is None:
+                n._parent = self
+                self._children.append(n)
 
     # pixels
     def _ps(self):
@@ -312,6 +325,7 @@ def _composite_children(group, x, y, w, h):
 class Document(QObject):
     def __init__(self, w, h, name="doc", model="RGBA", depth="U8"):
         super().__init__()
+        self.undo_log: list[tuple[str, str]] = []  # the layer adds/removes Krita records
         self._w, self._h, self._name = w, h, name
         self._model, self._depth = model, depth
         self._root = Node(self, "root", "grouplayer")

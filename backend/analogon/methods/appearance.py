@@ -72,76 +72,102 @@ class AppearanceParams(MethodParams):
         "object", min_length=1, max_length=60,
         description="What the images show, in one word (animal, building, car, ...). It fills "
         "{domain} in the prompt and names the object for automatic AdaIN masks. Paper: "
-        "\"A photo of a {domain}\".")
+        "\"A photo of a {domain}\".",
+        title="Subject")
     prompt: str = Field(
         "A photo of a {domain}", min_length=1, max_length=300,
         description="Prompt for the inversion and the transfer; {domain} is replaced by the "
-        "domain. Default from the paper (§4, implementation details).")
-    steps: int = Field(100, ge=2, le=500, description="DDIM steps of the full schedule (paper: 100).")
+        "domain. Default from the paper (§4, implementation details).",
+        title="Prompt", json_schema_extra={"advanced": True})
+    steps: int = Field(100, ge=2, le=500, description="DDIM steps of the full schedule (paper: 100).",
+        title="Steps")
     skip_steps: int = Field(
         32, ge=0, le=499,
         description="Steps of the schedule not run: the transfer starts from the inverted latent "
         "this many steps in (authors' code: 32 of 100, from edit-friendly DDPM inversion). "
-        "More keeps more of the structure image.")
+        "More keeps more of the structure image.",
+        title="Skipped steps")
     inversion_cfg: float = Field(
         3.5, ge=1.0, le=20.0,
         description="Classifier-free guidance of the inversion (paper: 3.5). The transfer itself "
-        "runs with the prompt, unguided, as the authors' code does.")
+        "runs with the prompt, unguided, as the authors' code does.",
+        title="Inversion guidance", json_schema_extra={"advanced": True})
     contrast: float = Field(
         1.67, ge=0.5, le=5.0,
-        description="β, the contrast of the swapped attention maps (paper eq. 3: 1.67). 1 = off.")
+        description="β, the contrast of the swapped attention maps (paper eq. 3: 1.67). 1 = off.",
+        title="Attention contrast (β)", json_schema_extra={"advanced": True})
     contrast_mode: ContrastMode = Field(
         "clip",
         description="After the contrast: 'clip' clamps weights to [0, 1] without renormalising "
         "(authors' code), 'paper' keeps eq. 3 as written (rows sum to 1, weights may be negative), "
-        "'renormalize' clamps at 0 and rescales rows to sum to 1.")
+        "'renormalize' clamps at 0 and rescales rows to sum to 1.",
+        title="Contrast mode", json_schema_extra={"advanced": True})
     guidance: float = Field(
         3.5, ge=0.0, le=10.0,
         description="α, appearance guidance (paper eq. 4: 3.5): ε = ε_self + α(ε_cross − ε_self). "
-        "1 = the swapped prediction alone; 0 = no attention transfer.")
+        "1 = the swapped prediction alone; 0 = no attention transfer.",
+        title="Appearance guidance (α)")
     guidance_decay: bool = Field(
         True,
         description="Let α fall linearly to max(α/2, 1) over the run (authors' code; the paper "
-        "keeps α constant).")
+        "keeps α constant).",
+        title="Let the guidance decay", json_schema_extra={"advanced": True})
     range_semantics: RangeSemantics = Field(
         "authors",
         description="How the step ranges below count. 'authors': from the first step run, i.e. "
         "after the skipped steps (authors' code; with the defaults every range runs to the end "
-        "and the first 10 steps run without transfer). 'paper': positions in the full schedule.")
+        "and the first 10 steps run without transfer). 'paper': positions in the full schedule.",
+        title="Step ranges count from", json_schema_extra={"advanced": True})
     fine_start: int = Field(10, ge=0, le=100, description="First step of the swap in the finest "
-                            "decoder attention layers (64×64 at 512² for SD 1.5). Paper: 10. " + _PCT)
+                            "decoder attention layers (64×64 at 512² for SD 1.5). Paper: 10. " + _PCT,
+        title="Fine swap from", json_schema_extra={"advanced": True, "unit": "step"})
     fine_end: int = Field(90, ge=0, le=100, description="End (exclusive) of the swap in the finest "
-                          "layers. Paper: 90. " + _PCT)
+                          "layers. Paper: 90. " + _PCT,
+        title="Fine swap until", json_schema_extra={"advanced": True, "unit": "step"})
     coarse_start: int = Field(10, ge=0, le=100, description="First step of the swap in the next "
-                              "coarser decoder attention layers (32×32 at 512²). Paper: 10. " + _PCT)
+                              "coarser decoder attention layers (32×32 at 512²). Paper: 10. " + _PCT,
+        title="Coarse swap from", json_schema_extra={"advanced": True, "unit": "step"})
     coarse_end: int = Field(70, ge=0, le=100, description="End (exclusive) of the swap in the "
-                            "coarser layers. Paper: 70. " + _PCT)
+                            "coarser layers. Paper: 70. " + _PCT,
+        title="Coarse swap until", json_schema_extra={"advanced": True, "unit": "step"})
     structure_every: int = Field(
         5, ge=0, le=100,
         description="Structure injection: every this many steps the keys/values come from the "
-        "structure image instead (authors' code: 5; 0 = off). Holds the shape.")
+        "structure image instead (authors' code: 5; 0 = off). Holds the shape.",
+        title="Structure injection every", json_schema_extra={"advanced": True, "unit": "steps"})
     structure_until: int = Field(
         40, ge=0, le=100, description="Structure injection only before this step (authors' code: 40). "
-        + _PCT)
+        + _PCT,
+        title="Structure injection until", json_schema_extra={"advanced": True, "unit": "step"})
     adain: AdainMode = Field(
         "masked",
         description="AdaIN of the output towards the appearance (paper eq. 5). 'masked': "
         "statistics on the objects only — your mask layers where given, else automatic "
-        "self-segmentation (paper); 'whole': whole images; 'off'.")
-    adain_start: int = Field(20, ge=0, le=100, description="AdaIN after steps from here (paper: 20). " + _PCT)
-    adain_end: int = Field(100, ge=0, le=100, description="AdaIN up to this step, exclusive (paper: 100). " + _PCT)
+        "self-segmentation (paper); 'whole': whole images; 'off'.",
+        title="AdaIN", json_schema_extra={"advanced": True})
+    adain_start: int = Field(20, ge=0, le=100, description="AdaIN after steps from here (paper: 20). " + _PCT,
+        title="AdaIN from", json_schema_extra={"advanced": True, "unit": "step"})
+    adain_end: int = Field(100, ge=0, le=100, description="AdaIN up to this step, exclusive (paper: 100). " + _PCT,
+        title="AdaIN until", json_schema_extra={"advanced": True, "unit": "step"})
     segments: int = Field(5, ge=2, le=12, description="k of the k-means self-segmentation for "
-                          "automatic masks (authors' code: 5).")
+                          "automatic masks (authors' code: 5).",
+        title="Segments of automatic masks", json_schema_extra={"advanced": True})
     freeu: bool = Field(True, description="FreeU on the UNet during the run (paper: on). Uses "
                         "diffusers' FreeU, which filters the skip features; the authors' code "
-                        "filters the backbone features instead (results differ slightly).")
-    freeu_b1: float = Field(1.2, ge=0.5, le=2.0, description="FreeU backbone factor, stage 1 (authors: 1.2).")
-    freeu_b2: float = Field(1.4, ge=0.5, le=2.0, description="FreeU backbone factor, stage 2 (authors: 1.4).")
-    freeu_s1: float = Field(0.9, ge=0.0, le=1.5, description="FreeU skip factor, stage 1 (authors: 0.9).")
-    freeu_s2: float = Field(0.2, ge=0.0, le=1.5, description="FreeU skip factor, stage 2 (authors: 0.2).")
+                        "filters the backbone features instead (results differ slightly).",
+        title="FreeU", json_schema_extra={"advanced": True})
+    freeu_b1: float = Field(1.2, ge=0.5, le=2.0, description="FreeU backbone factor, stage 1 (authors: 1.2).",
+        title="FreeU backbone 1", json_schema_extra={"advanced": True})
+    freeu_b2: float = Field(1.4, ge=0.5, le=2.0, description="FreeU backbone factor, stage 2 (authors: 1.4).",
+        title="FreeU backbone 2", json_schema_extra={"advanced": True})
+    freeu_s1: float = Field(0.9, ge=0.0, le=1.5, description="FreeU skip factor, stage 1 (authors: 0.9).",
+        title="FreeU skip 1", json_schema_extra={"advanced": True})
+    freeu_s2: float = Field(0.2, ge=0.0, le=1.5, description="FreeU skip factor, stage 2 (authors: 0.2).",
+        title="FreeU skip 2", json_schema_extra={"advanced": True})
     edit_curve: EditCurve = Field(
         "linear", description="How the edit map's grey levels map to the step at which a pixel "
-        "starts to change (core edit-map schedule).")
+        "starts to change (core edit-map schedule).",
+        title="Edit map curve", json_schema_extra={"advanced": True})
 
     @model_validator(mode="after")
     def _check(self):

@@ -79,69 +79,85 @@ class Params(MethodParams):
     sweep_strengths: list[Strength] = Field(
         [0.0, 0.5, 1.0, 1.5], max_length=32, title="Sweep strengths (λ)",
         description="The λ values of a sweep, in order. Default 0, 0.5, 1, 1.5 (the authors' range "
-                    "0–1.5).")
+                    "0–1.5).",
+        json_schema_extra={"advanced": True})
     sweep_guidance: list[Guidance] = Field(
         [], max_length=8, title="Sweep guidances",
         description="The guidance values of a sweep; empty = only the Guidance above. Results are "
-                    "ordered by guidance, then by strength.")
+                    "ordered by guidance, then by strength.",
+        json_schema_extra={"advanced": True})
     sweep_batch: int = Field(
         4, ge=1, le=32, title="Variants per batch",
         description="How many sweep variants go through the UNet together (memory vs speed). "
-                    "Default 4.")
+                    "Default 4.",
+        json_schema_extra={"advanced": True})
     n_tokens: int = Field(
         10, ge=1, le=74, title="Learnt tokens",
         description="How many input tokens are learnt per image (the rest stay end-of-text). Fewer "
-                    "tokens keep only the salient content. Default 10 (paper).")
+                    "tokens keep only the salient content. Default 10 (paper).",
+        json_schema_extra={"advanced": True})
     train_bos: bool = Field(
         False, title="Train the start token",
         description="Also learn the start-of-text slot, as the authors' code does (rows 0–9). "
                     "Default off: every real prompt has the same start token, so keeping it keeps the "
-                    "conditioning text-like and the difference A′ − A zero in that row.")
+                    "conditioning text-like and the difference A′ − A zero in that row.",
+        json_schema_extra={"advanced": True})
     token_iterations: int = Field(
         200, ge=1, le=5000, title="Token iterations",
         description="AdamW iterations of the conditioning inversion (per image, cached). The authors' "
                     "released config runs 10; the paper's ≈8 min per image on an A100 is several "
-                    "hundred. Default 200; it stops early at loss 8e-4.")
+                    "hundred. Default 200; it stops early at loss 8e-4.",
+        json_schema_extra={"advanced": True})
     token_lr: float = Field(
         0.01, gt=0.0, le=1.0, title="Token learning rate",
-        description="AdamW learning rate of the token embeddings. Default 0.01 (authors).")
+        description="AdamW learning rate of the token embeddings. Default 0.01 (authors).",
+        json_schema_extra={"advanced": True})
     views: int = Field(
         8, ge=1, le=16, title="Views",
         description="Augmented views per token iteration: the image, its mirror, then random crops "
-                    "of 85–99% of the area. Default 8 (authors).")
+                    "of 85–99% of the area. Default 8 (authors).",
+        json_schema_extra={"advanced": True})
     noise_iterations: int = Field(
         4, ge=0, le=50, title="Noise iterations",
         description="L-BFGS outer iterations of B's noise inversion (cached). 0 keeps the start "
-                    "point. The authors run 10; default 4 (see docs/benchmarks-dia.md).")
+                    "point. The authors run 10; default 4 (see docs/benchmarks-dia.md).",
+        json_schema_extra={"advanced": True})
     noise_evaluations: int = Field(
         8, ge=1, le=50, title="Noise evaluations",
         description="L-BFGS iterations inside each outer iteration; each costs one differentiable "
-                    "run of the whole sampler. Authors: 20 (torch's default); default 8.")
+                    "run of the whole sampler. Authors: 20 (torch's default); default 8.",
+        json_schema_extra={"advanced": True})
     noise_lr: float = Field(
         0.1, gt=0.0, le=2.0, title="Noise learning rate",
-        description="L-BFGS learning rate. Default 0.1 (authors).")
+        description="L-BFGS learning rate. Default 0.1 (authors).",
+        json_schema_extra={"advanced": True})
     pixel_weight: float = Field(
         1.0, ge=0.0, le=100.0, title="Pixel loss weight",
         description="Weight of the pixel-space reconstruction loss (after decoding) next to the latent "
-                    "loss. 0 skips the decoder in the inversion. Default 1 (authors).")
+                    "loss. 0 skips the decoder in the inversion. Default 1 (authors).",
+        json_schema_extra={"advanced": True})
     noise_init: Literal["ddim_inversion", "noised"] = Field(
         "ddim_inversion", title="Noise start",
         description="Where the noise optimisation starts: 'ddim_inversion' (deterministic DDIM "
                     "inversion of B, far closer) or 'noised' (B's latent with random noise, as the "
-                    "authors). Default ddim_inversion.")
+                    "authors). Default ddim_inversion.",
+        json_schema_extra={"advanced": True})
     checkpointing: bool = Field(
         True, title="Gradient checkpointing",
         description="Recompute the UNet in the backward passes of both inversions instead of "
                     "storing its activations (per UNet call in the noise inversion, per block in the "
-                    "token inversion): far less memory, ≈ one extra forward each. Same result.")
+                    "token inversion): far less memory, ≈ one extra forward each. Same result.",
+        json_schema_extra={"advanced": True})
     inversion_seed: int = Field(
         0, ge=0, le=2**31 - 1, title="Inversion seed",
         description="Seed of the inversions' random views and noise. The sampler itself is "
-                    "deterministic; change this only to re-draw the inversions.")
+                    "deterministic; change this only to re-draw the inversions.",
+        json_schema_extra={"advanced": True})
     edit_map_curve: Literal[THRESHOLD_KINDS] = Field(  # type: ignore[valid-type]
         "linear", title="Edit map curve",
         description="How grey levels of the edit map turn into the step at which a pixel leaves B's "
-                    "reconstruction path (linear: grey 0.5 follows the analogy for the last half).")
+                    "reconstruction path (linear: grey 0.5 follows the analogy for the last half).",
+        json_schema_extra={"advanced": True})
 
 
 def over(top: LayerImage, under: LayerImage) -> LayerImage:

@@ -80,88 +80,116 @@ class Params(MethodParams):
     # -- captions (①) ----------------------------------------------------------------------
     caption_a: str = Field("", max_length=1000, description=(
         "Caption of A. Typed captions always win over the captioner; leave empty to let the "
-        "captioner write it (the panel shows what it wrote after a run)."))
+        "captioner write it (the panel shows what it wrote after a run)."),
+        title="Caption of A")
     caption_a_prime: str = Field("", max_length=1000, description=(
-        "Caption of A′, the edited A. Typed captions always win; empty: the captioner writes it."))
+        "Caption of A′, the edited A. Typed captions always win; empty: the captioner writes it."),
+        title="Caption of A′")
     caption_b: str = Field("", max_length=1000, description=(
         "Caption of B: prompt_B, the prompt the DIFF tokens are added to. Typed captions always "
-        "win; empty: the captioner writes it."))
+        "win; empty: the captioner writes it."),
+        title="Caption of B")
     captioner: Literal[CAPTIONERS] = Field("blip", description=(  # type: ignore[valid-type]
         "Who writes missing captions: 'blip' a BLIP/BLIP-2 captioning model (the paper uses "
         "BLIP-2), 'pez' PEZ hard prompts found in CLIP space (slower, no extra model), "
-        "'user_only' never caption (all three captions must be typed)."))
+        "'user_only' never caption (all three captions must be typed)."),
+        title="Captioner", json_schema_extra={"advanced": True})
     captioner_model: str = Field(DEFAULT_CAPTION_MODEL, max_length=500, description=(
         "BLIP or BLIP-2 model for 'blip': a Hugging Face id (from the local cache) or a local "
-        "folder. Default: BLIP-2 OPT-2.7b, the paper's captioner."))
+        "folder. Default: BLIP-2 OPT-2.7b, the paper's captioner."),
+        title="Captioning model", json_schema_extra={"advanced": True})
     pez_tokens: int = Field(16, ge=1, le=64, description=(
-        "PEZ: tokens per hard prompt (16: the PEZ paper's default)."))
+        "PEZ: tokens per hard prompt (16: the PEZ paper's default)."),
+        title="PEZ tokens", json_schema_extra={"advanced": True})
     pez_steps: int = Field(3000, ge=1, le=10000, description=(
         "PEZ: optimisation steps per image (3000: the PEZ paper's default; fewer is faster "
-        "and rougher)."))
+        "and rougher)."),
+        title="PEZ steps", json_schema_extra={"advanced": True})
     # -- CLIP deltas (②) ---------------------------------------------------------------------
     clip_model: str = Field("auto", max_length=500, description=(
         "CLIP space for the deltas. 'auto': the CLIP that matches the model's text encoder "
         "(ViT-L/14 for SD 1.x, OpenCLIP ViT-H-14 for SD 2.x as in the paper, ViT-L/14 + "
         "ViT-bigG-14 for SDXL, or the CLIP a model folder carries). Else a local folder, an "
-        "open_clip name (e.g. ViT-H-14) or a Hugging Face id."))
+        "open_clip name (e.g. ViT-H-14) or a Hugging Face id."),
+        title="CLIP model", json_schema_extra={"advanced": True})
     clip_pretrained: str = Field("", max_length=500, description=(
-        "For an open_clip name: its pretrained tag (e.g. laion2b_s32b_b79k) or a weights file."))
+        "For an open_clip name: its pretrained tag (e.g. laion2b_s32b_b79k) or a weights file."),
+        title="CLIP weights", json_schema_extra={"advanced": True})
     alpha: float = Field(0.8, ge=0.0, le=1.0, description=(
         "Slerp between the image delta (0) and the text delta (1); 0.8 is the paper's value "
-        "(eq. 4, Fig. 7)."))
+        "(eq. 4, Fig. 7)."),
+        title="Text share of the delta", json_schema_extra={"advanced": True})
     clip_anchor: Literal["prompt_a", "empty"] = Field("prompt_a", description=(
         "How the DIFF tokens are read in CLIP space (the paper does not say): 'prompt_a' the "
         "change they make to A's caption, like the text delta itself (default); 'empty' the "
-        "tokens alone against the empty prompt."))
+        "tokens alone against the empty prompt."),
+        title="CLIP anchor", json_schema_extra={"advanced": True})
     # -- DIFF tokens (③–⑦) ---------------------------------------------------------------------
     n_tokens: int = Field(5, ge=1, le=32, description=(
         "Number of DIFF tokens (5: the paper's ablation, Fig. 6; fewer miss the change, more "
-        "pick up unrelated content)."))
+        "pick up unrelated content)."),
+        title="DIFF tokens", json_schema_extra={"advanced": True})
     train_steps: int = Field(1000, ge=1, le=5000, description=(
-        "Optimisation steps for the DIFF tokens (not in the paper; 1000 as in VISII)."))
+        "Optimisation steps for the DIFF tokens (not in the paper; 1000 as in VISII)."),
+        title="Training steps", json_schema_extra={"advanced": True})
     lr: float = Field(1e-3, gt=0.0, le=1.0, description=(
-        "AdamW learning rate for the DIFF tokens (not in the paper; 1e-3 as in VISII)."))
+        "AdamW learning rate for the DIFF tokens (not in the paper; 1e-3 as in VISII)."),
+        title="Learning rate", json_schema_extra={"advanced": True})
     lambda_tc: float = Field(0.01, ge=0.0, le=1000.0, description=(
-        "Weight of the token-consistency loss (0.01: the paper, eq. 10)."))
+        "Weight of the token-consistency loss (0.01: the paper, eq. 10)."),
+        title="Consistency loss weight", json_schema_extra={"advanced": True})
     lambda_clip: float = Field(6.0, ge=0.0, le=1000.0, description=(
-        "Weight of the CLIP loss (6: the paper, eq. 10)."))
+        "Weight of the CLIP loss (6: the paper, eq. 10)."),
+        title="CLIP loss weight", json_schema_extra={"advanced": True})
     tc_norm: Literal["l2", "mse"] = Field("l2", description=(
         "Token-consistency distance: 'l2' the L2 norm of the noise error as written in the "
         "paper (eqs. 7–8; the scale its λ_tc = 0.01 was set for), 'mse' the mean squared error "
-        "usual in diffusion training."))
+        "usual in diffusion training."),
+        title="Consistency distance", json_schema_extra={"advanced": True})
     timestep_sampling: Literal["shuffled_once", "uniform"] = Field("shuffled_once", description=(
         "Timesteps of the consistency loss: 'shuffled_once' every training timestep once in a "
-        "shuffled order (VISII), 'uniform' drawn independently each step (the paper's U(0, T))."))
+        "shuffled order (VISII), 'uniform' drawn independently each step (the paper's U(0, T))."),
+        title="Training timesteps", json_schema_extra={"advanced": True})
     keep_best: bool = Field(True, description=(
         "Keep the DIFF tokens with the lowest loss seen (VISII's best checkpoint) instead of "
-        "the last ones."))
+        "the last ones."),
+        title="Keep the best tokens", json_schema_extra={"advanced": True})
     train_seed: int = Field(0, ge=0, le=2**31 - 1, description=(
         "Seed of the training noise and timesteps (separate from the image seed, so that new "
-        "samples re-use the learned tokens)."))
+        "samples re-use the learned tokens)."),
+        title="Training seed", json_schema_extra={"advanced": True})
     # -- sampling B′ -------------------------------------------------------------------------
     diff_scale: float = Field(1.0, ge=-3.0, le=3.0, description=(
         "Multiplies the DIFF tokens when sampling B′: 1 applies the learned change (the paper), "
-        "0 is prompt_B alone, −1 applies the reverse change (A′ → A)."))
+        "0 is prompt_B alone, −1 applies the reverse change (A′ → A)."),
+        title="Change strength")
     b_start: Literal["ddim_inverted", "noised"] = Field("ddim_inverted", description=(
         "How B enters the sampler (not in the paper): 'ddim_inverted' B's latent DDIM-inverted "
         "with prompt_B to the strength's timestep (keeps B's layout; cached), 'noised' B's latent "
-        "with seeded noise added (SDEdit)."))
+        "with seeded noise added (SDEdit)."),
+        title="How B enters", json_schema_extra={"advanced": True})
     strength: float = Field(0.8, ge=0.0, le=1.0, description=(
         "How far B is taken back before sampling B′ (fraction of the steps that run); "
-        "0.8: B's layout stays while the DIFF can change content."))
+        "0.8: B's layout stays while the DIFF can change content."),
+        title="Strength")
     guidance: float = Field(7.5, ge=1.0, le=30.0, description=(
         "Classifier-free guidance scale (7.5: Stable Diffusion's default; the paper does not "
-        "say)."))
+        "say)."),
+        title="Guidance (CFG)", json_schema_extra={"advanced": True})
     steps: int = Field(50, ge=1, le=200, description=(
         "Denoising steps for the whole schedule; strength × steps of them run (50: the "
-        "diffusers default)."))
+        "diffusers default)."),
+        title="Steps")
     scheduler: Literal[SCHEDULER_NAMES] = Field("ddim", description=(  # type: ignore[valid-type]
-        "Sampler. DDIM matches the DDIM inversion of B."))
+        "Sampler. DDIM matches the DDIM inversion of B."),
+        title="Sampler", json_schema_extra={"advanced": True})
     negative_prompt: str = Field("", max_length=1000, description=(
-        "Negative prompt (the unconditional side of guidance); empty as in the paper's base."))
+        "Negative prompt (the unconditional side of guidance); empty as in the paper's base."),
+        title="Negative prompt", json_schema_extra={"advanced": True})
     map_threshold: Literal[THRESHOLD_KINDS] = Field("linear", description=(  # type: ignore[valid-type]
         "How the edit map's grey levels become start times (PIXELS' thresholds; linear is the "
-        "default there)."))
+        "default there)."),
+        title="Edit map curve", json_schema_extra={"advanced": True})
 
 
 # -- DIFF tokens in prompts ------------------------------------------------------------------

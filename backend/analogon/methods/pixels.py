@@ -63,57 +63,70 @@ class PixelsParams(MethodParams):
     prompt: str = Field(
         "", max_length=2000,
         description="Optional text guiding the edit. The paper keeps it empty for all its "
-                    "exemplar edits and shows that text still works alongside exemplars.")
+                    "exemplar edits and shows that text still works alongside exemplars.",
+        title="Prompt")
     negative_prompt: str = Field(
         "", max_length=2000,
         description="What the edit should avoid. Empty by default (the paper); the authors' SDXL "
-                    "script uses a fixed negative prompt with the refiner.")
+                    "script uses a fixed negative prompt with the refiner.",
+        title="Negative prompt", json_schema_extra={"advanced": True})
     steps: int = Field(
         50, ge=1, le=200,
         description="Denoising steps of the full schedule; only the last steps × strength run. "
                     "The authors use 100 Euler steps (40 run); 50 gives the same schedule at half "
-                    "the cost.")
+                    "the cost.",
+        title="Steps")
     strength: float = Field(
         0.4, ge=0.0, le=1.0,
         description="Start strength: how much a fully white map pixel may change (the loop runs the "
                     "last steps × strength timesteps; greyer pixels start later). 0.4 = the "
                     "authors' denoising start 0.6. Raise it when the exemplar is far from the "
-                    "source (paper Fig. 6).")
+                    "source (paper Fig. 6).",
+        title="Strength")
     guidance: float = Field(
         7.5, ge=0.0, le=30.0,
         description="Classifier-free guidance scale. 7.5 is diffusers' img2img default; the authors' "
                     "SDXL refiner script uses 17.5 with its negative prompt, which over-saturates "
-                    "base models. With empty prompts on SD 1.x/2.x it has no effect.")
+                    "base models. With empty prompts on SD 1.x/2.x it has no effect.",
+        title="Guidance (CFG)", json_schema_extra={"advanced": True})
     scheduler: Literal[SCHEDULER_NAMES] = Field(  # type: ignore[valid-type]
-        "euler", description="Sampler. Euler is what the authors use.")
+        "euler", description="Sampler. Euler is what the authors use.",
+        title="Sampler", json_schema_extra={"advanced": True})
     threshold: Literal[THRESHOLD_KINDS] = Field(  # type: ignore[valid-type]
         "linear",
         description="How the map's grey levels become start times (paper Appendix E). Linear (the "
                     "paper's choice) balances; quadratic/cubic keep closer to the exemplar with "
                     "harder transitions; log blends more and follows the exemplar less; sigmoid "
-                    "behaves like linear.")
+                    "behaves like linear.",
+        title="Edit map curve", json_schema_extra={"advanced": True})
     mode: Literal["single_pass", "iterative"] = Field(
         "single_pass",
         description="Several exemplars: all in one denoising pass (paper Algorithm 2), or one pass "
-                    "per exemplar, each pass's result the next pass's source (Appendix B).")
+                    "per exemplar, each pass's result the next pass's source (Appendix B).",
+        title="Several exemplars", json_schema_extra={"advanced": True})
     paste_threshold: float = Field(
         1.0, ge=0.01, le=1.0,
         description="The exemplar is pasted where its edit map is at least this bright. 1.0 = only "
                     "where the map is white (full change), as in the authors' code; grey map "
                     "around it lets the source blend into the exemplar. Lower it to paste under "
-                    "grey map too (those pixels then keep more of the exemplar).")
+                    "grey map too (those pixels then keep more of the exemplar).",
+        title="Paste threshold", json_schema_extra={"advanced": True, "unit": "map brightness"})
     alpha_threshold: float = Field(
         0.5, ge=0.01, le=1.0,
-        description="The exemplar is pasted where its opacity on the canvas is at least this.")
+        description="The exemplar is pasted where its opacity on the canvas is at least this.",
+        title="Exemplar opacity threshold", json_schema_extra={"advanced": True})
     crop_to_edit: bool = Field(
         True,
         description="Work on the map's bounding box (plus context, at least the model's native "
                     "size a side) instead of the whole image: small edits on large images get the "
-                    "model's full resolution, and nothing is blown up beyond the source's own.")
+                    "model's full resolution, and nothing is blown up beyond the source's own.",
+        title="Work on the edited area", json_schema_extra={"advanced": True})
     context: float = Field(
         0.5, ge=0.0, le=4.0,
         description="Context around the edit when cropping, as a fraction of the edit's longest "
-                    "side on every side.")
+                    "side on every side.",
+        title="Context around the edit",
+        json_schema_extra={"advanced": True, "unit": "× the edit's side"})
 
 
 @dataclass

@@ -1,21 +1,28 @@
 """Test-only Krita plugin (installed only into the private test profile): once the main
 window is up, it opens a document, looks for the Analogon docker in the widget tree, waits
-for the docker to connect to the backend it started, saves a grab of the docker, writes a
-JSON report to $ANALOGON_SELFTEST_REPORT, and quits Krita when the test asks (a flag file)."""
+for the docker to connect to the backend it started, and then, as a painter would:
+runs a DIA sweep from the docker's controller (a preview layer shows on the canvas while it
+runs), picks another variant, measures and grabs the docker where Krita docks it and
+floating, presses Krita's own Undo (the pick goes, then the pass), writes a JSON report to
+$ANALOGON_SELFTEST_REPORT, and quits Krita when the test asks (a flag file)."""
 import json
 import os
 import time
+import traceback
 
-from analogon_krita import qt
-from analogon_krita.qt import QTimer, QtWidgets
 from krita import Krita
+from analogon_krita import qt
+from analogon_krita.qt import QRect, QTimer, QtCore, QtWidgets
 
-QAbstractButton, QComboBox, QDockWidget, QLabel, QWidget_ = (
+QPoint = QtCore.QPoint
+QAbstractButton, QComboBox, QDockWidget, QLabel, QScrollArea, QWidget = (
     QtWidgets.QAbstractButton, QtWidgets.QComboBox, QtWidgets.QDockWidget, QtWidgets.QLabel,
-    QtWidgets.QWidget)
+    QtWidgets.QScrollArea, QtWidgets.QWidget)
 
 REPORT = os.environ.get("ANALOGON_SELFTEST_REPORT")
+OUT = os.path.dirname(REPORT) if REPORT else ""
 STATE = {"t0": time.monotonic(), "doc": None, "report": {}}
+COLOURS = {"A": (200, 60, 60), "A\u2032": (60, 200, 60), "photo": (200, 140, 60)}
 
 
 def _dock():
@@ -26,54 +33,198 @@ def _dock():
     return win, qwin.findChild(QDockWidget, "analogon_docker")
 
 
-def _tick():
+def _layer(doc, name, w, h, above=None):
+    r, g, b = COLOURS[name]
+    node = doc.createNode(name, "paintlayer")
+    doc.rootNode().addChildNode(node, above)
+    node.setPixelData(bytes((b, g, r, 255)) * (w * h), 0, 0, w, h)
+    return node
+
+
+def _inside(host, widget):
+    if widget is None or not widget.isVisibleTo(host):
+        return False
+    return host.rect().contains(QRect(widget.mapTo(host, QPoint(0, 0)), widget.size()))
+
+
+def _clipped(panel):
+    """Labels whose text does not fit the room they got."""
+    out = []
+    scroll = panel.findChild(QScrollArea, "panel_scroll")
+    viewport = scroll.viewport() if scroll is not None else panel
+    for label in panel.findChildren(QLabel):
+        if not label.isVisibleTo(panel) or not label.text():
+            continue
+        if label.wordWrap():
+            fits = label.heightForWidth(label.width()) <= label.height()
+        else:
+            fits = label.sizeHint().width() <= label.width()
+        host = viewport if viewport.isAncestorOf(label) else panel
+        if not fits or label.mapTo(host, QPoint(label.width(), 0)).x() > host.width():
+            out.append(label.text()[:60])
+    return out
+
+
+def _measure(dock):
+    panel = dock.widget()
+    gen = panel.findChild(QAbstractButton, "generate")
+    msg = [w for w in (panel.findChild(QLabel, "message"), panel.findChild(QLabel, "error"))
+           if w is not None and w.isVisibleTo(panel)]
+    return {"size": [dock.width(), dock.height()], "floating": dock.isFloating(),
+            "generate_inside": _inside(dock, gen) and not gen.visibleRegion().isEmpty(),
+            "message_inside": bool(msg) and all(_inside(dock, w) for w in msg),
+            "message": msg[0].text() if msg else "",
+            "clipped": _clipped(panel)}
+
+
+def _steps():
+    """The test, as a generator: each ``yield`` waits that many seconds."""
     app = Krita.instance()
-    elapsed = time.monotonic() - STATE["t0"]
-    win, dock = _dock()
     rep = STATE["report"]
-    if win is None or dock is None:
-        if elapsed > 90:
+    win, dock = _dock()
+    while win is None or dock is None:
+        if time.monotonic() - STATE["t0"] > 90:
             rep.update(found=False, window=win is not None)
-            return _write()
-        return QTimer.singleShot(500, _tick)
-    if STATE["doc"] is None:
-        doc = app.createDocument(640, 400, "selftest", "RGBA", "U8", "", 72.0)
-        node = doc.createNode("photo", "paintlayer")
-        doc.rootNode().addChildNode(node, None)
-        node.setPixelData(bytes((200, 140, 60, 255)) * (640 * 400), 0, 0, 640, 400)
-        doc.setActiveNode(node)
-        win.addView(doc)
-        doc.refreshProjection()
-        doc.setModified(False)
-        STATE["doc"] = doc
-        rep["initially_visible"] = dock.isVisible()
-        if not dock.isVisible():
-            dock.show()
-        dock.raise_()
+            return
+        yield 0.5
+        win, dock = _dock()
+    w, h = 160, 96
+    doc = app.createDocument(w, h, "selftest", "RGBA", "U8", "", 72.0)
+    photo = _layer(doc, "photo", w, h)
+    a = _layer(doc, "A", w, h, photo)
+    _layer(doc, "A\u2032", w, h, a)
+    doc.setActiveNode(photo)
+    win.addView(doc)
+    doc.refreshProjection()
+    doc.setModified(False)
+    STATE["doc"] = doc
+    rep["initially_visible"] = dock.isVisible()
+    if not dock.isVisible():
+        dock.show()
+    dock.raise_()
     status = dock.findChild(QLabel, "connection_status")
+    while not (status is not None and status.text().startswith("Connected")) and time.monotonic() - STATE["t0"] < 100:
+        yield 0.5
     text = status.text() if status is not None else ""
-    if not text.startswith("Connected") and elapsed < 100:
-        return QTimer.singleShot(500, _tick)
     method = dock.findChild(QComboBox, "method")
+    c = dock.controller
     rep.update(
         found=True, title=dock.windowTitle(), visible=dock.isVisible(),
         geometry=[dock.x(), dock.y(), dock.width(), dock.height()],
         status=text,
         buttons=sorted({b.text() for b in dock.findChildren(QAbstractButton) if b.text()}),
         methods=[method.itemText(i) for i in range(method.count())] if method else [],
-        params=sorted(w.objectName()[6:] for w in dock.findChildren(QWidget_) if w.objectName().startswith("param_")),
-        backend_pid=getattr(getattr(dock, "controller", None), "process", None) and dock.controller.process.pid,
-        seconds=round(elapsed, 1), krita_version=str(app.version()), binding=qt.BINDING,
+        params=sorted(x.objectName()[6:] for x in dock.findChildren(QWidget) if x.objectName().startswith("param_")),
+        backend_pid=c.process.pid, seconds=round(time.monotonic() - STATE["t0"], 1),
+        krita_version=str(Krita.instance().version()), binding=qt.BINDING,
     )
-    # Float the docker at a comfortable size so that the screenshot shows the whole panel.
+    # -- a DIA sweep, from the controller behind the Generate button ------------------------
+    run = rep["sweep"] = {}
+    c.set_document(doc)
+    c.set_method("dia")
+    for k, v in dict(steps=2, token_iterations=1, views=1, noise_iterations=0, sweep=True,
+                     sweep_strengths=[0.0, 1.0], sweep_batch=2).items():
+        c.set_param(k, v)
+    c.set_seed(3, False)
+    previews = run["previews"] = []
+
+    def on_preview(img):
+        if img is None:  # the docker's thumbnail cleared as the job starts
+            return
+        node = doc.nodeByName("Analogon preview")
+        previews.append({"layer": node is not None, "locked": bool(node and node.locked()),
+                         "id": node.uniqueId().toString() if node is not None else ""})
+    c.previewChanged.connect(on_preview)
+    ends = []
+    c.finished.connect(ends.append)
+    c.generate()
+    t0 = time.monotonic()
+    while not ends and time.monotonic() - t0 < 400:
+        yield 0.2
+    c.finished.disconnect(ends.append)
+    c.previewChanged.disconnect(on_preview)
+    run.update(how=ends[0] if ends else "timeout", error=c.error, message=c.message,
+               seconds=round(time.monotonic() - t0, 1), variants=len(c.variants))
+    if not ends or ends[0] != "done":
+        return
+    entry = c.history[0]
+    doc.waitForDone()
+    group = doc.nodeByName(entry.layer_name)
+    run["result"] = {"type": group.type() if group else None,
+                     "id": group.uniqueId().toString() if group else "",
+                     "children": len(group.childNodes()) if group else 0,
+                     "names": [str(n.name()) for n in doc.rootNode().childNodes()],
+                     "pixel": list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1))) if group else []}
+    # -- Krita's Undo: the pass (preview and result) is one step ------------------------------
+    yield 0.5
+    und = rep["undo"] = {}
+    undo, redo = app.action("edit_undo"), app.action("edit_redo")
+    und["action"] = undo is not None and redo is not None
+    gid = run["result"]["id"]
+
+    def present():
+        return any(n.uniqueId().toString() == gid for n in doc.rootNode().childNodes())
+
+    undo.trigger()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and present():
+        yield 0.1
+    und["after_pass_undo"] = [str(n.name()) for n in doc.rootNode().childNodes()]
+    redo.trigger()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and not present():
+        yield 0.1
+    group = next((n for n in doc.rootNode().childNodes() if n.uniqueId().toString() == gid), None)
+    und["after_redo"] = {"back": group is not None,
+                         "children": len(group.childNodes()) if group is not None else 0}
+    if group is None:
+        return
+    # -- pick the second variant; one Undo brings the first back --------------------------------
+    und["picked"] = c.pick_variant(1)
+    doc.waitForDone()
+    yield 0.3
+    und["after_pick"] = {"children": len(group.childNodes()), "name": str(group.name()),
+                         "pixel": list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))}
+    und["before_pick_pixel"] = run["result"].get("pixel")
+    undo.trigger()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and len(group.childNodes()) != 1:
+        yield 0.1
+    doc.waitForDone()
+    yield 0.3
+    und["after_undo"] = {"children": len(group.childNodes()),
+                         "pixel": list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))}
+    redo.trigger()  # the pick back, for the pictures
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and len(group.childNodes()) != 2:
+        yield 0.1
+    und["after_pick_redo"] = len(group.childNodes())
+    yield 1.0  # the docker as a painter sees it now: variants, the latest message
+    # -- the docker where Krita docks it, then floating -----------------------------------
+    rep["docked"] = _measure(dock)
+    dock.grab().save(os.path.join(OUT, "docker-docked.png"))
+    win.qwindow().grab().save(os.path.join(OUT, "window-docked.png"))
     dock.setFloating(True)
-    dock.resize(420, 900)
-    dock.move(1150, 40)
-    QTimer.singleShot(1500, lambda: _grab(dock))
+    dock.resize(300, 700)
+    dock.move(1250, 60)
+    yield 1.5
+    rep["floating"] = _measure(dock)
+    dock.grab().save(os.path.join(OUT, "docker-floating.png"))
 
 
-def _grab(dock):
-    dock.grab().save(os.path.join(os.path.dirname(REPORT), "docker.png"))
+def _pump():
+    gen = STATE.setdefault("gen", _steps())
+    try:
+        delay = next(gen)
+    except StopIteration:
+        return _finish()
+    except Exception:
+        STATE["report"]["traceback"] = traceback.format_exc()
+        return _finish()
+    QTimer.singleShot(int(delay * 1000), _pump)
+
+
+def _finish():
     _write()
     QTimer.singleShot(300, _wait_for_quit)
 
@@ -94,4 +245,4 @@ def _wait_for_quit():
 
 
 if REPORT:
-    QTimer.singleShot(1000, _tick)
+    QTimer.singleShot(1000, _pump)
