@@ -45,6 +45,11 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=7871, help="port (default 7871; 0 picks a free one)")
     s.add_argument("--state-dir", help="where server.json (address + token) and images are kept")
+    s.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder with checkpoints to list (repeatable); the usual places (ComfyUI, "
+                        "Automatic1111/Forge, Krita AI Diffusion, the Hugging Face cache) are searched too")
+    s.add_argument("--no-usual-places", action="store_true",
+                   help="list checkpoints from --models-dir only")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host and any Host header (exposes the backend; warns)")
     _add_model_options(s, "tiny-sd")
@@ -121,6 +126,8 @@ def cmd_serve(args) -> int:
         default_model=args.model, device=args.device, dtype=args.dtype,
         cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
         cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
+        model_dirs=[Path(d).expanduser() for d in args.models_dir],
+        scan_usual_places=not args.no_usual_places,
     )
     return serve(settings, log_level="debug" if args.verbose else "info")
 

@@ -61,6 +61,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     warm_models: int = 1
     image_store_cap_bytes: int = 8 * 1024**3
+    model_dirs: list[Path] = field(default_factory=list)  # searched for checkpoints (--models-dir)
+    scan_usual_places: bool = True  # ComfyUI, A1111/Forge, Krita AI Diffusion, the HF cache
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
@@ -235,7 +237,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        return {"default": settings.default_model, "models": models.available()}
+        from ..models import discovery
+
+        ids = [m.id for m in all_methods()]
+        found = discovery.scan(settings.model_dirs, ids, include_usual=settings.scan_usual_places)
+        return {"default": settings.default_model,
+                "models": models.available([c.to_json() for c in found], ids),
+                "models_dir": str(discovery.models_dir()),
+                "searched": [str(d) for d in discovery.configured_dirs(settings.model_dirs)]
+                + ([str(p) for _, p in discovery.usual_places() if p.is_dir()]
+                   + [str(discovery.hf_hub_cache())] if settings.scan_usual_places else []),
+                "recommended": {m: (c.id if (c := discovery.recommended_for(m, found)) else None)
+                                for m in ids}}
 
     @app.get("/v1/methods")
     def list_methods() -> dict[str, Any]:
