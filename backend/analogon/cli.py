@@ -28,8 +28,15 @@ def _add_model_options(p: argparse.ArgumentParser, model_default: str | None) ->
     p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="default: float16 on GPUs, float32 on CPU")
-    p.add_argument("--cpu-offload", action="store_true", help="keep idle model parts in CPU memory (small GPUs)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (small GPUs)")
+    p.add_argument("--memory-preset", choices=["auto", "cpu", "low", "medium", "high"],
+                   help="settings for the machine's size: auto (from the GPU's memory), cpu, low "
+                        "(GPU <= 6 GB), medium (<= 12 GB), high; the options below override it")
+    p.add_argument("--cpu-offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep idle model parts in CPU memory (small GPUs)")
+    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode large images in tiles (small GPUs)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="the largest area the high-resolution pass works at, in pixels")
     p.add_argument("--cache-dir", help="folder for cached inversions (default: ~/.cache/analogon; "
                                        "'' keeps them in memory only)")
 
@@ -117,14 +124,28 @@ def _cache_dir_arg(value: str | None):
     return "" if value == "" else Path(value).expanduser()
 
 
+def _memory(args):
+    """The memory settings: the preset's, overridden by explicit options."""
+    from .memory import resolve
+
+    return resolve(args.memory_preset, device=args.device, dtype=args.dtype, cpu_offload=args.cpu_offload,
+                   vae_tiling=args.vae_tiling, max_pixels=args.max_pixels)
+
+
 def cmd_serve(args) -> int:
     from .server import Settings, serve
 
+    mem = _memory(args)
+    if args.memory_preset:
+        print(f"memory preset {mem.preset}: device {mem.device or 'auto'}, dtype {mem.dtype or 'auto'}, "
+              f"CPU offload {'on' if mem.cpu_offload else 'off'}, VAE tiling {'on' if mem.vae_tiling else 'off'}, "
+              f"max working pixels {mem.max_pixels or 'auto'}", flush=True)
     settings = Settings(
         host=args.host, port=args.port,
         state_dir=Path(args.state_dir).expanduser() if args.state_dir else None,
-        default_model=args.model, device=args.device, dtype=args.dtype,
-        cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
+        default_model=args.model, device=mem.device, dtype=mem.dtype,
+        cpu_offload=mem.cpu_offload, vae_tiling=mem.vae_tiling,
+        max_working_pixels=mem.max_pixels, memory_preset=mem.preset,
         cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
         model_dirs=[Path(d).expanduser() for d in args.models_dir],
         scan_usual_places=not args.no_usual_places,
@@ -177,7 +198,7 @@ def method_parser(method) -> argparse.ArgumentParser:
         epilog="Images: FILE, or FILE@x,y[,scale] to place a layer on the target's canvas "
                "(scaled by scale, top-left corner at x,y).")
     taken = {"-o", "--output", "--model", "--seed", "--device", "--dtype", "--cpu-offload",
-             "--vae-tiling", "--cache-dir", "--json", "--layer", "-h", "--help"}
+             "--vae-tiling", "--no-cpu-offload", "--no-vae-tiling", "--memory-preset", "--max-pixels", "--cache-dir", "--json", "--layer", "-h", "--help"}
     p.add_argument("-o", "--output", required=True, help="result PNG (more results: NAME-2.png, ...)")
     p.add_argument("--layer", action="store_true",
                    help="also write each result as a layer with only the change (NAME.layer.png: "
@@ -268,8 +289,9 @@ def write_png(path: Path, rgba) -> None:
 def _make_models(args):
     from .models import LoadOptions, ModelManager
 
-    return ModelManager(1, LoadOptions(device=args.device, dtype=args.dtype,
-                                       cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling))
+    mem = _memory(args)
+    return ModelManager(1, LoadOptions(device=mem.device, dtype=mem.dtype, cpu_offload=mem.cpu_offload,
+                                       vae_tiling=mem.vae_tiling, max_working_pixels=mem.max_pixels))
 
 
 def _make_cache(args):

@@ -38,6 +38,7 @@ class LoadOptions:
     dtype: str | None = None  # None: float16 on cuda/mps, float32 on cpu
     cpu_offload: bool = False
     vae_tiling: bool = False
+    max_working_pixels: int | None = None  # caps the high-resolution pass's area (core.hires)
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -238,6 +239,7 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
     return ModelBundle(
         spec=spec, family=family, pipe=pipe, device=device, dtype=dtype, source=source,
         key=key, native_size=_native_size(pipe, family),
+        info={"max_working_pixels": options.max_working_pixels} if options.max_working_pixels else {},
     )
 
 

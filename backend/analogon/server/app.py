@@ -61,6 +61,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     warm_models: int = 1
     image_store_cap_bytes: int = 8 * 1024**3
+    max_working_pixels: int | None = None  # caps the high-resolution pass (memory preset)
+    memory_preset: str = "none"  # the preset the settings above came from (analogon.memory)
     model_dirs: list[Path] = field(default_factory=list)  # searched for checkpoints (--models-dir)
     scan_usual_places: bool = True  # ComfyUI, A1111/Forge, Krita AI Diffusion, the HF cache
 
@@ -161,7 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state_dir = settings.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     options = LoadOptions(device=settings.device, dtype=settings.dtype,
-                          cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling)
+                          cpu_offload=bool(settings.cpu_offload), vae_tiling=bool(settings.vae_tiling),
+                          max_working_pixels=settings.max_working_pixels)
     device = pick_device(settings.device)
     dtype = pick_dtype(device, settings.dtype)
     store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes)
@@ -234,6 +237,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "loaded_models": models.loaded(), "default_model": settings.default_model,
             "queue": queue.queue_length(), "limits": settings.limits.to_json(),
         }
+
+    @app.get("/v1/system")
+    def system() -> dict[str, Any]:
+        """The device, its memory, the memory settings in force and the presets."""
+        from .. import memory
+
+        info = memory.system_info()
+        return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), **{
+                    k: info[k] for k in ("device_name", "vram_bytes", "ram_bytes")},
+                "memory": memory_info(), "auto_preset": memory.auto_preset(info),
+                "settings": {"preset": settings.memory_preset, "device": settings.device,
+                             "dtype": settings.dtype, "cpu_offload": bool(settings.cpu_offload),
+                             "vae_tiling": bool(settings.vae_tiling),
+                             "max_pixels": settings.max_working_pixels},
+                "presets": memory.PRESETS}
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:

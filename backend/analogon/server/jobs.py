@@ -269,9 +269,7 @@ class JobQueue:
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
                 job.error = {"code": "out_of_memory", "detail": {"exception": type(e).__name__},
-                             "message": "The GPU ran out of memory. Try a smaller region, fewer "
-                             "exemplars or fewer steps, or start the backend with --cpu-offload "
-                             "and --vae-tiling."}
+                             "message": OUT_OF_MEMORY_MESSAGE}
                 job.status = "error"
                 job.emit("error", job.error)
                 return
@@ -283,6 +281,13 @@ class JobQueue:
             job.emit("error", job.error)
         finally:
             _free_accelerator_memory()
+
+
+OUT_OF_MEMORY_MESSAGE = (
+    "The GPU ran out of memory. In the docker's settings (\u2699 \u25b8 Memory), choose a smaller "
+    "memory preset (\u2264 6 GB turns on CPU offload and VAE tiling) or a lower \u201cMax working "
+    "pixels\u201d, and restart the backend; or use a smaller region, fewer exemplars or fewer steps. "
+    "(Command line: analogon serve --memory-preset low, or --cpu-offload --vae-tiling --max-pixels N.)")
 
 
 def _free_accelerator_memory() -> None:
