@@ -531,8 +531,11 @@ def cmd_demo(args) -> int:
 # -- doctor ----------------------------------------------------------------------------------
 
 def krita_plugin_dir() -> Path:
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "krita" / "pykrita"
+    """Krita's pykrita folder in the user's profile: Linux XDG_DATA_HOME/krita, Windows
+    %APPDATA%\\krita, macOS ~/Library/Application Support/krita."""
+    from .models.discovery import krita_data_dir
+
+    return krita_data_dir() / "pykrita"
 
 
 def doctor_report() -> dict[str, Any]:

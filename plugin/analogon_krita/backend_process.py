@@ -79,6 +79,17 @@ def split_command(command: str) -> list[str]:
     return shlex.split(command, posix=sys.platform != "win32")
 
 
+def force_kill(pid: int) -> bool:
+    """The last resort when QProcess.kill() did not end the process: SIGKILL on POSIX;
+    on Windows (no SIGKILL there) TerminateProcess, which os.kill does for any signal."""
+    sig = getattr(signal, "SIGKILL", None)
+    try:
+        os.kill(pid, sig if sig is not None else signal.SIGTERM)
+        return True
+    except OSError:
+        return False
+
+
 _RUNNING: "set[BackendProcess]" = set()
 
 
@@ -242,10 +253,7 @@ class BackendProcess(QObject):
                     proc.kill()
                     proc.waitForFinished(2000)
                 if proc.state() != QProcess.ProcessState.NotRunning and pid:
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except OSError:
-                        pass
+                    force_kill(int(pid))
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir = None

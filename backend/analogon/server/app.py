@@ -130,12 +130,10 @@ class JobRequest(BaseModel):
 def memory_info() -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/self/statm") as f:
-            out["process_rss_bytes"] = int(f.read().split()[1]) * page
-        out["system_total_bytes"] = os.sysconf("SC_PHYS_PAGES") * page
-        out["system_available_bytes"] = os.sysconf("SC_AVPHYS_PAGES") * page
-    except (OSError, ValueError, AttributeError):
+        from ..memory import system_memory
+
+        out.update(system_memory())
+    except Exception:  # pragma: no cover - psutil missing or refusing
         pass
     try:
         import torch
