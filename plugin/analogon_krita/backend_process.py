@@ -56,8 +56,14 @@ def read_server_info(state_dir: str | os.PathLike) -> ServerInfo | None:
 
 
 def default_command() -> str:
-    """``analogon`` on PATH, else a virtual environment in a usual place, else plain
-    ``analogon`` (the error message then says how to set it)."""
+    """The backend the docker installed (``installer.venv_dir``), else ``analogon`` on PATH,
+    else a virtual environment in a usual place, else plain ``analogon`` (the error message
+    then says how to set it)."""
+    from .installer import installed_command
+
+    mine = installed_command()
+    if mine is not None:
+        return str(mine)
     found = shutil.which("analogon")
     if found:
         return found
