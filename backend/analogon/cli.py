@@ -76,6 +76,11 @@ def _base_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="what is installed: versions, device, memory, Krita, the plugin")
 
+    g = sub.add_parser("download", help="download a recommended checkpoint into the models folder")
+    g.add_argument("model", nargs="?", help="its id (see --list)")
+    g.add_argument("--list", action="store_true", help="the recommended checkpoints")
+    g.add_argument("--to", help="models folder (default: the backend's models folder)")
+
     b = sub.add_parser("bench", help="benchmarks (sections: see --list); --quality runs the quality suite",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(rest) if args.command == "bench" else cmd_train_toy(rest)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor}[args.command](args)
+        return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor,
+                "download": cmd_download}[args.command](args)
     except AnalogonError as e:
         return _die(f"{e.message} [{e.code}]", 1)
     except KeyboardInterrupt:
@@ -617,6 +623,38 @@ def cmd_doctor(args) -> int:
         print(f"  {name}: unavailable ({why})")
     srv = rep["server"]
     print(f"backend server running: {ok(srv['running'])}" + (f" at {srv['url']}" if srv.get("url") else ""))
+    return 0
+
+
+# -- download --------------------------------------------------------------------------------
+
+def cmd_download(args) -> int:
+    from .models import discovery
+    from .models.download import DownloadCancelled, catalog, download, find
+
+    folder = Path(args.to).expanduser() if args.to else discovery.models_dir()
+    if args.list or not args.model:
+        for e in catalog():
+            there = " (downloaded)" if (folder / e.filename).exists() else ""
+            print(f"  {e.id:10s} {e.title}, about {e.size_bytes / 1e9:.1f} GB, for "
+                  f"{', '.join(e.methods)}{there}\n  {'':10s} {e.repo_id}/{e.filename}")
+        return 0 if args.list else 2
+    entry = find(args.model)
+    last = [0.0]
+
+    def progress(stage, done, total):
+        now = time.monotonic()
+        if stage in ("downloading", "verifying") and now - last[0] < 1 and done != total:
+            return
+        last[0] = now
+        pct = f" {100 * done / total:5.1f} %" if total else ""
+        print(f"{stage}{pct} ({done / 1e6:.0f} MB)", file=sys.stderr, flush=True)
+
+    try:
+        path = download(entry, folder, progress, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    except DownloadCancelled:  # pragma: no cover - only from a UI
+        return 130
+    print(path)
     return 0
 
 

@@ -127,6 +127,12 @@ class JobRequest(BaseModel):
                                    description="Role name -> sha, {sha,x,y,scale}, or a list of those.")
 
 
+class DownloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A recommended model's id, from /v1/downloads/catalog.")
+
+
 def memory_info() -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
@@ -181,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.closing = True
+            app.state.downloads.stop_all()
             await asyncio.to_thread(queue.stop)
 
     app = FastAPI(
@@ -235,6 +242,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "loaded_models": models.loaded(), "default_model": settings.default_model,
             "queue": queue.queue_length(), "limits": settings.limits.to_json(),
         }
+
+    # -- recommended models -------------------------------------------------------------
+    from ..models import discovery as _discovery
+    from ..models.download import Downloads, catalog as _catalog
+
+    downloads = Downloads(_discovery.models_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+    app.state.downloads = downloads
+
+    @app.get("/v1/downloads/catalog")
+    def download_catalog() -> dict[str, Any]:
+        return {"models_dir": str(downloads.models_dir),
+                "models": [{**e.to_json(), "installed": (downloads.models_dir / e.filename).exists()}
+                           for e in _catalog()]}
+
+    @app.post("/v1/downloads", status_code=202)
+    def start_download(req: DownloadRequest) -> dict[str, Any]:
+        return downloads.start(req.model).to_json()
+
+    @app.get("/v1/downloads/{download_id}")
+    def download_status(download_id: str) -> dict[str, Any]:
+        return downloads.get(download_id).to_json()
+
+    @app.delete("/v1/downloads/{download_id}")
+    def cancel_download(download_id: str) -> dict[str, Any]:
+        return downloads.cancel(download_id).to_json()
 
     @app.get("/v1/system")
     def system() -> dict[str, Any]:
