@@ -110,7 +110,7 @@ def help_text(models: list[dict[str, Any]], info: dict[str, Any]) -> str:
     return ("No Stable Diffusion checkpoint found. Put a .safetensors checkpoint (SD 1.5, SD 2.1 or "
             f"SDXL) into {where}, or add the folder where you keep them in the settings (\u2699 \u25b8 "
             "Models); ComfyUI, Automatic1111 / Forge and Krita AI Diffusion folders are found by "
-            "themselves. Or choose \u201cGet a model\u201d. Until then, \u201cdemo (toy world)\u201d "
+            "themselves. Or \u2699 \u25b8 Models \u25b8 \u201cGet a model\u201d. Until then, \u201cdemo (toy world)\u201d "
             "shows how the methods work on the toy world.")
 
 

@@ -435,6 +435,10 @@ class SettingsDialog(QtWidgets.QDialog):
         self.format.addItem("PNG (smaller)", "png")
         self.format.setCurrentIndex(max(0, self.format.findData(self.c.settings.get("image_format"))))
         lay.addRow("Upload format", self.format)
+        from .backend_setup import BackendSetup
+
+        self.setup = BackendSetup(self.c, parent=self)  # install, memory, models
+        lay.addRow(self.setup)
         buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.StandardButton.Ok
                                              | QtWidgets.QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
@@ -446,6 +450,7 @@ class SettingsDialog(QtWidgets.QDialog):
             self.c.settings.set(key, e.text().strip())
         self.c.settings.set("autostart", self.autostart.isChecked())
         self.c.settings.set("image_format", self.format.currentData())
+        self.setup.save()
 
 
 def make_docker_class():
