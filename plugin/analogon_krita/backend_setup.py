@@ -13,13 +13,14 @@ from .qt import QTimer, QtWidgets
 class BackendSetup(QtWidgets.QTabWidget):
     def __init__(self, controller, installer: inst.Installer | None = None, parent=None):
         super().__init__(parent)
+        self._download_id = ""
+        self._calls: list = []  # the requests in flight (a Call that is not referenced is collected)
         self.c = controller
         self.settings = controller.settings
         self.installer = installer or inst.Installer(parent=self)
         self.addTab(self._install_tab(), "Backend")
         self.addTab(self._memory_tab(), "Memory")
         self.addTab(self._models_tab(), "Models")
-        self._download_id = ""
         self._poll = QTimer(self)
         self._poll.setInterval(400)
         self._poll.timeout.connect(self._poll_download)
@@ -178,6 +179,9 @@ class BackendSetup(QtWidgets.QTabWidget):
         lay.addWidget(self.show_dev)
         box = QtWidgets.QGroupBox("Get a model")
         bl = QtWidgets.QVBoxLayout(box)
+        self.catalog_dir = QtWidgets.QLabel()  # where downloads go
+        self.catalog_dir.setWordWrap(True)
+        bl.addWidget(self.catalog_dir)
         self.catalog = QtWidgets.QListWidget()
         bl.addWidget(self.catalog)
         row = QtWidgets.QHBoxLayout()
@@ -211,7 +215,7 @@ class BackendSetup(QtWidgets.QTabWidget):
             self.download_status.setText("Start or connect the backend to download models.")
             self.download_button.setEnabled(False)
             return
-        client.send("GET", "/v1/downloads/catalog", callback=self._show_catalog)
+        self._send("GET", "/v1/downloads/catalog", self._show_catalog)
 
     def _show_catalog(self, resp):
         if not resp.ok:
@@ -228,15 +232,15 @@ class BackendSetup(QtWidgets.QTabWidget):
             self.catalog.addItem(item)
         if self.catalog.count():
             self.catalog.setCurrentRow(0)
-        self.download_button.setEnabled(self.catalog.count() > 0)
-        self.download_status.setText(f"Into {data.get('models_dir', '')}")
+        self.download_button.setEnabled(self.catalog.count() > 0 and not self._download_id)
+        self.catalog_dir.setText(f"Into {data.get('models_dir', '')}")
 
     def start_download(self):
         item = self.catalog.currentItem()
         if item is None or self.c.client is None:
             return
         self.download_button.setEnabled(False)
-        self.c.client.send_json("POST", "/v1/downloads", {"model": item.data(256)}, self._started)
+        self._send("POST", "/v1/downloads", self._started, {"model": item.data(256)})
 
     def _started(self, resp):
         if not resp.ok:
@@ -249,12 +253,12 @@ class BackendSetup(QtWidgets.QTabWidget):
 
     def cancel_download(self):
         if self._download_id and self.c.client is not None:
-            self.c.client.send("DELETE", f"/v1/downloads/{self._download_id}")
+            self._send("DELETE", f"/v1/downloads/{self._download_id}")
 
     def _poll_download(self):
         if not self._download_id or self.c.client is None:
             return self._poll.stop()
-        self.c.client.send("GET", f"/v1/downloads/{self._download_id}", callback=self._show_download)
+        self._send("GET", f"/v1/downloads/{self._download_id}", self._show_download)
 
     def _show_download(self, resp):
         if not resp.ok:
@@ -275,6 +279,16 @@ class BackendSetup(QtWidgets.QTabWidget):
             if st["status"] == "done":
                 self.refresh_catalog()
                 self.c.connect_backend()  # the model list now has it
+
+    def _send(self, verb: str, path: str, callback=None, payload: Any = None):
+        client = self.c.client
+        if client is None:
+            return None
+        self._calls = [c for c in self._calls if not c.done]
+        call = (client.send_json(verb, path, payload, callback) if payload is not None
+                else client.send(verb, path, callback=callback))
+        self._calls.append(call)
+        return call
 
     # -- saving ------------------------------------------------------------------------------
     def save(self):

@@ -98,8 +98,10 @@ def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):
             w = BackendSetup(c, Installer(venv=tmp_path / "venv"))
             assert wait_until(lambda: w.catalog.count() == 1, 10)
             assert "Tiny SD" in w.catalog.item(0).text() and w.download_button.isEnabled()
+            assert w.catalog_dir.text() == f"Into {models}"
             w.download_button.click()
             assert wait_until(lambda: w.download_status.text().startswith("Downloaded"), 60), w.download_status.text()
             assert (models / "tiny.safetensors").read_bytes() == data
             assert wait_until(lambda: any(m.get("name") == "tiny" for m in c.models), 20)
             assert wait_until(lambda: "downloaded" in w.catalog.item(0).text(), 10)
+            assert w.download_status.text().startswith("Downloaded")  # the catalog's refresh keeps it
