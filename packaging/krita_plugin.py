@@ -1,21 +1,30 @@
 """Build the Analogon Krita plugin zip, or install the plugin into a Krita profile.
 
     python packaging/krita_plugin.py zip [-o dist/analogon_krita.zip]
+    python packaging/krita_plugin.py release [-o dist/]
     python packaging/krita_plugin.py install [--resources DIR] [--config DIR] [--no-enable]
 
 The zip is what Krita's Tools ▸ Scripts ▸ Import Python Plugin from File… accepts: the
 ``analogon_krita.desktop`` file, the ``analogon_krita/`` package (with its icons and manual)
 and ``analogon_krita.action``. ``install`` puts the same files into a profile's resources
 folder (``pykrita/`` and ``actions/``) and enables the plugin in ``kritarc``.
-Standard library only.
+
+``release`` builds the backend wheel (with pip, from this checkout) and a zip that also
+carries it, with the locked requirement files, under ``analogon_krita/backend/``: Krita's
+importer extracts everything under the package folder, so the docker's installer finds the
+exact backend version that matches the plugin beside its own code
+(``dist/analogon_krita-VERSION.zip``). Standard library only (and pip for the wheel).
 """
 from __future__ import annotations
 
 import argparse
 import html
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -26,6 +35,40 @@ DESKTOP = ROOT / "manifest" / f"{NAME}.desktop"
 ACTION = ROOT / "manifest" / f"{NAME}.action"
 ICONS = ROOT / "icons"
 MANUAL = ROOT / "docs" / "plugin.md"
+REQUIREMENTS = ROOT / "packaging" / "requirements"
+BUNDLE = "backend"  # the folder inside the package that carries the wheel and the lock files
+
+
+def backend_version() -> str:
+    """``__version__`` of the backend package, read without importing it."""
+    text = (ROOT / "backend" / "analogon" / "__init__.py").read_text(encoding="utf-8")
+    m = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", text, re.M)
+    if not m:
+        raise RuntimeError("no __version__ in backend/analogon/__init__.py")
+    return m.group(1)
+
+
+def build_wheel(out_dir: Path, python: str | None = None) -> Path:
+    """The backend wheel, built by pip from this checkout (no dependencies, no build
+    isolation: setuptools comes from the running environment, nothing is downloaded)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"analogon-{backend_version()}-py3-none-any.whl"
+    (out_dir / name).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="analogon-wheel-") as tmp:
+        # pip builds in a copy: the checkout gets no build/ or egg-info from it
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT / "backend", src / "backend",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        for f in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / f, src / f)
+        subprocess.run([python or sys.executable, "-m", "pip", "wheel", "--no-deps",
+                        "--no-build-isolation", "--no-index", "-q", "-w", str(out_dir), str(src)],
+                       check=True)
+    wheel = out_dir / name
+    if not wheel.exists():
+        raise RuntimeError(f"pip did not write {wheel}")
+    return wheel
 
 
 def _package_files() -> list[tuple[Path, str]]:
@@ -46,7 +89,9 @@ def manual_html() -> str:
             + html.escape(text) + "</pre></body></html>\n")
 
 
-def build_zip(out: Path) -> Path:
+def build_zip(out: Path, wheel: Path | None = None) -> Path:
+    """The plugin zip; with ``wheel``, the backend wheel and the lock files ride along in
+    ``analogon_krita/backend/``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
@@ -58,7 +103,19 @@ def build_zip(out: Path) -> Path:
         for src, rel in _package_files():
             z.write(src, f"{NAME}/{rel}")
         z.writestr(f"{NAME}/manual.html", manual_html())
+        if wheel is not None:
+            z.writestr(zipfile.ZipInfo(f"{NAME}/{BUNDLE}/"), b"")
+            z.write(wheel, f"{NAME}/{BUNDLE}/{Path(wheel).name}")
+            for req in sorted(REQUIREMENTS.glob("*.txt")):
+                z.write(req, f"{NAME}/{BUNDLE}/requirements/{req.name}")
     return out
+
+
+def build_release(out_dir: Path, python: str | None = None) -> Path:
+    """``dist/analogon_krita-VERSION.zip``: the plugin with the backend wheel inside."""
+    out_dir = Path(out_dir)
+    wheel = build_wheel(out_dir, python)
+    return build_zip(out_dir / f"{NAME}-{backend_version()}.zip", wheel)
 
 
 def default_resources_dir() -> Path:
@@ -134,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     z = sub.add_parser("zip", help="build the zip for Import Python Plugin from File")
     z.add_argument("-o", "--output", default=str(ROOT / "dist" / f"{NAME}.zip"))
+    r = sub.add_parser("release", help="the backend wheel and a zip that carries it")
+    r.add_argument("-o", "--output", default=str(ROOT / "dist"), help="output folder (default dist/)")
+    r.add_argument("--python", help="the Python whose pip builds the wheel (default: this one)")
     i = sub.add_parser("install", help="install into a Krita profile")
     i.add_argument("--resources", help=f"Krita resources folder (default {default_resources_dir()})")
     i.add_argument("--config", help=f"folder holding kritarc (default {default_config_dir()})")
@@ -141,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "zip":
         print(build_zip(Path(args.output)))
+    elif args.command == "release":
+        print(build_release(Path(args.output), args.python))
     else:
         dest = install(args.resources and Path(args.resources), args.config and Path(args.config),
                        enable=not args.no_enable)

@@ -28,8 +28,15 @@ def _add_model_options(p: argparse.ArgumentParser, model_default: str | None) ->
     p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="default: float16 on GPUs, float32 on CPU")
-    p.add_argument("--cpu-offload", action="store_true", help="keep idle model parts in CPU memory (small GPUs)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (small GPUs)")
+    p.add_argument("--memory-preset", choices=["auto", "cpu", "low", "medium", "high"],
+                   help="settings for the machine's size: auto (from the GPU's memory), cpu, low "
+                        "(GPU <= 6 GB), medium (<= 12 GB), high; the options below override it")
+    p.add_argument("--cpu-offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep idle model parts in CPU memory (small GPUs)")
+    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode large images in tiles (small GPUs)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="the largest area the high-resolution pass works at, in pixels")
     p.add_argument("--cache-dir", help="folder for cached inversions (default: ~/.cache/analogon; "
                                        "'' keeps them in memory only)")
 
@@ -45,6 +52,11 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=7871, help="port (default 7871; 0 picks a free one)")
     s.add_argument("--state-dir", help="where server.json (address + token) and images are kept")
+    s.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder with checkpoints to list (repeatable); the usual places (ComfyUI, "
+                        "Automatic1111/Forge, Krita AI Diffusion, the Hugging Face cache) are searched too")
+    s.add_argument("--no-usual-places", action="store_true",
+                   help="list checkpoints from --models-dir only")
     s.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --host and any Host header (exposes the backend; warns)")
     s.add_argument("--image-store-cap", type=_size_arg, default="8G", metavar="SIZE",
@@ -72,6 +84,11 @@ def _base_parser() -> argparse.ArgumentParser:
     _add_model_options(d, None)
 
     sub.add_parser("doctor", help="what is installed: versions, device, memory, Krita, the plugin")
+
+    g = sub.add_parser("download", help="download a recommended checkpoint into the models folder")
+    g.add_argument("model", nargs="?", help="its id (see --list)")
+    g.add_argument("--list", action="store_true", help="the recommended checkpoints")
+    g.add_argument("--to", help="models folder (default: the backend's models folder)")
 
     b = sub.add_parser("bench", help="benchmarks (sections: see --list); --quality runs the quality suite",
                        add_help=False)
@@ -106,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(rest) if args.command == "bench" else cmd_train_toy(rest)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor}[args.command](args)
+        return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor,
+                "download": cmd_download}[args.command](args)
     except AnalogonError as e:
         return _die(f"{e.message} [{e.code}]", 1)
     except KeyboardInterrupt:
@@ -137,18 +155,29 @@ def _size_arg(value: str) -> int:
     return int(n)
 
 
-def _settings_from_args(args):
+def _memory(args):
+    """The memory settings: the preset's, overridden by explicit options."""
+    from .memory import resolve
+
+    return resolve(args.memory_preset, device=args.device, dtype=args.dtype, cpu_offload=args.cpu_offload,
+                   vae_tiling=args.vae_tiling, max_pixels=args.max_pixels)
+
+
+def _settings_from_args(args, mem):
     from .server import Settings
 
     age = args.result_max_age_days
     return Settings(
         host=args.host, port=args.port,
         state_dir=Path(args.state_dir).expanduser() if args.state_dir else None,
-        default_model=args.model, device=args.device, dtype=args.dtype,
-        cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
+        default_model=args.model, device=mem.device, dtype=mem.dtype,
+        cpu_offload=mem.cpu_offload, vae_tiling=mem.vae_tiling,
+        max_working_pixels=mem.max_pixels, memory_preset=mem.preset,
         cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
         image_store_cap_bytes=args.image_store_cap, cache_disk_cap_bytes=args.cache_cap,
         result_max_age_s=age * 24 * 3600 if age and age > 0 else None,
+        model_dirs=[Path(d).expanduser() for d in args.models_dir],
+        scan_usual_places=not args.no_usual_places,
     )
 
 
@@ -157,7 +186,12 @@ def cmd_serve(args) -> int:
     from .server import serve
 
     watch_parent(args.parent_pid)
-    return serve(_settings_from_args(args), log_level="debug" if args.verbose else "info")
+    mem = _memory(args)
+    if args.memory_preset:
+        print(f"memory preset {mem.preset}: device {mem.device or 'auto'}, dtype {mem.dtype or 'auto'}, "
+              f"CPU offload {'on' if mem.cpu_offload else 'off'}, VAE tiling {'on' if mem.vae_tiling else 'off'}, "
+              f"max working pixels {mem.max_pixels or 'auto'}", flush=True)
+    return serve(_settings_from_args(args, mem), log_level="debug" if args.verbose else "info")
 
 
 # -- run -------------------------------------------------------------------------------------
@@ -205,7 +239,7 @@ def method_parser(method) -> argparse.ArgumentParser:
         epilog="Images: FILE, or FILE@x,y[,scale] to place a layer on the target's canvas "
                "(scaled by scale, top-left corner at x,y).")
     taken = {"-o", "--output", "--model", "--seed", "--device", "--dtype", "--cpu-offload",
-             "--vae-tiling", "--cache-dir", "--json", "--layer", "-h", "--help"}
+             "--vae-tiling", "--no-cpu-offload", "--no-vae-tiling", "--memory-preset", "--max-pixels", "--cache-dir", "--json", "--layer", "-h", "--help"}
     p.add_argument("-o", "--output", required=True, help="result PNG (more results: NAME-2.png, ...)")
     p.add_argument("--layer", action="store_true",
                    help="also write each result as a layer with only the change (NAME.layer.png: "
@@ -296,8 +330,9 @@ def write_png(path: Path, rgba) -> None:
 def _make_models(args):
     from .models import LoadOptions, ModelManager
 
-    return ModelManager(1, LoadOptions(device=args.device, dtype=args.dtype,
-                                       cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling))
+    mem = _memory(args)
+    return ModelManager(1, LoadOptions(device=mem.device, dtype=mem.dtype, cpu_offload=mem.cpu_offload,
+                                       vae_tiling=mem.vae_tiling, max_working_pixels=mem.max_pixels))
 
 
 def _make_cache(args):
@@ -537,8 +572,11 @@ def cmd_demo(args) -> int:
 # -- doctor ----------------------------------------------------------------------------------
 
 def krita_plugin_dir() -> Path:
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "krita" / "pykrita"
+    """Krita's pykrita folder in the user's profile: Linux XDG_DATA_HOME/krita, Windows
+    %APPDATA%\\krita, macOS ~/Library/Application Support/krita."""
+    from .models.discovery import krita_data_dir
+
+    return krita_data_dir() / "pykrita"
 
 
 def doctor_report() -> dict[str, Any]:
@@ -620,6 +658,38 @@ def cmd_doctor(args) -> int:
         print(f"  {name}: unavailable ({why})")
     srv = rep["server"]
     print(f"backend server running: {ok(srv['running'])}" + (f" at {srv['url']}" if srv.get("url") else ""))
+    return 0
+
+
+# -- download --------------------------------------------------------------------------------
+
+def cmd_download(args) -> int:
+    from .models import discovery
+    from .models.download import DownloadCancelled, catalog, download, find
+
+    folder = Path(args.to).expanduser() if args.to else discovery.models_dir()
+    if args.list or not args.model:
+        for e in catalog():
+            there = " (downloaded)" if (folder / e.filename).exists() else ""
+            print(f"  {e.id:10s} {e.title}, about {e.size_bytes / 1e9:.1f} GB, for "
+                  f"{', '.join(e.methods)}{there}\n  {'':10s} {e.repo_id}/{e.filename}")
+        return 0 if args.list else 2
+    entry = find(args.model)
+    last = [0.0]
+
+    def progress(stage, done, total):
+        now = time.monotonic()
+        if stage in ("downloading", "verifying") and now - last[0] < 1 and done != total:
+            return
+        last[0] = now
+        pct = f" {100 * done / total:5.1f} %" if total else ""
+        print(f"{stage}{pct} ({done / 1e6:.0f} MB)", file=sys.stderr, flush=True)
+
+    try:
+        path = download(entry, folder, progress, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    except DownloadCancelled:  # pragma: no cover - only from a UI
+        return 130
+    print(path)
     return 0
 
 

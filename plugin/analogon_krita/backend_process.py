@@ -190,8 +190,14 @@ def open_log(directory: Path, header: str) -> Path:
 
 
 def default_command() -> str:
-    """``analogon`` on PATH, else a virtual environment in a usual place, else plain
-    ``analogon`` (the error message then says how to set it)."""
+    """The backend the docker installed (``installer.venv_dir``), else ``analogon`` on PATH,
+    else a virtual environment in a usual place, else plain ``analogon`` (the error message
+    then says how to set it)."""
+    from .installer import installed_command
+
+    mine = installed_command()
+    if mine is not None:
+        return str(mine)
     found = shutil.which("analogon")
     if found:
         return found
@@ -211,6 +217,17 @@ def split_command(command: str) -> list[str]:
     if os.path.exists(command):  # a path with spaces, unquoted
         return [command]
     return shlex.split(command, posix=sys.platform != "win32")
+
+
+def force_kill(pid: int) -> bool:
+    """The last resort when QProcess.kill() did not end the process: SIGKILL on POSIX;
+    on Windows (no SIGKILL there) TerminateProcess, which os.kill does for any signal."""
+    sig = getattr(signal, "SIGKILL", None)
+    try:
+        os.kill(pid, sig if sig is not None else signal.SIGTERM)
+        return True
+    except OSError:
+        return False
 
 
 _RUNNING: "set[BackendProcess]" = set()
@@ -412,10 +429,7 @@ class BackendProcess(QObject):
                     proc.kill()
                     proc.waitForFinished(2000)
                 if proc.state() != QProcess.ProcessState.NotRunning and pid:
-                    try:
-                        os.kill(int(pid), getattr(signal, "SIGKILL", signal.SIGTERM))
-                    except OSError:
-                        pass
+                    force_kill(int(pid))
         self._remove_state_dir()
         if self.state != "stopped":
             self._set_state("stopped", "The backend was stopped.")

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import backend_options, models_ui
 from . import document as kdoc
 from . import imaging
 from .canvas_preview import CanvasPreview
@@ -120,6 +121,7 @@ class Controller(QObject):
         self.health: dict[str, Any] = {}
         self.methods: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
+        self.models_info: dict[str, Any] = {}  # the rest of /v1/models: recommended, models_dir, searched
         self.default_model = ""
         self.model = self.settings.get("model")
         self.method_id = self.settings.get("method")
@@ -219,7 +221,12 @@ class Controller(QObject):
         if resp.ok:
             data = resp.json() or {}
             self.models = list(data.get("models") or [])
+            self.models_info = {k: v for k, v in data.items() if k != "models"}
             self.default_model = data.get("default") or ""
+            if not self.model:  # never the backend's developer default: a checkpoint or the demo
+                self.model = models_ui.choose(self.models, self.method_id,
+                                              models_ui.remembered(self.settings, self.method_id),
+                                              self.models_info.get("recommended"))
             self.modelsChanged.emit()
         version = self.health.get("version", "")
         device = self.health.get("device", "")
@@ -240,7 +247,8 @@ class Controller(QObject):
             return self.connect_backend()
         self._set_connection("starting", "Starting the backend\u2026")
         self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
-        self.process.start(self.settings.get("backend_command"), self.model or None)
+        self.process.start(self.settings.get("backend_command"), self.model or None,
+                           extra_args=backend_options.backend_args(self.settings))
 
     def log_path(self):
         """The log of the backend the panel started last (this session or an earlier one)."""
@@ -363,6 +371,11 @@ class Controller(QObject):
             return
         self.method_id = method_id
         self.settings.set("method", method_id)
+        chosen = models_ui.remembered(self.settings, method_id)
+        if chosen and chosen != self.model:  # the model last used with this method
+            self.model = chosen
+            self.settings.set("model", chosen)
+            self.modelsChanged.emit()
         self.methodChanged.emit(method_id)
         self._ensure_roles()
 
@@ -529,6 +542,8 @@ class Controller(QObject):
     def set_model(self, model: str):
         self.model = model.strip()
         self.settings.set("model", self.model)
+        if self.method_id:
+            models_ui.remember(self.settings, self.method_id, self.model)
 
     def set_seed(self, seed: int, random_seed: bool | None = None):
         self.seed = max(0, min(MAX_SEED, int(seed)))

@@ -1,6 +1,7 @@
 """The "Analogon" docker: widgets bound to the :class:`Controller` (which does the work)."""
 from __future__ import annotations
 
+from . import models_ui
 from .controller import SELECTION, Controller
 from .forms import fields_from_schema
 from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
@@ -99,6 +100,11 @@ class AnalogonPanel(QWidget):
             "file. Empty: the backend's default."))
         self.model_combo.lineEdit().setPlaceholderText("(backend default)")
         form.addRow("Model", self.model_combo)
+        self.model_hint = QtWidgets.QLabel()  # what to do when there is no checkpoint
+        self.model_hint.setObjectName("model_hint")
+        self.model_hint.setWordWrap(True)
+        self.model_hint.hide()
+        form.addRow(self.model_hint)
         self.method_combo = narrow_combo(QtWidgets.QComboBox())
         self.method_combo.setObjectName("method")
         form.addRow("Method", self.method_combo)
@@ -242,6 +248,7 @@ class AnalogonPanel(QWidget):
         c.connectionChanged.connect(self._show_connection)
         c.methodsChanged.connect(self._show_methods)
         c.modelsChanged.connect(self._show_models)
+        c.methodChanged.connect(lambda _: self._show_models())  # what the method can use
         c.methodChanged.connect(lambda _: self._show_method())
         c.paramsChanged.connect(lambda mid: self._show_method() if mid == self.c.method_id else None)
         c.rolesChanged.connect(self._show_roles)
@@ -301,14 +308,13 @@ class AnalogonPanel(QWidget):
 
     def _show_models(self):
         self._building = True
-        current = self.c.model
-        self.model_combo.clear()
-        for m in self.c.models:
-            label = m["id"] + (" (loaded)" if m.get("loaded") else "")
-            self.model_combo.addItem(label, m["id"])
-        self.model_combo.setEditText(current)
+        models_ui.fill_combo(self.model_combo, self.c.models, self.c.method_id, self.c.model,
+                             self.c.settings.get_bool("show_developer_models"))
         if self.c.default_model:
             self.model_combo.lineEdit().setPlaceholderText(f"(backend default: {self.c.default_model})")
+        hint = models_ui.help_text(self.c.models, self.c.models_info) if self.c.models else ""
+        self.model_hint.setText(hint)
+        self.model_hint.setVisible(bool(hint))
         self._building = False
 
     def _show_method(self):
@@ -520,6 +526,10 @@ class SettingsDialog(QtWidgets.QDialog):
         self.format.addItem("PNG (smaller)", "png")
         self.format.setCurrentIndex(max(0, self.format.findData(self.c.settings.get("image_format"))))
         lay.addRow("Upload format", self.format)
+        from .backend_setup import BackendSetup
+
+        self.setup = BackendSetup(self.c, parent=self)  # install, memory, models
+        lay.addRow(self.setup)
         buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.StandardButton.Ok
                                              | QtWidgets.QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
@@ -531,6 +541,7 @@ class SettingsDialog(QtWidgets.QDialog):
             self.c.settings.set(key, e.text().strip())
         self.c.settings.set("autostart", self.autostart.isChecked())
         self.c.settings.set("image_format", self.format.currentData())
+        self.setup.save()
 
 
 def make_docker_class():

@@ -19,6 +19,16 @@ DEFAULTS = {
     "feather": "8",
     "image_format": "rgba",
     "progressive": "false",
+    "model_by_method": "{}",  # the model last chosen for each method (models_ui)
+    # what the docker passes to the backend it starts (backend_options)
+    "memory_preset": "auto",
+    "device": "",
+    "dtype": "",
+    "cpu_offload": "false",
+    "vae_tiling": "false",
+    "max_pixels": "0",
+    "model_folders": "[]",
+    "show_developer_models": "false",
 }
 
 

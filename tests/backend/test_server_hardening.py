@@ -431,14 +431,14 @@ def test_results_expire_by_age(tmp_path):
 
 
 def test_the_store_cap_and_result_age_are_serve_options():
-    from analogon.cli import _base_parser, _settings_from_args
+    from analogon.cli import _base_parser, _memory, _settings_from_args
 
     args = _base_parser().parse_args(["serve", "--image-store-cap", "500M", "--result-max-age-days", "2"])
-    settings = _settings_from_args(args)
+    settings = _settings_from_args(args, _memory(args))
     assert settings.image_store_cap_bytes == 500 * 1024**2
     assert settings.result_max_age_s == 2 * 24 * 3600
     args = _base_parser().parse_args(["serve", "--image-store-cap", "3G", "--result-max-age-days", "0"])
-    settings = _settings_from_args(args)
+    settings = _settings_from_args(args, _memory(args))
     assert settings.image_store_cap_bytes == 3 * 1024**3 and settings.result_max_age_s is None
 
 

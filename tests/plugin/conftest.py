@@ -114,3 +114,14 @@ def backend(tmp_path_factory):
         proc.kill()
         proc.wait(5)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory):
+    """``make dist``'s output, built once: (zip, wheel)."""
+    spec = importlib.util.spec_from_file_location("krita_plugin_release", ROOT / "packaging" / "krita_plugin.py")
+    pk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pk)
+    out = tmp_path_factory.mktemp("dist")
+    z = pk.build_release(out)
+    return z, out / f"analogon-{pk.backend_version()}-py3-none-any.whl"

@@ -224,6 +224,7 @@ def test_backend_that_cannot_start_gives_a_message(kapp, tmp_path):
 def live(kapp, backend):
     kapp.writeSetting("analogon", "state_dir", str(backend.state_dir))
     c = Controller(app=kapp)
+    c.set_model("tiny-sd")  # the developer model on purpose (a painter is never offered it)
     done = []
     c.connect_backend(done.append)
     assert wait_until(lambda: done, 20) and done == [True], c.connection_message

@@ -96,3 +96,44 @@ def test_no_default_shortcut_clashes_with_krita():
     assert "alt+ctrl+g" in krita  # the parser reads Krita's own file (Quick Ungroup)
     assert ours, "Generate has a default shortcut"
     assert not set(ours) & set(krita), {k: (ours[k], krita[k]) for k in set(ours) & set(krita)}
+
+
+def test_release_zip_carries_the_backend_wheel(release, pk):
+    z, wheel = release
+    assert z.name == f"analogon_krita-{pk.backend_version()}.zip"
+    names = zipfile.ZipFile(z).namelist()
+    assert f"analogon_krita/backend/{wheel.name}" in names
+    assert "analogon_krita/backend/requirements/lock.txt" in names
+    # the wheel in the zip is the wheel that was built, and it is the backend of this checkout
+    assert zipfile.ZipFile(z).read(f"analogon_krita/backend/{wheel.name}") == wheel.read_bytes()
+    w = zipfile.ZipFile(wheel)
+    meta = w.read(f"analogon-{pk.backend_version()}.dist-info/METADATA").decode()
+    assert f"Version: {pk.backend_version()}" in meta
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    from packaging.requirements import Requirement
+
+    requires = {str(Requirement(line.split(": ", 1)[1])) for line in meta.splitlines()
+                if line.startswith("Requires-Dist: ") and "extra" not in line}
+    assert requires == {str(Requirement(d)) for d in declared}
+    wnames = w.namelist()
+    assert "analogon/cli.py" in wnames and "analogon/models/toy_sd/model_index.json" in wnames
+    assert "analogon/models/configs/sd15/unet/config.json" in wnames
+    entry = w.read(f"analogon-{pk.backend_version()}.dist-info/entry_points.txt").decode()
+    assert "analogon = analogon.cli:main" in entry
+
+
+@pytest.mark.skipif(not IMPORTER.exists(), reason="Krita's plugin importer is not installed")
+def test_krita_importer_extracts_the_wheel(release, tmp_path):
+    z, wheel = release
+    importer = load("plugin_importer", IMPORTER)
+    res = tmp_path / "resources"
+    res.mkdir()
+    imported = importer.PluginImporter(str(z), str(res), lambda plugin: True).import_all()
+    assert [p["name"] for p in imported] == ["analogon_krita"]
+    bundled = res / "pykrita" / "analogon_krita" / "backend" / wheel.name
+    assert bundled.read_bytes() == wheel.read_bytes()
+    from analogon_krita import installer
+
+    assert installer.bundled_wheel(res / "pykrita" / "analogon_krita") == bundled

@@ -1,7 +1,8 @@
 """Peak memory of a block of work, for the benchmark tables.
 
 On CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the block. On the
-CPU: growth of the resident set size, sampled every millisecond from /proc (torch's CPU tensors
+CPU: growth of the resident set size, sampled every millisecond (/proc on Linux, where reading
+it is cheapest; psutil elsewhere) (torch's CPU tensors
 are invisible to tracemalloc), plus tracemalloc's peak for Python/numpy allocations.
 """
 from __future__ import annotations
@@ -19,6 +20,12 @@ def _rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * _PAGE
     except OSError:  # not Linux
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # pragma: no cover
         return 0
 
 

@@ -71,13 +71,16 @@ class HiresSettings:
 
 
 def refine_size(region: tuple[int, int], work: tuple[int, int], native: int, s: HiresSettings,
-                multiple: int = 8) -> tuple[int, int] | None:
+                multiple: int = 8, cap: int | None = None) -> tuple[int, int] | None:
     """The size the pass works at for a region of ``region`` px whose result came back at
-    ``work`` px, or None when no pass runs."""
+    ``work`` px, or None when no pass runs. ``cap``: the backend's maximum working pixels
+    (its memory preset), over any larger ``max_pixels``."""
     if s.mode == "off" or s.strength <= 0:
         return None
     rw, rh = region
     max_px = s.max_pixels or AUTO_AREA * native * native
+    if cap:
+        max_px = min(max_px, int(cap))
     scale = min(1.0, math.sqrt(max_px / float(rw * rh)))
     w = max(multiple, int(rw * scale) // multiple * multiple)
     h = max(multiple, int(rh * scale) // multiple * multiple)
@@ -216,8 +219,8 @@ def finish(ctx, method, inputs, params, result):
         base = as_rgba(r.base) if r.base is not None else target[box[1]:box[3], box[0]:box[2]]
         info: dict[str, Any] = {}
         w_box = np.ones((bh, bw), np.float32) if weight is None else weight[box[1]:box[3], box[0]:box[2]]
-        size = refine_size((bw, bh), work, ctx.model.native_size, settings, ctx.model.vae_scale_factor) \
-            if (w_box > 0).any() else None
+        size = refine_size((bw, bh), work, ctx.model.native_size, settings, ctx.model.vae_scale_factor,
+                           cap=ctx.model.info.get("max_working_pixels")) if (w_box > 0).any() else None
         if size is not None:
             out, info["hires"] = refine(ctx, out, base, w_box, size, settings)
         ret = C.bring_back(out, target, box=box, base=base, weight=weight)

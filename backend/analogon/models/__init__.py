@@ -38,6 +38,7 @@ class LoadOptions:
     dtype: str | None = None  # None: float16 on cuda/mps, float32 on cpu
     cpu_offload: bool = False
     vae_tiling: bool = False
+    max_working_pixels: int | None = None  # caps the high-resolution pass's area (core.hires)
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -238,6 +239,7 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
     return ModelBundle(
         spec=spec, family=family, pipe=pipe, device=device, dtype=dtype, source=source,
         key=key, native_size=_native_size(pipe, family),
+        info={"max_working_pixels": options.max_working_pixels} if options.max_working_pixels else {},
     )
 
 
@@ -352,8 +354,13 @@ class ModelManager:
         with self._lock:
             return list(self._models)
 
-    def available(self) -> list[dict[str, Any]]:
+    def available(self, discovered: list[dict[str, Any]] | None = None,
+                  method_ids: list[str] | None = None) -> list[dict[str, Any]]:
+        """The embedded models, then ``discovered`` checkpoints (see models.discovery), then
+        any other loaded model. ``developer`` marks the random-weight models that prove the
+        machinery and are never offered to a painter; ``toy-sd`` is the toy-world demo."""
         loaded = set(self.loaded())
+        methods = list(method_ids or [])
         out = []
         for name in EMBEDDED:
             fam = "sdxl" if name == "tiny-sdxl" else "sd1"
@@ -362,10 +369,21 @@ class ModelManager:
 
                 if not toy_sd_available():
                     continue
-            out.append({"id": name, "family": fam, "source": "embedded", "loaded": name in loaded})
+            developer = name != "toy-sd"
+            out.append({"id": name, "family": fam, "source": "embedded", "loaded": name in loaded,
+                        "name": name, "developer": developer, "methods": methods,
+                        "label": f"{name} (developer: random weights, output is noise)" if developer
+                        else "demo (toy world)",
+                        "note": "random weights: proves the machinery, not quality" if developer else
+                        "a small model trained on the toy world: shapes and colours, not photographs"})
+        listed = set(EMBEDDED)
+        for entry in discovered or []:
+            out.append({**entry, "loaded": entry["id"] in loaded, "developer": False})
+            listed.add(entry["id"])
         for name in loaded:
-            if name not in EMBEDDED:
+            if name not in listed:
                 b = self._models.get(name)
-                out.append({"id": name, "family": b.family if b else None,
-                            "source": b.source if b else "local", "loaded": True})
+                out.append({"id": name, "family": b.family if b else None, "name": name,
+                            "source": b.source if b else "local", "loaded": True, "developer": False,
+                            "methods": methods, "label": name})
         return out

@@ -16,13 +16,23 @@ __all__ = ["Settings", "create_app", "serve", "bind_socket", "write_server_json"
            "ServerThread", "DEFAULT_HOST", "DEFAULT_PORT", "default_state_dir"]
 
 
+def set_exclusive(sock: socket.socket) -> None:
+    """One server per port. POSIX: SO_REUSEADDR only lets a restarted server reuse a port in
+    TIME_WAIT (a second live listener still gets EADDRINUSE). Windows: SO_REUSEADDR would let
+    a second server bind the same port; SO_EXCLUSIVEADDRUSE forbids that."""
+    if os.name == "nt":
+        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1)
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket; port 0 picks a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says it is TCP (with proto 0 every small response waits ~40 ms for an ACK).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    set_exclusive(sock)
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as e:

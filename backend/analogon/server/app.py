@@ -73,6 +73,10 @@ class Settings:
     result_max_age_s: float | None = 7 * 24 * 3600.0  # None: results stay until the cap
     header_timeout_s: float = 10.0  # a client must send its request line and headers within this
     job_memory_bytes: int | None = None  # None: what the machine has free when a job is submitted
+    max_working_pixels: int | None = None  # caps the high-resolution pass (memory preset)
+    memory_preset: str = "none"  # the preset the settings above came from (analogon.memory)
+    model_dirs: list[Path] = field(default_factory=list)  # searched for checkpoints (--models-dir)
+    scan_usual_places: bool = True  # ComfyUI, A1111/Forge, Krita AI Diffusion, the HF cache
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
@@ -219,15 +223,19 @@ def _check_text(text: str) -> None:
         raise _BadJson("a string holds a lone surrogate (not Unicode text)") from None
 
 
+class DownloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A recommended model's id, from /v1/downloads/catalog.")
+
+
 def memory_info() -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/self/statm") as f:
-            out["process_rss_bytes"] = int(f.read().split()[1]) * page
-        out["system_total_bytes"] = os.sysconf("SC_PHYS_PAGES") * page
-        out["system_available_bytes"] = os.sysconf("SC_AVPHYS_PAGES") * page
-    except (OSError, ValueError, AttributeError):
+        from ..memory import system_memory
+
+        out.update(system_memory())
+    except Exception:  # pragma: no cover - psutil missing or refusing
         pass
     try:
         import torch
@@ -256,7 +264,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state_dir = settings.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
     options = LoadOptions(device=settings.device, dtype=settings.dtype,
-                          cpu_offload=settings.cpu_offload, vae_tiling=settings.vae_tiling)
+                          cpu_offload=bool(settings.cpu_offload), vae_tiling=bool(settings.vae_tiling),
+                          max_working_pixels=settings.max_working_pixels)
     device = pick_device(settings.device)
     dtype = pick_dtype(device, settings.dtype)
     store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes,
@@ -287,6 +296,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.downloads.stop_all()
             await begin_shutdown()
             store.close()
 
@@ -364,9 +374,60 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "queue": queue.queue_length(), "limits": settings.limits.to_json(), "pid": os.getpid(),
         }
 
+    # -- recommended models -------------------------------------------------------------
+    from ..models import discovery as _discovery
+    from ..models.download import Downloads, catalog as _catalog
+
+    downloads = Downloads(_discovery.models_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+    app.state.downloads = downloads
+
+    @app.get("/v1/downloads/catalog")
+    def download_catalog() -> dict[str, Any]:
+        return {"models_dir": str(downloads.models_dir),
+                "models": [{**e.to_json(), "installed": (downloads.models_dir / e.filename).exists()}
+                           for e in _catalog()]}
+
+    @app.post("/v1/downloads", status_code=202)
+    def start_download(req: DownloadRequest) -> dict[str, Any]:
+        return downloads.start(req.model).to_json()
+
+    @app.get("/v1/downloads/{download_id}")
+    def download_status(download_id: str) -> dict[str, Any]:
+        return downloads.get(download_id).to_json()
+
+    @app.delete("/v1/downloads/{download_id}")
+    def cancel_download(download_id: str) -> dict[str, Any]:
+        return downloads.cancel(download_id).to_json()
+
+    @app.get("/v1/system")
+    def system() -> dict[str, Any]:
+        """The device, its memory, the memory settings in force and the presets."""
+        from .. import memory
+
+        info = memory.system_info()
+        return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), **{
+                    k: info[k] for k in ("device_name", "vram_bytes", "ram_bytes")},
+                "memory": memory_info(), "auto_preset": memory.auto_preset(info),
+                "settings": {"preset": settings.memory_preset, "device": settings.device,
+                             "dtype": settings.dtype, "cpu_offload": bool(settings.cpu_offload),
+                             "vae_tiling": bool(settings.vae_tiling),
+                             "max_pixels": settings.max_working_pixels},
+                "presets": memory.PRESETS}
+
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        return {"default": settings.default_model, "models": models.available()}
+        from ..models import discovery
+
+        ids = [m.id for m in all_methods()]
+        found = discovery.scan(settings.model_dirs, ids, include_usual=settings.scan_usual_places)
+        return {"default": settings.default_model,
+                "models": models.available([c.to_json() for c in found], ids),
+                "models_dir": str(discovery.models_dir()),
+                "searched": [str(d) for d in discovery.configured_dirs(settings.model_dirs)]
+                + ([str(p) for _, p in discovery.usual_places() if p.is_dir()]
+                   + [str(discovery.hf_hub_cache())] if settings.scan_usual_places else []),
+                "recommended": {m: (c.id if (c := discovery.recommended_for(m, found)) else None)
+                                for m in ids}}
 
     @app.get("/v1/methods")
     def list_methods() -> dict[str, Any]:

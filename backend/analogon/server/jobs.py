@@ -316,6 +316,13 @@ class JobQueue:
             _free_accelerator_memory()
 
 
+OUT_OF_MEMORY_MESSAGE = (
+    "The GPU ran out of memory. In the docker's settings (\u2699 \u25b8 Memory), choose a smaller "
+    "memory preset (\u2264 6 GB turns on CPU offload and VAE tiling) or a lower \u201cMax working "
+    "pixels\u201d, and restart the backend; or use a smaller region, fewer exemplars or fewer steps. "
+    "(Command line: analogon serve --memory-preset low, or --cpu-offload --vae-tiling --max-pixels N.)")
+
+
 _OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory",
               "defaultcpuallocator", "failed to allocate")
 
@@ -329,9 +336,10 @@ def out_of_memory_error(e: BaseException, device: str = "") -> dict[str, Any] | 
         return None
     where = "GPU" if (type(e).__name__ == "OutOfMemoryError" or "cuda" in text or "mps" in text) else "computer"
     return {"code": "out_of_memory", "detail": {"exception": type(e).__name__, "device": device or None},
-            "message": f"The {where} ran out of memory. Try a smaller region, fewer exemplars or "
-                       "fewer steps" + (", or start the backend with --cpu-offload and --vae-tiling."
-                                        if where == "GPU" else ", or close other programs.")}
+            "message": OUT_OF_MEMORY_MESSAGE if where == "GPU" else
+                       "The computer ran out of memory. Try a smaller region, fewer exemplars or fewer "
+                       "steps, a lower \u201cMax working pixels\u201d in the docker's settings "
+                       "(\u2699 \u25b8 Memory), or close other programs."}
 
 
 def _free_accelerator_memory() -> None:

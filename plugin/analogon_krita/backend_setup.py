@@ -1,0 +1,304 @@
+"""The settings dialog's backend tabs: install the backend, memory, models (folders and
+*Get a model*). Used by ``panel.SettingsDialog``; the work is done by ``installer``,
+``backend_options`` and the backend's ``/v1/downloads``."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import backend_options as bo
+from . import installer as inst
+from .qt import QTimer, QtWidgets
+
+
+class BackendSetup(QtWidgets.QTabWidget):
+    def __init__(self, controller, installer: inst.Installer | None = None, parent=None):
+        super().__init__(parent)
+        self._download_id = ""
+        self._calls: list = []  # the requests in flight (a Call that is not referenced is collected)
+        self.c = controller
+        self.settings = controller.settings
+        self.installer = installer or inst.Installer(parent=self)
+        self.addTab(self._install_tab(), "Backend")
+        self.addTab(self._memory_tab(), "Memory")
+        self.addTab(self._models_tab(), "Models")
+        self._poll = QTimer(self)
+        self._poll.setInterval(400)
+        self._poll.timeout.connect(self._poll_download)
+        self._show_install_state()
+
+    # -- install ---------------------------------------------------------------------------
+    def _install_tab(self):
+        w = QtWidgets.QWidget()
+        lay = QtWidgets.QVBoxLayout(w)
+        self.install_status = QtWidgets.QLabel()
+        self.install_status.setWordWrap(True)
+        lay.addWidget(self.install_status)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(QtWidgets.QLabel("PyTorch for"))
+        self.variant = QtWidgets.QComboBox()
+        for key, text in inst.VARIANTS:
+            self.variant.addItem(text, key)
+        self.variant.setCurrentIndex(max(0, self.variant.findData(inst.detect_variant())))
+        self.variant.setToolTip("Detected from this machine; change it if it is wrong.")
+        row.addWidget(self.variant, 1)
+        lay.addLayout(row)
+        row = QtWidgets.QHBoxLayout()
+        self.install_button = QtWidgets.QPushButton("Install backend")
+        self.update_button = QtWidgets.QPushButton("Update")
+        self.uninstall_button = QtWidgets.QPushButton("Uninstall")
+        self.cancel_install_button = QtWidgets.QPushButton("Cancel")
+        for b in (self.install_button, self.update_button, self.uninstall_button, self.cancel_install_button):
+            row.addWidget(b)
+        lay.addLayout(row)
+        self.install_progress = QtWidgets.QProgressBar()
+        self.install_progress.setRange(0, 100)
+        self.install_progress.setFormat("")
+        lay.addWidget(self.install_progress)
+        self.install_log = QtWidgets.QPlainTextEdit()
+        self.install_log.setReadOnly(True)
+        self.install_log.setMaximumBlockCount(2000)
+        lay.addWidget(self.install_log, 1)
+        self.install_button.clicked.connect(lambda: self.installer.install(self.variant.currentData()))
+        self.update_button.clicked.connect(lambda: self.installer.update(self.variant.currentData()))
+        self.uninstall_button.clicked.connect(self._uninstall)
+        self.cancel_install_button.clicked.connect(self.installer.cancel)
+        self.installer.progress.connect(self._on_install_progress)
+        self.installer.logLine.connect(self.install_log.appendPlainText)
+        self.installer.finished.connect(lambda ok, msg: self._show_install_state(msg))
+        return w
+
+    def _uninstall(self):
+        if self.c.process.running:
+            self.c.stop_backend()
+        self.installer.uninstall()
+        self._show_install_state("Uninstalled.")
+
+    def _on_install_progress(self, percent: int, text: str):
+        self.install_progress.setValue(percent)
+        self.install_progress.setFormat(text[:80])
+        self._show_install_state()
+
+    def _show_install_state(self, message: str = ""):
+        running = self.installer.running
+        installed = self.installer.installed()
+        have = self.installer.installed_version() if installed else ""
+        bundled = inst.wheel_version(self.installer.wheel) if self.installer.wheel else ""
+        if running:
+            text = "Installing\u2026"
+        elif installed:
+            text = f"Backend {have} installed in {self.installer.venv}."
+            if bundled and have != bundled:
+                text += f" This plugin carries {bundled}: Update installs it."
+        elif bundled:
+            text = (f"No backend installed. Install backend puts backend {bundled} and PyTorch "
+                    f"(3\u20136 GB) into {self.installer.venv}.")
+        else:
+            text = ("This copy of the plugin carries no backend: install the release zip, or set the "
+                    "backend command below.")
+        self.install_status.setText(text + (f"\n{message}" if message else ""))
+        self.install_button.setEnabled(not running and bool(bundled))
+        self.update_button.setEnabled(not running and installed and bool(bundled))
+        self.uninstall_button.setEnabled(not running and installed)
+        self.cancel_install_button.setEnabled(running)
+
+    # -- memory ------------------------------------------------------------------------------
+    def _memory_tab(self):
+        w = QtWidgets.QWidget()
+        form = QtWidgets.QFormLayout(w)
+        self.preset = QtWidgets.QComboBox()
+        for key, text in bo.PRESET_CHOICES:
+            self.preset.addItem(text, key)
+        form.addRow("Memory preset", self.preset)
+        self.preset_summary = QtWidgets.QLabel()
+        self.preset_summary.setWordWrap(True)
+        form.addRow(self.preset_summary)
+        self.device = QtWidgets.QComboBox()
+        for key, text in bo.DEVICE_CHOICES:
+            self.device.addItem(text, key)
+        self.dtype = QtWidgets.QComboBox()
+        for key, text in bo.DTYPE_CHOICES:
+            self.dtype.addItem(text, key)
+        self.offload = QtWidgets.QCheckBox("Keep idle model parts in CPU memory (small GPUs)")
+        self.tiling = QtWidgets.QCheckBox("Decode large images in tiles")
+        self.max_pixels = QtWidgets.QSpinBox()
+        self.max_pixels.setRange(0, 64 * 1024 * 1024)
+        self.max_pixels.setSingleStep(256 * 256)
+        self.max_pixels.setSpecialValueText("automatic")
+        form.addRow("Device", self.device)
+        form.addRow("Precision", self.dtype)
+        form.addRow("CPU offload", self.offload)
+        form.addRow("VAE tiling", self.tiling)
+        form.addRow("Max working pixels", self.max_pixels)
+        form.addRow(QtWidgets.QLabel("Changes take effect when the backend starts again."))
+        s = self.settings
+        self.preset.setCurrentIndex(max(0, self.preset.findData(s.get("memory_preset", "auto") or "auto")))
+        self.device.setCurrentIndex(max(0, self.device.findData(s.get("device", ""))))
+        self.dtype.setCurrentIndex(max(0, self.dtype.findData(s.get("dtype", ""))))
+        self.offload.setChecked(s.get_bool("cpu_offload"))
+        self.tiling.setChecked(s.get_bool("vae_tiling"))
+        self.max_pixels.setValue(max(0, s.get_int("max_pixels")))
+        self.preset.currentIndexChanged.connect(lambda _: self._show_preset())
+        self._show_preset()
+        return w
+
+    def _show_preset(self):
+        key = self.preset.currentData()
+        self.preset_summary.setText(bo.preset_summary(key))
+        custom = key == "custom"
+        for wdg in (self.device, self.dtype, self.offload, self.tiling, self.max_pixels):
+            wdg.setEnabled(custom)
+        p = bo.PRESETS.get(key)
+        if p is not None:  # show what the preset means in the explicit fields
+            self.device.setCurrentIndex(max(0, self.device.findData(p["device"] or "")))
+            self.dtype.setCurrentIndex(max(0, self.dtype.findData(p["dtype"])))
+            self.offload.setChecked(p["cpu_offload"])
+            self.tiling.setChecked(p["vae_tiling"])
+            self.max_pixels.setValue(p["max_pixels"])
+
+    # -- models ------------------------------------------------------------------------------
+    def _models_tab(self):
+        w = QtWidgets.QWidget()
+        lay = QtWidgets.QVBoxLayout(w)
+        lay.addWidget(QtWidgets.QLabel("Folders with checkpoints (ComfyUI, Automatic1111 / Forge, Krita AI "
+                                       "Diffusion and the Hugging Face cache are searched anyway):"))
+        self.folders = QtWidgets.QListWidget()
+        for f in bo.model_folders(self.settings):
+            self.folders.addItem(f)
+        lay.addWidget(self.folders)
+        row = QtWidgets.QHBoxLayout()
+        add = QtWidgets.QPushButton("Add folder\u2026")
+        remove = QtWidgets.QPushButton("Remove")
+        add.clicked.connect(self._add_folder)
+        remove.clicked.connect(lambda: self.folders.takeItem(self.folders.currentRow()))
+        row.addWidget(add)
+        row.addWidget(remove)
+        row.addStretch(1)
+        lay.addLayout(row)
+        self.show_dev = QtWidgets.QCheckBox("Show developer models (tiny-sd, tiny-sdxl: random weights)")
+        self.show_dev.setChecked(self.settings.get_bool("show_developer_models"))
+        lay.addWidget(self.show_dev)
+        box = QtWidgets.QGroupBox("Get a model")
+        bl = QtWidgets.QVBoxLayout(box)
+        self.catalog_dir = QtWidgets.QLabel()  # where downloads go
+        self.catalog_dir.setWordWrap(True)
+        bl.addWidget(self.catalog_dir)
+        self.catalog = QtWidgets.QListWidget()
+        bl.addWidget(self.catalog)
+        row = QtWidgets.QHBoxLayout()
+        self.download_button = QtWidgets.QPushButton("Download")
+        self.cancel_download_button = QtWidgets.QPushButton("Cancel")
+        self.cancel_download_button.setEnabled(False)
+        row.addWidget(self.download_button)
+        row.addWidget(self.cancel_download_button)
+        bl.addLayout(row)
+        self.download_progress = QtWidgets.QProgressBar()
+        self.download_progress.setRange(0, 1000)
+        self.download_progress.setFormat("")
+        bl.addWidget(self.download_progress)
+        self.download_status = QtWidgets.QLabel()
+        self.download_status.setWordWrap(True)
+        bl.addWidget(self.download_status)
+        lay.addWidget(box)
+        self.download_button.clicked.connect(self.start_download)
+        self.cancel_download_button.clicked.connect(self.cancel_download)
+        self.refresh_catalog()
+        return w
+
+    def _add_folder(self):
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "A folder with checkpoints")
+        if folder:
+            self.folders.addItem(folder)
+
+    def refresh_catalog(self):
+        client = self.c.client if self.c.connected else None
+        if client is None:
+            self.download_status.setText("Start or connect the backend to download models.")
+            self.download_button.setEnabled(False)
+            return
+        self._send("GET", "/v1/downloads/catalog", self._show_catalog)
+
+    def _show_catalog(self, resp):
+        if not resp.ok:
+            self.download_status.setText(resp.error.message if resp.error else "No catalog.")
+            return
+        data = resp.json() or {}
+        self.catalog.clear()
+        for m in data.get("models", []):
+            done = " \u2014 downloaded" if m.get("installed") else ""
+            item = QtWidgets.QListWidgetItem(f"{m['title']} (about {m['size_bytes'] / 1e9:.1f} GB; for "
+                                             f"{', '.join(m['methods']) or 'any method'}){done}")
+            item.setToolTip(f"{m['repo_id']}/{m['filename']}\n{m.get('note', '')}")
+            item.setData(256, m["id"])  # Qt.UserRole
+            self.catalog.addItem(item)
+        if self.catalog.count():
+            self.catalog.setCurrentRow(0)
+        self.download_button.setEnabled(self.catalog.count() > 0 and not self._download_id)
+        self.catalog_dir.setText(f"Into {data.get('models_dir', '')}")
+
+    def start_download(self):
+        item = self.catalog.currentItem()
+        if item is None or self.c.client is None:
+            return
+        self.download_button.setEnabled(False)
+        self._send("POST", "/v1/downloads", self._started, {"model": item.data(256)})
+
+    def _started(self, resp):
+        if not resp.ok:
+            self.download_status.setText(resp.error.message if resp.error else "The download did not start.")
+            self.download_button.setEnabled(True)
+            return
+        self._download_id = (resp.json() or {}).get("id", "")
+        self.cancel_download_button.setEnabled(True)
+        self._poll.start()
+
+    def cancel_download(self):
+        if self._download_id and self.c.client is not None:
+            self._send("DELETE", f"/v1/downloads/{self._download_id}")
+
+    def _poll_download(self):
+        if not self._download_id or self.c.client is None:
+            return self._poll.stop()
+        self._send("GET", f"/v1/downloads/{self._download_id}", self._show_download)
+
+    def _show_download(self, resp):
+        if not resp.ok:
+            return
+        st: dict[str, Any] = resp.json() or {}
+        total, done = st.get("total") or 0, st.get("bytes") or 0
+        if total:
+            self.download_progress.setValue(int(1000 * done / total))
+        self.download_progress.setFormat(f"{st.get('stage', '')} {done / 1e6:.0f} / {total / 1e6:.0f} MB")
+        if st.get("status") in ("done", "error", "cancelled"):
+            self._poll.stop()
+            self._download_id = ""
+            self.cancel_download_button.setEnabled(False)
+            self.download_button.setEnabled(True)
+            self.download_status.setText({"done": f"Downloaded: {st.get('path')}",
+                                          "cancelled": "Cancelled; downloading it again resumes it."}.get(
+                st["status"], (st.get("error") or {}).get("message", "The download failed.")))
+            if st["status"] == "done":
+                self.refresh_catalog()
+                self.c.connect_backend()  # the model list now has it
+
+    def _send(self, verb: str, path: str, callback=None, payload: Any = None):
+        client = self.c.client
+        if client is None:
+            return None
+        self._calls = [c for c in self._calls if not c.done]
+        call = (client.send_json(verb, path, payload, callback) if payload is not None
+                else client.send(verb, path, callback=callback))
+        self._calls.append(call)
+        return call
+
+    # -- saving ------------------------------------------------------------------------------
+    def save(self):
+        s = self.settings
+        s.set("memory_preset", self.preset.currentData())
+        if self.preset.currentData() == "custom":
+            s.set("device", self.device.currentData())
+            s.set("dtype", self.dtype.currentData())
+            s.set("cpu_offload", self.offload.isChecked())
+            s.set("vae_tiling", self.tiling.isChecked())
+            s.set("max_pixels", self.max_pixels.value())
+        s.set_json("model_folders", [self.folders.item(i).text() for i in range(self.folders.count())])
+        s.set("show_developer_models", self.show_dev.isChecked())

@@ -1,0 +1,107 @@
+"""The settings dialog's backend tabs: memory preset and explicit settings saved for the
+backend it starts, model folders, the install buttons, and Get a model against a real backend
+whose hub is a stand-in on 127.0.0.1."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analogon_krita import backend_options
+from analogon_krita.backend_setup import BackendSetup
+from analogon_krita.controller import Controller
+from analogon_krita.installer import Installer
+from conftest import ROOT, wait_until
+
+sys.path.insert(0, str(ROOT / "tests" / "backend"))
+
+
+def test_memory_and_models_tabs_save_what_the_backend_gets(kapp, tmp_path):
+    c = Controller(app=kapp)
+    w = BackendSetup(c, Installer(venv=tmp_path / "venv", wheel=tmp_path / "analogon-0.1.0-py3-none-any.whl"))
+    assert w.preset.currentData() == "auto" and not w.device.isEnabled()
+    w.preset.setCurrentIndex(w.preset.findData("low"))
+    assert w.offload.isChecked() and w.tiling.isChecked() and w.max_pixels.value() == 1024 * 1024
+    assert "CPU offload on" in w.preset_summary.text()
+    w.preset.setCurrentIndex(w.preset.findData("custom"))  # starts from the preset shown
+    assert w.dtype.currentData() == "float16" and w.device.isEnabled() and w.max_pixels.isEnabled()
+    w.device.setCurrentIndex(w.device.findData("cuda"))
+    w.offload.setChecked(False)
+    w.tiling.setChecked(True)
+    w.max_pixels.setValue(800_000)
+    w.folders.addItem("/home/p/ComfyUI/models/checkpoints")
+    w.show_dev.setChecked(True)
+    w.save()
+    assert backend_options.backend_args(c.settings) == [
+        "--device", "cuda", "--dtype", "float16", "--no-cpu-offload", "--vae-tiling", "--max-pixels", "800000",
+        "--models-dir", "/home/p/ComfyUI/models/checkpoints"]
+    assert c.settings.get_bool("show_developer_models")
+    w2 = BackendSetup(c, Installer(venv=tmp_path / "venv"))  # read back
+    assert w2.preset.currentData() == "custom" and w2.max_pixels.value() == 800_000
+    assert w2.folders.item(0).text() == "/home/p/ComfyUI/models/checkpoints"
+
+
+def test_install_buttons_follow_the_state(kapp, tmp_path):
+    c = Controller(app=kapp)
+    wheel = tmp_path / "analogon-0.3.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    w = BackendSetup(c, Installer(venv=tmp_path / "venv", wheel=wheel))
+    assert w.install_button.isEnabled() and not w.update_button.isEnabled()
+    assert not w.uninstall_button.isEnabled() and not w.cancel_install_button.isEnabled()
+    assert "0.3.0" in w.install_status.text() and str(tmp_path / "venv") in w.install_status.text()
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "analogon").write_text("")
+    w._show_install_state()
+    assert w.update_button.isEnabled() and w.uninstall_button.isEnabled()
+    w.uninstall_button.click()
+    assert not (tmp_path / "venv").exists() and not w.uninstall_button.isEnabled()
+    none = BackendSetup(c, Installer(venv=tmp_path / "v2", wheel=None))
+    none.installer.wheel = None
+    none._show_install_state()
+    assert not none.install_button.isEnabled() and "carries no backend" in none.install_status.text()
+
+
+def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+    import numpy as np
+    from safetensors.numpy import save
+
+    from analogon.models import download as dl
+    from analogon.server import ServerThread, Settings
+    from fake_hub import FakeHub
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    data = save({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((2, 4, 1, 1), np.float16),
+                 "cond_stage_model.transformer.text_model.pad": np.zeros(200_000, np.float32)})
+    monkeypatch.setattr(dl, "CATALOG", (dl.Recommended("tiny", "Tiny SD", "p/tiny", "tiny.safetensors", "sd1",
+                                                        ("dia",), 800_000),))
+    models = tmp_path / "models"
+    monkeypatch.setenv("ANALOGON_MODELS_DIR", str(models))
+    with FakeHub() as hub:
+        hub.files[("p/tiny", "tiny.safetensors")] = data
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        settings = Settings(port=0, state_dir=tmp_path / "state", cache_dir="", device="cpu",
+                            scan_usual_places=True)
+        with ServerThread(settings) as srv:
+            kapp.writeSetting("analogon", "backend_url", srv.url)
+            (tmp_path / "st").mkdir()
+            (tmp_path / "st" / "server.json").write_text(
+                '{"url": "%s", "token": "%s"}' % (srv.url, srv.token))
+            kapp.writeSetting("analogon", "state_dir", str(tmp_path / "st"))
+            c = Controller(app=kapp)
+            done = []
+            c.connect_backend(done.append)
+            assert wait_until(lambda: done, 20) and done == [True], c.connection_message
+            w = BackendSetup(c, Installer(venv=tmp_path / "venv"))
+            assert wait_until(lambda: w.catalog.count() == 1, 10)
+            assert "Tiny SD" in w.catalog.item(0).text() and w.download_button.isEnabled()
+            assert w.catalog_dir.text() == f"Into {models}"
+            w.download_button.click()
+            assert wait_until(lambda: w.download_status.text().startswith("Downloaded"), 60), w.download_status.text()
+            assert (models / "tiny.safetensors").read_bytes() == data
+            assert wait_until(lambda: any(m.get("name") == "tiny" for m in c.models), 20)
+            assert wait_until(lambda: "downloaded" in w.catalog.item(0).text(), 10)
+            assert w.download_status.text().startswith("Downloaded")  # the catalog's refresh keeps it

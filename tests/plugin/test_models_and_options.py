@@ -1,0 +1,164 @@
+"""The docker's model list (from a real backend's /v1/models), the choice per method, and the
+memory preset and model folders reaching the command line of the backend it starts."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analogon_krita import backend_options, models_ui
+from analogon_krita.controller import Controller
+from conftest import wait_until
+
+import schemas
+
+
+def _ckpt(path: Path, *keys: str, in_ch: int = 4) -> Path:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = {k: np.zeros((2, 2), np.float16) for k in keys}
+    t["model.diffusion_model.input_blocks.0.0.weight"] = np.zeros((2, in_ch, 1, 1), np.float16)
+    save_file(t, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def listing(tmp_path_factory):
+    """/v1/models of a real server that found an SD 1.5, an SDXL and an inpainting checkpoint."""
+    import httpx
+
+    from analogon.server import ServerThread, Settings
+
+    d = tmp_path_factory.mktemp("comfy")
+    _ckpt(d / "dreamy.safetensors", "cond_stage_model.transformer.text_model.x")
+    _ckpt(d / "juggernaut.safetensors", "conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x")
+    _ckpt(d / "fill.safetensors", "cond_stage_model.transformer.text_model.x", in_ch=9)
+    settings = Settings(port=0, state_dir=tmp_path_factory.mktemp("state"), cache_dir="", device="cpu",
+                        model_dirs=[d], scan_usual_places=False)
+    with ServerThread(settings) as srv:
+        return httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {srv.token}"}).json()
+
+
+def test_a_painter_is_offered_checkpoints_and_the_demo_never_tiny(listing):
+    models = listing["models"]
+    names = [m.get("name") for m in models_ui.offered(models, "pixels")]
+    assert names[:2] == ["dreamy", "juggernaut"] and names[2] == "toy-sd" and names[3] == "fill"
+    assert not {"tiny-sd", "tiny-sdxl"} & set(names)
+    dev = [m["id"] for m in models_ui.offered(models, "pixels", show_developer=True)]
+    assert dev[-2:] == ["tiny-sd", "tiny-sdxl"]
+    juggernaut = next(m for m in models if m.get("name") == "juggernaut")
+    assert models_ui.label(juggernaut).startswith("juggernaut \u2014 SDXL, ") and "configured" in models_ui.label(juggernaut)
+    demo = next(m for m in models if m["id"] == "toy-sd")
+    assert models_ui.label(demo) == "demo (toy world)"
+    # the paper's family first: SDXL for PIXELS, SD 1.x for DIA
+    assert models_ui.choose(models, "pixels", "", listing["recommended"]) == juggernaut["id"]
+    assert models_ui.choose(models, "dia", "", listing["recommended"]).endswith("dreamy.safetensors")
+    assert models_ui.choose(models, "dia", "/my/own.safetensors", listing["recommended"]) == "/my/own.safetensors"
+    assert models_ui.choose([demo], "dia", "", {}) == "toy-sd"
+    assert models_ui.help_text(models, listing) == ""
+    none = models_ui.help_text([demo] + [m for m in models if m.get("developer")], {"models_dir": "/data/models"})
+    assert "/data/models" in none and "Get a model" in none and "demo (toy world)" in none
+
+
+def test_the_combo_lists_them_and_greys_what_the_method_cannot_use(kapp, listing):
+    from PyQt6.QtWidgets import QComboBox
+
+    combo = QComboBox()
+    combo.setEditable(True)
+    models_ui.fill_combo(combo, listing["models"], "pixels", "toy-sd")
+    ids = [combo.itemData(i) for i in range(combo.count())]
+    assert "tiny-sd" not in ids and combo.currentData() == "toy-sd"
+    fill = ids.index(next(m["id"] for m in listing["models"] if m.get("name") == "fill"))
+    assert not combo.model().item(fill).isEnabled() and combo.model().item(0).isEnabled()
+    assert "inpainting" in combo.itemData(fill, 3)  # tooltip says why
+    models_ui.fill_combo(combo, listing["models"], "pixels", "/typed/path.safetensors")
+    assert combo.currentText() == "/typed/path.safetensors"
+
+
+def test_the_choice_is_remembered_per_method(kapp):
+    c = Controller(app=kapp)
+    c.methods = [dict(m) for m in schemas.METHODS]
+    c.set_method("pixels")
+    c.set_model("/m/xl.safetensors")
+    c.set_method("dia")
+    c.set_model("/m/sd15.safetensors")
+    c.set_method("pixels")
+    assert c.model == "/m/xl.safetensors"
+    c.set_method("dia")
+    assert c.model == "/m/sd15.safetensors"
+    c2 = Controller(app=kapp)  # and across restarts (Krita's settings)
+    c2.methods = c.methods
+    c2.set_method("pixels")
+    assert c2.model == "/m/xl.safetensors"
+
+
+def test_the_panel_shows_the_models_and_the_hint(kapp, listing):
+    from analogon_krita.panel import AnalogonPanel
+
+    c = Controller(app=kapp)
+    c.methods = [dict(m) for m in schemas.METHODS]
+    c.method_id = "pixels"
+    panel = AnalogonPanel(c)
+    c.models = [m for m in listing["models"] if m.get("source") == "embedded"]
+    c.models_info = {"models_dir": "/home/p/.local/share/analogon/models"}
+    c.modelsChanged.emit()
+    assert not panel.model_hint.isHidden() and "/home/p/.local/share/analogon/models" in panel.model_hint.text()
+    assert [panel.model_combo.itemData(i) for i in range(panel.model_combo.count())] == ["toy-sd"]
+    c.models = listing["models"]
+    c.modelsChanged.emit()
+    assert panel.model_hint.isHidden() and panel.model_combo.count() == 4
+    kapp.writeSetting("analogon", "show_developer_models", "true")
+    c.modelsChanged.emit()
+    assert panel.model_combo.findData("tiny-sd") >= 0
+    panel.deleteLater()
+
+
+def test_backend_arguments(kapp):
+    from analogon_krita.settings import Settings
+
+    s = Settings(kapp)
+    assert backend_options.backend_args(s) == ["--memory-preset", "auto"]
+    s.set("memory_preset", "low")
+    s.set_json("model_folders", ["/x/ComfyUI/models/checkpoints", "/my models/with spaces"])
+    assert backend_options.backend_args(s) == ["--memory-preset", "low", "--models-dir",
+                                               "/x/ComfyUI/models/checkpoints", "--models-dir", "/my models/with spaces"]
+    s.set("memory_preset", "custom")
+    s.set("device", "cuda:1")
+    s.set("dtype", "bfloat16")
+    s.set("cpu_offload", True)
+    s.set("max_pixels", "786432")
+    s.set_json("model_folders", [])
+    assert backend_options.backend_args(s) == ["--device", "cuda:1", "--dtype", "bfloat16", "--cpu-offload",
+                                               "--no-vae-tiling", "--max-pixels", "786432"]
+
+
+def test_the_plugin_knows_the_backend_presets():
+    from analogon import memory
+
+    assert backend_options.PRESETS == memory.PRESETS
+    assert [k for k, _ in backend_options.PRESET_CHOICES] == list(memory.PRESET_NAMES) + ["custom"]
+
+
+def test_presets_and_folders_reach_the_started_backend(kapp, tmp_path):
+    """Start backend with a stand-in command that writes down its arguments."""
+    script = tmp_path / "fake_analogon.py"
+    out = tmp_path / "argv.json"
+    script.write_text(f"import json, sys\njson.dump(sys.argv[1:], open({str(out)!r}, 'w'))\n")
+    kapp.writeSetting("analogon", "backend_command", f"{sys.executable} {script}")
+    kapp.writeSetting("analogon", "memory_preset", "medium")
+    kapp.writeSetting("analogon", "model_folders", json.dumps(["/p/Stable diffusion"]))
+    c = Controller(app=kapp)
+    c.set_model("/m/sd15.safetensors")
+    c.start_backend()
+    assert wait_until(lambda: out.exists() and c.process.state == "failed", 20), c.process.state
+    argv = json.loads(out.read_text())
+    assert argv[:5] == ["serve", "--host", "127.0.0.1", "--port", "0"]
+    i = argv.index("--model")
+    assert argv[i + 1] == "/m/sd15.safetensors"
+    assert argv[argv.index("--memory-preset") + 1] == "medium"
+    assert argv[argv.index("--models-dir") + 1] == "/p/Stable diffusion"
+    c.process.stop()
