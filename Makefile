@@ -45,9 +45,10 @@ krita-deps:
 # Krita 6 (Qt 6, PyQt6, Python 3.14) for the same in-Krita tests: a Debian sid root with
 # Debian experimental's krita, built once (about 3 minutes, 1.8 GB) into a cache outside the
 # checkout (tests/krita/krita6_root.py). Where it cannot be built (not root, no mounts, no
-# Debian mirror) this says why and the Krita 6 tests are skipped with that reason.
+# Debian mirror) this says why and the Krita 6 tests are skipped with that reason; a build
+# that fails half-way (the mirror went away) is reported and skipped the same way.
 krita6-root:
-	$(PYTHON) tests/krita/krita6_root.py build
+	$(PYTHON) tests/krita/krita6_root.py build || echo "note: the Krita 6 root was not built; the Krita 6 tests will be skipped"
 
 # pytest's exit code 5 ("no tests collected") fails this target like any other failure.
 test: $(STAMP) krita-deps krita6-root
