@@ -16,6 +16,8 @@ import pytest
 
 import kritas
 
+KRITARUNNER = shutil.which("kritarunner")  # Krita 5 on the host, for the kill test below
+
 pytestmark = pytest.mark.krita
 
 HERE = Path(__file__).resolve().parent
