@@ -45,6 +45,7 @@ from ..core.diffusion import (
     vae_decode, vae_encode,
 )
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.previews import step_previews
 from ..core.surgery import (
     Box, Paste, SurgicalLatents, bbox, composite_over, context_box, crop, map_to_latent, paste_pixels,
     paste_region,
@@ -315,7 +316,8 @@ def denoise(ctx: JobContext, plan: Plan, params: PixelsParams, progress_offset: 
             ctx.progress("denoise", base + i, total)
 
         latents = sample(bundle, sched, surg.at(ts[0]), ts, cond, uncond, params.guidance,
-                         before_step=before_step, on_step=on_step, generator=gen)
+                         before_step=before_step, on_step=on_step, generator=gen,
+                         on_prediction=step_previews(ctx, n))
         z = schedule.finish(latents, z)
         done += n
     return z
