@@ -141,6 +141,7 @@ def listener(rgb, step) -> None:
 def fit_previews(bundle) -> dict[str, Any]:
     """Fit the latent preview once for the bundle's VAE (as at model load); its cost and error."""
     from ..core import previews as P
+    from ..server import jobs  # noqa: F401  (imported once here, not inside the first preview)
 
     c = time.process_time()
     p = P.previewer(bundle)

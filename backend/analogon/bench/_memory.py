@@ -98,8 +98,10 @@ class PeakMemory:
             tracemalloc.start()
         self._base = _rss()
         self._peak = self._base
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not self._hwm_ok:  # the kernel's mark is exact and free; sampling only without it
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,7 +114,8 @@ class PeakMemory:
             self.alloc_peak_mb = peak / 2**20
             return
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         peak = max(self._peak, _rss())
         if self._hwm_ok:
             peak = max(peak, _hwm() or 0)

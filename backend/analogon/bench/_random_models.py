@@ -18,9 +18,10 @@ FAMILIES = {"sd15": ("sd15", "sd1"), "sd21": ("sd21", "sd2"), "sdxl": ("sdxl_bas
 
 
 def build_random(name: str, out: str | Path, dtype: str = "float32", seed: int = 0,
-                 log=print) -> Path:
+                 log=print, config_dir: str | Path | None = None) -> Path:
     """Write a diffusers folder of the family ``name`` (sd15 | sd21 | sdxl) with random weights
-    to ``out``; returns the folder."""
+    to ``out``; returns the folder. ``config_dir``: another config-only folder of that family
+    (default: the project's own), whose ``tokenizer*/`` folders are used when present."""
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -32,7 +33,7 @@ def build_random(name: str, out: str | Path, dtype: str = "float32", seed: int =
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; one of {', '.join(FAMILIES)}")
     folder, family = FAMILIES[name]
-    cfg = CONFIG_ROOT / folder
+    cfg = Path(config_dir) if config_dir is not None else CONFIG_ROOT / folder
     out = Path(out).expanduser()
     if (out / "model_index.json").exists():
         raise FileExistsError(f"{out} already holds a model (model_index.json); remove it first")
@@ -43,13 +44,20 @@ def build_random(name: str, out: str | Path, dtype: str = "float32", seed: int =
     parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(cfg / "unet")))
     parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(str(cfg / "vae")))
     parts["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_pretrained(str(cfg / "text_encoder")))
-    parts["tokenizer"] = default_tokenizer(family, "tokenizer")
+    from transformers import CLIPTokenizer
+
+    def tokenizer(sub: str):
+        if (cfg / sub).is_dir():
+            return CLIPTokenizer.from_pretrained(str(cfg / sub), local_files_only=True)
+        return default_tokenizer(family, sub)
+
+    parts["tokenizer"] = tokenizer("tokenizer")
     sched_cfg = json.loads((cfg / "scheduler" / "scheduler_config.json").read_text())
     parts["scheduler"] = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     if family == "sdxl":
         parts["text_encoder_2"] = CLIPTextModelWithProjection(
             CLIPTextConfig.from_pretrained(str(cfg / "text_encoder_2")))
-        parts["tokenizer_2"] = default_tokenizer(family, "tokenizer_2")
+        parts["tokenizer_2"] = tokenizer("tokenizer_2")
     else:
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     for k in ("unet", "vae", "text_encoder", "text_encoder_2"):
