@@ -163,3 +163,39 @@ def test_dia_cache_hit_encodes_nothing(tiny):
     assert hit["encode"] == 0  # B's latent is not needed on a hit without an edit map
     assert hit["decode"] == 1  # the result only; the sampling previews are projections
     assert len(got) >= 1
+
+
+def test_pixels_encodes_source_and_exemplar_once_each(tiny):
+    from analogon.core.images import place
+    from analogon.samples import exemplar_patch, halo_map
+
+    ex = place(exemplar_patch(24, 24), (64, 64), 20, 20)
+    ex2 = place(exemplar_patch(24, 24), (64, 64), 20, 20)  # the same pixels again
+    inputs = Inputs({"source": LayerImage(scene(64, 64, 1), "src"),
+                     "exemplar": [LayerImage(ex, "e"), LayerImage(ex2, "e2")],
+                     "edit_map": [LayerImage(halo_map(ex[..., 3], 6), "m")]})
+    sizes: list[int] = []
+    orig = tiny.vae.encode
+    tiny.vae.encode = lambda x, *a, **kw: (sizes.append(int(x.shape[0])), orig(x, *a, **kw))[1]
+    try:
+        _job(tiny, "pixels", inputs, {"steps": 4, "strength": 0.75, "crop_to_edit": False}, listen=False)
+    finally:
+        tiny.vae.__dict__.pop("encode", None)
+    assert sizes == [1, 1]  # the source and the exemplar, each once (its copy is not re-encoded)
+
+
+def test_difference_cache_hit_encodes_nothing(tiny):
+    from analogon.core.images import as_rgba
+
+    s = analogy_set(64)
+    inputs = Inputs({"a": LayerImage(as_rgba(s["a"]), "da"), "a_prime": LayerImage(as_rgba(s["a_prime"]), "dap"),
+                     "b": LayerImage(as_rgba(s["b"]), "db")})
+    params = {"caption_a": "a red square", "caption_a_prime": "a blue square", "caption_b": "a circle",
+              "captioner": "user_only", "n_tokens": 2, "train_steps": 2, "steps": 8, "strength": 0.75,
+              "guidance": 3.0}  # B starts from its (cached) DDIM inversion: the default
+    cache = Cache(None)
+    _, cold = _job(tiny, "difference", inputs, params, cache)
+    assert cold["encode"] >= 1
+    got, hit = _job(tiny, "difference", inputs, params, cache)
+    assert hit["encode"] == 0 and hit["decode"] == 1
+    assert len(got) >= 2  # previews while sampling, then the result's
