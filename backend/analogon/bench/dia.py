@@ -47,6 +47,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--dia-noise", default=None, metavar="ITERSxEVALS",
                    help="L-BFGS budget of the analogy part's noise inversion (default 4x8; --quick 1x4; "
                         "0x1 keeps the DDIM inversion)")
+    p.add_argument("--dia-sweeps", choices=["on", "off"], default="on",
+                   help="the analogy part's sweeps of 8 variants (default on; off on a CPU at full size)")
     p.add_argument("--dia-parts", default="tokens,closure,budget,analogy",
                    help="comma-separated parts of the dia section to run (default: all)")
 
@@ -246,14 +248,14 @@ def run(opts) -> list[dict[str, Any]]:
     quick_inv = dict(token_iterations=token_iters, noise_iterations=n_it, noise_evaluations=n_ev)
     if getattr(opts, "dia_views", None):
         quick_inv["views"] = int(opts.dia_views)
-    for name, params in () if "analogy" not in parts else (
-        ("cold (all inversions)", dict(quick_inv)),
-        ("cached, 1 image", dict(quick_inv)),
-        ("cached, sweep 8 batched 8", dict(quick_inv, sweep=True, sweep_batch=8,
-                                           sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
-        ("cached, sweep 8 one by one", dict(quick_inv, sweep=True, sweep_batch=1,
-                                            sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
-    ):
+    configs = [("cold (all inversions)", dict(quick_inv)), ("cached, 1 image", dict(quick_inv))]
+    if getattr(opts, "dia_sweeps", "on") != "off":
+        configs += [
+            ("cached, sweep 8 batched 8", dict(quick_inv, sweep=True, sweep_batch=8,
+                                               sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
+            ("cached, sweep 8 one by one", dict(quick_inv, sweep=True, sweep_batch=1,
+                                                sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2]))]
+    for name, params in configs if "analogy" in parts else ():
         p = method.Params(**params)
         row, res = measure(bundle, lambda: method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p))
         sec = row.pop("wall_s")
