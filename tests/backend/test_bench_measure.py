@@ -3,10 +3,9 @@ memory freed before it, model calls are counted, saved activations exclude the w
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from analogon.bench._measure import Calls, measure
+from analogon.bench._measure import measure
 from analogon.bench._memory import PeakMemory
 from analogon.models import load_bundle
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -143,8 +142,7 @@ def run(opts) -> list[dict[str, Any]]:
         method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p)
         _sync(bundle)
 
-    first = method.run(JobContext(bundle, cache, 0), inputs, p)  # inverts and caches
-    info = first.info
+    method.run(JobContext(bundle, cache, 0), inputs, p)  # inverts and caches
     w, h = native_size((size, size), size, bundle.vae_scale_factor)
     latent_hw = (h // bundle.vae_scale_factor, w // bundle.vae_scale_factor)
     # the same inversions for the authors-like loop (cache hits)

@@ -41,7 +41,7 @@ from ..core.previews import every, preview_latents
 from ..core import images as im
 from ..core.compositing import map_to_grid
 from ..core.images import (check_not_empty, check_same_size, combine_maps,
-                           from_tensor, map_from_rgba, native_size, size_of, small_preview,
+                           from_tensor, map_from_rgba, native_size, size_of,
                            to_tensor)
 from ..errors import InputError
 from . import register
