@@ -1,4 +1,4 @@
-"""The `analogon` command: serve | run | demo | doctor | bench | train-toy."""
+"""The `analogon` command: serve | run | demo | doctor | bench | train-toy | build-random."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,14 @@ def _base_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-toy", help="train the toy-world model (toy-sd)", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
+
+    br = sub.add_parser("build-random", help="a full-size SD 1.5 / SD 2.1 / SDXL folder with random "
+                                             "weights, offline (for measuring costs, never quality)")
+    br.add_argument("family", choices=["sd15", "sd21", "sdxl"])
+    br.add_argument("folder", help="where to write it (must not hold a model yet)")
+    br.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="weights as saved (default float32; loading still takes --dtype)")
+    br.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor,
-                "download": cmd_download}[args.command](args)
+                "download": cmd_download, "build-random": cmd_build_random}[args.command](args)
     except AnalogonError as e:
         return _die(f"{e.message} [{e.code}]", 1)
     except KeyboardInterrupt:
@@ -690,6 +698,18 @@ def cmd_download(args) -> int:
     except DownloadCancelled:  # pragma: no cover - only from a UI
         return 130
     print(path)
+    return 0
+
+
+# -- build-random ------------------------------------------------------------------------------
+
+def cmd_build_random(args) -> int:
+    from .bench._random_models import build_random
+
+    try:
+        build_random(args.family, args.folder, dtype=args.dtype, seed=args.seed)
+    except FileExistsError as e:
+        return _die(str(e))
     return 0
 
 

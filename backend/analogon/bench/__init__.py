@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=None,
                    help="repeats per measurement, median reported (default 3; 1 with --quick)")
     p.add_argument("--device", help="device for sections that load models")
+    p.add_argument("--model", metavar="SPEC",
+                   help="model for every section that loads one (overrides each --SECTION-model), "
+                        "e.g. a full-size folder from `analogon build-random sd15 DIR`")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="no warm-up run before the timed ones (full-size models on a CPU)")
     p.add_argument("--quality", action="store_true", help="run the quality suite instead (analogon.quality)")
     for s in sections.values():
         if s.add_arguments is not None:
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     if opts.repeat is None:
         opts.repeat = 1 if opts.quick else 3
+    if opts.model:
+        for k in list(vars(opts)):
+            if k.endswith("_model") and k != "model":
+                setattr(opts, k, opts.model)
     if opts.list:
         for s in sections.values():
             print(f"{s.name:12s} {s.help}")

@@ -10,17 +10,22 @@ like the authors' code.
   softmax) in every layer, float32 — the arrangement of the published code.
 
 Both run the same schedule, ranges, contrast, guidance, structure injection and whole-image
-AdaIN from the same cached inversions (not timed), and decode the result. Reported: UNet calls
-and batch elements per step, the median wall time of ``--repeat`` runs, the ratio to
-authors-like, and peak memory (CUDA: ``max_memory_allocated`` above the baseline; CPU: peak
-resident-set growth). ``--appearance-size`` overrides the working size (e.g. 512 on tiny-sd
+AdaIN from the same cached inversions (not timed); authors-like decodes its whole batch of three
+(as their code does), ours decodes the result once and sends a preview every few steps to a
+listener that makes the server's PNG (``core.previews``: projections, no VAE decode). A third arm,
+``diffusers img2img``, is the plain pipeline doing the same denoising (the same DDIM steps from the
+same start, one prompt, no guidance): what a step costs without any transfer. Ours includes the
+shared return path (``Method.run``). Reported (``bench._measure``): UNet calls and batch elements
+per step, VAE calls, the median wall and CPU seconds of ``--repeat`` runs and their ratios to
+authors-like, the ratio to the plain pipeline, previews and their share of the job, and the true
+peak memory (CUDA: the allocator's peak above the start; CPU: the resident set's high-water mark
+above the start, and the process's whole peak). ``--appearance-size`` overrides the working size (e.g. 512 on tiny-sd
 puts a 64×64 latent through the swapped layers at their real token counts).
 """
 from __future__ import annotations
 
 import copy
 import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -94,7 +99,7 @@ def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
                 x[0:1] = adain(x[0:1], x[1:2])
     finally:
         unet32.set_attn_processor(saved)
-    return vae_decode(bundle, x[0:1].to(bundle.unet.dtype))
+    return vae_decode(bundle, x.to(bundle.vae.dtype))  # the authors decode the whole batch
 
 
 def run(opts) -> list[dict[str, Any]]:
@@ -106,7 +111,8 @@ def run(opts) -> list[dict[str, Any]]:
     from ..methods import get as get_method
     from ..methods.base import Inputs, JobContext, LayerImage
     from ..models import LoadOptions, load_bundle
-    from .pixels import _peak_memory, _sync
+    from .pixels import _sync
+    from ._measure import fit_previews, listener, measure
 
     spec = getattr(opts, "appearance_model", None) or "tiny-sd"
     steps = getattr(opts, "appearance_steps", None) or (20 if opts.quick else 100)
@@ -117,6 +123,7 @@ def run(opts) -> list[dict[str, Any]]:
     if bundle.device.type == "cpu":
         torch.set_num_threads(1)  # a shared CPU: one thread each gives steadier medians
     size = bundle.native_size
+    fit = fit_previews(bundle)  # once per VAE, as at model load
     method = get_method("appearance")
     # whole-image AdaIN on both sides (the authors-like loop has no self-segmentation here)
     p = method.Params(steps=steps, skip_steps=skip, adain="whole", freeu=False)
@@ -132,11 +139,10 @@ def run(opts) -> list[dict[str, Any]]:
     inputs = Inputs({"structure": LayerImage(s, "s"), "appearance": LayerImage(a, "a")})
 
     def ours():
-        method.run(JobContext(bundle, cache, 0), inputs, p)
+        method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p)
         _sync(bundle)
 
-    first = method.run(JobContext(bundle, cache, 0), inputs, p)  # inverts and caches
-    info = first.info
+    method.run(JobContext(bundle, cache, 0), inputs, p)  # inverts and caches
     w, h = native_size((size, size), size, bundle.vae_scale_factor)
     latent_hw = (h // bundle.vae_scale_factor, w // bundle.vae_scale_factor)
     # the same inversions for the authors-like loop (cache hits)
@@ -155,32 +161,50 @@ def run(opts) -> list[dict[str, Any]]:
         _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond)
         _sync(bundle)
 
-    cases = [("authors-like", authors_like), ("ours", ours)]
-    times: dict[str, list[float]] = {n: [] for n, _ in cases}
-    authors_like()  # warm-up
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    from PIL import Image
+
+    pipe_cls = StableDiffusionXLImg2ImgPipeline if bundle.is_sdxl else StableDiffusionImg2ImgPipeline
+    pipe = pipe_cls.from_pipe(bundle.pipe)
+    pipe.set_progress_bar_config(disable=True)
+    s_img = Image.fromarray(np.ascontiguousarray(s[..., :3]))
+
+    def img2img():
+        pipe.scheduler = make_scheduler(bundle, "ddim", steps)
+        with torch.no_grad():
+            pipe(prompt=prompt, image=s_img, strength=(steps - skip) / steps, num_inference_steps=steps,
+                 guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
+        _sync(bundle)
+
+    cases = [("authors-like", authors_like), ("ours", ours), ("diffusers img2img", img2img)]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in cases}
+    if not getattr(opts, "no_warmup", False):
+        authors_like()  # warm-up
     for _ in range(max(1, opts.repeat)):
         for n, fn in cases:
-            t = time.perf_counter()
-            fn()
-            times[n].append(time.perf_counter() - t)
-    base = statistics.median(times["authors-like"])
+            runs[n].append(measure(bundle, fn)[0])
+
+    def med(n, key):
+        return statistics.median(r[key] for r in runs[n])
+
     n_run = steps - skip
     rows = []
     for n, fn in cases:
-        med = statistics.median(times[n])
-        if n == "ours":
-            calls, elems = info["unet_calls"], info["unet_batch_elements"]
-            dtype = str(bundle.unet.dtype).replace("torch.", "")
-        else:
-            calls, elems, dtype = 2 * n_run, 6 * n_run, "float32"
+        last = runs[n][-1]
+        dtype = "float32" if n == "authors-like" else str(bundle.unet.dtype).replace("torch.", "")
         row: dict[str, Any] = {
-            "model": spec, "device": str(bundle.device), "size": f"{w}x{h}",
-            "latent": f"{latent_hw[1]}x{latent_hw[0]}", "steps_run": n_run, "case": n,
-            "dtype": dtype, "unet_calls_per_step": round(calls / n_run, 3),
-            "batch_elements_per_step": round(elems / n_run, 3),
-            "seconds": round(med, 3), "ratio": round(med / base, 3),
+            "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
+            "size": f"{w}x{h}", "latent": f"{latent_hw[1]}x{latent_hw[0]}", "steps_run": n_run,
+            "case": n, "dtype": dtype, "unet_calls_per_step": round(last["unet_calls"] / n_run, 3),
+            "batch_elements_per_step": round(last["unet_elems"] / n_run, 3),
+            "seconds": round(med(n, "wall_s"), 3), "ratio": round(med(n, "wall_s") / med("authors-like", "wall_s"), 3),
+            "cpu_s": round(med(n, "cpu_s"), 3),
+            "cpu_ratio": round(med(n, "cpu_s") / med("authors-like", "cpu_s"), 3),
+            "vs_img2img_cpu": round(med(n, "cpu_s") / med("diffusers img2img", "cpu_s"), 3),
         }
-        row.update({k: round(v, 1) for k, v in _peak_memory(bundle, fn).items()})
+        row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s")})
+        if n == "ours":
+            row.update(fit)
         rows.append(row)
     return rows
 

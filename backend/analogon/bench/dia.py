@@ -25,6 +25,7 @@ show how the optimiser behaves, not what a trained model reaches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -41,21 +42,46 @@ def _add_arguments(p) -> None:
                    help="working size (long side) for the dia section (default: the model's native size)")
     p.add_argument("--dia-token-iters", type=int, default=None,
                    help="token iterations measured before extrapolating (default 20; --quick 5)")
+    p.add_argument("--dia-views", type=int, default=None,
+                   help="views per token iteration in the analogy part (default: the method's 8)")
+    p.add_argument("--dia-noise", default=None, metavar="ITERSxEVALS",
+                   help="L-BFGS budget of the analogy part's noise inversion (default 4x8; --quick 1x4; "
+                        "0x1 keeps the DDIM inversion)")
+    p.add_argument("--dia-sweeps", choices=["on", "off"], default="on",
+                   help="the analogy part's sweeps of 8 variants (default on; off on a CPU at full size)")
     p.add_argument("--dia-parts", default="tokens,closure,budget,analogy",
                    help="comma-separated parts of the dia section to run (default: all)")
 
 
 class _Saved:
-    """Bytes autograd keeps for the backward pass while the block runs (outside checkpoints)."""
+    """Bytes autograd keeps for the backward pass while the block runs (outside checkpoints):
+    activations only. Each storage is counted once (a tensor saved by several operations, or
+    views of one buffer, is one allocation), and the model's weights, which autograd also saves
+    (a linear layer keeps its weight for the input's gradient) but which exist anyway, are not
+    counted (they once made a 128² step read 32,581 MB)."""
 
-    def __init__(self):
+    def __init__(self, *modules):
         self.bytes = 0
+        self._params = {p.untyped_storage().data_ptr() for m in modules if m is not None
+                        for p in m.parameters()}
+        self._seen: set[int] = set()
+
+    def reset(self):
+        self.bytes = 0
+        self._seen.clear()
 
     def __enter__(self):
         import torch
 
         def pack(t):
-            self.bytes += t.numel() * t.element_size()
+            try:
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr not in self._params and ptr not in self._seen:
+                    self._seen.add(ptr)
+                    self.bytes += st.nbytes()
+            except (RuntimeError, NotImplementedError):  # tensors without storage
+                self.bytes += t.numel() * t.element_size()
             return t
 
         self._cm = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -97,6 +123,7 @@ def run(opts) -> list[dict[str, Any]]:
     from ..methods.base import Inputs, JobContext, LayerImage
     from ..models import LoadOptions, load_bundle
     from .pixels import _peak_memory, _sync
+    from ._measure import fit_previews, listener, measure
 
     spec = getattr(opts, "dia_model", None) or "tiny-sd"
     bundle = load_bundle(spec, LoadOptions(device=opts.device))
@@ -126,11 +153,14 @@ def run(opts) -> list[dict[str, Any]]:
         s = CI.ConditioningInversionSettings(iterations=min(token_iters, full), train_bos=train_bos,
                                              steps=steps, stop_loss=0.0, checkpointing=ckpt)
         box: dict[str, Any] = {}
-        saved = _Saved()
+        saved = _Saved(*CI.model_modules(bundle))
 
         def go(count: bool = False):
+            # the memory run is one iteration: saved bytes and the peak are per iteration
             with saved if count else contextlib.nullcontext():
-                box["r"] = CI.invert_conditioning(bundle, x, s)
+                r = CI.invert_conditioning(bundle, x, dataclasses.replace(s, iterations=1) if count else s)
+            if not count:
+                box["r"] = r
             _sync(bundle)
 
         # timed on its own: the memory probes (a polling thread, tracemalloc) slow Python down
@@ -145,7 +175,7 @@ def run(opts) -> list[dict[str, Any]]:
                      "unet_fwd_bwd": full, "batch": s.views, "s_per_it": round(per_it, 4),
                      "total_s": round(per_it * full, 2),
                      "loss": round(r.eval_after, 4), "loss_start": round(r.eval_before, 4),
-                     "saved_mb_per_it": round(saved.bytes / 2**20 / max(1, r.iterations), 1),
+                     "saved_mb_per_it": round(saved.bytes / 2**20, 1),
                      **{k: round(v, 1) for k, v in mem.items()}})
     if cond is None:
         cond = CI.invert_conditioning(bundle, x, CI.ConditioningInversionSettings(
@@ -157,7 +187,7 @@ def run(opts) -> list[dict[str, Any]]:
         s = NI.NoiseInversionSettings(steps=steps, checkpointing=ckpt)
         xt = torch.randn_like(z).requires_grad_(True)
         counter = NI.Counter()
-        saved = _Saved()
+        saved = _Saved(*CI.model_modules(bundle))
 
         def closure(count: bool = False):
             with CI.frozen(*CI.model_modules(bundle)), (saved if count else contextlib.nullcontext()):
@@ -176,7 +206,7 @@ def run(opts) -> list[dict[str, Any]]:
             times.append(time.perf_counter() - t)
         sec = statistics.median(times)
         fwd, bwd = counter.forward, counter.backward
-        saved.bytes = 0
+        saved.reset()
         mem = _peak_memory(bundle, lambda: closure(count=True))
         counter.forward, counter.backward = fwd, bwd
         rows.append({**base, "part": "noise/closure", "config": f"checkpointing {'on' if ckpt else 'off'}",
@@ -211,24 +241,49 @@ def run(opts) -> list[dict[str, Any]]:
     inputs = Inputs({"a": LayerImage(a, "bench-a"), "a_prime": LayerImage(a2, "bench-a2"),
                      "b": LayerImage(img, "bench-b")})
     cache = Cache(None)
-    quick_inv = dict(token_iterations=token_iters, noise_iterations=1 if opts.quick else 4,
-                     noise_evaluations=4 if opts.quick else 8)
-    for name, params in () if "analogy" not in parts else (
-        ("cold (all inversions)", dict(quick_inv)),
-        ("cached, 1 image", dict(quick_inv)),
-        ("cached, sweep 8 batched 8", dict(quick_inv, sweep=True, sweep_batch=8,
-                                           sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
-        ("cached, sweep 8 one by one", dict(quick_inv, sweep=True, sweep_batch=1,
-                                            sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
-    ):
+    fit_previews(bundle) if "analogy" in parts else None  # once per VAE, as at model load
+    n_it, n_ev = (1, 4) if opts.quick else (4, 8)
+    if getattr(opts, "dia_noise", None):
+        n_it, n_ev = (int(v) for v in opts.dia_noise.lower().split("x"))
+    quick_inv = dict(token_iterations=token_iters, noise_iterations=n_it, noise_evaluations=n_ev)
+    if getattr(opts, "dia_views", None):
+        quick_inv["views"] = int(opts.dia_views)
+    configs = [("cold (all inversions)", dict(quick_inv)), ("cached, 1 image", dict(quick_inv))]
+    if getattr(opts, "dia_sweeps", "on") != "off":
+        configs += [
+            ("cached, sweep 8 batched 8", dict(quick_inv, sweep=True, sweep_batch=8,
+                                               sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2])),
+            ("cached, sweep 8 one by one", dict(quick_inv, sweep=True, sweep_batch=1,
+                                                sweep_strengths=[0, .25, .5, .75, 1, 1.25, 1.5, 2]))]
+    for name, params in configs if "analogy" in parts else ():
         p = method.Params(**params)
-        t = time.perf_counter()
-        res = method.run(JobContext(bundle, cache, 0), inputs, p)
-        _sync(bundle)
-        sec = time.perf_counter() - t
+        row, res = measure(bundle, lambda: method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p))
+        sec = row.pop("wall_s")
         rows.append({**base, "part": "analogy", "config": name, "images": len(res.images),
                      "seconds": round(sec, 3), "s_per_image": round(sec / len(res.images), 3),
-                     "token_iterations": token_iters})
+                     "token_iterations": token_iters, **row})
+    if "analogy" in parts:  # the plain pipeline doing the same sampling: 10-step DDIM, CFG 3, one image
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        pipe = (StableDiffusionXLPipeline if bundle.is_sdxl else StableDiffusionPipeline).from_pipe(bundle.pipe)
+        pipe.set_progress_bar_config(disable=True)
+        p = method.Params()
+        lat = torch.randn((1, 4, size // bundle.vae_scale_factor, size // bundle.vae_scale_factor),
+                          generator=torch.Generator().manual_seed(0)).to(dev, bundle.unet.dtype)
+
+        def txt2img():
+            pipe.scheduler = make_scheduler(bundle, "ddim", p.steps)
+            with torch.no_grad():
+                pipe(prompt="a photo", height=size, width=size, num_inference_steps=p.steps,
+                     guidance_scale=p.guidance, latents=lat, output_type="np")
+
+        row, _ = measure(bundle, txt2img)
+        sec = row.pop("wall_s")
+        rows.append({**base, "part": "analogy", "config": "diffusers txt2img (same steps, CFG)",
+                     "images": 1, "seconds": round(sec, 3), "s_per_image": round(sec, 3), **row})
+        hit = next((r for r in rows if r.get("config") == "cached, 1 image"), None)
+        if hit is not None and row.get("cpu_s"):
+            hit["vs_txt2img_cpu"] = round(hit["cpu_s"] / row["cpu_s"], 3)
     return rows
 
 

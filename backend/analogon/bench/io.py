@@ -5,7 +5,9 @@ For each size, the median of ``--repeat`` runs of
 - ``png_up_ms`` / ``png_down_ms``: encode + SHA-256 + PUT (the server decodes to check) /
   GET of a stored result (the server encodes) + decode;
 - ``raw_up_ms`` / ``raw_down_ms``: the same with ``application/x-analogon-rgba``;
-and the body sizes. Then, on a warm model, the time from POST /v1/jobs to the first event
+the re-upload skip as the plugin does it (``skip_ms``: the raw id, i.e. SHA-256 of the layer's
+bytes, then ``HEAD /v1/images/{sha}`` answered 200, so nothing is sent; ``hash_ms``: the hashing
+alone), and the body sizes. Then, on a warm model, the time from POST /v1/jobs to the first event
 (``queued``), to ``started`` and to the method's first progress step.
 
 The images look like a painted photo: smooth gradients and shapes with a little noise.
@@ -117,12 +119,29 @@ def run(opts) -> list[dict]:
                     r = c.get(f"/v1/images/{results[repeat + i]}", params={"format": "rgba"})
                     np.frombuffer(r.content, np.uint8).reshape(size, size, 4)
 
+                kept = base.copy()
+                kept_body = kept.tobytes()
+                kept_sha = raw_image_id(kept_body, size, size)
+                r = c.put(f"/v1/images/{kept_sha}", content=kept_body, headers={
+                    "Content-Type": RAW, "X-Image-Width": str(size), "X-Image-Height": str(size)})
+                assert r.status_code in (200, 201), r.text
+
+                def skip(_):  # the plugin's path for a layer the server already has
+                    sha = raw_image_id(kept.tobytes(), size, size)
+                    r = c.head(f"/v1/images/{sha}")
+                    assert r.status_code == 200, r.status_code
+
+                def hash_only(_):
+                    raw_image_id(kept.tobytes(), size, size)
+
                 row = {"size": f"{size}x{size}",
                        "png_codec_ms": _median_ms(codec, repeat),
                        "png_up_ms": _median_ms(png_up, repeat),
                        "png_down_ms": _median_ms(png_down, repeat),
                        "raw_up_ms": _median_ms(raw_up, repeat),
                        "raw_down_ms": _median_ms(raw_down, repeat),
+                       "skip_ms": _median_ms(skip, repeat),
+                       "hash_ms": _median_ms(hash_only, repeat),
                        "png_MiB": round(png_bytes / 2**20, 2),
                        "raw_MiB": round(size * size * 4 / 2**20, 2)}
                 row["png_roundtrip_ms"] = row["png_up_ms"] + row["png_down_ms"]

@@ -7,14 +7,17 @@ guidance and prompt, and both include the VAE encode and decode:
 - ``pixels map``: the pixels method with a graded (radial) edit map and no exemplar;
 - ``pixels map+exemplar``: the same with one exemplar placed on the canvas (one more VAE encode).
 
-Reported per case: the median wall time of ``--repeat`` runs (after one warm-up, cases
-interleaved), its ratio to img2img (the paper reports a small overhead; the target here is
-≤ 1.05), the ratio of the best runs, on CPU the ratio of the process's CPU seconds (steadier
-when other work shares the machine), the time of PIXELS' in-loop work per step (the edit-map
-reset to the surgical composite) next to one guided UNet call, and the peak memory of one run: on CUDA ``torch.cuda.max_memory_allocated`` above the
-baseline; on CPU the peak resident-set growth sampled every millisecond (torch's CPU allocations
-are invisible to tracemalloc) plus tracemalloc's peak for Python/numpy allocations.
-The per-image latent cache is off so that PIXELS encodes every time, like the pipeline.
+Reported per case (``bench._measure``): the median wall and CPU seconds of ``--repeat`` runs
+(after one warm-up unless ``--no-warmup``, cases interleaved) and their ratios to img2img (the
+paper reports a small overhead), ``beyond_enc_ratio``: the CPU-time ratio with every VAE encode
+taken out on both sides (PIXELS must encode each exemplar as well: what is left is the loop and
+the decode), the ratio of the best runs, UNet and VAE calls (and the seconds inside them), the
+true peak memory of a run (CUDA: the allocator's peak; CPU: the resident set's high-water mark
+above the start, and the whole process's), and the time of PIXELS' in-loop work per step (the
+edit-map reset to the surgical composite) next to one guided UNet call (``--pixels-step-costs``
+off skips these extra calls). A PIXELS job includes the shared return path (``Method.run`` =
+``generate`` + ``core.hires.finish``). The per-image latent cache is off so that PIXELS encodes
+every time, like the pipeline.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def _add_arguments(p) -> None:
                         "folder or checkpoint on a GPU measures the real architectures)")
     p.add_argument("--pixels-steps", type=int, default=None,
                    help="steps of the full schedule (default 20, --quick 8); strength 0.75")
+    p.add_argument("--pixels-step-costs", choices=["on", "off"], default="on",
+                   help="also time the per-step reset against one guided UNet call (default on)")
 
 
 def _peak_memory(bundle, fn) -> dict[str, float]:
@@ -62,12 +67,15 @@ def run(opts) -> list[dict[str, Any]]:
     from ..core.images import place
     from PIL import Image
 
+    from ._measure import fit_previews, listener, measure
+
     spec = getattr(opts, "pixels_model", None) or "tiny-sd"
     steps = getattr(opts, "pixels_steps", None) or (8 if opts.quick else 20)
     strength, guidance, scheduler, prompt, seed = 0.75, 7.5, "euler", "a quiet lake", 0
     repeat = max(1, opts.repeat)
     bundle = load_bundle(spec, LoadOptions(device=opts.device))
     size = bundle.native_size
+    fit = fit_previews(bundle)  # once per VAE, as at model load
 
     src = scene(size, size, 0)
     emap = radial_map(size, size)
@@ -100,38 +108,43 @@ def run(opts) -> list[dict[str, Any]]:
                 d["edit_map"] = [LayerImage(ex_map, "m")]
             else:
                 d["edit_map"] = [LayerImage(emap, "m")]
-            ctx = JobContext(bundle, Cache(None, memory_items=0), seed)
+            ctx = JobContext(bundle, Cache(None, memory_items=0), seed, preview=listener)
             method.run(ctx, Inputs(d), params)
             _sync(bundle)
         return go
 
     cases = [("img2img", img2img), ("pixels map", pixels(False)), ("pixels map+exemplar", pixels(True))]
-    times: dict[str, list[float]] = {name: [] for name, _ in cases}
-    cpu: dict[str, list[float]] = {name: [] for name, _ in cases}
-    for _, fn in cases:  # warm-up
-        fn()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
+    if not getattr(opts, "no_warmup", False):
+        for _, fn in cases:  # warm-up
+            fn()
     for _ in range(repeat):
         for name, fn in cases:
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
-    base = statistics.median(times["img2img"])
-    best = min(times["img2img"])
-    hook_ms, unet_ms = _step_costs(bundle, method, params, src, ex, ex_map, repeat)
+            runs[name].append(measure(bundle, fn)[0])
+
+    def med(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
+    step_costs = getattr(opts, "pixels_step_costs", "on") != "off"
+    hook_ms, unet_ms = _step_costs(bundle, method, params, src, ex, ex_map, repeat) if step_costs else (None, None)
+    base_wall, base_cpu = med("img2img", "wall_s"), med("img2img", "cpu_s")
+    base_noenc = base_cpu - med("img2img", "vae_enc_s")
     rows = []
     for name, fn in cases:
-        med = statistics.median(times[name])
+        last = dict(runs[name][-1])
         row: dict[str, Any] = {
             "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
             "size": f"{size}x{size}", "steps_run": min(int(steps * strength), steps), "case": name,
-            "seconds": round(med, 4), "ratio": round(med / base, 3),
-            "best_ratio": round(min(times[name]) / best, 3),
+            "seconds": round(med(name, "wall_s"), 4), "ratio": round(med(name, "wall_s") / base_wall, 3),
+            "best_ratio": round(min(r["wall_s"] for r in runs[name]) / min(r["wall_s"] for r in runs["img2img"]), 3),
+            "cpu_s": round(med(name, "cpu_s"), 3), "cpu_ratio": round(med(name, "cpu_s") / base_cpu, 3),
+            "beyond_enc_ratio": round((med(name, "cpu_s") - med(name, "vae_enc_s")) / base_noenc, 3)
+            if base_noenc > 0 else None,
         }
-        if bundle.device.type == "cpu":  # CPU seconds of this process: steadier on a shared machine
-            row["cpu_ratio"] = round(statistics.median(cpu[name]) / statistics.median(cpu["img2img"]), 3)
-        row.update({k: round(v, 2) for k, v in _peak_memory(bundle, fn).items()})
-        if name != "img2img":
+        row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s")})
+        if name == "img2img":
+            row.update(fit)
+        if name != "img2img" and hook_ms is not None:
             row.update(reset_ms_per_step=round(hook_ms, 3), unet_ms_per_step=round(unet_ms, 2))
         rows.append(row)
     return rows

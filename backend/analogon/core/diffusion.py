@@ -203,11 +203,14 @@ StepHook = Callable[[int, Any, torch.Tensor], torch.Tensor]
 def sample(bundle, scheduler, latents: torch.Tensor, timesteps, cond: Conditioning,
            uncond: Conditioning | None = None, guidance: float = 1.0,
            before_step: StepHook | None = None, on_step: Callable[[int], None] | None = None,
-           generator: torch.Generator | None = None, eta: float | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, eta: float | None = None,
+           on_prediction: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Run the scheduler over ``timesteps`` from ``latents``.
 
     ``before_step(i, t, latents) -> latents`` runs before each UNet call (edit-map resets,
-    latent surgery); ``on_step(i)`` after each step (progress, cancel: it may raise)."""
+    latent surgery); ``on_step(i)`` after each step (progress, cancel: it may raise);
+    ``on_prediction(i, x0)`` after step i with the scheduler's prediction of the clean latent
+    (its ``pred_original_sample``; the new latents for schedulers that give none): previews."""
     extra: dict[str, Any] = {}
     import inspect
 
@@ -221,7 +224,11 @@ def sample(bundle, scheduler, latents: torch.Tensor, timesteps, cond: Conditioni
             latents = before_step(i, t, latents)
         with torch.no_grad():
             eps = predict_noise(bundle, latents, t, cond, uncond, guidance, scheduler=scheduler)
-            latents = scheduler.step(eps, t, latents, **extra).prev_sample
+            out = scheduler.step(eps, t, latents, **extra)
+            latents = out.prev_sample
+        if on_prediction is not None:
+            x0 = getattr(out, "pred_original_sample", None)
+            on_prediction(i, latents if x0 is None else x0)
         if on_step is not None:
             on_step(i + 1)
     return latents

@@ -243,9 +243,11 @@ def cache_key(cache, bundle, image_sha: str, size: tuple[int, int], cond_key: st
                      dtype=str(bundle.unet.dtype), **settings.key_parts())
 
 
-def cached_noise(cache, bundle, image_sha: str, z_target: torch.Tensor, image: torch.Tensor,
+def cached_noise(cache, bundle, image_sha: str, z_target, image: torch.Tensor,
                  cond: Conditioning, cond_key: str, settings: NoiseInversionSettings,
                  progress=None, tick=None) -> NoiseInversion:
+    """B's noise from the cache, or inverted and cached. ``z_target`` is B's latent or a function
+    that makes it (then a cache hit costs no VAE encode)."""
     size = (int(image.shape[-1]), int(image.shape[-2]))
     key = cache_key(cache, bundle, image_sha, size, cond_key, settings) if cache is not None else None
     entry = cache.get_entry(key) if key is not None else None
@@ -261,6 +263,8 @@ def cached_noise(cache, bundle, image_sha: str, z_target: torch.Tensor, image: t
                 closures=meta.get("closures", 0), cached=True)
         except KeyError:
             pass
+    if callable(z_target):
+        z_target = z_target()
     result = invert_noise(bundle, z_target, image, cond, settings, progress, tick)
     if key is not None:
         cache.put(key, {"noise": result.noise, "reconstruction": result.reconstruction,

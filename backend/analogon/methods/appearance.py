@@ -52,6 +52,7 @@ from ..core.attention import (
 from ..core.ddpm_inversion import Inversion, invert
 from ..core.diffusion import encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.previews import every, preview_latents
 from ..core.selfseg import object_mask, to_latent, token_positions
 from ..errors import InputError
 from . import register
@@ -378,7 +379,7 @@ class AppearanceTransfer(Method):
                 sch.n, p.edit_curve)
             x = inv_s.x(p.skip_steps).clone()
             stage = "transferring"
-            previews = max(1, sch.n // 4)
+            previews = every(sch.n)  # latent projections: no VAE decode (core.previews)
             for j in range(sch.n):
                 i = p.skip_steps + j
                 t = sched.timesteps[i]
@@ -434,7 +435,7 @@ class AppearanceTransfer(Method):
                     x = adain(x, inv_a.x(i + 1), m_s, m_a)
                 ctx.progress(stage, j + 1, sch.n)
                 if (j + 1) % previews == 0 and j + 1 < sch.n:
-                    ctx.preview(im.small_preview(im.from_tensor(vae_decode(bundle, out.pred_original_sample))), j + 1)
+                    preview_latents(ctx, out.pred_original_sample, j + 1)
             x = edit.finish(x, inv_s.x(p.steps))
             rgb = im.from_tensor(vae_decode(bundle, x))
 

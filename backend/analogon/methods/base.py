@@ -219,6 +219,11 @@ class JobContext:
         if self._progress is not None:
             self._progress(stage, step, total)
 
+    @property
+    def wants_preview(self) -> bool:
+        """Whether anyone listens to previews (make none otherwise: ``core.previews``)."""
+        return self._preview is not None
+
     def preview(self, rgb: np.ndarray, step: int | None = None) -> None:
         if self._preview is not None:
             self._preview(rgb, step)

@@ -37,10 +37,11 @@ from ..core import conditioning_inversion as CI
 from ..core import noise_inversion as NI
 from ..core.diffusion import Conditioning, encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.previews import every, preview_latents
 from ..core import images as im
 from ..core.compositing import map_to_grid
 from ..core.images import (check_not_empty, check_same_size, combine_maps,
-                           from_tensor, map_from_rgba, native_size, size_of, small_preview,
+                           from_tensor, map_from_rgba, native_size, size_of,
                            to_tensor)
 from ..errors import InputError
 from . import register
@@ -272,14 +273,21 @@ class DiffusionImageAnalogies(Method):
         c_a, c_a2, c_b = conds["a"].cond, conds["a_prime"].cond, conds["b"].cond
 
         # 2. B's initial noise under c_B (cached per image and conditioning)
-        z_b = vae_encode(bundle, x_b).float()
+        z_box: dict[str, torch.Tensor] = {}
+
+        def z_b() -> torch.Tensor:
+            """B's latent, encoded only when read: a cached noise without an edit map never is."""
+            if "z" not in z_box:
+                z_box["z"] = vae_encode(bundle, x_b).float()
+            return z_box["z"]
+
         cond_key_b = CI.cache_key(ctx.cache, bundle, b.sha, size_b, cs) if ctx.cache is not None else ""
         noise = NI.cached_noise(
             ctx.cache, bundle, b.sha, z_b, x_b, c_b, cond_key_b, ns,
             progress=lambda i, n: ctx.progress("inverting B's noise", i, n),
             tick=ctx.check_cancelled)
         if not noise.cached:
-            ctx.preview(small_preview(from_tensor(vae_decode(bundle, noise.reconstruction))), None)
+            preview_latents(ctx, noise.reconstruction, None)
 
         # 3. the analogy, one sampling pass per batch of variants
         _, uncond = encode_prompt(bundle, "", "", image_hw=(size_b[1], size_b[0]))
@@ -317,7 +325,7 @@ class DiffusionImageAnalogies(Method):
         return EditSchedule(lat, p.steps, p.edit_map_curve)
 
     @staticmethod
-    def _sample(ctx: JobContext, noise: NI.NoiseInversion, z_b: torch.Tensor, c_a: Conditioning,
+    def _sample(ctx: JobContext, noise: NI.NoiseInversion, z_b, c_a: Conditioning,
                 c_a2: Conditioning, c_b: Conditioning, uncond: Conditioning,
                 variants: list[tuple[float, float]], schedule: EditSchedule, p: Params
                 ) -> list[torch.Tensor]:
@@ -331,6 +339,7 @@ class DiffusionImageAnalogies(Method):
         done = 0
         outs: list[torch.Tensor] = []
         ctx.progress("sampling", 0, total)
+        k_prev = every(total)
         for batch in batches:
             n = len(batch)
             cond = Conditioning.cat([c_b.lerp_delta(c_a2, c_a, lam) for _, lam in batch])
@@ -349,10 +358,14 @@ class DiffusionImageAnalogies(Method):
                         eps = torch.where(g == 1.0, e_c, e_u + g * (e_c - e_u))
                     else:
                         eps = NI.unet_eps(bundle, sched, x, t, cond)
-                    x = sched.step(eps, t, x, eta=0.0).prev_sample
+                    step = sched.step(eps, t, x, eta=0.0)
+                    x = step.prev_sample
                 done += 1
                 ctx.progress("sampling", done, total)
-            x = schedule.finish(x, z_b.expand_as(x))
+                if done % k_prev == 0 and done < total:
+                    preview_latents(ctx, step.pred_original_sample, done)
+            if schedule.keep is not None:  # B's latent where nothing may change (encoded then)
+                x = schedule.finish(x, z_b().expand_as(x))
             outs.extend(x)
         return outs
 

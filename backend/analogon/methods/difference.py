@@ -63,6 +63,7 @@ from ..core.diffusion import (
     noised, sample, vae_decode, vae_encode,
 )
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.previews import step_previews
 from ..core.text_embeddings import (
     conditioning_from_embeds, encoders, ids_with_slots, token_embedding, tokenize,
 )
@@ -603,26 +604,35 @@ class DifferenceMethod(Method):
         bundle = ctx.model
         size = im.native_size(b.size, bundle.native_size, bundle.vae_scale_factor)
         hw = (size[1], size[0])
-        z_b = vae_encode(bundle, im.to_tensor(b.rgba, size, bundle.device, bundle.vae.dtype))
+        box: dict[str, torch.Tensor] = {}
+
+        def z_b_lazy() -> torch.Tensor:
+            """B's latent, encoded only when something reads it: a cached inversion without an
+            edit map never does (a cache hit costs no VAE encode)."""
+            if "z" not in box:
+                box["z"] = vae_encode(bundle, im.to_tensor(b.rgba, size, bundle.device, bundle.vae.dtype))
+            return box["z"]
+
         sched = make_scheduler(bundle, p.scheduler, p.steps)
         timesteps = img2img_timesteps(sched, p.steps, p.strength)
         plain, uncond = encode_prompt(bundle, cap_b, p.negative_prompt, hw)
         cond = diff_conditioning(bundle, cap_b, diffs, p.diff_scale, hw)
 
         if len(timesteps) == 0:
-            lat = z_b
+            lat = z_b_lazy()
         else:
             if p.b_start == "noised":
+                z_b = z_b_lazy()
                 noise = init_noise(bundle, z_b.shape, ctx.generator())
 
                 def source(i):
                     return noised(sched, z_b, noise, timesteps[i])
             else:
-                traj = self._inverted(ctx, p, b, cap_b, z_b, plain, timesteps, size)
+                traj = self._inverted(ctx, p, b, cap_b, z_b_lazy, plain, timesteps, size)
                 ac = bundle.scheduler.alphas_cumprod
 
                 def source(i):
-                    return to_scheduler_space(sched, traj[i].to(bundle.device, z_b.dtype),
+                    return to_scheduler_space(sched, traj[i].to(bundle.device, bundle.unet.dtype),
                                               timesteps[i], ac)
             x = source(0)
             change = self._change_map(inputs, size, bundle)
@@ -633,13 +643,15 @@ class DifferenceMethod(Method):
 
             lat = sample(bundle, sched, x, timesteps, cond, uncond, p.guidance, before_step=before,
                          on_step=ctx.step_callback("sampling B′", len(timesteps)),
-                         generator=ctx.generator(offset=1))
-            lat = schedule.finish(lat, z_b)
+                         generator=ctx.generator(offset=1),
+                         on_prediction=step_previews(ctx, len(timesteps)))
+            if change is not None:
+                lat = schedule.finish(lat, z_b_lazy())
         rgb = im.from_tensor(vae_decode(bundle, lat))
         ctx.preview(im.small_preview(rgb), None)
         return rgb
 
-    def _inverted(self, ctx, p: Params, b, cap_b, z_b, plain: Conditioning, timesteps, size):
+    def _inverted(self, ctx, p: Params, b, cap_b, z_b_lazy, plain: Conditioning, timesteps, size):
         bundle = ctx.model
         key = ctx.cache.key("difference.ddim_inversion", bundle.key, b=b.sha, prompt=cap_b,
                             size=list(size), timesteps=[int(t) for t in timesteps],
@@ -647,7 +659,7 @@ class DifferenceMethod(Method):
         hit = ctx.cache.get(key)
         if hit is not None:
             return [hit["traj"][i:i + 1] for i in range(hit["traj"].shape[0])]
-        traj = ddim_invert(bundle, z_b, plain, timesteps,
+        traj = ddim_invert(bundle, z_b_lazy(), plain, timesteps,
                            on_step=ctx.step_callback("inverting B", len(timesteps)))
         ctx.cache.put(key, {"traj": torch.cat(traj).float()}, {"prompt": cap_b})
         return traj

@@ -45,6 +45,7 @@ from ..core.diffusion import (
     vae_decode, vae_encode,
 )
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.previews import step_previews
 from ..core.surgery import (
     Box, Paste, SurgicalLatents, bbox, composite_over, context_box, crop, map_to_latent, paste_pixels,
     paste_region,
@@ -280,18 +281,36 @@ def _digest(a: np.ndarray) -> str:
 
 def encode_cached(ctx: JobContext, rgba: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """VAE latent (distribution mean) of an image's RGB at ``size``, cached per model and pixels."""
+    return encode_all(ctx, [rgba], size)[0]
+
+
+def encode_all(ctx: JobContext, images: list[np.ndarray], size: tuple[int, int]) -> list[torch.Tensor]:
+    """VAE latents of several images at one size, each cached per model and pixels: the cache's
+    hits are read, the same pixels are encoded once, and each miss has a VAE call of its own.
+    Not one batched call: the encoder's kernels give batch-dependent results in the last bits,
+    so a source's latent (and its cache entry) would depend on the exemplars sent with it, and a
+    black map would no longer return the source's own latent exactly; a batch saves nothing on
+    a CPU (the cost is per pixel) and little on a GPU next to the loop."""
     bundle = ctx.model
-    x = im.to_tensor(im.as_rgba(rgba), size)
-    key = None
-    if ctx.cache is not None:
-        key = ctx.cache.key("pixels.latent", bundle.key, pixels=_digest(rgba[..., :3]), size=list(size))
-        hit = ctx.cache.get(key)
-        if hit is not None:
-            return hit["latent"].to(bundle.device, bundle.unet.dtype)
-    z = vae_encode(bundle, x)
-    if key is not None:
-        ctx.cache.put(key, {"latent": z}, {"size": list(size)})
-    return z
+    out: list[torch.Tensor | None] = [None] * len(images)
+    keys: list[str | None] = [None] * len(images)
+    todo: dict[str, list[int]] = {}  # the same pixels twice are encoded once
+    for i, rgba in enumerate(images):
+        digest = _digest(rgba[..., :3])
+        if ctx.cache is not None:
+            keys[i] = ctx.cache.key("pixels.latent", bundle.key, pixels=digest, size=list(size))
+            hit = ctx.cache.get(keys[i])
+            if hit is not None:
+                out[i] = hit["latent"].to(bundle.device, bundle.unet.dtype)
+                continue
+        todo.setdefault(digest, []).append(i)
+    for ids in todo.values():
+        z = vae_encode(bundle, im.to_tensor(im.as_rgba(images[ids[0]]), size))
+        for i in ids:
+            out[i] = z
+        if keys[ids[0]] is not None:
+            ctx.cache.put(keys[ids[0]], {"latent": z}, {"size": list(size)})
+    return out  # type: ignore[return-value]
 
 
 def denoise(ctx: JobContext, plan: Plan, params: PixelsParams, progress_offset: int = 0) -> torch.Tensor:
@@ -300,8 +319,10 @@ def denoise(ctx: JobContext, plan: Plan, params: PixelsParams, progress_offset: 
     w, h = plan.work
     ctx.progress("encode", None, None)
     cond, uncond = encode_prompt(bundle, params.prompt, params.negative_prompt, image_hw=(h, w))
-    z = encode_cached(ctx, plan.source_crop, plan.work)
-    ex_latents = {e.index: encode_cached(ctx, e.rgb, plan.work) for p in plan.passes for e in p.exemplars}
+    exemplars = [e for p in plan.passes for e in p.exemplars]
+    latents = encode_all(ctx, [plan.source_crop] + [e.rgb for e in exemplars], plan.work)
+    z = latents[0]
+    ex_latents = {e.index: lat for e, lat in zip(exemplars, latents[1:])}
 
     total = None
     done = progress_offset
@@ -328,7 +349,8 @@ def denoise(ctx: JobContext, plan: Plan, params: PixelsParams, progress_offset: 
             ctx.progress("denoise", base + i, total)
 
         latents = sample(bundle, sched, surg.at(ts[0]), ts, cond, uncond, params.guidance,
-                         before_step=before_step, on_step=on_step, generator=gen)
+                         before_step=before_step, on_step=on_step, generator=gen,
+                         on_prediction=step_previews(ctx, n))
         z = schedule.finish(latents, z)
         done += n
     return z

@@ -1,0 +1,201 @@
+"""Previews without the VAE (core.previews): the projection is fitted to the model's own VAE, the
+preview path never calls the VAE, and cache hits do not encode B."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from analogon.core import previews as P
+from analogon.core.cache import Cache
+from analogon.methods import get as get_method
+from analogon.methods.base import Inputs, JobContext, LayerImage
+from analogon.models import load_bundle
+from analogon.samples import analogy_set, radial_map, scene, texture
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_bundle("tiny-sd", None)
+
+
+class _Counts:
+    """Counts the bundle's VAE encode/decode calls while active."""
+
+    def __init__(self, bundle):
+        self.vae = bundle.vae
+        self.n = {"encode": 0, "decode": 0}
+
+    def __enter__(self):
+        for name in self.n:
+            orig = getattr(self.vae, name)
+
+            def wrapped(*a, _o=orig, _n=name, **kw):
+                self.n[_n] += 1
+                return _o(*a, **kw)
+
+            setattr(self.vae, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.n:
+            self.vae.__dict__.pop(name, None)
+
+
+class _LinearVAE(torch.nn.Module):
+    """A stand-in VAE whose decode is exactly linear in the latent: nearest-upsampled W·z + b."""
+
+    W = torch.tensor([[0.5, -0.2, 0.1, 0.3], [0.0, 0.4, -0.3, 0.2], [-0.1, 0.1, 0.6, -0.4]])
+    b = torch.tensor([0.05, -0.1, 0.2])
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=None, latent_channels=4,
+                                      block_out_channels=[1, 1, 1, 1])
+        self.dtype = torch.float32
+
+    def encode(self, x):
+        m = torch.nn.functional.avg_pool2d(x, 8)
+        z = torch.cat([m, (m[:, :1] * m[:, 1:2])], 1)  # 4 channels, not a linear image of 3
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=z))
+
+    def decode(self, z):
+        rgb = torch.einsum("oc,bchw->bohw", self.W, z) + self.b.view(1, 3, 1, 1)
+        return SimpleNamespace(sample=torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest"))
+
+
+def test_fit_recovers_an_exactly_linear_decoder():
+    vae = _LinearVAE()
+    bundle = SimpleNamespace(vae=vae, unet=SimpleNamespace(dtype=torch.float32), device=torch.device("cpu"),
+                             native_size=64, vae_scale_factor=8, key="linear")
+    p = P.fit(bundle)
+    assert torch.allclose(p.weight, vae.W, atol=2e-3)
+    assert torch.allclose(p.bias, vae.b, atol=2e-3)
+    assert p.error < 0.5 < p.baseline_error  # levels of 0–255
+
+
+def test_projection_reproduces_the_vae_colours_on_a_trained_vae():
+    from analogon.models.toy import toy_sd_available
+
+    if not toy_sd_available():
+        pytest.skip("toy-sd is not in this installation")
+    bundle = load_bundle("toy-sd", None)
+    p = P.fit(bundle)
+    from analogon.core.diffusion import vae_decode, vae_encode
+    from analogon.core.images import to_tensor
+
+    for variant in (3, 5):  # scenes, not the fit's pictures
+        img = scene(bundle.native_size, bundle.native_size, variant)
+        z = vae_encode(bundle, to_tensor(img))
+        dec = torch.nn.functional.avg_pool2d(vae_decode(bundle, z).clamp(-1, 1), bundle.vae_scale_factor)
+        proj = p.project(z)
+        err = float((proj - dec).abs().mean() * 127.5)
+        const = float((dec - dec.mean((2, 3), keepdim=True)).abs().mean() * 127.5)
+        assert err < 0.6 * const, (variant, err, const)  # far better than the picture's mean colour
+        mean_gap = float((proj.mean((2, 3)) - dec.mean((2, 3))).abs().max() * 127.5)
+        assert mean_gap < 32, (variant, mean_gap)  # levels of 0–255, per channel
+    rgb = p.rgb(z)
+    assert rgb.dtype == np.uint8 and rgb.shape == (bundle.native_size, bundle.native_size, 3)
+
+
+def test_fit_is_kept_per_vae_and_in_the_cache(tiny, tmp_path):
+    cache = Cache(tmp_path)
+    P._fitted.pop(tiny.vae, None)
+    with _Counts(tiny) as c:
+        first = P.previewer(tiny, cache)
+        assert c.n["decode"] > 0  # fitted from the model's own decodes
+        again = P.previewer(tiny, cache)
+    assert again is first
+    P._fitted.pop(tiny.vae, None)
+    with _Counts(tiny) as c:
+        from_disk = P.previewer(tiny, Cache(tmp_path))
+    assert c.n == {"encode": 0, "decode": 0}
+    assert torch.equal(from_disk.weight, first.weight)
+
+
+def _job(bundle, method_id, inputs, params, cache=None, listen=True):
+    got: list[tuple[np.ndarray, int | None]] = []
+    ctx = JobContext(bundle, cache or Cache(None), 0,
+                     preview=(lambda rgb, step: got.append((rgb, step))) if listen else None)
+    method = get_method(method_id)
+    with _Counts(bundle) as c:
+        method.run(ctx, inputs, method.Params(**params))
+    return got, c.n
+
+
+def test_appearance_previews_make_no_vae_decode(tiny):
+    P.previewer(tiny)  # fitted at load, before the job
+    s, a = scene(64, 64, 0), texture(64, 64)
+    inputs = Inputs({"structure": LayerImage(s, "s"), "appearance": LayerImage(a, "a")})
+    params = {"steps": 12, "skip_steps": 2, "freeu": False, "adain": "whole"}
+    got, n = _job(tiny, "appearance", inputs, params)
+    assert len(got) >= 3  # a preview every few steps
+    assert all(rgb.dtype == np.uint8 and rgb.ndim == 3 for rgb, _ in got)
+    assert n["decode"] == 1  # the result only
+    _, n_quiet = _job(tiny, "appearance", inputs, params, listen=False)
+    assert n_quiet["decode"] == 1
+
+
+def test_pixels_previews_make_no_vae_decode(tiny):
+    P.previewer(tiny)
+    inputs = Inputs({"source": LayerImage(scene(64, 64, 1), "src"),
+                     "edit_map": [LayerImage(radial_map(64, 64), "m")]})
+    got, n = _job(tiny, "pixels", inputs, {"steps": 16, "strength": 1.0, "crop_to_edit": False})
+    steps = [s for _, s in got if s is not None]
+    assert len(steps) >= 3 and steps == sorted(steps)
+    assert n["decode"] == 1 and n["encode"] == 1
+
+
+def test_dia_cache_hit_encodes_nothing(tiny):
+    P.previewer(tiny)
+    s = analogy_set(64)
+    from analogon.core.images import as_rgba
+
+    inputs = Inputs({"a": LayerImage(as_rgba(s["a"]), "a"), "a_prime": LayerImage(as_rgba(s["a_prime"]), "a2"),
+                     "b": LayerImage(as_rgba(s["b"]), "b")})
+    params = {"steps": 4, "token_iterations": 2, "views": 2, "noise_iterations": 1, "noise_evaluations": 2}
+    cache = Cache(None)
+    got, cold = _job(tiny, "dia", inputs, params, cache)
+    assert cold["encode"] >= 1
+    got, hit = _job(tiny, "dia", inputs, params, cache)
+    assert hit["encode"] == 0  # B's latent is not needed on a hit without an edit map
+    assert hit["decode"] == 1  # the result only; the sampling previews are projections
+    assert len(got) >= 1
+
+
+def test_pixels_encodes_source_and_exemplar_once_each(tiny):
+    from analogon.core.images import place
+    from analogon.samples import exemplar_patch, halo_map
+
+    ex = place(exemplar_patch(24, 24), (64, 64), 20, 20)
+    ex2 = place(exemplar_patch(24, 24), (64, 64), 20, 20)  # the same pixels again
+    inputs = Inputs({"source": LayerImage(scene(64, 64, 1), "src"),
+                     "exemplar": [LayerImage(ex, "e"), LayerImage(ex2, "e2")],
+                     "edit_map": [LayerImage(halo_map(ex[..., 3], 6), "m")]})
+    sizes: list[int] = []
+    orig = tiny.vae.encode
+    tiny.vae.encode = lambda x, *a, **kw: (sizes.append(int(x.shape[0])), orig(x, *a, **kw))[1]
+    try:
+        _job(tiny, "pixels", inputs, {"steps": 4, "strength": 0.75, "crop_to_edit": False}, listen=False)
+    finally:
+        tiny.vae.__dict__.pop("encode", None)
+    assert sizes == [1, 1]  # the source and the exemplar, each once (its copy is not re-encoded)
+
+
+def test_difference_cache_hit_encodes_nothing(tiny):
+    from analogon.core.images import as_rgba
+
+    s = analogy_set(64)
+    inputs = Inputs({"a": LayerImage(as_rgba(s["a"]), "da"), "a_prime": LayerImage(as_rgba(s["a_prime"]), "dap"),
+                     "b": LayerImage(as_rgba(s["b"]), "db")})
+    params = {"caption_a": "a red square", "caption_a_prime": "a blue square", "caption_b": "a circle",
+              "captioner": "user_only", "n_tokens": 2, "train_steps": 2, "steps": 8, "strength": 0.75,
+              "guidance": 3.0}  # B starts from its (cached) DDIM inversion: the default
+    cache = Cache(None)
+    _, cold = _job(tiny, "difference", inputs, params, cache)
+    assert cold["encode"] >= 1
+    got, hit = _job(tiny, "difference", inputs, params, cache)
+    assert hit["encode"] == 0 and hit["decode"] == 1
+    assert len(got) >= 2  # previews while sampling, then the result's
