@@ -181,7 +181,7 @@ def test_edit_map_keeps_black_areas_on_b(tiny_sd, shared_cache):
 
     def sample_with(inputs):
         sched = m._schedule(inputs, (64, 64), tiny_sd, p)
-        return m._sample(ctx, noise, z_b, conds["a"], conds["a2"], c_b, uncond,
+        return m._sample(ctx, noise, lambda: z_b, conds["a"], conds["a2"], c_b, uncond,
                          [(3.0, 1.5)], sched, p)[0]
 
     free = sample_with(_inputs())
