@@ -117,9 +117,31 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/jobs/{job_id}/events", "get"): {
         400: "`bad_event_id`: Last-Event-ID is not a whole number of at most 18 digits.",
         404: "`job_not_found`."},
+    ("/v1/system", "get"): {},
+    ("/v1/downloads/catalog", "get"): {},
+    ("/v1/downloads", "post"): {
+        400: "`bad_json`: the body is not JSON.",
+        404: "`unknown_download`: not a recommended model's id.",
+        422: "`invalid_params`: the body is not `{model}`.",
+        502: "`download_failed`, `no_checksum`: the hub cannot be reached or gives no SHA-256.",
+        503: "`shutting_down`."},
+    ("/v1/downloads/{download_id}", "get"): {404: "`download_not_found`."},
+    ("/v1/downloads/{download_id}", "delete"): {404: "`download_not_found`."},
 }
 
+_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+
 SUCCESS: dict[tuple[str, str], dict[int, dict[str, Any]]] = {
+    ("/v1/system", "get"): {200: {"description": "The device, its memory, the memory settings in "
+                                                 "force and the presets.", "content": _OBJECT}},
+    ("/v1/downloads/catalog", "get"): {200: {"description": "The recommended models and the models "
+                                                           "folder.", "content": _OBJECT}},
+    ("/v1/downloads", "post"): {202: {"description": "The download started (or the one already "
+                                                     "running for that model).", "content": _OBJECT}},
+    ("/v1/downloads/{download_id}", "get"): {200: {"description": "The download's state and progress.",
+                                                   "content": _OBJECT}},
+    ("/v1/downloads/{download_id}", "delete"): {200: {"description": "Cancel requested.",
+                                                      "content": _OBJECT}},
     ("/v1/health", "get"): {200: {"description": "The backend's state (no token needed).",
                                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}},
     ("/v1/health", "head"): {200: {"description": "The backend answers (no token needed)."}},
