@@ -329,7 +329,8 @@ class DiffusionImageAnalogies(Method):
                 c_a2: Conditioning, c_b: Conditioning, uncond: Conditioning,
                 variants: list[tuple[float, float]], schedule: EditSchedule, p: Params
                 ) -> list[torch.Tensor]:
-        """DDIM (η = 0) from n_B for every (guidance, λ) variant, ``sweep_batch`` at a time."""
+        """DDIM (η = 0) from n_B for every (guidance, λ) variant, ``sweep_batch`` at a time.
+        ``z_b``: B's latent, or a function that encodes it (read only under an edit map)."""
         bundle = ctx.model
         sched = make_scheduler(bundle, "ddim", p.steps)
         timesteps = sched.timesteps
@@ -365,7 +366,8 @@ class DiffusionImageAnalogies(Method):
                 if done % k_prev == 0 and done < total:
                     preview_latents(ctx, step.pred_original_sample, done)
             if schedule.keep is not None:  # B's latent where nothing may change (encoded then)
-                x = schedule.finish(x, z_b().expand_as(x))
+                zb = z_b() if callable(z_b) else z_b
+                x = schedule.finish(x, zb.expand_as(x))
             outs.extend(x)
         return outs
 
