@@ -312,6 +312,23 @@ def _colour(rgba, depth):
     return b"".join((v * 257 + (37 if 0 < v < 255 else 0)).to_bytes(2, "little") for v in (b, g, r, a))
 
 
+def _pass_on(c, doc, method, photo, rect):
+    """Set up a pass of ``method`` on ``photo`` (no exemplars) with a new edit map painted
+    white over ``rect`` = (x, y, w, h); returns the map."""
+    from analogon_krita import document as kd
+
+    doc.setActiveNode(photo)
+    c.set_document(doc)
+    c.set_method(method)
+    c.set_role(c.target_role(), [kd.layer_id(photo)])
+    if "exemplar" in c.roles():
+        c.set_role("exemplar", [])
+    emap = c.new_edit_map()
+    white = b"\xff" * kd._pixel_size(emap.colorModel(), emap.colorDepth())
+    emap.setPixelData(white * (rect[2] * rect[3]), *rect)
+    return emap
+
+
 def _exact_case(app, c, method, case, run):
     """A pass whose edit map is white in a square and black elsewhere: the composite
     (what the painter sees) is byte-identical outside the square, and changes inside."""
@@ -332,16 +349,8 @@ def _exact_case(app, c, method, case, run):
     root.addChildNode(photo, bg)
     if case == "half_opacity":
         photo.setOpacity(128)
-    doc.setActiveNode(photo)
-    c.set_document(doc)
-    c.set_method(method)
-    c.set_role(c.target_role(), [kd.layer_id(photo)])
-    if "exemplar" in c.roles():
-        c.set_role("exemplar", [])
-    emap = c.new_edit_map()
-    white = b"\xff" * kd._pixel_size(emap.colorModel(), emap.colorDepth())
     sq = (16, 12, 24, 20)
-    emap.setPixelData(white * (sq[2] * sq[3]), *sq)
+    emap = _pass_on(c, doc, method, photo, sq)
     emap.setVisible(False)  # maps are controls: a hidden one is used, and is not in the picture
     doc.refreshProjection()
     doc.waitForDone()
@@ -409,21 +418,11 @@ def _appearance_with_selection(app, c, run):
 
 
 def _history_survives_reopen(app, c, method, run, controller_cls):
-    from analogon_krita import document as kd
-
     w, h = 64, 48
     doc = _doc(app, w, h)
     bg = doc.rootNode().childNodes()[0] if doc.rootNode().childNodes() else None
     photo = _layer(doc, "photo", (40, 120, 200, 255), 0, 0, w, h, above=bg)
-    doc.setActiveNode(photo)
-    c.set_document(doc)
-    c.set_method(method)
-    c.set_role(c.target_role(), [kd.layer_id(photo)])
-    if "exemplar" in c.roles():
-        c.set_role("exemplar", [])
-    emap = c.new_edit_map()
-    white = b"\xff" * (2 if emap.colorModel() == "GRAYA" else 4)
-    emap.setPixelData(white * (16 * 16), 8, 8, 16, 16)
+    _pass_on(c, doc, method, photo, (8, 8, 16, 16))
     how = run(c.generate)
     first = {"how": how, "error": c.error, "history": len(c.history)}
     path = os.path.join(os.environ["ANALOGON_TEST_TMP"], "history.kra")
