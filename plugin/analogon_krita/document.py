@@ -349,7 +349,10 @@ def _paint_node(doc, name: str, pixels: bytes, roi: Rect, opacity: int = 255,
     if opacity != 255:
         node.setOpacity(int(opacity))
     if blending:
+        # Krita records this as an undo step of its own, applied asynchronously: wait for it,
+        # so that it sits below the step that adds the node, and one undo removes the node.
         node.setBlendingMode(blending)
+        doc.waitForDone()
     return node
 
 

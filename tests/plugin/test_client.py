@@ -244,36 +244,43 @@ class DroppingSseServer:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
-        try:
-            while True:
+        while True:
+            try:
                 c, _ = self.sock.accept()
-                self.connections += 1
-                request = b""
-                while b"\r\n\r\n" not in request:  # the whole request, or closing would reset it
-                    chunk = c.recv(65536)
-                    if not chunk:
-                        break
-                    request += chunk
-                last = 0
-                for line in request.decode("latin-1").split("\r\n"):
-                    if line.lower().startswith("last-event-id:"):
-                        last = int(line.split(":", 1)[1].strip())
-                self.last_event_ids.append(last)
-                head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                        b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
-                numbered = list(enumerate(self.EVENTS, 1))
-                if self.connections == 1:
-                    numbered = numbered[:2]
-                elif not self.replay_all:
-                    numbered = [(n, ev) for n, ev in numbered if n > last]
-                body = b"".join(f"id: {n}\r\nevent: {e}\r\ndata: {d}\r\n\r\n".encode()
-                                for n, (e, d) in numbered)
-                c.sendall(head + body[:10])
-                c.sendall(body[10:])  # split mid-event: the parser must join the pieces
-                c.shutdown(socket.SHUT_WR)
+            except OSError:
+                return
+            try:
+                self._serve(c)
+            except OSError:  # one connection's failure is not the server's
+                pass
+            finally:
                 c.close()
-        except OSError:
-            pass
+
+    def _serve(self, c):
+        request = b""
+        while b"\r\n\r\n" not in request:  # the whole request, or closing would reset it
+            chunk = c.recv(65536)
+            if not chunk:
+                return  # a connection the client opened and closed without a request
+            request += chunk
+        self.connections += 1
+        last = 0
+        for line in request.decode("latin-1").split("\r\n"):
+            if line.lower().startswith("last-event-id:"):
+                last = int(line.split(":", 1)[1].strip())
+        self.last_event_ids.append(last)
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n")
+        numbered = list(enumerate(self.EVENTS, 1))
+        if self.connections == 1:
+            numbered = numbered[:2]
+        elif not self.replay_all:
+            numbered = [(n, ev) for n, ev in numbered if n > last]
+        body = b"".join(f"id: {n}\r\nevent: {e}\r\ndata: {d}\r\n\r\n".encode()
+                        for n, (e, d) in numbered)
+        c.sendall(head + body[:10])
+        c.sendall(body[10:])  # split mid-event: the parser must join the pieces
+        c.shutdown(socket.SHUT_WR)
 
 
 @pytest.mark.parametrize("replay_all", [False, True])
