@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import Conditioning, make_scheduler, vae_encode
+from .gradients import LossScaler
 from .text_embeddings import encoders, token_embedding, tokenize
 
 ProgressFn = Callable[[int, int], None]
@@ -260,6 +261,7 @@ def invert_conditioning(bundle, image: torch.Tensor, settings: ConditioningInver
         with torch.no_grad():
             eval_before = float(loss_for(held_noise, active))
         opt = torch.optim.AdamW(active, lr=settings.lr)
+        scaler = LossScaler.for_bundle(bundle)
         losses: list[float] = []
         it = 0
         for it in range(settings.iterations):
@@ -274,8 +276,8 @@ def invert_conditioning(bundle, image: torch.Tensor, settings: ConditioningInver
             if losses[-1] < settings.stop_loss:
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler.backward(loss, active):  # False: an fp16 overflow, skipped (scale halved)
+                opt.step()
         else:
             it = settings.iterations
         if progress is not None:

@@ -38,6 +38,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .conditioning_inversion import frozen, model_modules
 from .diffusion import Conditioning, make_scheduler, noised, vae_decode
+from .gradients import LossScaler
+
+MAX_SCALE_RETRIES = 24  # an fp16 overflow halves the loss scale: 2^16 reaches 1 in 16 halvings
 
 NoiseInit = Literal["ddim_inversion", "noised"]
 NOISE_INITS = ("ddim_inversion", "noised")
@@ -190,15 +193,20 @@ def invert_noise(bundle, z_target: torch.Tensor, image: torch.Tensor | None, con
         x = x_init.detach().clone().requires_grad_(True)
         losses: list[float] = []
         best = {"loss": math.inf, "x": x_init.detach().clone()}
+        scaler = LossScaler.for_bundle(bundle)
         total = settings.max_closures
 
         def closure():
             if progress is not None:
                 progress(len(losses), total)
-            x0, _ = ddim_path(bundle, sched, x, timesteps, cond, grad=True,
-                              checkpointing=settings.checkpointing, counter=counter, on_step=on_step)
-            loss = reconstruction_loss(bundle, x0, z_target, image, settings, grad=True)
-            x.grad = torch.autograd.grad(loss, x)[0]
+            for _ in range(MAX_SCALE_RETRIES):  # fp16: again with a smaller loss scale on overflow
+                x0, _ = ddim_path(bundle, sched, x, timesteps, cond, grad=True,
+                                  checkpointing=settings.checkpointing, counter=counter, on_step=on_step)
+                loss = reconstruction_loss(bundle, x0, z_target, image, settings, grad=True)
+                grads = scaler.grads(loss, [x])
+                if grads is not None:
+                    break
+            x.grad = grads[0] if grads is not None else torch.full_like(x, math.nan)
             v = float(loss.detach())
             losses.append(v)
             if v < best["loss"]:

@@ -63,6 +63,7 @@ from ..core.diffusion import (
     noised, sample, vae_decode, vae_encode,
 )
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.gradients import LossScaler
 from ..core.previews import step_previews
 from ..core.text_embeddings import (
     conditioning_from_embeds, encoders, ids_with_slots, token_embedding, tokenize,
@@ -389,6 +390,7 @@ def train_diff(setup: TrainSetup, p: Params, on_step=None) -> TrainResult:
     diffs = [torch.zeros(p.n_tokens, w, device=b.device, dtype=torch.float32, requires_grad=True)
              for w in widths]
     opt = torch.optim.AdamW(diffs, lr=p.lr)
+    scaler = LossScaler.for_bundle(b)
     g = torch.Generator(device="cpu").manual_seed(p.train_seed)
     n_train = int(b.scheduler.config.num_train_timesteps)
     ts = timestep_schedule(p.timestep_sampling, p.train_steps, n_train, g)
@@ -411,8 +413,7 @@ def train_diff(setup: TrainSetup, p: Params, on_step=None) -> TrainResult:
             res.best_loss, res.best_step = value, step
             best = [d.detach().clone() for d in diffs]
         opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
+        if loss.requires_grad and scaler.backward(loss, diffs):  # fp16 overflow: step skipped
             opt.step()
     final = best if p.keep_best else [d.detach().clone() for d in diffs]
     res.diffs = [d.float().cpu() for d in final]
