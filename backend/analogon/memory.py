@@ -48,6 +48,27 @@ def system_memory() -> dict[str, int]:
             "process_rss_bytes": int(psutil.Process(os.getpid()).memory_info().rss)}
 
 
+def host_available() -> int | None:
+    """Memory the system can give without swapping, None where unknown (psutil: every platform)."""
+    try:
+        return system_memory()["system_available_bytes"]
+    except Exception:  # pragma: no cover - psutil missing or failing
+        return None
+
+
+def device_available(device) -> int | None:
+    """Free memory on a CUDA device, counting what torch caches but does not use; None elsewhere."""
+    try:
+        import torch
+
+        if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    except Exception:  # pragma: no cover
+        pass
+    return None
+
+
 def system_info() -> dict[str, Any]:
     """The best device and how much memory it has: {device, device_name, vram_bytes (None on
     CPU), ram_bytes}."""

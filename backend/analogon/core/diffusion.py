@@ -119,14 +119,54 @@ def vae_encode(bundle, image: torch.Tensor, generator: torch.Generator | None = 
 
 
 def vae_decode(bundle, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    """Scaled latents to (B, 3, H, W) in [-1, 1] (float32)."""
+    """Scaled latents to (B, 3, H, W) in [-1, 1] (float32).
+
+    The decoder's activations are the peak memory of a job at every size (SD 1.5 shapes, fp32:
+    1.08 GB at 512², 2.22 GB at 768², 3.94 GB at 1024², for one image). So, without gradients,
+    the decode is chosen per call: one image at a time (a batch costs no more than one image;
+    exact), and tiled (diffusers' ``tiled_decode``, blended overlaps: not bit-exact) only when one
+    image's estimated peak exceeds the memory there is (:func:`decode_plan`). The memory
+    settings' VAE tiling (``vae.enable_tiling``) still tiles every decode larger than a tile."""
     vae = bundle.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
     if grad:
         return vae.decode(z).sample.float()
+    tiled = decode_plan(bundle, tuple(z.shape)) == "tiled"
     with torch.no_grad():
-        return vae.decode(z).sample.float()
+        out = [(vae.tiled_decode(zi[None]) if tiled else vae.decode(zi[None])).sample.float() for zi in z]
+    return torch.cat(out)
+
+
+# fp32 bytes per output pixel of one decode with SD's VAE decoder (512 channels at its widest):
+# measured 1.08 / 2.22 / 3.94 GB at 512² / 768² / 1024² (docs/benchmarks-fullsize.md)
+DECODE_BYTES_PER_PIXEL = 4200
+
+
+def decode_bytes(bundle, latent_hw: tuple[int, int]) -> int:
+    """Estimated peak bytes of decoding one latent of ``latent_hw`` without tiling."""
+    vae = bundle.vae
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    width = max(vae.config.block_out_channels) / 512
+    itemsize = torch.empty((), dtype=vae.dtype).element_size()
+    return int(latent_hw[0] * f * latent_hw[1] * f * DECODE_BYTES_PER_PIXEL * width * itemsize / 4)
+
+
+def decode_plan(bundle, latent_shape: tuple[int, ...], available: int | None = None) -> str:
+    """"whole" or "tiled": tiled when the latent is larger than a tile and one image's decode
+    would not fit in what is free on the VAE's device (``available``, measured when None)."""
+    vae = bundle.vae
+    tile = int(getattr(vae, "tile_latent_min_size", 0) or 0)
+    if getattr(vae, "use_tiling", False) or tile <= 0 or max(latent_shape[-2:]) <= tile:
+        return "whole"  # diffusers tiles by itself, or nothing to tile
+    if available is None:
+        from ..memory import device_available, host_available
+
+        dev = next(vae.parameters()).device
+        available = device_available(dev) if dev.type != "cpu" else host_available()
+        if available is None:
+            return "whole"
+    return "tiled" if decode_bytes(bundle, tuple(latent_shape[-2:])) > available else "whole"
 
 
 # -- schedulers -------------------------------------------------------------------------------

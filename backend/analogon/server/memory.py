@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AnalogonError
+from ..memory import device_available, host_available
 
 MiB = 1024**2
 GiB = 1024**3
@@ -86,36 +87,6 @@ def estimate(prepared, store, models=None) -> Estimate:
     family = family_of(prepared.model, models)
     work = MODEL_WORK_BYTES.get(family, MODEL_WORK_BYTES["sd1"]) * METHOD_WORK_FACTOR.get(method, 1.0)
     return Estimate(method, family, w, h, len(refs), int(full), int(work))
-
-
-def host_available() -> int | None:
-    """Memory the system can give without swapping (MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import os
-
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def device_available(device) -> int | None:
-    try:
-        import torch
-
-        if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info(device)
-            # memory torch holds in its cache but does not use is free for the job too
-            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    except Exception:  # pragma: no cover
-        pass
-    return None
 
 
 class Budget:
