@@ -266,3 +266,37 @@ def test_the_decision_sets_the_native_size_with_the_shipped_config(sd2_file):
     assert (b.native_size, b.variant) == (512, "sd2-base")
     pred.apply(b, "v_prediction", "probe")
     assert (b.native_size, b.variant, b.scheduler.config.prediction_type) == (768, "sd2-v", "v_prediction")
+
+
+def test_the_prediction_option_reaches_the_loader_from_serve_and_run(capsys):
+    from analogon import cli
+
+    args, _ = cli._base_parser().parse_known_args(
+        ["serve", "--prediction", "/m/a=b.safetensors=eps", "--prediction", "v"])
+    assert cli._predictions(args) == {"/m/a=b.safetensors": "epsilon", "*": "v_prediction"}
+    settings = cli._settings_from_args(args, cli._memory(args))
+    assert settings.predictions == {"/m/a=b.safetensors": "epsilon", "*": "v_prediction"}
+    run = cli.method_parser(get_method("pixels")).parse_args(["--prediction", "base", "-o", "x.png"])
+    assert cli._make_models(run).options.predictions == {"*": "epsilon"}
+    with pytest.raises(SystemExit):
+        cli._base_parser().parse_known_args(["serve", "--prediction", "x"])
+    assert "use eps or v" in capsys.readouterr().err
+
+
+# -- SDXL: the unconditional side follows force_zeros_for_empty_prompt ------------------------
+
+def test_the_sdxl_unconditional_follows_force_zeros_for_empty_prompt(tiny_sdxl, refiner):
+    assert tiny_sdxl.pipe.config.force_zeros_for_empty_prompt
+    _, u = encode_prompt(tiny_sdxl, "a red cube", "")
+    assert u.hidden.abs().max() == 0 and u.pooled.abs().max() == 0
+    _, n = encode_prompt(tiny_sdxl, "a red cube", "blur")  # a real negative prompt is encoded
+    assert n.hidden.abs().max() > 0
+    cfg = tiny_sdxl.pipe.config.force_zeros_for_empty_prompt
+    tiny_sdxl.pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    try:  # the model's config decides, not the family
+        _, u2 = encode_prompt(tiny_sdxl, "a red cube", "")
+        assert u2.hidden.abs().max() > 0 and u2.pooled.abs().max() > 0
+    finally:
+        tiny_sdxl.pipe.register_to_config(force_zeros_for_empty_prompt=cfg)
+    _, ur = encode_prompt(refiner, "a red cube", "")  # the refiner's config: False
+    assert ur.hidden.abs().max() > 0
