@@ -251,6 +251,16 @@ def test_sd2_without_yaml_is_probed_at_load_and_overrides_win(sd2_file, monkeypa
         assert (o.prediction["type"], o.prediction["decided_by"]) == (kind, "override")
         assert o.scheduler.config.prediction_type == kind
     assert len(calls) == 1
+    # the file's own modelspec metadata wins over the probe
+    from safetensors.torch import load_file, save_file
+
+    meta = sd2_file.with_name("meta.safetensors")
+    save_file(load_file(str(sd2_file)), str(meta), metadata={"modelspec.architecture": "stable-diffusion-v2-512-base"})
+    sd2_file.with_name("sd2.config").rename(meta.with_name("meta.config"))
+    m = load_bundle(str(meta), CPU)
+    assert (m.prediction["type"], m.prediction["decided_by"], m.variant) == ("epsilon", "metadata", "sd2-base")
+    meta.with_name("meta.config").rename(sd2_file.with_name("sd2.config"))
+    assert len(calls) == 1
     # a yaml beside the file wins over the probe
     sd2_file.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
     y = load_bundle(str(sd2_file), CPU)

@@ -162,8 +162,6 @@ def _sd2_variant(path: Path | None, meta: dict[str, str]) -> str:
     """sd2-v / sd2-base when the metadata or a yaml says; ``sd2`` (decided at load) otherwise."""
     from .single_file import sd2_stated_prediction
 
-    if path is None:
-        path = Path("\0none")  # no yaml beside nothing
     kind, _ = sd2_stated_prediction(path, meta)
     if kind is None:
         return "sd2"

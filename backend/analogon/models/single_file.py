@@ -98,11 +98,12 @@ def sd2_prediction_type(path: Path) -> str:
     return sd2_stated_prediction(path)[0] or "v_prediction"
 
 
-def sd2_stated_prediction(path: Path, meta: dict[str, str] | None = None) -> tuple[str | None, str]:
+def sd2_stated_prediction(path: Path | None, meta: dict[str, str] | None = None) -> tuple[str | None, str]:
     """(epsilon | v_prediction | None, how it is known: metadata | yaml | "") from the file's
-    modelspec metadata (read from its header when ``meta`` is None) or the yaml beside it."""
-    path = Path(path)
-    if meta is None:
+    modelspec metadata (read from its header when ``meta`` is None) or the yaml beside it
+    (``path`` None: the metadata alone)."""
+    path = Path(path) if path is not None else None
+    if meta is None and path is not None:
         meta = {}
         if path.suffix.lower() == ".safetensors":
             try:
@@ -111,14 +112,15 @@ def sd2_stated_prediction(path: Path, meta: dict[str, str] | None = None) -> tup
                 meta = read_safetensors_header(path)[1]
             except (OSError, ValueError, UnicodeDecodeError):
                 meta = {}
+    meta = meta or {}
     pred = meta.get("modelspec.prediction_type", "").lower()
     arch = meta.get("modelspec.architecture", "").lower()
     if pred in ("v", "v_prediction", "v-prediction") or arch.endswith("-v"):
         return "v_prediction", "metadata"
     if pred in ("epsilon", "eps") or arch.endswith("-base"):
         return "epsilon", "metadata"
-    yaml = path.with_suffix(".yaml")
-    if yaml.exists():
+    yaml = path.with_suffix(".yaml") if path is not None else None
+    if yaml is not None and yaml.exists():
         text = yaml.read_text(errors="replace")
         v = re.search(r"parameterization\s*:\s*['\"]?v['\"]?\s*$", text, re.M)
         return ("v_prediction" if v else "epsilon"), "yaml"
