@@ -39,6 +39,28 @@ def _add_model_options(p: argparse.ArgumentParser, model_default: str | None) ->
                    help="the largest area the high-resolution pass works at, in pixels")
     p.add_argument("--cache-dir", help="folder for cached inversions (default: ~/.cache/analogon; "
                                        "'' keeps them in memory only)")
+    p.add_argument("--prediction", action="append", default=[], type=_prediction_arg,
+                   metavar="[MODEL=]eps|v",
+                   help="SD 2.x: epsilon (2.x-base, 512 px) or v-prediction (2.x-v, 768 px) for MODEL "
+                        "(a model spec as given to --model or in a job), or for every SD 2.x model "
+                        "without MODEL=; repeatable. Default: the file's metadata or its .yaml, "
+                        "else a one-step probe of the UNet at load")
+
+
+def _prediction_arg(value: str) -> tuple[str, str]:
+    """``[MODEL=]eps|v`` -> (model spec or "*", epsilon | v_prediction)."""
+    from .errors import ModelError
+    from .models.single_file import normalise_prediction
+
+    model, _, kind = str(value).rpartition("=")
+    try:
+        return (model.strip() or "*", normalise_prediction(kind))
+    except ModelError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _predictions(args) -> dict[str, str]:
+    return dict(getattr(args, "prediction", None) or [])
 
 
 def _base_parser() -> argparse.ArgumentParser:
@@ -184,7 +206,7 @@ def _settings_from_args(args, mem):
         cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
         image_store_cap_bytes=args.image_store_cap, cache_disk_cap_bytes=args.cache_cap,
         result_max_age_s=age * 24 * 3600 if age and age > 0 else None,
-        model_dirs=[Path(d).expanduser() for d in args.models_dir],
+        model_dirs=[Path(d).expanduser() for d in args.models_dir], predictions=_predictions(args),
         scan_usual_places=not args.no_usual_places,
     )
 
@@ -340,7 +362,8 @@ def _make_models(args):
 
     mem = _memory(args)
     return ModelManager(1, LoadOptions(device=mem.device, dtype=mem.dtype, cpu_offload=mem.cpu_offload,
-                                       vae_tiling=mem.vae_tiling, max_working_pixels=mem.max_pixels))
+                                       vae_tiling=mem.vae_tiling, max_working_pixels=mem.max_pixels,
+                                       predictions=_predictions(args)))
 
 
 def _make_cache(args):

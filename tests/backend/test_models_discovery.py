@@ -38,7 +38,7 @@ def ckpt(path: Path, *text_keys: str, in_ch: int = 4, meta: dict | None = None, 
 @pytest.mark.parametrize("keys,in_ch,meta,yaml,variant,family", [
     ((CLIP_L,), 4, None, None, "sd1", "sd1"),
     ((CLIP_L,), 9, None, None, "sd1-inpainting", "sd1"),
-    ((OPEN_CLIP,), 4, None, None, "sd2-v", "sd2"),
+    ((OPEN_CLIP,), 4, None, None, "sd2", "sd2"),
     ((OPEN_CLIP,), 4, None, "model:\n  params:\n    parameterization: \"v\"\n", "sd2-v", "sd2"),
     ((OPEN_CLIP,), 4, None, "model:\n  params:\n    linear_start: 0.00085\n", "sd2-base", "sd2"),
     ((OPEN_CLIP,), 4, {"modelspec.architecture": "stable-diffusion-v2-512-base"}, None, "sd2-base", "sd2"),
@@ -54,7 +54,8 @@ def test_family_and_variant_from_the_header(tmp_path, keys, in_ch, meta, yaml, v
         path.with_suffix(".yaml").write_text(yaml)
     fam, var, note = classify_file(path)
     assert (fam, var) == (family, variant)
-    assert ("assumed" in note) == (variant == "sd2-v" and not meta and not yaml)
+    assert ("decided at load" in note) == (variant == "sd2" and not meta and not yaml)
+    assert "assumed" not in note
 
 
 def test_only_the_header_is_read(tmp_path):
@@ -74,7 +75,7 @@ def test_the_embedded_tiny_checkpoint_written_as_one_file(tiny_sd, tmp_path):
     path = save_single_file(tiny_sd, tmp_path / "tiny.safetensors")
     assert classify_file(path)[:2] == ("sd1", "sd1")
     path2 = save_single_file(tiny_sd, tmp_path / "tiny2.safetensors", family="sd2")
-    assert classify_file(path2)[:2] == ("sd2", "sd2-v")
+    assert classify_file(path2)[:2] == ("sd2", "sd2")  # base or v: decided at load
 
 
 def test_what_is_not_a_checkpoint_is_not_listed_and_unusable_ones_say_why(tmp_path):
@@ -89,7 +90,8 @@ def test_what_is_not_a_checkpoint_is_not_listed_and_unusable_ones_say_why(tmp_pa
     assert set(found) == {"partial.safetensors", "inpaint.safetensors", "refiner.safetensors", "A.safetensors"}
     assert found["A.safetensors"].methods == METHODS
     assert found["inpaint.safetensors"].methods == [] and "inpainting" in found["inpaint.safetensors"].note
-    assert found["refiner.safetensors"].methods == [] and "base" in found["refiner.safetensors"].note
+    # the refiner is PIXELS' only (the methods' own rule), and says so
+    assert found["refiner.safetensors"].methods == ["pixels"] and "PIXELS only" in found["refiner.safetensors"].note
     assert found["partial.safetensors"].family is None and "cannot be read" in found["partial.safetensors"].note
     # usable first
     assert [c.name for c in scan([tmp_path], METHODS, include_usual=False)][0] == "A"
@@ -140,7 +142,7 @@ def test_the_usual_places_and_the_hub_cache(home, tmp_path):
     assert set(by_name) == {"dreamy", "xl", "kad", "mine", "extra", "org/sd21", "org/single/v1.safetensors"}
     assert by_name["dreamy"].location == "ComfyUI" and by_name["dreamy"].id == str(comfy)
     assert by_name["xl"].location == "Automatic1111 / Forge" and by_name["xl"].family == "sdxl"
-    assert by_name["kad"].location == "Krita AI Diffusion" and by_name["kad"].variant == "sd2-v"
+    assert by_name["kad"].location == "Krita AI Diffusion" and by_name["kad"].variant == "sd2"  # decided at load
     assert by_name["mine"].location == "Analogon models" and by_name["mine"].id == str(ours)
     assert by_name["extra"].location == "configured" and by_name["extra"].id == str(extra)
     hub = by_name["org/sd21"]
@@ -156,6 +158,13 @@ def test_a_diffusers_folder_inside_a_models_folder(tmp_path):
     _diffusers_folder(tmp_path / "models" / "my-sdxl", "sdxl_base")
     [entry] = scan([tmp_path / "models"], METHODS, include_usual=False)
     assert (entry.name, entry.family, entry.variant, entry.source) == ("my-sdxl", "sdxl", "sdxl", "folder")
+
+
+def test_a_checkpoints_own_config_folder_is_not_listed_as_a_model(tmp_path):
+    ckpt(tmp_path / "m.safetensors", CLIP_L)
+    _diffusers_folder(tmp_path / "m.config", "sd15")  # weights-less, beside its checkpoint
+    _diffusers_folder(tmp_path / "lone.config", "sd15")  # no checkpoint beside: a folder model
+    assert sorted(c.name for c in scan([tmp_path], METHODS, include_usual=False)) == ["lone.config", "m"]
 
 
 @pytest.mark.parametrize("platform,env,expect", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analogon.errors import ModelError
-from analogon.models import LoadOptions, family_from_state_dict_keys, load_bundle
+from analogon.models import LoadOptions, family_from_state_dict_keys, load_bundle, variant_from_state_dict_keys
 from analogon.models.single_file import (
     CONFIG_ROOT, checkpoint_keys, clip_to_ldm, open_clip_to_ldm, save_single_file, unet_to_ldm,
     vae_to_ldm,
@@ -114,15 +114,20 @@ def _meta_pipeline_keys(config: str):
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(root / "unet")))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(root / "vae")))
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
+        te = (CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
+              if (root / "text_encoder").exists() else None)
         te2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(root / "text_encoder_2")))
                if (root / "text_encoder_2").exists() else None)
     up_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
     sd = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, up_attn)
     sd.update(vae_to_ldm(vae.state_dict(), len(vae.config.up_block_types)))
-    counts = {"unet": sum(p.numel() for p in unet.parameters()),
-              "text": sum(p.numel() for p in te.parameters())}
-    if config == "sd15":
+    counts = {"unet": sum(p.numel() for p in unet.parameters())}
+    if te is not None:
+        counts["text"] = sum(p.numel() for p in te.parameters())
+    if config == "sdxl_refiner":  # OpenCLIP bigG is its only (first) embedder
+        sd.update(open_clip_to_ldm(te2.state_dict(), "conditioner.embedders.0.model."))
+        counts["text2"] = sum(p.numel() for p in te2.parameters())
+    elif config == "sd15":
         sd.update(clip_to_ldm(te.state_dict(), "cond_stage_model.transformer."))
     elif config == "sd21":
         sd.update(open_clip_to_ldm(te.state_dict(), "cond_stage_model.model."))
@@ -136,6 +141,9 @@ def _meta_pipeline_keys(config: str):
 @pytest.mark.parametrize("config,family,kind,unet_params", [
     ("sd15", "sd1", "v1", 859_520_964), ("sd21", "sd2", "v2", 865_910_724),
     ("sdxl_base", "sdxl", "xl_base", 2_567_463_684),
+    # the refiner: 384 base channels, [1, 2, 4, 4], transformer depth 4, cross-attention 1280,
+    # 5 time ids (2560 = 5·256 + 1280); the same config diffusers derives from the SGM yaml
+    ("sdxl_refiner", "sdxl", "xl_refiner", 2_259_526_660),
 ])
 def test_shipped_configs_match_the_real_families(config, family, kind, unet_params):
     """The config folders build models of the published sizes, and their LDM layout is what
@@ -145,6 +153,7 @@ def test_shipped_configs_match_the_real_families(config, family, kind, unet_para
     sd, counts = _meta_pipeline_keys(config)
     assert counts["unet"] == unet_params
     assert family_from_state_dict_keys(list(sd)) == family
+    assert variant_from_state_dict_keys(list(sd)) == ("sdxl-refiner" if kind == "xl_refiner" else family)
     assert infer_diffusers_model_type(sd) == kind
 
 

@@ -309,7 +309,7 @@ def cached_conditioning(cache, bundle, image_sha: str, image: torch.Tensor,
                         progress: ProgressFn | None = None) -> ConditioningInversion:
     """``invert_conditioning`` through the cache: keyed by image hash, working size, model and
     every setting. A hit runs no UNet at all."""
-    from .diffusion import sdxl_time_ids
+    from .diffusion import time_ids
 
     size = (int(image.shape[-1]), int(image.shape[-2]))
     key = cache_key(cache, bundle, image_sha, size, settings) if cache is not None else None
@@ -322,7 +322,7 @@ def cached_conditioning(cache, bundle, image_sha: str, image: torch.Tensor,
             pooled = tensors["pooled"].to(dev, dt) if "pooled" in tensors else None
             ids = None
             if pooled is not None:
-                ids = sdxl_time_ids((size[1], size[0]), dev, dt)
+                ids = time_ids(bundle, (size[1], size[0]), dev, dt)
             active = [tensors[f"active_{i}"] for i in range(len(encoders(bundle)))]
             return ConditioningInversion(
                 cond=Conditioning(hidden, pooled, ids), active=active,

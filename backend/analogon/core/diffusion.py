@@ -2,7 +2,13 @@
 
 - ``Conditioning``: the UNet's text conditioning for SD 1.x/2.x (hidden states) and SDXL
   (hidden states + pooled embedding + size ids), batched and concatenated as one value.
-- ``encode_prompt``: the pipeline's own prompt encoder, wrapped into Conditioning.
+- ``time_ids``: SDXL's micro-conditioning, the one place it is made: six ids on the base
+  (original size, crop, target size), five on the refiner (original size, crop, aesthetic
+  score: 6.0 for the prompt, 2.5 for the negative, diffusers' defaults).
+- ``encode_prompt``: the pipeline's own prompt encoder, wrapped into Conditioning. The
+  unconditional side follows the model's ``force_zeros_for_empty_prompt`` as diffusers'
+  pipelines do: with an empty negative prompt it is all zeros (hidden and pooled) when the
+  model's config says so (SDXL base), the encoded empty prompt otherwise (SDXL refiner).
 - ``vae_encode`` / ``vae_decode``: scaled latents, in the VAE's dtype (SDXL's VAE stays fp32).
 - ``make_scheduler``, ``img2img_timesteps``, ``noised``: schedulers by name, the img2img
   truncation diffusers uses, and noising at one timestep that is immune to ``set_begin_index``.
@@ -34,7 +40,7 @@ class Conditioning:
 
     hidden: torch.Tensor  # (B, 77, D)
     pooled: torch.Tensor | None = None  # (B, P)
-    time_ids: torch.Tensor | None = None  # (B, 6)
+    time_ids: torch.Tensor | None = None  # (B, 6); (B, 5) on the SDXL refiner
 
     @property
     def batch(self) -> int:
@@ -70,16 +76,38 @@ class Conditioning:
         return Conditioning(*(f(a, b, c) if i < 2 else a for i, (a, b, c) in enumerate(zip(s, p, m))))
 
 
-def sdxl_time_ids(size_hw: tuple[int, int], device, dtype) -> torch.Tensor:
-    """(original size, crop top-left, target size) for SDXL's micro-conditioning."""
+# the SDXL refiner's aesthetic scores (diffusers' StableDiffusionXLImg2ImgPipeline defaults)
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def sdxl_time_ids(size_hw: tuple[int, int], device, dtype, aesthetic: float | None = None) -> torch.Tensor:
+    """SDXL's micro-conditioning, one row: (original size, crop top-left, target size) on the
+    base; (original size, crop top-left, aesthetic score) when ``aesthetic`` is given (refiner)."""
     h, w = size_hw
-    return torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=dtype)
+    row = [h, w, 0, 0, aesthetic] if aesthetic is not None else [h, w, 0, 0, h, w]
+    return torch.tensor([row], device=device, dtype=dtype)
+
+
+def time_ids(bundle, image_hw: tuple[int, int] | None, device=None, dtype=None,
+             aesthetic: float = AESTHETIC_SCORE) -> torch.Tensor | None:
+    """The model's micro-conditioning ids (one row) at ``image_hw`` (None: native size);
+    None for SD 1.x / 2.x. ``aesthetic`` is used by the SDXL refiner only."""
+    if not bundle.is_sdxl:
+        return None
+    hw = image_hw or (bundle.native_size, bundle.native_size)
+    return sdxl_time_ids(hw, device or bundle.device, dtype or bundle.unet.dtype,
+                         aesthetic if getattr(bundle, "is_refiner", False) else None)
 
 
 @torch.no_grad()
-def encode_prompt(bundle, prompt: str, negative: str = "", image_hw: tuple[int, int] | None = None
+def encode_prompt(bundle, prompt: str, negative: str = "", image_hw: tuple[int, int] | None = None,
+                  aesthetic: float | None = None, negative_aesthetic: float | None = None
                   ) -> tuple[Conditioning, Conditioning]:
-    """(conditional, unconditional) Conditioning for a prompt, using the pipeline's encoder."""
+    """(conditional, unconditional) Conditioning for a prompt, using the pipeline's encoder.
+    An empty ``negative`` is "no negative prompt": zeros where the model's config has
+    ``force_zeros_for_empty_prompt`` (SDXL), the encoded empty prompt otherwise.
+    ``aesthetic``/``negative_aesthetic``: the refiner's scores for each side (defaults 6.0/2.5)."""
     pipe = bundle.pipe
     dev = bundle.device
     if bundle.is_sdxl:
@@ -87,18 +115,25 @@ def encode_prompt(bundle, prompt: str, negative: str = "", image_hw: tuple[int, 
             prompt=prompt, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=True,
             negative_prompt=negative or None,
         )
-        hw = image_hw or (bundle.native_size, bundle.native_size)
-        ids = sdxl_time_ids(hw, dev, pe.dtype)
-        return Conditioning(pe, pp, ids), Conditioning(ne, npool, ids)
+        a = AESTHETIC_SCORE if aesthetic is None else aesthetic
+        na = NEGATIVE_AESTHETIC_SCORE if negative_aesthetic is None else negative_aesthetic
+        ids = time_ids(bundle, image_hw, dev, pe.dtype, aesthetic=a)
+        nids = time_ids(bundle, image_hw, dev, pe.dtype, aesthetic=na)
+        return Conditioning(pe, pp, ids), Conditioning(ne, npool, nids)
     pe, ne = pipe.encode_prompt(prompt, dev, 1, True, negative_prompt=negative or None)
     return Conditioning(pe), Conditioning(ne)
 
 
 def with_size(cond: Conditioning, image_hw: tuple[int, int]) -> Conditioning:
-    """SDXL: the same conditioning with size ids for another working size."""
+    """SDXL: the same conditioning with size ids for another working size (the refiner's
+    aesthetic score is kept)."""
     if cond.time_ids is None:
         return cond
-    ids = sdxl_time_ids(image_hw, cond.time_ids.device, cond.time_ids.dtype).repeat(cond.batch, 1)
+    h, w = image_hw
+    ids = cond.time_ids.clone()
+    ids[:, 0], ids[:, 1], ids[:, 2], ids[:, 3] = h, w, 0, 0
+    if ids.shape[1] == 6:
+        ids[:, 4], ids[:, 5] = h, w
     return Conditioning(cond.hidden, cond.pooled, ids)
 
 

@@ -57,6 +57,8 @@ class HiresSettings:
     prompt: str = ""
     negative_prompt: str = ""
     guidance: float = 1.0
+    aesthetic_score: float | None = None  # the SDXL refiner's (None: the defaults)
+    negative_aesthetic_score: float | None = None
 
     @classmethod
     def from_params(cls, params: Any) -> "HiresSettings":
@@ -67,7 +69,9 @@ class HiresSettings:
                    max_pixels=int(g(params, "hires_max_pixels", 0)),
                    steps=int(g(params, "steps", 20) or 20), prompt=prompt,
                    negative_prompt=g(params, "negative_prompt", "") or "",
-                   guidance=float(g(params, "guidance", 1.0) or 1.0) if prompt else 1.0)
+                   guidance=float(g(params, "guidance", 1.0) or 1.0) if prompt else 1.0,
+                   aesthetic_score=g(params, "aesthetic_score", None),
+                   negative_aesthetic_score=g(params, "negative_aesthetic_score", None))
 
 
 def refine_size(region: tuple[int, int], work: tuple[int, int], native: int, s: HiresSettings,
@@ -149,7 +153,8 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
 
     acc = np.zeros((H, W, 3), np.float32)
     wsum = np.zeros((H, W), np.float32)
-    cond, uncond = encode_prompt(bundle, s.prompt, s.negative_prompt, image_hw=(th, tw))
+    cond, uncond = encode_prompt(bundle, s.prompt, s.negative_prompt, image_hw=(th, tw),
+                                 aesthetic=s.aesthetic_score, negative_aesthetic=s.negative_aesthetic_score)
     sched = make_scheduler(bundle, "ddim", s.steps)
     ts = img2img_timesteps(sched, s.steps, s.strength)
     n = len(ts)

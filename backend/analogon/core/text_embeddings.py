@@ -8,7 +8,8 @@ and the result shaped as the UNet's ``Conditioning`` exactly as the pipeline's o
 
 - SD 1.x / 2.x: the last hidden state after the final layer norm.
 - SDXL: the penultimate hidden states of both encoders, concatenated; the pooled embedding is
-  the second encoder's projected end-of-text state.
+  the second encoder's projected end-of-text state. The SDXL refiner has the second encoder
+  only (``text_encoder`` is None): its penultimate states alone.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .diffusion import Conditioning, sdxl_time_ids
+from .diffusion import Conditioning, time_ids
 
 
 @dataclass
@@ -29,9 +30,9 @@ class PromptTokens:
 
 
 def encoders(bundle) -> list[tuple[object, torch.nn.Module]]:
-    out = [(bundle.tokenizer, bundle.text_encoder)]
-    if bundle.text_encoder_2 is not None:
-        out.append((bundle.tokenizer_2, bundle.text_encoder_2))
+    """(tokenizer, text encoder) of each encoder the model has, in the pipeline's order."""
+    out = [(tok, te) for tok, te in ((bundle.tokenizer, bundle.text_encoder),
+                                     (bundle.tokenizer_2, bundle.text_encoder_2)) if te is not None]
     return out
 
 
@@ -57,7 +58,7 @@ def prompt_tokens(bundle, prompt: str) -> PromptTokens:
         ids.append(i)
         with torch.no_grad():
             embeds.append(token_embedding(te)(i))
-    eos_id = bundle.tokenizer.eos_token_id
+    eos_id = encoders(bundle)[0][0].eos_token_id
     eos = int((ids[0][0] == eos_id).nonzero()[0].item())
     return PromptTokens(ids, embeds, eos)
 
@@ -116,6 +117,5 @@ def conditioning_from_embeds(bundle, embeds: list[torch.Tensor], eos: int | torc
         hs.append(h)
         pooled = p
     hidden = torch.cat(hs, dim=-1).to(bundle.unet.dtype)
-    hw = image_hw or (bundle.native_size, bundle.native_size)
-    ids = sdxl_time_ids(hw, hidden.device, hidden.dtype).repeat(hidden.shape[0], 1)
+    ids = time_ids(bundle, image_hw, hidden.device, hidden.dtype).repeat(hidden.shape[0], 1)
     return Conditioning(hidden, pooled.to(bundle.unet.dtype), ids)

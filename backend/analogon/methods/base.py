@@ -21,6 +21,18 @@ from ..errors import AnalogonError, JobCancelled  # noqa: F401  (re-exported for
 
 RoleKind = Literal["image", "map", "mask"]
 
+# The model variants (``ModelBundle.variant``, ``models.discovery.LABELS``) every method runs
+# on: the base text-to-image models of each family ("sd2": SD 2.x before the loader decided
+# base or v). A method that runs on more lists them in ``Method.variants``.
+BASE_VARIANTS: tuple[str, ...] = ("sd1", "sd2", "sd2-base", "sd2-v", "sdxl")
+# Why a variant is not enough for a method that does not list it ({method}: its title).
+VARIANT_WHY_NOT: dict[str, str] = {
+    "sdxl-refiner": "The SDXL refiner cannot run {method}: it has one text encoder (OpenCLIP "
+                    "bigG, no CLIP-L), is trained only for the last fifth of the noise levels, and "
+                    "{method} needs a whole text-to-image model. Use an SDXL base model (or any "
+                    "SD 1.x / 2.x model); PIXELS can use the refiner.",
+}
+
 
 @dataclass(frozen=True)
 class Role:
@@ -152,6 +164,30 @@ class Method:
     target_role: ClassVar[str]
     # Parameters `analogon demo` uses on the embedded tiny models (fast settings).
     demo_params: ClassVar[dict[str, Any]] = {}
+    # The model variants it runs on (see BASE_VARIANTS); checked once, in :meth:`run`.
+    variants: ClassVar[tuple[str, ...]] = BASE_VARIANTS
+
+    def refusal(self, variant: str | None) -> str | None:
+        """Why this method cannot run on a model of ``variant`` (None: it can, or the variant
+        is not known)."""
+        if not variant or variant in self.variants:
+            return None
+        why = VARIANT_WHY_NOT.get(variant)
+        if why is None:
+            usable = ", ".join(v for v in self.variants if v != "sd2")
+            why = f"{{method}} does not run on a {variant} model; it runs on: {usable}."
+        return why.format(method=self.title)
+
+    def check_model(self, bundle: Any) -> None:
+        """Raise a clear InputError when the loaded model is not one this method runs on."""
+        why = self.refusal(getattr(bundle, "variant", None))
+        if why is not None:
+            from . import all_methods
+
+            others = [m.id for m in all_methods() if m.refusal(bundle.variant) is None]
+            raise AnalogonError("unsupported_model", why,
+                                {"variant": bundle.variant, "method": self.id, "methods": others},
+                                status=400)
 
     def all_roles(self) -> tuple[Role, ...]:
         names = {r.name for r in self.roles}
@@ -180,8 +216,25 @@ class Method:
         layer, at the target's full resolution."""
         from ..core.hires import finish
 
+        self.check_model(ctx.model)
         result = self.generate(ctx, inputs, params)
         return finish(ctx, self, inputs, params, result)
+
+
+def methods_for_variant(variant: str | None, method_ids) -> list[str]:
+    """The ids among ``method_ids`` whose method runs on ``variant`` (unknown ids: the base
+    variants only). The one rule behind model listings and :meth:`Method.check_model`."""
+    from . import get
+
+    out = []
+    for mid in method_ids:
+        try:
+            variants = get(mid).variants
+        except AnalogonError:
+            variants = BASE_VARIANTS
+        if not variant or variant in variants:
+            out.append(mid)
+    return out
 
 
 ProgressFn = Callable[[str, int | None, int | None], None]

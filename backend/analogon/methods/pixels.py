@@ -23,8 +23,10 @@ Where the authors' code and the paper differ (see docs/methods/pixels.md) this m
   pre-composited at full size; several exemplars are supported (their code ships one);
 - the exemplar is pasted where its map is at least ``paste_threshold`` (authors: exactly full
   change, the default here) and its opacity at least ``alpha_threshold``;
-- the SDXL refiner is not used: the model spec is one pipeline (the authors' SDXL script
-  denoises with the refiner); any SD 1.x / 2.x / SDXL model works.
+- the model spec is one pipeline: any SD 1.x / 2.x / SDXL base model, or the SDXL refiner
+  itself (what the authors' SDXL script denoises with: one text encoder, five time ids with
+  the aesthetic scores ``aesthetic_score`` / ``negative_aesthetic_score``, 6.0 / 2.5 as in
+  diffusers and the authors' script).
 
 The edited region (the bounding box of the map plus context) is processed at the model's native
 scale and brought back to its own size; pixels where the map is black come back bit-identical.
@@ -41,7 +43,7 @@ from pydantic import Field
 
 from ..core import images as im
 from ..core.diffusion import (
-    SCHEDULER_NAMES, encode_prompt, img2img_timesteps, init_noise, make_scheduler, sample,
+    AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SCHEDULER_NAMES, encode_prompt, img2img_timesteps, init_noise, make_scheduler, sample,
     vae_decode, vae_encode,
 )
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
@@ -52,7 +54,7 @@ from ..core.surgery import (
 )
 from ..errors import InputError
 from . import register
-from .base import Inputs, JobContext, Method, MethodParams, MethodResult, ResultImage, Role
+from .base import BASE_VARIANTS, Inputs, JobContext, Method, MethodParams, MethodResult, ResultImage, Role
 
 # Seeds: pass p draws the source noise (and the stochastic schedulers' step noise, as diffusers'
 # img2img pipeline does with its one generator) from seed + p·PASS_STRIDE, exemplar k's noise
@@ -116,6 +118,19 @@ class PixelsParams(MethodParams):
         0.5, ge=0.01, le=1.0,
         description="The exemplar is pasted where its opacity on the canvas is at least this.",
         title="Exemplar opacity threshold", json_schema_extra={"advanced": True})
+    aesthetic_score: float = Field(
+        AESTHETIC_SCORE, ge=0.0, le=10.0,
+        description="SDXL refiner only: the aesthetic score the edit is conditioned on (the "
+                    "refiner was trained with LAION aesthetic scores as a time id). 6.0 is "
+                    "diffusers' default; ignored by other models.",
+        title="Aesthetic score (refiner)",
+        json_schema_extra={"advanced": True, "variants": ["sdxl-refiner"]})
+    negative_aesthetic_score: float = Field(
+        NEGATIVE_AESTHETIC_SCORE, ge=0.0, le=10.0,
+        description="SDXL refiner only: the aesthetic score of the unconditional (negative) side "
+                    "of guidance; 2.5 is diffusers' default; ignored by other models.",
+        title="Negative aesthetic score (refiner)",
+        json_schema_extra={"advanced": True, "variants": ["sdxl-refiner"]})
     crop_to_edit: bool = Field(
         True,
         description="Work on the map's bounding box (plus context, at least the model's native "
@@ -318,7 +333,9 @@ def denoise(ctx: JobContext, plan: Plan, params: PixelsParams, progress_offset: 
     bundle = ctx.model
     w, h = plan.work
     ctx.progress("encode", None, None)
-    cond, uncond = encode_prompt(bundle, params.prompt, params.negative_prompt, image_hw=(h, w))
+    cond, uncond = encode_prompt(bundle, params.prompt, params.negative_prompt, image_hw=(h, w),
+                                 aesthetic=params.aesthetic_score,
+                                 negative_aesthetic=params.negative_aesthetic_score)
     exemplars = [e for p in plan.passes for e in p.exemplars]
     latents = encode_all(ctx, [plan.source_crop] + [e.rgb for e in exemplars], plan.work)
     z = latents[0]
@@ -390,6 +407,8 @@ class PixelsMethod(Method):
     )
     target_role = "source"
     demo_params = {"steps": 4, "strength": 0.75, "scheduler": "ddim"}
+    # the refiner too: PIXELS only denoises the last steps, which is what the refiner is for
+    variants = BASE_VARIANTS + ("sdxl-refiner",)
 
     def generate(self, ctx: JobContext, inputs: Inputs, params: PixelsParams) -> MethodResult:
         plan = plan_job(ctx.model, inputs, params)

@@ -8,7 +8,11 @@ A spec is one of
 - a Hugging Face repo id (``org/name``), loaded from the local hub cache, or downloaded when
   the network allows.
 
-The family (``sd1``, ``sd2``, ``sdxl``) is detected from the files, never from the name.
+The family (``sd1``, ``sd2``, ``sdxl``) and the variant (``sd1``, ``sd2-base``, ``sd2-v``,
+``sdxl``, ``sdxl-refiner``) are detected from the files, never from the name. Inpainting models
+(a UNet with 9 input channels) are refused at load with the reason (:func:`inpainting_refusal`).
+SD 2.x single files whose parameterisation nothing states are probed once at load
+(:mod:`analogon.models.prediction`); ``LoadOptions.predictions`` overrides per model.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ class LoadOptions:
     cpu_offload: bool = False
     vae_tiling: bool = False
     max_working_pixels: int | None = None  # caps the high-resolution pass's area (core.hires)
+    # SD 2.x prediction type per model spec ("*": every model), "epsilon" or "v_prediction";
+    # wins over the checkpoint's metadata, its yaml and the probe (see models.prediction)
+    predictions: dict[str, str] = field(default_factory=dict)
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -58,6 +65,11 @@ class ModelBundle:
     key: str
     native_size: int = 512
     info: dict[str, Any] = field(default_factory=dict)
+    # sd1 | sd2-base | sd2-v | sdxl | sdxl-refiner (models.discovery.LABELS)
+    variant: str = ""
+    # SD 2.x: {"type": epsilon | v_prediction, "decided_by": override | metadata | yaml | config
+    # | probe, "probe": {...}}; empty for other families
+    prediction: dict[str, Any] = field(default_factory=dict)
 
     # components, for readability in the methods
     @property
@@ -93,12 +105,21 @@ class ModelBundle:
         return self.family == "sdxl"
 
     @property
+    def is_refiner(self) -> bool:
+        """The SDXL refiner: one text encoder (OpenCLIP bigG), five time ids with an aesthetic
+        score (the pipeline's ``requires_aesthetics_score``)."""
+        return self.variant == "sdxl-refiner"
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.spec, "family": self.family, "source": self.source,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+        out = {"id": self.spec, "family": self.family, "variant": self.variant, "source": self.source,
+               "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+        if self.prediction:
+            out["prediction"] = dict(self.prediction)
+        return out
 
 
 # -- device and dtype ----------------------------------------------------------------------
@@ -125,28 +146,74 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
 
 # -- family detection --------------------------------------------------------------------
 
-def family_from_diffusers_folder(path: Path) -> Family:
-    index = json.loads((path / "model_index.json").read_text())
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def sdxl_time_id_count(unet_cfg: dict[str, Any], pooled_dim: int | None) -> int | None:
+    """How many micro-conditioning ids an SDXL UNet's addition embedding expects: 6 (base:
+    original size, crop, target size) or 5 (refiner: original size, crop, aesthetic score).
+    Its input is ``n · addition_time_embed_dim + pooled_dim``."""
+    td, total = unet_cfg.get("addition_time_embed_dim"), unet_cfg.get("projection_class_embeddings_input_dim")
+    if not td or not total:
+        return None
+    if pooled_dim:
+        n, rest = divmod(total - pooled_dim, td)
+        return n if rest == 0 else None
+    return None
+
+
+def variant_from_diffusers_folder(path: Path) -> tuple[Family, str]:
+    """(family, variant) of a diffusers folder from its JSON configs. The refiner: the index's
+    ``requires_aesthetics_score``, or a UNet whose addition embedding expects 5 time ids.
+    ``-inpainting`` variants: a UNet with 9 input channels."""
+    index = _json(path / "model_index.json")
     cls = index.get("_class_name", "")
-    if "XL" in cls or "text_encoder_2" in index and index["text_encoder_2"][0] is not None:
-        return "sdxl"
-    unet_cfg = path / "unet" / "config.json"
-    if unet_cfg.exists():
-        cfg = json.loads(unet_cfg.read_text())
-        if cfg.get("addition_embed_type") == "text_time":
-            return "sdxl"
-        if cfg.get("cross_attention_dim") == 1024:
-            return "sd2"
-    sched = path / "scheduler" / "scheduler_config.json"
-    if sched.exists() and json.loads(sched.read_text()).get("prediction_type") == "v_prediction":
-        return "sd2"
-    return "sd1"
+    unet = _json(path / "unet" / "config.json")
+    sched = _json(path / "scheduler" / "scheduler_config.json")
+    te2 = index.get("text_encoder_2")
+    if "XL" in cls or (te2 and te2[0] is not None) or unet.get("addition_embed_type") == "text_time":
+        family: Family = "sdxl"
+        pooled = _json(path / "text_encoder_2" / "config.json").get("projection_dim")
+        refiner = bool(index.get("requires_aesthetics_score")) or sdxl_time_id_count(unet, pooled) == 5
+        variant = "sdxl-refiner" if refiner else "sdxl"
+    elif unet.get("cross_attention_dim") == 1024 or sched.get("prediction_type") == "v_prediction":
+        family = "sd2"
+        variant = "sd2-v" if sched.get("prediction_type") == "v_prediction" else "sd2-base"
+    else:
+        family, variant = "sd1", "sd1"
+    if int(unet.get("in_channels", 4)) == 9:
+        variant = family + "-inpainting"
+    return family, variant
+
+
+def family_from_diffusers_folder(path: Path) -> Family:
+    return variant_from_diffusers_folder(path)[0]
+
+
+# which methods could use an inpainting model, and why none does yet
+INPAINTING_HELP = (
+    "its UNet takes 9 input channels (the noisy latent, a mask and the masked image's latent). "
+    "PIXELS and the mask of any method could condition it on the kept area, but that masked-"
+    "latent conditioning is not built yet, and the other methods (appearance transfer, DIA, "
+    "Difference Inversion) invert and steer a text-to-image UNet. Load the base model of the "
+    "same family instead (SD 1.5, SD 2.x or SDXL)."
+)
+
+
+def inpainting_refusal(name: str, family: str) -> ModelError:
+    return ModelError(
+        "inpainting_model",
+        f"{name} is a {family.upper()} inpainting model: {INPAINTING_HELP}",
+        {"family": family, "variant": family + "-inpainting"}, status=400)
 
 
 def family_from_state_dict_keys(keys: list[str] | set[str]) -> Family:
     """Original (LDM) single-file layout: which text encoder is inside tells the family."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):  # the refiner
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"
@@ -163,9 +230,21 @@ def family_from_state_dict_keys(keys: list[str] | set[str]) -> Family:
     )
 
 
-def _pipeline_class(family: Family):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def variant_from_state_dict_keys(keys: list[str] | set[str]) -> str:
+    """The SDXL refiner (its only text encoder, OpenCLIP bigG, is ``conditioner.embedders.0``)
+    apart from the rest; SD 2.x base and v have the same keys (``"sd2"``: decided later)."""
+    family = family_from_state_dict_keys(keys)
+    if family == "sdxl" and not any(k.startswith("conditioner.embedders.1.") for k in keys) \
+            and any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl-refiner"
+    return family
 
+
+def _pipeline_class(family: Family, variant: str = ""):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    if variant == "sdxl-refiner":
+        return StableDiffusionXLImg2ImgPipeline
     return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
@@ -204,12 +283,12 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
 
         builder, family = TINY_BUILDERS[spec]
         pipe = builder(torch.float32)
-        source, key = "embedded", spec
+        source, key, variant, prediction = "embedded", spec, family, {}
     elif spec == "toy-sd":
         from .toy import toy_sd_path
 
         path = toy_sd_path()
-        pipe, family = _load_folder(path, dtype)
+        pipe, family, variant, prediction = _load_folder(path, dtype)
         source, key = "embedded", "toy-sd:" + _folder_key(path)
     else:
         path = Path(os.path.expanduser(spec))
@@ -220,27 +299,42 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
                     f"{path} is a folder but not a diffusers model (no model_index.json).",
                     status=400,
                 )
-            pipe, family = _load_folder(path, dtype)
+            pipe, family, variant, prediction = _load_folder(path, dtype)
             source, key = "local", "dir:" + _folder_key(path)
         elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
             if not path.exists():
                 raise ModelError("model_not_found", f"No checkpoint file at {path}. " + MISSING_MODEL_HELP)
             from .single_file import load_single_file
 
-            pipe, family = load_single_file(path, dtype)
+            override = options.predictions.get(spec) or options.predictions.get("*")
+            pipe, family, variant, prediction = load_single_file(path, dtype, prediction=override)
             source, key = "single_file", "file:" + _file_key(path)
         elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
-            pipe, family = _load_hub(spec, dtype)
+            pipe, family, variant, prediction = _load_hub(spec, dtype)
             source, key = "hub", "hub:" + spec
         else:
             raise ModelError("model_not_found", f"No model called {spec!r}. " + MISSING_MODEL_HELP)
 
     pipe = _place(pipe, family, device, dtype, options)
-    return ModelBundle(
+    bundle = ModelBundle(
         spec=spec, family=family, pipe=pipe, device=device, dtype=dtype, source=source,
         key=key, native_size=_native_size(pipe, family),
         info={"max_working_pixels": options.max_working_pixels} if options.max_working_pixels else {},
+        variant=variant, prediction=prediction,
     )
+    if family == "sd2":
+        from .prediction import apply, decide
+        from .single_file import normalise_prediction
+
+        override = options.predictions.get(spec) or options.predictions.get("*")
+        if override and bundle.prediction.get("decided_by") != "override":
+            apply(bundle, normalise_prediction(override), "override")
+        elif bundle.prediction.get("decided_by") == "undecided":
+            decide(bundle)
+        elif not bundle.prediction:  # a diffusers folder: its scheduler says
+            apply(bundle, bundle.scheduler.config.get("prediction_type", "epsilon"), "config")
+        bundle.variant = "sd2-v" if bundle.prediction["type"] == "v_prediction" else "sd2-base"
+    return bundle
 
 
 def _native_size(pipe, family: Family) -> int:
@@ -256,8 +350,11 @@ def _native_size(pipe, family: Family) -> int:
 
 
 def _load_folder(path: Path, dtype: torch.dtype):
-    family = family_from_diffusers_folder(path)
-    cls = _pipeline_class(family)
+    """(pipeline, family, variant, prediction) of a diffusers folder."""
+    family, variant = variant_from_diffusers_folder(path)
+    if variant.endswith("-inpainting"):
+        raise inpainting_refusal(path.name, family)
+    cls = _pipeline_class(family, variant)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if family != "sdxl":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -265,7 +362,10 @@ def _load_folder(path: Path, dtype: torch.dtype):
         pipe = cls.from_pretrained(str(path), dtype=dtype, **kwargs)
     except TypeError:  # older diffusers: torch_dtype
         pipe = cls.from_pretrained(str(path), torch_dtype=dtype, **kwargs)
-    return pipe, family
+    if variant == "sdxl-refiner" and not pipe.config.get("requires_aesthetics_score"):
+        # a refiner UNet (5 time ids) in a folder whose index does not say so
+        pipe.register_to_config(requires_aesthetics_score=True)
+    return pipe, family, variant, {}
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype):
@@ -378,12 +478,26 @@ class ModelManager:
                         "a small model trained on the toy world: shapes and colours, not photographs"})
         listed = set(EMBEDDED)
         for entry in discovered or []:
-            out.append({**entry, "loaded": entry["id"] in loaded, "developer": False})
+            entry = {**entry, "loaded": entry["id"] in loaded, "developer": False}
+            b = self._models.get(entry["id"]) if entry["loaded"] else None
+            if b is not None:  # what the load decided (SD 2.x: base or v, and how)
+                entry["variant"] = b.variant or entry.get("variant")
+                if b.prediction:
+                    entry["prediction"] = dict(b.prediction)
+            out.append(entry)
             listed.add(entry["id"])
         for name in loaded:
             if name not in listed:
                 b = self._models.get(name)
-                out.append({"id": name, "family": b.family if b else None, "name": name,
-                            "source": b.source if b else "local", "loaded": True, "developer": False,
-                            "methods": methods, "label": name})
+                entry = {"id": name, "family": b.family if b else None, "name": name,
+                         "source": b.source if b else "local", "loaded": True, "developer": False,
+                         "methods": methods, "label": name}
+                if b is not None:
+                    from ..methods.base import methods_for_variant
+
+                    entry["variant"] = b.variant
+                    entry["methods"] = methods_for_variant(b.variant, methods)
+                    if b.prediction:
+                        entry["prediction"] = dict(b.prediction)
+                out.append(entry)
         return out

@@ -16,8 +16,10 @@ The variants told apart: SD 1.x, SD 2.x base (epsilon, 512) and v (v-prediction,
 SDXL base, SDXL refiner, and the inpainting models of each family (a UNet with 9 input
 channels). SD 2.x base and v have the same tensors: the checkpoint's own metadata
 (``modelspec.prediction_type`` or ``modelspec.architecture``) or a ``name.yaml`` beside it
-decides, as the loader does (:func:`analogon.models.single_file.sd2_prediction_type`); without
-either, v-prediction is assumed and the entry says so.
+decides, as the loader does (:func:`analogon.models.single_file.sd2_stated_prediction`);
+without either the entry is ``sd2`` ("base or v: decided at load"): the loader probes the
+UNet once (:mod:`analogon.models.prediction`). Which methods can use a variant is the methods'
+own rule (:func:`analogon.methods.base.methods_for_variant`): the SDXL refiner is PIXELS' only.
 """
 from __future__ import annotations
 
@@ -36,22 +38,22 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DEPTH = 3
 
-# which variants each method can run on: the methods work on a base text-to-image model of
-# any family (an inpainting UNet wants 9 input channels; the SDXL refiner has no CLIP-L
-# encoder and is only trained for the last steps); the paper's own family comes first
-BASE_VARIANTS = ("sd1", "sd2-base", "sd2-v", "sdxl")
+# the paper's own family comes first when a checkpoint is recommended for a method
 PAPER_FAMILY = {"pixels": "sdxl", "appearance": "sd1", "dia": "sd1", "difference": "sd2"}
 
 LABELS = {
     "sd1": "SD 1.x", "sd1-inpainting": "SD 1.x inpainting",
     "sd2-base": "SD 2.x base (512)", "sd2-v": "SD 2.x v (768)", "sd2-inpainting": "SD 2.x inpainting",
+    "sd2": "SD 2.x (base or v: decided at load)",
     "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner", "sdxl-inpainting": "SDXL inpainting",
     None: "unknown family",
 }
 WHY_NOT = {
-    "inpainting": "an inpainting model (its UNet takes a mask and a masked image as well); the "
-                  "methods need the base model of this family",
-    "refiner": "the SDXL refiner only finishes the last steps of an SDXL base model; use the base",
+    "inpainting": "an inpainting model (its UNet takes a mask and a masked image as well): "
+                  "masked-latent conditioning is not built yet, so no method can use it; use "
+                  "the base model of this family",
+    "refiner": "the SDXL refiner: PIXELS only (one text encoder, trained for the last steps); "
+               "the other methods need an SDXL base model",
 }
 
 
@@ -156,20 +158,14 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]
     return header, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def _sd2_is_v(path: Path, meta: dict[str, str]) -> tuple[bool, str]:
-    """(v-prediction?, how we know)."""
-    pred = meta.get("modelspec.prediction_type", "").lower()
-    arch = meta.get("modelspec.architecture", "").lower()
-    if pred in ("v", "v_prediction", "v-prediction") or arch.endswith("-v"):
-        return True, "metadata"
-    if pred in ("epsilon", "eps") or arch.endswith("-base"):
-        return False, "metadata"
-    yaml = path.with_suffix(".yaml")
-    if yaml.exists():
-        from .single_file import sd2_prediction_type
+def _sd2_variant(path: Path | None, meta: dict[str, str]) -> str:
+    """sd2-v / sd2-base when the metadata or a yaml says; ``sd2`` (decided at load) otherwise."""
+    from .single_file import sd2_stated_prediction
 
-        return sd2_prediction_type(path) == "v_prediction", "yaml"
-    return True, "assumed"
+    kind, _ = sd2_stated_prediction(path, meta)
+    if kind is None:
+        return "sd2"
+    return "sd2-v" if kind == "v_prediction" else "sd2-base"
 
 
 def classify_tensors(tensors: dict[str, Any], meta: dict[str, str] | None = None,
@@ -193,14 +189,11 @@ def classify_tensors(tensors: dict[str, Any], meta: dict[str, str] | None = None
         family, variant = "sdxl", "sdxl-refiner"
     elif has("cond_stage_model.model."):
         family = "sd2"
-        if inpainting:
-            variant = "sd2"
-        else:
-            is_v, how = _sd2_is_v(path, meta) if path is not None else (True, "assumed")
-            variant = "sd2-v" if is_v else "sd2-base"
-            if how == "assumed":
-                note = ("v-prediction assumed (SD 2.x 768); a name.yaml beside the file with "
-                        "parameterization: eps marks a 512 base model")
+        variant = "sd2" if inpainting else _sd2_variant(path, meta)
+        if variant == "sd2" and not inpainting:
+            note = ("base (512, epsilon) or v (768): decided at load by a one-step probe of "
+                    "the UNet; a name.yaml beside the file, or the prediction load option, "
+                    "decides instead")
     elif has("cond_stage_model.transformer."):
         family, variant = "sd1", "sd1"
     else:
@@ -213,9 +206,17 @@ def classify_tensors(tensors: dict[str, Any], meta: dict[str, str] | None = None
 
 
 def methods_for(variant: str | None, method_ids: Iterable[str]) -> list[str]:
-    if variant not in BASE_VARIANTS:
+    if variant is None or variant.endswith("-inpainting") or variant == "unknown":
         return []
-    return list(method_ids)
+    from ..methods.base import methods_for_variant
+
+    return methods_for_variant(variant, list(method_ids))
+
+
+def _entry_note(variant: str | None, note: str, usable: list[str]) -> str:
+    if variant == "sdxl-refiner":
+        return WHY_NOT["refiner"]
+    return note if usable else _why_unusable(variant, note)
 
 
 def _why_unusable(variant: str | None, note: str) -> str:
@@ -257,32 +258,21 @@ def classify_file(path: Path) -> tuple[str | None, str | None, str]:
 def _folder_entry(folder: Path, spec: str, name: str, location: str, source: str,
                   method_ids: list[str]) -> Checkpoint | None:
     """A diffusers folder (model_index.json), classified from its JSON configs."""
+    from . import variant_from_diffusers_folder
+
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         cls = str(index.get("_class_name", ""))
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        sched_path = folder / "scheduler" / "scheduler_config.json"
-        sched = json.loads(sched_path.read_text(encoding="utf-8")) if sched_path.exists() else {}
+        json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        if "StableDiffusion" not in cls:
+            return None
+        family, variant = variant_from_diffusers_folder(folder)
     except (OSError, ValueError):
         return None
-    if "StableDiffusion" not in cls:
-        return None
-    in_ch = int(unet.get("in_channels", 4))
-    if "XL" in cls or unet.get("addition_embed_type") == "text_time":
-        family = "sdxl"
-        te = index.get("text_encoder")
-        variant = "sdxl-refiner" if (not te or te[0] is None) and "Img2Img" in cls else "sdxl"
-    elif unet.get("cross_attention_dim") == 1024:
-        family = "sd2"
-        variant = "sd2-v" if sched.get("prediction_type") == "v_prediction" else "sd2-base"
-    else:
-        family, variant = "sd1", "sd1"
-    if in_ch == 9:
-        variant = family + "-inpainting"
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     usable = methods_for(variant, method_ids)
     return Checkpoint(spec, name, family, variant, LABELS.get(variant, variant), size, source, location,
-                      usable, "" if usable else _why_unusable(variant, ""))
+                      usable, _entry_note(variant, "", usable))
 
 
 def _walk(folder: Path, depth: int = 0) -> Iterable[Path]:
@@ -294,6 +284,9 @@ def _walk(folder: Path, depth: int = 0) -> Iterable[Path]:
         if p.name.startswith("."):
             continue
         if p.is_dir():
+            if p.name.endswith(".config") and any(
+                    p.with_name(p.name[:-len(".config")] + s).exists() for s in CHECKPOINT_SUFFIXES):
+                continue  # a checkpoint's own config folder (no weights), not a model
             if (p / "model_index.json").exists():
                 yield p
             elif depth < MAX_DEPTH and not p.name.endswith(".config"):
@@ -318,7 +311,7 @@ def scan_folder(folder: Path, location: str, method_ids: list[str]) -> list[Chec
         usable = methods_for(variant, method_ids) if variant != "unknown" else list(method_ids)
         out.append(Checkpoint(str(p), p.stem, family, variant, LABELS.get(variant, "unknown family"),
                               p.stat().st_size, "file", location, usable,
-                              note if usable else _why_unusable(variant, note)))
+                              _entry_note(variant, note, usable)))
     return out
 
 
@@ -351,7 +344,7 @@ def scan_hf_cache(cache: Path, method_ids: list[str]) -> list[Checkpoint]:
             usable = methods_for(variant, method_ids)
             out.append(Checkpoint(str(f), f"{repo_id}/{f.name}", family, variant,
                                   LABELS.get(variant, "unknown family"), f.stat().st_size, "file",
-                                  "Hugging Face cache", usable, note if usable else _why_unusable(variant, note)))
+                                  "Hugging Face cache", usable, _entry_note(variant, note, usable)))
     return out
 
 

@@ -3,7 +3,7 @@ ComfyUI users keep them. SD 1.x, SD 2.x and SDXL; loaded fully offline.
 
 The family is read from the checkpoint's keys (which text encoder is inside). diffusers'
 ``from_single_file`` converts the weights; the model shapes come from small config-only
-folders shipped in ``analogon/models/configs`` (SD 1.5, SD 2.1, SDXL base), and the CLIP
+folders shipped in ``analogon/models/configs`` (SD 1.5, SD 2.1, SDXL base, SDXL refiner), and the CLIP
 tokenizers are rebuilt from the BPE table bundled with open_clip, so nothing is downloaded.
 
 A checkpoint may bring its own config folder beside it: ``<name>.config/`` (a diffusers
@@ -11,11 +11,18 @@ folder without weights: ``model_index.json``, ``unet/config.json``, ..., optiona
 ``tokenizer/``). :func:`save_single_file` writes one with the checkpoint, which is how the
 tests round-trip the embedded tiny models through this loader.
 
-SD 2.x comes in two parameterisations that the weights do not tell apart: 768-pixel
-v-prediction (2.0-v, 2.1) and 512-pixel epsilon (2.0-base, 2.1-base). A ``<name>.yaml``
-beside the checkpoint (the original LDM config, as other tools also expect) decides:
-``parameterization: "v"`` means v-prediction; without that line, epsilon; with no yaml,
-v-prediction (SD 2.1 768).
+SD 2.x comes in two parameterisations that the tensor names do not tell apart: 768-pixel
+v-prediction (2.0-v, 2.1) and 512-pixel epsilon (2.0-base, 2.1-base). In order, what decides:
+the user's per-model override (``LoadOptions.predictions``), the file's own metadata
+(``modelspec.prediction_type`` / ``modelspec.architecture``), a ``<name>.yaml`` beside it (the
+original LDM config: ``parameterization: "v"`` means v-prediction, without that line epsilon),
+the scheduler of a ``<name>.config/`` folder beside it when it states a ``prediction_type``;
+with none of these, a one-step probe of the UNet at load (:mod:`analogon.models.prediction`).
+
+The SDXL refiner has one text encoder, OpenCLIP bigG, stored as ``conditioner.embedders.0``
+(where the base keeps CLIP-L); it loads as diffusers' ``StableDiffusionXLImg2ImgPipeline``
+with ``text_encoder``/``tokenizer`` None. Inpainting checkpoints (9-channel ``conv_in``) are
+refused with the reason (:func:`analogon.models.inpainting_refusal`).
 """
 from __future__ import annotations
 
@@ -29,12 +36,14 @@ import torch
 from ..errors import ModelError
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
-FAMILY_CONFIG = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl_base"}
+FAMILY_CONFIG = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl_base", "sdxl-refiner": "sdxl_refiner"}
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
-OPEN_CLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+OPEN_CLIP_PREFIX = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model.",
+                    "sdxl-refiner": "conditioner.embedders.0.model."}
+CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -65,12 +74,69 @@ def sidecar_config(path: Path) -> Path | None:
     return folder if (folder / "model_index.json").exists() else None
 
 
+def conv_in_channels(path: Path) -> int | None:
+    """The UNet's input channels (4; 9 for inpainting models) from the checkpoint's header
+    (``.safetensors``) or its lazily loaded tensors (``.ckpt``)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from .discovery import read_safetensors_header
+
+            shape = read_safetensors_header(path)[0].get(CONV_IN_KEY, {}).get("shape")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            sd = sd.get("state_dict", sd)
+            shape = list(sd[CONV_IN_KEY].shape) if CONV_IN_KEY in sd else None
+    except Exception:
+        return None
+    return int(shape[1]) if shape and len(shape) == 4 else None
+
+
 def sd2_prediction_type(path: Path) -> str:
-    yaml = path.with_suffix(".yaml")
-    if not yaml.exists():
-        return "v_prediction"
-    text = yaml.read_text(errors="replace")
-    return "v_prediction" if re.search(r"parameterization\s*:\s*['\"]?v['\"]?\s*$", text, re.M) else "epsilon"
+    """From the yaml beside the file: v_prediction, epsilon; v_prediction without a yaml (the
+    old rule; the loader and discovery use :func:`sd2_stated_prediction`)."""
+    return sd2_stated_prediction(path)[0] or "v_prediction"
+
+
+def sd2_stated_prediction(path: Path | None, meta: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """(epsilon | v_prediction | None, how it is known: metadata | yaml | "") from the file's
+    modelspec metadata (read from its header when ``meta`` is None) or the yaml beside it
+    (``path`` None: the metadata alone)."""
+    path = Path(path) if path is not None else None
+    if meta is None and path is not None:
+        meta = {}
+        if path.suffix.lower() == ".safetensors":
+            try:
+                from .discovery import read_safetensors_header
+
+                meta = read_safetensors_header(path)[1]
+            except (OSError, ValueError, UnicodeDecodeError):
+                meta = {}
+    meta = meta or {}
+    pred = meta.get("modelspec.prediction_type", "").lower()
+    arch = meta.get("modelspec.architecture", "").lower()
+    if pred in ("v", "v_prediction", "v-prediction") or arch.endswith("-v"):
+        return "v_prediction", "metadata"
+    if pred in ("epsilon", "eps") or arch.endswith("-base"):
+        return "epsilon", "metadata"
+    yaml = path.with_suffix(".yaml") if path is not None else None
+    if yaml is not None and yaml.exists():
+        text = yaml.read_text(errors="replace")
+        v = re.search(r"parameterization\s*:\s*['\"]?v['\"]?\s*$", text, re.M)
+        return ("v_prediction" if v else "epsilon"), "yaml"
+    return None, ""
+
+
+PREDICTION_NAMES = {"epsilon": "epsilon", "eps": "epsilon", "base": "epsilon",
+                    "v": "v_prediction", "v_prediction": "v_prediction", "v-prediction": "v_prediction"}
+
+
+def normalise_prediction(value: str) -> str:
+    try:
+        return PREDICTION_NAMES[value.strip().lower()]
+    except KeyError:
+        raise ModelError("bad_prediction", f"Unknown prediction type {value!r}: use eps or v.",
+                         status=400) from None
 
 
 def default_tokenizer(family: str, name: str):
@@ -106,35 +172,59 @@ def _open_clip_text_encoder(path: Path, config_dir: Path, prefix: str, dtype: to
     return model.to(dtype=dtype).eval()
 
 
-def load_single_file(path: Path, dtype: torch.dtype, config_dir: Path | None = None):
-    """Load a single-file checkpoint offline. Returns (pipeline, family)."""
-    from . import _pipeline_class, family_from_state_dict_keys
+def load_single_file(path: Path, dtype: torch.dtype, config_dir: Path | None = None,
+                     prediction: str | None = None):
+    """Load a single-file checkpoint offline. Returns (pipeline, family, variant, prediction):
+    ``prediction`` is ``{}`` except for SD 2.x, where it says the type and what decided it
+    (``"undecided"``: nothing stated it, the loader probes; see the module's docstring).
+    ``prediction`` (argument): the user's override for SD 2.x, eps or v."""
+    from . import _pipeline_class, inpainting_refusal, variant_from_state_dict_keys
 
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
     path = Path(path)
     keys = checkpoint_keys(path)
-    family = family_from_state_dict_keys(keys)
+    variant = variant_from_state_dict_keys(keys)
+    family = "sdxl" if variant == "sdxl-refiner" else variant
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelError(
             "unsupported_checkpoint",
             f"{path.name} is not in the original Stable Diffusion layout (no model.diffusion_model.* "
             "weights). Use a complete checkpoint or a diffusers folder.", status=400)
-    config_dir = Path(config_dir) if config_dir else (sidecar_config(path) or CONFIG_ROOT / FAMILY_CONFIG[family])
-    cls = _pipeline_class(family)
+    if conv_in_channels(path) == 9:
+        raise inpainting_refusal(path.name, family)
+    sidecar = sidecar_config(path)
+    config_dir = Path(config_dir) if config_dir else (sidecar or CONFIG_ROOT / FAMILY_CONFIG[variant])
+    cls = _pipeline_class(family, variant)
     kwargs: dict[str, Any] = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    refiner = variant == "sdxl-refiner"
     for name in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+        if refiner and name == "tokenizer":
+            continue
         if not (config_dir / name).is_dir():
             kwargs[name] = default_tokenizer(family, name)
+    info: dict[str, Any] = {}
     if family == "sd2":
         from diffusers import DDIMScheduler
 
         sched_cfg = DDIMScheduler.load_config(str(config_dir), subfolder="scheduler", local_files_only=True)
-        if config_dir.parent == CONFIG_ROOT:  # our default: the sidecar yaml decides
-            sched_cfg["prediction_type"] = sd2_prediction_type(path)
+        stated, how = sd2_stated_prediction(path)
+        if prediction:
+            info = {"type": normalise_prediction(prediction), "decided_by": "override"}
+        elif stated:
+            info = {"type": stated, "decided_by": how}
+        elif config_dir.parent != CONFIG_ROOT and "prediction_type" in sched_cfg:
+            info = {"type": sched_cfg["prediction_type"], "decided_by": "config"}
+        else:  # probed once the model is placed (models.prediction); v until then
+            info = {"type": "v_prediction", "decided_by": "undecided"}
+        info["default_config"] = config_dir.parent == CONFIG_ROOT
+        sched_cfg["prediction_type"] = info["type"]
         kwargs["scheduler"] = DDIMScheduler.from_config(sched_cfg)
-    if family == "sdxl":
+    if refiner:
+        kwargs.update(text_encoder=None, tokenizer=None)
+        kwargs["text_encoder_2"] = _open_clip_text_encoder(path, config_dir, OPEN_CLIP_PREFIX[variant], dtype)
+    elif family == "sdxl":
         kwargs["text_encoder_2"] = _open_clip_text_encoder(path, config_dir, OPEN_CLIP_PREFIX["sdxl"], dtype)
     else:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -148,7 +238,16 @@ def load_single_file(path: Path, dtype: torch.dtype, config_dir: Path | None = N
             f"{path.name} looks like a {family.upper()} checkpoint but could not be loaded "
             f"({type(e).__name__}: {str(e)[:200]}).", status=400,
         ) from None
-    return pipe, family
+    if refiner and not pipe.config.get("requires_aesthetics_score"):
+        pipe.register_to_config(requires_aesthetics_score=True)
+    if family == "sd2" and info.get("default_config") and info["type"] == "epsilon":
+        set_native_latent(pipe, 64)  # 2.x base: 512 pixels (the shipped config is 2.1's 768)
+    return pipe, family, variant, info
+
+
+def set_native_latent(pipe, size: int) -> None:
+    """The UNet's ``sample_size`` (the native size is this times the VAE factor)."""
+    pipe.unet.register_to_config(sample_size=size)
 
 
 # -- writing (the inverse of diffusers' LDM -> diffusers conversion) ---------------------------
@@ -320,6 +419,8 @@ def pipeline_to_ldm(pipe, family: str) -> dict[str, torch.Tensor]:
         sd.update(clip_to_ldm(pipe.text_encoder.state_dict(), CLIP_PREFIX["sd1"]))
     elif family == "sd2":
         sd.update(open_clip_to_ldm(pipe.text_encoder.state_dict(), OPEN_CLIP_PREFIX["sd2"]))
+    elif pipe.text_encoder is None:  # the SDXL refiner: OpenCLIP bigG as the only embedder
+        sd.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), OPEN_CLIP_PREFIX["sdxl-refiner"]))
     else:
         sd.update(clip_to_ldm(pipe.text_encoder.state_dict(), CLIP_PREFIX["sdxl"]))
         sd.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), OPEN_CLIP_PREFIX["sdxl"]))

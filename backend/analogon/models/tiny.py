@@ -13,12 +13,12 @@ from .tokenizer import byte_level_clip_tokenizer
 TINY_SEED = 20240229
 
 
-def _unet_sd(cross_dim: int):
+def _unet_sd(cross_dim: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 32, 64, 64),
@@ -30,7 +30,9 @@ def _unet_sd(cross_dim: int):
     )
 
 
-def _unet_sdxl(cross_dim: int, pooled_dim: int):
+def _unet_sdxl(cross_dim: int, pooled_dim: int, time_ids: int = 6):
+    """SDXL's UNet at toy size; ``time_ids=5`` is the refiner's micro-conditioning (original
+    size, crop, aesthetic score) instead of the base's six (original size, crop, target size)."""
     from diffusers import UNet2DConditionModel
 
     time_dim = 8
@@ -47,7 +49,7 @@ def _unet_sdxl(cross_dim: int, pooled_dim: int):
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        projection_class_embeddings_input_dim=time_ids * time_dim + pooled_dim,
         transformer_layers_per_block=1,
         norm_num_groups=8,
     )
@@ -141,6 +143,47 @@ def build_tiny_sdxl(dtype: torch.dtype = torch.float32):
         unet=_unet_sdxl(64, 32),
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True,
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_sdxl_refiner(dtype: torch.dtype = torch.float32):
+    """A StableDiffusionXLImg2ImgPipeline shaped like the SDXL refiner at toy size: the OpenCLIP
+    encoder only (no CLIP-L: ``text_encoder``/``tokenizer`` are None), cross-attention as wide
+    as that encoder, five time ids with the aesthetic score (``requires_aesthetics_score``),
+    and negative prompts encoded as text (``force_zeros_for_empty_prompt=False``), as the real
+    refiner's configs have them."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    torch.manual_seed(TINY_SEED + 2)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=None,
+        text_encoder_2=_text_encoder(32, with_projection=True, projection_dim=32),
+        tokenizer=None,
+        tokenizer_2=byte_level_clip_tokenizer(),
+        unet=_unet_sdxl(32, 32, time_ids=5),
+        scheduler=_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_sd_inpainting(dtype: torch.dtype = torch.float32):
+    """tiny-sd with an inpainting UNet: 9 input channels (latent, mask, masked-image latent)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    torch.manual_seed(TINY_SEED + 3)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(32),
+        tokenizer=byte_level_clip_tokenizer(),
+        unet=_unet_sd(32, in_channels=9),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 

@@ -77,6 +77,8 @@ class Settings:
     memory_preset: str = "none"  # the preset the settings above came from (analogon.memory)
     model_dirs: list[Path] = field(default_factory=list)  # searched for checkpoints (--models-dir)
     scan_usual_places: bool = True  # ComfyUI, A1111/Forge, Krita AI Diffusion, the HF cache
+    # SD 2.x prediction type per model spec ("*": all): epsilon | v_prediction (--prediction)
+    predictions: dict[str, str] = field(default_factory=dict)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
@@ -265,7 +267,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state_dir.mkdir(parents=True, exist_ok=True)
     options = LoadOptions(device=settings.device, dtype=settings.dtype,
                           cpu_offload=bool(settings.cpu_offload), vae_tiling=bool(settings.vae_tiling),
-                          max_working_pixels=settings.max_working_pixels)
+                          max_working_pixels=settings.max_working_pixels,
+                          predictions=dict(settings.predictions))
     device = pick_device(settings.device)
     dtype = pick_dtype(device, settings.dtype)
     store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes,
