@@ -700,6 +700,9 @@ def setup(*args):
         app = Krita.instance()
         REPORT["krita_version"] = str(app.version())
         REPORT["binding"] = qt.BINDING
+        # an exception in a slot would open Krita's exception dialog and wait for a click
+        REPORT["uncaught"] = []
+        sys.excepthook = lambda *a: REPORT["uncaught"].append("".join(traceback.format_exception(*a)))
         c = Controller(app=app)
         python = os.environ.get("ANALOGON_TEST_INSTALL_PYTHON")
         if python:  # offline, from the test environment's packages (tests only)

@@ -425,6 +425,7 @@ def test_fresh_krita_starts_the_backend_with_the_memory_settings(fresh):
         m["device"], m["dtype"], m["cpu_offload"], m["vae_tiling"], m["max_pixels"])
     assert s["system"]["device"] == "cpu"
     assert fresh["backend_gone"], "the backend outlived its Krita's shutdown"
+    assert fresh["uncaught"] == [], fresh["uncaught"][0]
 
 
 def test_fresh_krita_lists_the_comfyui_checkpoint_and_runs_pixels_with_it(fresh):
