@@ -2,7 +2,10 @@
 drives a real backend subprocess. The same scenarios run in Krita 5 (Debian's krita, PyQt5,
 Python 3.11) and in Krita 6 (Debian experimental's krita in a sid root, PyQt6, Python 3.14;
 see kritas.py). One Krita run produces a report (see krita_scenarios.py); the tests below
-check its parts, once per Krita."""
+check its parts, once per Krita. A second run per Krita (``fresh``, the ``test_fresh_krita_*``
+tests) starts from the release zip: the docker installs the backend from the zip's wheel
+(Krita 5), starts it with the memory settings, lists a checkpoint in a fake ComfyUI folder
+and runs PIXELS with it, and downloads a recommended model from a stand-in hub."""
 from __future__ import annotations
 
 import json
