@@ -76,6 +76,14 @@ class PreparedPass:
     maps: list = field(default_factory=list)  # the edit maps it reads
 
 
+def _closed(doc) -> bool:
+    """Whether Krita closed ``doc``: a closed document's object lives on without a root node."""
+    try:
+        return doc.rootNode() is None
+    except RuntimeError:  # the C++ object is gone
+        return True
+
+
 def _thumbnail(rgba: bytes, w: int, h: int, size: int = 96):
     return imaging.thumbnail(rgba, w, h, size)
 
@@ -300,8 +308,9 @@ class Controller(QObject):
 
     # == document & layers ===============================================================
     def document(self):
-        if self._doc is not None:
+        if self._doc is not None and not _closed(self._doc):
             return self._doc
+        self._doc = None  # closed (Krita keeps the object; its root node is gone)
         return self.app.activeDocument() if self.app is not None else None
 
     def _doc_key(self, doc) -> str:

@@ -193,11 +193,20 @@ class Step:
     files: dict[str, str] = field(default_factory=dict)  # written before the step runs
 
 
+TEST_SITE_PTH = "analogon-test-site-packages.pth"
+
+
 def plan(python: list[str], venv: Path, wheel: Path, lock_text: str | None, variant: str,
          platform: str | None = None, update: bool = False, offline: bool = False,
-         upgrade_pip: bool = True) -> list[Step]:
+         upgrade_pip: bool = True, test_site_packages: list[str] | tuple[str, ...] = ()) -> list[Step]:
     """The commands that install (or update) the backend. ``python``: the command that starts
-    the base Python (unused for an update). ``offline``: pip uses no index (tests)."""
+    the base Python (unused for an update). ``offline``: pip uses no index (tests).
+
+    ``test_site_packages`` is for tests only (the docker never sets it): folders that the new
+    environment sees before its own site-packages (a ``.pth`` file written right after it is
+    created), so that an offline install in a test finds PyTorch and the other locked
+    dependencies already installed (pip reports them as satisfied) instead of downloading
+    gigabytes. The backend wheel itself is still installed into the environment."""
     platform = platform or sys.platform
     py = str(_bin(venv, "python")) if platform == sys.platform else str(
         venv / ("Scripts/python.exe" if platform == "win32" else "bin/python"))
@@ -207,6 +216,17 @@ def plan(python: list[str], venv: Path, wheel: Path, lock_text: str | None, vari
     steps: list[Step] = []
     if not update:
         steps.append(Step("Creating the Python environment", python[0], python[1:] + ["-m", "venv", str(venv)], 1))
+    if test_site_packages:
+        # a .pth line that starts with "import" is run: it puts the folders just before the
+        # environment's own site-packages, whose pip and setuptools (from ensurepip) would
+        # otherwise shadow the newer ones that the locked packages ask for
+        # (no comprehension in it: site runs it with exec in a function's scope)
+        line = ("import os, sys; real = list(map(os.path.realpath, sys.path)); own = os.path.realpath(%r); "
+                "i = real.index(own) if own in real else len(sys.path); sys.path[i:i] = %r\n")
+        code = ("import sys, sysconfig, pathlib; lib = sysconfig.get_paths()['purelib']; "
+                f"pathlib.Path(lib, {TEST_SITE_PTH!r}).write_text({line!r} % (lib, sys.argv[1:]))")
+        steps.append(Step("Seeing the test environment's packages (tests only)", py,
+                          ["-c", code, *map(str, test_site_packages)], 0.5))
     if upgrade_pip and not offline:
         steps.append(Step("Updating pip", pip[0], pip[1:] + ["install", *quiet, "--upgrade", "pip"], 1, 3))
     if lock_text is not None:
@@ -243,7 +263,9 @@ class Installer(QObject):
 
     def __init__(self, venv: Path | None = None, wheel: Path | None = None, lock: Path | None = None,
                  parent: QObject | None = None, offline: bool = False, upgrade_pip: bool = True,
-                 candidates: list[list[str]] | None = None, log_path: Path | None = None):
+                 candidates: list[list[str]] | None = None, log_path: Path | None = None,
+                 test_site_packages: list[str] | tuple[str, ...] = ()):
+        """``offline``, ``candidates`` and ``test_site_packages`` are for tests (see :func:`plan`)."""
         super().__init__(parent)
         self.venv = Path(venv) if venv else venv_dir()
         self.wheel = Path(wheel) if wheel else bundled_wheel()
@@ -251,6 +273,7 @@ class Installer(QObject):
         self.offline = offline
         self.upgrade_pip = upgrade_pip
         self.candidates = candidates
+        self.test_site_packages = tuple(test_site_packages)
         self.log_path = log_path or (self.venv.parent / "install.log")
         self.running = False
         self.python: list[str] | None = None
@@ -382,7 +405,8 @@ class Installer(QObject):
                 self.python = cmd
                 self._log(f"Python: {' '.join(cmd)} ({text[-1][3:]})")
                 self.run_steps(plan(cmd, self.venv, self.wheel, self._lock_text(), self._variant,
-                                    offline=self.offline, upgrade_pip=self.upgrade_pip))
+                                    offline=self.offline, upgrade_pip=self.upgrade_pip,
+                                    test_site_packages=self.test_site_packages))
             else:
                 if text:
                     self._log(f"{' '.join(cmd)}: {text[-1]}")

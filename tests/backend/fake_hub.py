@@ -1,6 +1,10 @@
 """A stand-in for the Hugging Face hub on 127.0.0.1: serves files the way the hub resolves
 them (HEAD with X-Repo-Commit / X-Linked-Etag / X-Linked-Size, GET with byte ranges) and
-records the requests, for download tests with HF_ENDPOINT / endpoint= pointing at it."""
+records the requests, for download tests with HF_ENDPOINT / endpoint= pointing at it.
+
+``pause_at``: a GET stops after that many bytes of the file and goes on only when
+``resume`` is set, which a client can do with ``GET /_test/resume`` (a test in another
+process sees the download half-way, whatever the speed of the machine)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +23,8 @@ class FakeHub:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.fail_after: int | None = None  # GET: send this many bytes, then drop the connection
         self.chunk_delay = 0.0  # seconds between 64 KiB chunks (a slow connection)
+        self.pause_at: int | None = None  # GET: hold after this offset until ``resume`` is set
+        self.resume = threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +67,12 @@ class FakeHub:
             def do_GET(self):
                 rng = self.headers.get("Range")
                 hub.requests.append(("GET", self.path, rng))
+                if self.path == "/_test/resume":
+                    hub.resume.set()
+                    self.send_response(204)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 key, data = self._file()
                 if key is None:
                     self.send_response(404)
@@ -83,9 +95,20 @@ class FakeHub:
                     self.wfile.flush()
                     self.close_connection = True
                     return
+                pause = None if hub.pause_at is None else hub.pause_at - start
                 for i in range(0, len(body), 65536):
+                    piece = body[i:i + 65536]
+                    if pause is not None and 0 <= pause - i < len(piece):
+                        piece, rest = piece[:pause - i], piece[pause - i:]
+                        try:
+                            self.wfile.write(piece)
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                        hub.resume.wait(300)
+                        piece = rest
                     try:
-                        self.wfile.write(body[i:i + 65536])
+                        self.wfile.write(piece)
                     except OSError:  # the client went away (cancelled)
                         return
                     if hub.chunk_delay:

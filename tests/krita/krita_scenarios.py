@@ -525,3 +525,203 @@ def sweep(*args):
     left = sorted(str(p) for p in __import__("pathlib").Path(tempfile.gettempdir()).glob(bp.STATE_PREFIX + "*"))
     with open(os.environ["ANALOGON_KRITA_REPORT"], "w") as f:
         json.dump({"left": left, "tmp": tempfile.gettempdir()}, f)
+
+
+# == from a fresh Krita to a model: install, start, models, download, presets (issue 13) ======
+#
+# ``kritarunner -f setup``: the settings dialog's backend tabs (``backend_setup.BackendSetup``,
+# built as the dialog builds them) and the docker's controller, as a painter uses them. The
+# test side (test_in_krita.py) sets, through the environment:
+#   ANALOGON_TEST_INSTALL_PYTHON  the Python the installer is offered (install runs when set),
+#   ANALOGON_TEST_SITE_PACKAGES   the test environment's site-packages (os.pathsep-separated),
+#                                 seen by the new environment (installer's test-only option),
+#   ANALOGON_TEST_COMFY           the checkpoint put into the fake ComfyUI's models/checkpoints,
+#   ANALOGON_TEST_HUB             the fake hub (HF_ENDPOINT); it holds the download half-way
+#                                 until GET /_test/resume,
+#   ANALOGON_BACKEND_COMMAND      without an install (Krita 6): the backend command to start.
+
+MEMORY = {"preset": "custom", "device": "cpu", "dtype": "float32", "cpu_offload": False,
+          "vae_tiling": True, "max_pixels": 512 * 512}
+
+
+def _combo(combo, data):
+    i = combo.findData(data)
+    assert i >= 0, f"{data!r} is not offered"
+    combo.setCurrentIndex(i)
+
+
+@_scenario("install")
+def _install(entry, setup):
+    from analogon_krita import backend_process, installer as inst
+
+    entry["bundled"] = inst.wheel_version(setup.installer.wheel) if setup.installer.wheel else ""
+    entry["status_before"] = setup.install_status.text()
+    entry["install_enabled"] = setup.install_button.isEnabled()
+    progress, ends = [], []
+    setup.installer.progress.connect(lambda p, t: progress.append([p, t]))
+    setup.installer.finished.connect(lambda ok, msg: ends.append([ok, msg]))
+    _combo(setup.variant, "cpu")
+    t0 = time.monotonic()
+    setup.install_button.click()  # Install backend
+    _wait(lambda: ends, 600)
+    entry.update(seconds_install=round(time.monotonic() - t0, 1), ends=ends, progress=progress,
+                 status_after=setup.install_status.text(), venv=str(setup.installer.venv),
+                 installed=setup.installer.installed(), version=setup.installer.installed_version(),
+                 default_command=backend_process.default_command(),
+                 update_enabled=setup.update_button.isEnabled(),
+                 uninstall_enabled=setup.uninstall_button.isEnabled())
+    log = setup.installer.log_path
+    entry["log_tail"] = log.read_text(encoding="utf-8")[-3000:] if log.exists() else ""
+
+
+def _get_json(c, path, timeout=30):
+    got = []
+    call = c.client.send("GET", path, callback=got.append)
+    _wait(lambda: got, timeout)
+    del call
+    return got[0].json() if got and got[0].ok else {"error": got[0].error.message if got and got[0].error else "no answer"}
+
+
+@_scenario("start")
+def _start(entry, c, setup):
+    # the Memory tab, as a painter sets it, saved as the dialog's OK saves it
+    _combo(setup.preset, MEMORY["preset"])
+    _combo(setup.device, MEMORY["device"])
+    _combo(setup.dtype, MEMORY["dtype"])
+    setup.offload.setChecked(MEMORY["cpu_offload"])
+    setup.tiling.setChecked(MEMORY["vae_tiling"])
+    setup.max_pixels.setValue(MEMORY["max_pixels"])
+    setup.save()
+    c.settings.set("backend_command", os.environ.get("ANALOGON_BACKEND_COMMAND", ""))
+    t0 = time.monotonic()
+    c.start_backend()  # Start backend
+    _wait(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 180)
+    pid = c.process.pid
+    entry.update(state=c.connection, message=c.connection_message, pid=pid,
+                 seconds=round(time.monotonic() - t0, 1), memory=MEMORY)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            entry["cmdline"] = [a.decode() for a in f.read().split(b"\0") if a]
+    except (OSError, TypeError) as e:
+        entry["cmdline"] = [f"unreadable: {e}"]
+    if c.connection == "connected":
+        entry["health"] = c.health
+        entry["system"] = _get_json(c, "/v1/system")
+
+
+@_scenario("models")
+def _models(entry, app, c):
+    from analogon_krita import document as kd
+
+    comfy = os.environ["ANALOGON_TEST_COMFY"]
+    entry["chosen"] = c.model  # what the docker picked for PIXELS with no choice remembered
+    entry["method"] = c.method_id
+    entry["listed"] = [{k: m.get(k) for k in ("id", "family", "variant", "label", "location", "methods",
+                                                "developer")} for m in c.models]
+    entry["searched"] = c.models_info.get("searched")
+    c.set_method("pixels")
+    c.set_model(comfy)
+    c.set_seed(5, False)
+    for k, v in {"steps": 3, "strength": 0.75}.items():
+        if k in c.param_values():
+            c.set_param(k, v)
+    w, h = 64, 48
+    doc = _doc(app, w, h)
+    bg = doc.rootNode().childNodes()[0] if doc.rootNode().childNodes() else None
+    photo = _layer(doc, "photo", (40, 120, 200, 255), 0, 0, w, h, above=bg)
+    sq = [16, 12, 24, 20]
+    _pass_on(c, doc, "pixels", photo, sq)
+    ends = []
+    c.finished.connect(ends.append)
+    t0 = time.monotonic()
+    c.generate()
+    _wait(lambda: ends, 300)
+    c.finished.disconnect()
+    name = kd.result_layer_name("pixels", 5)
+    node = doc.nodeByName(name)
+    entry["pass"] = {"how": ends[0] if ends else "timeout", "error": c.error, "names": _names(doc),
+                     "seconds": round(time.monotonic() - t0, 1), "square": sq, "doc": [w, h],
+                     "layer": name, "bounds": _bounds(node) if node else None,
+                     "alpha_inside": _alpha_stats(node, [20, 16, 16, 12]) if node else None,
+                     "alpha_outside": _alpha_stats(node, [44, 0, 20, 48]) if node else None,
+                     "history_model": c.history[0].model if c.history else None,
+                     "differs": bool(node) and bytes(node.pixelData(sq[0], sq[1], sq[2], sq[3]))
+                     != bytes(photo.pixelData(sq[0], sq[1], sq[2], sq[3]))}
+    doc.setModified(False)
+    doc.close()
+
+
+@_scenario("download")
+def _download(entry, c, setup):
+    import urllib.request
+
+    setup.refresh_catalog()  # the Models tab asks once the backend is there
+    _wait(lambda: setup.catalog.count() > 0, 30)
+    ids = [setup.catalog.item(i).data(256) for i in range(setup.catalog.count())]
+    entry["catalog"] = ids
+    entry["into"] = setup.catalog_dir.text()
+    setup.catalog.setCurrentRow(ids.index("sd15"))
+    seen = []
+    setup.download_progress.valueChanged.connect(
+        lambda v: seen.append([v, setup.download_progress.format()]))
+    setup.download_button.click()  # Download
+    # the hub holds the transfer after the first 10 MB: the docker shows it part-way
+    _wait(lambda: 0 < setup.download_progress.value(), 60)
+    entry["midway"] = {"value": setup.download_progress.value(), "format": setup.download_progress.format(),
+                       "cancel_enabled": setup.cancel_download_button.isEnabled(),
+                       "download_enabled": setup.download_button.isEnabled()}
+    urllib.request.urlopen(os.environ["ANALOGON_TEST_HUB"] + "/_test/resume", timeout=10).read()
+    _wait(lambda: setup.download_status.text().startswith(("Downloaded", "Cancelled")) or
+          (not setup._download_id and setup.download_status.text()), 120)
+    entry["status"] = setup.download_status.text()
+    entry["progress"] = seen
+    path = setup.download_status.text().partition("Downloaded: ")[2].strip()
+    entry["path"] = path
+    entry["exists"] = bool(path) and os.path.exists(path)
+    # the docker reconnects after a finished download: the model list has it
+    _wait(lambda: any(m.get("id") == path for m in c.models) and not c._connecting, 60)
+    listed = [m for m in c.models if m.get("id") == path]
+    entry["listed"] = {k: listed[0].get(k) for k in ("family", "label", "location", "methods")} if listed else None
+    _wait(lambda: any("downloaded" in setup.catalog.item(i).text() for i in range(setup.catalog.count())), 30)
+    entry["catalog_after"] = [setup.catalog.item(i).text() for i in range(setup.catalog.count())]
+
+
+def setup(*args):
+    """``kritarunner -f setup``: install (where the test asks), start, list, run, download."""
+    out = os.environ["ANALOGON_KRITA_REPORT"]
+    try:
+        from krita import Krita
+
+        from analogon_krita import qt
+        from analogon_krita.backend_setup import BackendSetup
+        from analogon_krita.controller import Controller
+        from analogon_krita.installer import Installer
+
+        app = Krita.instance()
+        REPORT["krita_version"] = str(app.version())
+        REPORT["binding"] = qt.BINDING
+        # an exception in a slot would open Krita's exception dialog and wait for a click
+        REPORT["uncaught"] = []
+        sys.excepthook = lambda *a: REPORT["uncaught"].append("".join(traceback.format_exception(*a)))
+        c = Controller(app=app)
+        python = os.environ.get("ANALOGON_TEST_INSTALL_PYTHON")
+        if python:  # offline, from the test environment's packages (tests only)
+            site = [p for p in os.environ.get("ANALOGON_TEST_SITE_PACKAGES", "").split(os.pathsep) if p]
+            installer = Installer(offline=True, candidates=[[python]], test_site_packages=site)
+        else:
+            installer = Installer()  # the docker's own
+        setup_tabs = BackendSetup(c, installer)
+        if python or os.environ.get("ANALOGON_TEST_INSTALL_EXPECT_FAIL"):
+            _install(setup_tabs)
+        _start(c, setup_tabs)
+        if c.connection == "connected":
+            _models(app, c)
+            _download(c, setup_tabs)
+        pid = c.process.pid
+        c.shutdown()
+        REPORT["backend_gone"] = _wait(lambda: not _alive(pid), 15)
+    except Exception:
+        REPORT["fatal"] = traceback.format_exc()
+    with open(out, "w") as f:
+        json.dump(REPORT, f, indent=1)
+    print("analogon krita report written to", out)

@@ -45,7 +45,7 @@ class Krita:
 
     def backend_command(self, folder: Path, analogon: str, env: dict[str, str]) -> str:
         """The backend command for the plugin's settings: starts ``analogon`` on this machine
-        with this machine's environment plus ``env``."""
+        with this machine's environment plus ``env`` (a None value: that variable unset)."""
         raise NotImplementedError
 
 
@@ -95,9 +95,9 @@ class Krita6(Krita):
         return krita6_root.chroot_argv(self.root, argv, inner), dict(os.environ)
 
     def backend_command(self, folder, analogon, env):
-        host_env = {**os.environ, **env}
+        host_env = {**os.environ, **env}  # a None value in ``env``: that variable unset
         assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(host_env.items())
-                           if "\n" not in v and "=" not in k)
+                           if v is not None and "\n" not in v and "=" not in k)
         script = Path(folder) / "analogon-on-host"
         script.write_text(
             "#!/bin/sh\n"

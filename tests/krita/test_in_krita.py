@@ -2,7 +2,10 @@
 drives a real backend subprocess. The same scenarios run in Krita 5 (Debian's krita, PyQt5,
 Python 3.11) and in Krita 6 (Debian experimental's krita in a sid root, PyQt6, Python 3.14;
 see kritas.py). One Krita run produces a report (see krita_scenarios.py); the tests below
-check its parts, once per Krita."""
+check its parts, once per Krita. A second run per Krita (``fresh``, the ``test_fresh_krita_*``
+tests) starts from the release zip: the docker installs the backend from the zip's wheel
+(Krita 5), starts it with the memory settings, lists a checkpoint in a fake ComfyUI folder
+and runs PIXELS with it, and downloads a recommended model from a stand-in hub."""
 from __future__ import annotations
 
 import json
@@ -259,3 +262,210 @@ def test_the_backend_dies_with_a_killed_krita_and_its_folder_goes_at_the_next_st
             krita.wait(10)
         if rep.get("backend_pid") and _pid_alive(rep["backend_pid"]):
             os.kill(rep["backend_pid"], signal.SIGKILL)
+
+
+# == a fresh Krita: install from the release zip, start, models, download, presets (issue 13) ==
+
+SD15 = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors")  # catalog "sd15"
+HUB_PAUSE = 11 * 2**20  # past huggingface_hub's first 10 MB chunk: the first progress event
+
+
+def _release_zip(out: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "packaging"))
+    try:
+        import krita_plugin
+    finally:
+        sys.path.remove(str(ROOT / "packaging"))
+    return krita_plugin.build_release(out)
+
+
+def _comfy_checkpoint(home: Path) -> Path:
+    """The embedded tiny SD 1.x model as one LDM-layout file in a fake ComfyUI install."""
+    from analogon.models import LoadOptions, load_bundle
+    from analogon.models.single_file import save_single_file
+
+    return save_single_file(load_bundle("tiny-sd", LoadOptions(device="cpu")),
+                            home / "ComfyUI" / "models" / "checkpoints" / "tiny-comfy.safetensors")
+
+
+def _hub_file(size: int) -> bytes:
+    """An SD-1.x-shaped safetensors file of about ``size`` bytes (never loaded: listed only)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((2, 4, 1, 1), np.float16),
+                 "cond_stage_model.transformer.text_model.pad": np.zeros(size // 4, np.float32)})
+
+
+@pytest.fixture(scope="module", params=kritas.KRITAS)
+def fresh(request, tmp_path_factory):
+    """One Krita run of ``krita_scenarios.setup`` with the plugin unpacked from the release zip,
+    a private profile and home (with a fake ComfyUI), and the fake hub as HF_ENDPOINT.
+    Krita 5 installs the backend from the zip's wheel; Krita 6 starts the host's backend."""
+    import site
+    import time
+    import zipfile
+
+    sys.path.insert(0, str(HERE.parent / "backend"))
+    from fake_hub import FakeHub
+
+    krita = kritas.get(request.param)
+    reason = krita.unavailable("kritarunner")
+    if reason:
+        pytest.skip(reason)
+    cmd = analogon_command()
+    if cmd is None:
+        pytest.skip("the analogon backend command is not installed")
+    t0 = time.monotonic()
+    tmp = tmp_path_factory.mktemp(f"fresh-{krita.name}")
+    for d in ("data", "config", "tmp", "cache", "home", "py", "dist"):
+        (tmp / d).mkdir()
+    release = _release_zip(tmp / "dist")
+    with zipfile.ZipFile(release) as z:  # as Krita's Import Python Plugin from File unpacks it
+        z.extractall(tmp / "py", [n for n in z.namelist() if n.startswith("analogon_krita/")])
+    for module in HERE.glob("*.py"):
+        if not module.name.startswith(("test_", "conftest")):
+            shutil.copy2(module, tmp / "py")
+    comfy = _comfy_checkpoint(tmp / "home")
+    hub_data = _hub_file(12_500_000)
+    out = tmp / "report.json"
+    private = {"HOME": str(tmp / "home"), "XDG_DATA_HOME": str(tmp / "data"),
+               "XDG_CONFIG_HOME": str(tmp / "config"), "XDG_CACHE_HOME": str(tmp / "cache"),
+               "XDG_STATE_HOME": str(tmp / "cache"), "TMPDIR": str(tmp / "tmp"),
+               "HF_HOME": str(tmp / "cache" / "huggingface")}
+    unset = dict.fromkeys(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                           "ANALOGON_DATA_DIR", "ANALOGON_MODELS_DIR", "ANALOGON_MODEL_DIRS", "VIRTUAL_ENV"))
+    with FakeHub() as hub, krita.session(tmp):
+        hub.files[SD15] = hub_data
+        hub.pause_at = HUB_PAUSE
+        backend_env = {**private, **unset, "HF_ENDPOINT": hub.url}
+        env = {"QT_QPA_PLATFORM": "offscreen", **backend_env,
+               # Krita's Python sees the unpacked zip and the scenarios, and nothing of this
+               # checkout: the backend that Krita 5 starts runs the installed wheel
+               "PYTHONPATH": str(tmp / "py"),
+               "ANALOGON_NO_REGISTER": "1", "ANALOGON_QT_API": "",
+               "ANALOGON_KRITA_REPORT": str(out), "ANALOGON_TEST_TMP": str(tmp / "tmp"),
+               "ANALOGON_TEST_COMFY": str(comfy), "ANALOGON_TEST_HUB": hub.url}
+        if krita.major == 5:
+            env["ANALOGON_TEST_INSTALL_PYTHON"] = sys.executable
+            env["ANALOGON_TEST_SITE_PACKAGES"] = os.pathsep.join(site.getsitepackages())
+            env["ANALOGON_BACKEND_COMMAND"] = None  # Start backend finds the installed one
+        else:
+            # Krita 6's Python (3.14, in its root) cannot run the test environment's packages
+            # (built for this Python): the docker there is asked to install with what the root
+            # has, and the backend that is started is this machine's, through the wrapper
+            env["ANALOGON_TEST_INSTALL_EXPECT_FAIL"] = "1"
+            env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, backend_env)
+        argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "setup"], env)
+        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=1200)
+        requests = list(hub.requests)
+    if not out.exists():
+        pytest.fail(f"{krita.name} wrote no report (exit code {proc.returncode}). stderr:\n"
+                    + proc.stderr.decode(errors="replace")[-3000:])
+    data = json.loads(out.read_text())
+    assert "fatal" not in data, data.get("fatal")
+    print(f"fresh Krita {krita.major}: {time.monotonic() - t0:.0f} s in all")
+    data.update(krita=krita, tmp=tmp, comfy=str(comfy), hub_data=hub_data, hub_requests=requests,
+                release=release)
+    return data
+
+
+def test_fresh_krita_installs_the_backend_from_the_release_zip(fresh):
+    from analogon_krita import installer
+
+    if fresh["krita"].major == 6:
+        s = scenario(fresh, "install")
+        # the root's Python 3.14 has no ensurepip (Debian's python3-venv is not installed there)
+        root = kritas.krita6_root.root_dir()
+        if any((root / "usr" / "lib").glob("python3*/ensurepip")):
+            pytest.skip("the Krita 6 root has venv and ensurepip, but the test environment's packages "
+                        "are built for the host's Python: an offline install cannot be tested there")
+        assert s["ends"] and s["ends"][0][0] is False
+        assert s["ends"][0][1].startswith("No Python 3.10 or newer was found") and "python3-venv" in s["ends"][0][1]
+        assert not s["installed"] and not Path(s["venv"]).exists()
+        pytest.skip("Krita 6: the docker says what to install (no Python with venv/ensurepip in its "
+                    "root); installing there would need PyTorch for Python 3.14 from the network")
+    s = scenario(fresh, "install")
+    venv = fresh["tmp"] / "data" / "analogon" / "venv"
+    wheel_version = installer.wheel_version(next((fresh["tmp"] / "py" / "analogon_krita" / "backend").glob("*.whl")))
+    assert s["bundled"] == wheel_version and s["install_enabled"]
+    assert s["ends"] == [[True, f"Installed the Analogon backend {wheel_version} in {venv}."]], s["log_tail"]
+    assert s["installed"] and s["version"] == wheel_version and s["venv"] == str(venv)
+    percents = [p for p, _ in s["progress"]]
+    assert percents == sorted(percents) and percents[-1] == 100 and max(percents[:-1]) < 100
+    titles = " ".join(t for _, t in s["progress"])
+    assert "Installing the dependencies" in titles and "Installing the Analogon backend" in titles
+    assert f"Backend {wheel_version} installed in {venv}" in s["status_after"]
+    assert s["update_enabled"] and s["uninstall_enabled"]
+    assert s["default_command"] == str(venv / "bin" / "analogon")  # what Start backend runs
+    assert "Successfully installed analogon" in s["log_tail"]
+    # the environment runs the wheel's code, not this checkout's
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import analogon; print(analogon.__file__)"],
+                           capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+    assert probe.stdout.strip().startswith(str(venv / "lib")), probe.stderr
+
+
+def test_fresh_krita_starts_the_backend_with_the_memory_settings(fresh):
+    s = scenario(fresh, "start")
+    assert s["state"] == "connected", s["message"]
+    cmdline = s["cmdline"]
+    if fresh["krita"].major == 5:  # Start backend ran what the docker installed
+        venv = fresh["tmp"] / "data" / "analogon" / "venv"
+        assert cmdline[:2] == [str(venv / "bin" / "python"), str(venv / "bin" / "analogon")]
+    assert "serve" in cmdline
+    args = cmdline[cmdline.index("serve"):]
+
+    def after(flag):
+        return args[args.index(flag) + 1] if flag in args else None
+
+    m = s["memory"]
+    assert after("--device") == m["device"] and after("--dtype") == m["dtype"]
+    assert after("--max-pixels") == str(m["max_pixels"])
+    assert "--vae-tiling" in args and "--no-cpu-offload" in args and "--memory-preset" not in args
+    # and the backend runs with them
+    got = s["system"]["settings"]
+    assert (got["device"], got["dtype"], got["cpu_offload"], got["vae_tiling"], got["max_pixels"]) == (
+        m["device"], m["dtype"], m["cpu_offload"], m["vae_tiling"], m["max_pixels"])
+    assert s["system"]["device"] == "cpu"
+    assert fresh["backend_gone"], "the backend outlived its Krita's shutdown"
+    assert fresh["uncaught"] == [], fresh["uncaught"][0]
+
+
+def test_fresh_krita_lists_the_comfyui_checkpoint_and_runs_pixels_with_it(fresh):
+    s = scenario(fresh, "models")
+    comfy = fresh["comfy"]
+    listed = {m["id"]: m for m in s["listed"]}
+    assert comfy in listed, s["listed"]
+    m = listed[comfy]
+    assert (m["family"], m["variant"], m["label"], m["location"]) == ("sd1", "sd1", "SD 1.x", "ComfyUI")
+    assert "pixels" in m["methods"] and not m["developer"]
+    assert s["chosen"] == comfy  # the docker offers it first for PIXELS (no SDXL here)
+    p = s["pass"]
+    assert p["how"] == "done", p["error"]
+    assert p["layer"] in p["names"] and p["names"][-1] == p["layer"]
+    assert p["history_model"] == comfy
+    x, y, w, h = p["bounds"]  # the layer holds the change, inside the edit map's white square
+    sx, sy, sw, sh = p["square"]
+    assert x >= sx and y >= sy and x + w <= sx + sw and y + h <= sy + sh and w * h > 0
+    assert p["alpha_inside"]["opaque"] == p["alpha_inside"]["n"]
+    assert p["alpha_outside"]["transparent"] == p["alpha_outside"]["n"]
+    assert p["differs"]
+
+
+def test_fresh_krita_downloads_a_recommended_model_from_the_hub(fresh):
+    s = scenario(fresh, "download")
+    models = fresh["tmp"] / "data" / "analogon" / "models"
+    assert "sd15" in s["catalog"] and str(models) in s["into"]
+    mid = s["midway"]  # the hub holds the transfer part-way: the docker shows where it is
+    total = len(fresh["hub_data"])
+    assert 0 < mid["value"] < 1000 and mid["cancel_enabled"] and not mid["download_enabled"]
+    assert mid["format"].startswith("downloading ") and mid["format"].endswith(f"/ {total / 1e6:.0f} MB")
+    values = [v for v, _ in s["progress"]]
+    assert values == sorted(values) and values[-1] == 1000
+    target = models / SD15[1]
+    assert s["status"] == f"Downloaded: {target}" and s["path"] == str(target) and s["exists"]
+    assert target.read_bytes() == fresh["hub_data"]
+    assert not (models / ".downloads").exists()
+    assert s["listed"] and (s["listed"]["family"], s["listed"]["location"]) == ("sd1", "Analogon models")
+    assert any("Stable Diffusion 1.5" in t and "downloaded" in t for t in s["catalog_after"])
+    assert any(m == "GET" and p.endswith("/resolve/main/" + SD15[1]) for m, p, _ in fresh["hub_requests"])

@@ -350,7 +350,16 @@ class Document(QObject):
         return self._depth
 
     def rootNode(self):
-        return self._root
+        return self._root  # None once closed, as in Krita
+
+    def close(self):
+        self._root = None
+        app = Krita.instance()
+        if self in app._docs:
+            app._docs.remove(self)
+        if app._active is self:
+            app._active = None
+        return True
 
     def activeNode(self):
         return self._active

@@ -93,6 +93,22 @@ def test_roles_follow_the_active_document(kapp):
     assert c.roles()["source"] == [uid(l1)]
 
 
+def test_a_closed_document_is_no_document(kapp):
+    """Reconnecting (e.g. after a download) once the followed document was closed: the
+    active document, or none, and no exception from a closed document's missing root."""
+    d1 = make_doc(kapp)
+    layer(d1, "first", (1, 1, 1, 255))
+    c = offline_controller(kapp)
+    c.set_document(d1)
+    d1.close()
+    assert c.document() is None and c.roles() == {}
+    c._ensure_roles()  # what a reconnection runs
+    d2 = make_doc(kapp)
+    l2 = layer(d2, "second", (1, 1, 1, 255))
+    d2.setActiveNode(l2)
+    assert c.document() is d2 and c.roles()["source"] == [uid(l2)]
+
+
 def test_settings_live_in_krita_settings(kapp):
     c = offline_controller(kapp)
     c.set_model("my/model")

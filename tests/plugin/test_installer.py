@@ -188,3 +188,26 @@ def test_a_failing_step_ends_the_install_with_the_log(kapp, release, tmp_path):
     ok, msg = results[0]
     assert not ok and "Installing the dependencies failed (exit code 1)" in msg and str(tmp_path / "log") in msg
     assert "No matching distribution" in (tmp_path / "log").read_text()
+
+
+def test_test_site_packages_step_lets_the_new_environment_see_them(tmp_path):
+    """The tests-only option: right after the environment is made, a .pth file in it puts the
+    given folders before its own site-packages; without the option there is no such step."""
+    venv, extra = tmp_path / "venv", tmp_path / "extra"
+    extra.mkdir()
+    (extra / "only_in_extra.py").write_text("WHERE = 'extra'\n")
+    (extra / "in_both.py").write_text("WHERE = 'extra'\n")
+    wheel = tmp_path / "analogon-0.1.0-py3-none-any.whl"
+    assert not any("tests only" in s.title for s in plan([sys.executable], venv, wheel, LOCK, "cpu", offline=True))
+    steps = plan([sys.executable], venv, wheel, LOCK, "cpu", offline=True, test_site_packages=[str(extra)])
+    titles = [s.title for s in steps]
+    assert titles[:2] == ["Creating the Python environment", "Seeing the test environment's packages (tests only)"]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    step = steps[1]
+    assert step.program == str(venv / "bin" / "python")
+    subprocess.run([step.program, *step.args], check=True)
+    [own] = venv.glob("lib/python3*/site-packages")
+    (own / "in_both.py").write_text("WHERE = 'venv'\n")
+    out = subprocess.run([step.program, "-c", "import only_in_extra, in_both; print(only_in_extra.WHERE, in_both.WHERE)"],
+                         capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+    assert out.stdout.split() == ["extra", "extra"], out.stderr
