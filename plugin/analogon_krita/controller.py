@@ -1,5 +1,6 @@
-"""The panel's brain, without widgets: observable state plus the work (connect, start the
-backend, read layers, run jobs, insert results, history, sequences).
+"""The panel's brain, without widgets: observable state plus the work (read layers, run jobs,
+insert results, variants, history, sequences). The link to the backend (where it is, starting
+it, what it offers) is its own room, :mod:`connection`; history is :mod:`session`.
 
 The docker binds widgets to this object; the tests drive it directly, in a fake Krita and in
 the real one.
@@ -14,12 +15,12 @@ from . import backend_options, models_ui
 from . import document as kdoc
 from . import imaging
 from .canvas_preview import CanvasPreview
-from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
-                              read_server_info)
-from .client import Client, ImagePayload, ImageRef, JobResult, JobRunner, JobSpec, Response
+from .backend_process import ServerInfo
+from .client import ImagePayload, ImageRef, JobResult, JobRunner, JobSpec
+from .connection import Connection
 from .document import AdapterError, Rect
 from .forms import Field, FormError, coerce_all, fields_from_schema
-from .qt import QObject, Qt, QTimer, pyqtSignal, rgba_image
+from .qt import QObject, pyqtSignal
 from .session import Pass, Session
 from .settings import Settings
 
@@ -84,6 +85,11 @@ def _closed(doc) -> bool:
         return True
 
 
+def _linked(name: str) -> property:
+    """A Controller attribute that is the link's (connection.Connection) ``name``."""
+    return property(lambda self: getattr(self.link, name), lambda self, v: setattr(self.link, name, v))
+
+
 def _thumbnail(rgba: bytes, w: int, h: int, size: int = 96):
     return imaging.thumbnail(rgba, w, h, size)
 
@@ -119,18 +125,10 @@ class Controller(QObject):
         super().__init__(parent)
         self.settings = settings or Settings(app)
         self.app = app if app is not None else self.settings.app
-        self.connection = "disconnected"
-        self.connection_message = "Not connected."
-        self.server: ServerInfo | None = None
-        self.client: Client | None = None
-        self.process = BackendProcess(self)
-        self.process.stateChanged.connect(self._on_process_state)
-        self.process.ready.connect(self._on_process_ready)
-        self.health: dict[str, Any] = {}
-        self.methods: list[dict[str, Any]] = []
-        self.models: list[dict[str, Any]] = []
-        self.models_info: dict[str, Any] = {}  # the rest of /v1/models: recommended, models_dir, searched
-        self.default_model = ""
+        self.link = Connection(self.settings, self, idle=lambda: not self.busy)
+        self.link.stateChanged.connect(self.connectionChanged)
+        self.link.methodsLoaded.connect(self._on_methods_loaded)
+        self.link.modelsLoaded.connect(self._on_models_loaded)
         self.model = self.settings.get("model")
         self.method_id = self.settings.get("method")
         self.params: dict[str, dict[str, Any]] = {}
@@ -157,154 +155,61 @@ class Controller(QObject):
         self._canvas_preview: CanvasPreview | None = None  # the running pass's preview layer
         self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
-        self._connecting = False
-        self._after_connect: list[Callable[[bool], None]] = []
-        self._health_timer = QTimer(self)
-        self._health_timer.setInterval(5000)
-        self._health_timer.timeout.connect(self._on_health_tick)
 
-    # == connection ======================================================================
-    def _set_connection(self, state: str, message: str):
-        if (state, message) != (self.connection, self.connection_message):
-            self.connection, self.connection_message = state, message
-            self.connectionChanged.emit(state, message)
-
-    @property
-    def connected(self) -> bool:
-        return self.connection == "connected"
-
-    def server_address(self) -> ServerInfo:
-        """Where to find the backend: one we started, else the settings, else server.json."""
-        if self.process.state == "ready" and self.process.info is not None:
-            return self.process.info
-        state_dir = self.settings.get("state_dir").strip() or str(default_state_dir())
-        info = read_server_info(state_dir)
-        url = self.settings.get("backend_url").strip().rstrip("/")
-        if url:
-            return ServerInfo(url, info.token if info else None)
-        # else one that wrote server.json, else the one we started last (gone now: its real
-        # address, so that every message names it), else the default
-        return info or self.process.info or ServerInfo(DEFAULT_URL, None)
-
-    def connect_backend(self, then: Callable[[bool], None] | None = None):
-        """(Re)connect: health, then methods and models. ``then(ok)`` is called at the end."""
-        if then is not None:
-            self._after_connect.append(then)
-        if self._connecting:
-            return
-        self._connecting = True
-        info = self.server_address()
-        if self.client is None or self.client.base_url != info.url or self.client.token != info.token:
-            if self.client is not None:
-                self.client.deleteLater()
-            self.client = Client(info.url, info.token, self)
-        self.server = info
-        if self.connection != "connected" and self.process.state != "starting":
-            self._set_connection("connecting", f"Connecting to {info.url}\u2026")
-        self.client.health(self._after_health, timeout_ms=5000)
-
-    def _after_health(self, resp: Response):
-        if not resp.ok:
-            reason = resp.error.message if resp.error else "no answer"
-            if self.process.state != "starting":
-                self._set_connection("unreachable", reason)
-            return self._connect_done(False)
-        self.health = resp.json() or {}
-        self.client.methods(self._after_methods)
-
-    def _after_methods(self, resp: Response):
-        if not resp.ok:
-            self._set_connection("unreachable", resp.error.message if resp.error else "no methods")
-            return self._connect_done(False)
-        self.methods = list((resp.json() or {}).get("methods") or [])
+    # == connection (the link to the backend: connection.py) ==================================
+    def _on_methods_loaded(self):
         ids = [m["id"] for m in self.methods]
         if self.method_id not in ids:
             self.method_id = "pixels" if "pixels" in ids else (ids[0] if ids else "")
         self.methodsChanged.emit()
         self.methodChanged.emit(self.method_id)
         self._ensure_roles()
-        self.client.models(self._after_models)
 
-    def _after_models(self, resp: Response):
-        if resp.ok:
-            data = resp.json() or {}
-            self.models = list(data.get("models") or [])
-            self.models_info = {k: v for k, v in data.items() if k != "models"}
-            self.default_model = data.get("default") or ""
-            if not self.model:  # never the backend's developer default: a checkpoint or the demo
-                self.model = models_ui.choose(self.models, self.method_id,
-                                              models_ui.remembered(self.settings, self.method_id),
-                                              self.models_info.get("recommended"))
-            self.modelsChanged.emit()
-        version = self.health.get("version", "")
-        device = self.health.get("device", "")
-        where = self.server.url if self.server else ""
-        text = f"Connected to {where}" + (f" (v{version}, {device})" if version or device else "")
-        self._set_connection("connected", text)
-        self._connect_done(True)
+    def _on_models_loaded(self):
+        if not self.model:  # never the backend's developer default: a checkpoint or the demo
+            self.model = models_ui.choose(self.models, self.method_id,
+                                          models_ui.remembered(self.settings, self.method_id),
+                                          self.link.models_info.get("recommended"))
+        self.modelsChanged.emit()
 
-    def _connect_done(self, ok: bool):
-        self._connecting = False
-        callbacks, self._after_connect = self._after_connect, []
-        for cb in callbacks:
-            cb(ok)
+    # what the panel and the tests read (and the tests set), kept by the link
+    connection = _linked("state")
+    connection_message = _linked("message")
+    connected = property(lambda self: self.link.connected)
+    server = _linked("server")
+    client = _linked("client")
+    process = _linked("process")
+    health = _linked("health")
+    methods = _linked("methods")
+    models = _linked("models")
+    models_info = _linked("models_info")
+    default_model = _linked("default_model")
+
+    def server_address(self) -> ServerInfo:
+        return self.link.address()
+
+    def connect_backend(self, then: Callable[[bool], None] | None = None):
+        self.link.connect(then)
 
     def start_backend(self):
-        """Start a local backend (the configured command) and connect to it when ready."""
-        if self.process.running:
-            return self.connect_backend()
-        self._set_connection("starting", "Starting the backend\u2026")
-        self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
-        self.process.start(self.settings.get("backend_command"), self.model or None,
-                           extra_args=backend_options.backend_args(self.settings))
+        """Start a local backend with the memory settings and connect to it when ready."""
+        self.link.start(self.model, backend_options.backend_args(self.settings))
 
     def log_path(self):
-        """The log of the backend the panel started last (this session or an earlier one)."""
-        if self.process.log_directory is None:
-            self.process.log_directory = log_dir(self.settings.get("state_dir").strip() or None)
-        return self.process.latest_log()
+        return self.link.log_path()
 
     def stop_backend(self):
-        self.process.stop()
-        self._set_connection("disconnected", "The backend was stopped.")
-
-    def _on_process_state(self, state: str, message: str):
-        if state == "failed":
-            self._set_connection("unreachable", message)
-            self._connect_done(False)
-        elif state == "starting":
-            self._set_connection("starting", message)
-
-    def _on_process_ready(self, info: ServerInfo):
-        self.connect_backend()
+        self.link.stop()
 
     def start_monitoring(self):
         """Keep an eye on the backend (reconnects when it comes back)."""
-        if self._health_timer.isActive():
-            return
-        self._health_timer.start()
-        if self.settings.get_bool("autostart"):
-            self.start_backend()
-        else:
-            self.connect_backend()
-
-    def _on_health_tick(self):
-        if self._connecting or self.busy or self.process.state in ("starting", "failed"):
-            return  # a backend we started failed: its message (last words) stays until you act
-        if self.connected and self.client is not None:
-            def check(resp: Response):
-                if not resp.ok:
-                    self._set_connection("unreachable", resp.error.message if resp.error else "no answer")
-            self.client.health(check, timeout_ms=4000)
-        elif self.connection in ("unreachable", "disconnected"):
-            self.connect_backend()
+        self.link.start_monitoring(self.start_backend if self.settings.get_bool("autostart") else None)
 
     def shutdown(self):
-        """Krita is closing: stop a backend we started."""
-        self._health_timer.stop()
+        """Krita is closing: stop a job and a backend we started."""
         if self._runner is not None:
             self._runner.cancel()
-        self.process.stop(wait_ms=3000)
+        self.link.shutdown()
 
     # == document & layers ===============================================================
     def document(self):

@@ -173,7 +173,7 @@ def live(entry, app, controller_cls):
     c.set_model("tiny-sd")
     t0 = time.monotonic()
     c.start_backend()
-    _wait(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 120)
+    _wait(lambda: c.connection in ("connected", "unreachable") and not c.link.connecting, 120)
     entry["connect"] = {"state": c.connection, "message": c.connection_message,
                         "seconds": round(time.monotonic() - t0, 2), "pid": c.process.pid,
                         "methods": [m["id"] for m in c.methods]}
@@ -502,7 +502,7 @@ def orphan(*args):
         c.settings.set("backend_command", os.environ["ANALOGON_BACKEND_COMMAND"])
         c.set_model("tiny-sd")
         c.start_backend()
-        _wait(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 120)
+        _wait(lambda: c.connection in ("connected", "unreachable") and not c.link.connecting, 120)
         rep = {"krita_pid": os.getpid(), "backend_pid": c.process.pid, "state": c.connection,
                "message": c.connection_message, "url": c.process.url,
                "state_dir": str(c.process.state_dir), "log": str(c.log_path())}
@@ -595,7 +595,7 @@ def _start(entry, c, setup):
     c.settings.set("backend_command", os.environ.get("ANALOGON_BACKEND_COMMAND", ""))
     t0 = time.monotonic()
     c.start_backend()  # Start backend
-    _wait(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 180)
+    _wait(lambda: c.connection in ("connected", "unreachable") and not c.link.connecting, 180)
     pid = c.process.pid
     entry.update(state=c.connection, message=c.connection_message, pid=pid,
                  seconds=round(time.monotonic() - t0, 1), memory=MEMORY)
@@ -679,7 +679,7 @@ def _download(entry, c, setup):
     entry["path"] = path
     entry["exists"] = bool(path) and os.path.exists(path)
     # the docker reconnects after a finished download: the model list has it
-    _wait(lambda: any(m.get("id") == path for m in c.models) and not c._connecting, 60)
+    _wait(lambda: any(m.get("id") == path for m in c.models) and not c.link.connecting, 60)
     listed = [m for m in c.models if m.get("id") == path]
     entry["listed"] = {k: listed[0].get(k) for k in ("family", "label", "location", "methods")} if listed else None
     _wait(lambda: any("downloaded" in setup.catalog.item(i).text() for i in range(setup.catalog.count())), 30)

@@ -126,7 +126,7 @@ def started(kapp, tmp_path, backend):  # `backend`: skips when no backend can ru
     c = Controller(app=kapp)
     c.set_model("tiny-sd")
     c.start_backend()
-    assert wait_until(lambda: c.connection in ("connected", "unreachable") and not c._connecting, 120), \
+    assert wait_until(lambda: c.connection in ("connected", "unreachable") and not c.link.connecting, 120), \
         c.connection_message
     assert c.connection == "connected", c.connection_message
     yield c
@@ -147,7 +147,7 @@ def test_a_killed_backend_is_named_by_its_real_address(kapp, started):
     msg = c.connection_message
     assert url in msg and "killed or crashed" in msg and str(log) in msg
     assert not state_dir.exists()
-    c._on_health_tick()  # the monitor leaves the message alone
+    c.link._on_health_tick()  # the monitor leaves the message alone
     assert c.connection_message == msg
     done = []
     c.connect_backend(done.append)  # connect again: the address it tries is the real one

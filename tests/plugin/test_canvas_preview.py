@@ -85,7 +85,7 @@ def setup(kapp, method="pixels"):
     doc.setActiveNode(photo)
     c = Controller(app=kapp)
     c.methods = [dict(m) for m in schemas.METHODS]
-    c._set_connection("connected", "Connected to http://127.0.0.1:1")
+    c.link.set_state("connected", "Connected to http://127.0.0.1:1")
     c.client = object()
     c.set_method(method)
     c.set_document(doc)

@@ -105,7 +105,7 @@ def test_panel_shows_errors_connection_and_history(kapp):
     assert panel.error_label.isHidden()
     c.set_error("The layer \u201cx\u201d chosen for Source is hidden. Show it, or pick another layer.")
     assert not panel.error_label.isHidden() and "is hidden" in panel.error_label.text()
-    c._set_connection("unreachable", "The Analogon backend is not running at http://127.0.0.1:9 (connection refused).")
+    c.link.set_state("unreachable", "The Analogon backend is not running at http://127.0.0.1:9 (connection refused).")
     assert "not running" in panel.status_label.text()
     c._set_busy(True)
     assert not panel.generate_button.isEnabled() and panel.cancel_button.isEnabled()

@@ -43,7 +43,7 @@ def panel_for(kapp, methods, method_id, size):
     c = Controller(app=kapp)
     c.methods = [dict(m) for m in methods]
     c.method_id = method_id
-    c._set_connection("connected", "Connected to http://127.0.0.1:43215 (v0.1.0, cuda)")
+    c.link.set_state("connected", "Connected to http://127.0.0.1:43215 (v0.1.0, cuda)")
     panel = AnalogonPanel(c)
     c.methodsChanged.emit()
     c.set_message("Added the layer \u201cpixels seed 1234 #2\u201d.")

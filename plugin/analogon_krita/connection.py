@@ -1,0 +1,176 @@
+"""The link to the backend, one per Krita: where the backend is, whether it answers, what it
+offers, and the backend process the docker starts.
+
+Where: a backend this link started (its real address), else the address in the settings, else
+the ``server.json`` a running backend wrote, else the one started last (gone: named in every
+message), else the default address. Connecting is health, then the methods, then the models;
+``methodsLoaded`` and ``modelsLoaded`` hand those to whoever keeps the panel's choices (the
+controller), before ``stateChanged("connected", …)``. A health check every 5 s notices a
+backend that went away and reconnects when it is back.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
+                              read_server_info)
+from .client import Client, Response
+from .qt import QObject, QTimer, pyqtSignal
+
+
+class Connection(QObject):
+    stateChanged = pyqtSignal(str, str)  # state, message
+    methodsLoaded = pyqtSignal()  # ``methods`` is new
+    modelsLoaded = pyqtSignal()  # ``models``, ``models_info`` and ``default_model`` are new
+
+    def __init__(self, settings, parent: QObject | None = None,
+                 idle: Callable[[], bool] = lambda: True):
+        """``idle()``: whether a health check may run now (no job in flight)."""
+        super().__init__(parent)
+        self.settings = settings
+        self.idle = idle
+        self.state = "disconnected"
+        self.message = "Not connected."
+        self.server: ServerInfo | None = None
+        self.client: Client | None = None
+        self.process = BackendProcess(self)
+        self.process.stateChanged.connect(self._on_process_state)
+        self.process.ready.connect(lambda info: self.connect())
+        self.health: dict[str, Any] = {}
+        self.methods: list[dict[str, Any]] = []
+        self.models: list[dict[str, Any]] = []
+        self.models_info: dict[str, Any] = {}  # the rest of /v1/models: recommended, models_dir, searched
+        self.default_model = ""
+        self.connecting = False
+        self._after_connect: list[Callable[[bool], None]] = []
+        self._timer = QTimer(self)
+        self._timer.setInterval(5000)
+        self._timer.timeout.connect(self._on_health_tick)
+
+    def set_state(self, state: str, message: str):
+        if (state, message) != (self.state, self.message):
+            self.state, self.message = state, message
+            self.stateChanged.emit(state, message)
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    def _state_dir(self) -> str | None:
+        return self.settings.get("state_dir").strip() or None
+
+    def address(self) -> ServerInfo:
+        """Where to find the backend (see the module's docstring)."""
+        if self.process.state == "ready" and self.process.info is not None:
+            return self.process.info
+        info = read_server_info(self._state_dir() or str(default_state_dir()))
+        url = self.settings.get("backend_url").strip().rstrip("/")
+        if url:
+            return ServerInfo(url, info.token if info else None)
+        return info or self.process.info or ServerInfo(DEFAULT_URL, None)
+
+    # -- connecting ---------------------------------------------------------------------------
+    def connect(self, then: Callable[[bool], None] | None = None):
+        """(Re)connect: health, then methods and models. ``then(ok)`` is called at the end."""
+        if then is not None:
+            self._after_connect.append(then)
+        if self.connecting:
+            return
+        self.connecting = True
+        info = self.address()
+        if self.client is None or self.client.base_url != info.url or self.client.token != info.token:
+            if self.client is not None:
+                self.client.deleteLater()
+            self.client = Client(info.url, info.token, self)
+        self.server = info
+        if self.state != "connected" and self.process.state != "starting":
+            self.set_state("connecting", f"Connecting to {info.url}\u2026")
+        self.client.health(self._after_health, timeout_ms=5000)
+
+    def _after_health(self, resp: Response):
+        if not resp.ok:
+            if self.process.state != "starting":
+                self.set_state("unreachable", resp.error.message if resp.error else "no answer")
+            return self._done(False)
+        self.health = resp.json() or {}
+        self.client.methods(self._after_methods)
+
+    def _after_methods(self, resp: Response):
+        if not resp.ok:
+            self.set_state("unreachable", resp.error.message if resp.error else "no methods")
+            return self._done(False)
+        self.methods = list((resp.json() or {}).get("methods") or [])
+        self.methodsLoaded.emit()
+        self.client.models(self._after_models)
+
+    def _after_models(self, resp: Response):
+        if resp.ok:
+            data = resp.json() or {}
+            self.models = list(data.get("models") or [])
+            self.models_info = {k: v for k, v in data.items() if k != "models"}
+            self.default_model = data.get("default") or ""
+            self.modelsLoaded.emit()
+        version, device = self.health.get("version", ""), self.health.get("device", "")
+        where = self.server.url if self.server else ""
+        self.set_state("connected", f"Connected to {where}"
+                       + (f" (v{version}, {device})" if version or device else ""))
+        self._done(True)
+
+    def _done(self, ok: bool):
+        self.connecting = False
+        callbacks, self._after_connect = self._after_connect, []
+        for cb in callbacks:
+            cb(ok)
+
+    # -- the backend process ------------------------------------------------------------------
+    def start(self, model: str | None, extra_args: list[str]):
+        """Start a local backend (the configured command) and connect to it when ready."""
+        if self.process.running:
+            return self.connect()
+        self.set_state("starting", "Starting the backend\u2026")
+        self.process.log_directory = log_dir(self._state_dir())
+        self.process.start(self.settings.get("backend_command"), model or None, extra_args=extra_args)
+
+    def log_path(self):
+        """The log of the backend started last (this session or an earlier one)."""
+        if self.process.log_directory is None:
+            self.process.log_directory = log_dir(self._state_dir())
+        return self.process.latest_log()
+
+    def stop(self):
+        self.process.stop()
+        self.set_state("disconnected", "The backend was stopped.")
+
+    def _on_process_state(self, state: str, message: str):
+        if state == "failed":
+            self.set_state("unreachable", message)
+            self._done(False)
+        elif state == "starting":
+            self.set_state("starting", message)
+
+    # -- watching -----------------------------------------------------------------------------
+    def start_monitoring(self, start: Callable[[], None] | None = None):
+        """Check the backend every few seconds; ``start`` (autostart) or connect now."""
+        if self._timer.isActive():
+            return
+        self._timer.start()
+        if start is not None:
+            start()
+        else:
+            self.connect()
+
+    def _on_health_tick(self):
+        if self.connecting or not self.idle() or self.process.state in ("starting", "failed"):
+            return  # a backend we started failed: its message (last words) stays until you act
+        if self.connected and self.client is not None:
+            def check(resp: Response):
+                if not resp.ok:
+                    self.set_state("unreachable", resp.error.message if resp.error else "no answer")
+            self.client.health(check, timeout_ms=4000)
+        elif self.state in ("unreachable", "disconnected"):
+            self.connect()
+
+    def shutdown(self):
+        """Krita is closing: stop watching and stop a backend we started."""
+        self._timer.stop()
+        self.process.stop(wait_ms=3000)
