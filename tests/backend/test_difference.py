@@ -184,17 +184,24 @@ def test_losses_decrease(tiny_sd, samples):
     assert r.unet_batches == 0 and r.clip[-1] < r.clip[0] * 0.7
 
 
-def test_best_checkpoint_is_kept(tiny_sd, samples):
+def test_best_checkpoint_is_chosen_on_a_fixed_heldout_set(tiny_sd, samples):
     setup = setup_for(tiny_sd, samples)
-    p = D.Params(n_tokens=2, train_steps=12, lr=0.8, lambda_tc=0.0)  # a large lr oscillates
+    p = D.Params(n_tokens=2, train_steps=12, lr=0.8, keep_best_every=4)  # a large lr oscillates
     r = D.train_diff(setup, p)
-    assert r.best_loss == min(r.total) and r.best_step == int(np.argmin(r.total))
-    with torch.no_grad():
-        again = D.clip_loss(setup.spaces, setup.deltas, r.diffs, setup.cap_a, p.clip_anchor)
-    assert float(again) * p.lambda_clip == pytest.approx(r.best_loss, rel=1e-5)
+    # measured after 4, 8 and 12 updates only, never on the training step's own (t, ε)
+    assert [s for s, _ in r.heldout] == [4, 8, 12]
+    assert r.best_step in (4, 8, 12) and r.best_loss == min(v for _, v in r.heldout)
+    pairs = D.heldout_set(1000, setup.z_a.shape, p.train_seed)
+    assert D.heldout_loss(setup, r.diffs, p, pairs) == pytest.approx(r.best_loss, rel=1e-5)
+    # the held-out set is fixed: the same for every run with that seed, spread over [0, T)
+    again = D.heldout_set(1000, setup.z_a.shape, p.train_seed)
+    assert [(a, b) for a, b, _ in again] == [(a, b) for a, b, _ in pairs]
+    assert all(torch.equal(x[2], y[2]) for x, y in zip(again, pairs))
+    ts = sorted(t for a, b, _ in pairs for t in (a, b))
+    assert ts[0] < 250 and ts[-1] > 750
     last = D.train_diff(setup, p.model_copy(update={"keep_best": False}))
-    assert last.total == r.total  # same run, only the returned tokens differ
-    if r.best_step != len(r.total) - 1:
+    assert last.total == r.total and last.best_step == 12 and last.heldout == []
+    if r.best_step != 12:
         assert not torch.equal(last.diffs[0], r.diffs[0])
 
 
@@ -214,20 +221,21 @@ def test_cache_hit_skips_training(tiny_sd, make_ctx, samples, counter_sd):
     inputs = make_inputs(samples)
     r1 = METHOD.run(make_ctx(tiny_sd), inputs, p)
     sampling_steps = 3  # 4 steps at strength 0.75, guidance batched into one call
-    assert not r1.info["train"]["cached"] and counter_sd.n == 3 + sampling_steps
+    train = 3 + D.HELDOUT_PAIRS  # 3 steps, then the held-out set once (after the last step)
+    assert not r1.info["train"]["cached"] and counter_sd.n == train + sampling_steps
     counter_sd.n = 0
     r2 = METHOD.run(make_ctx(tiny_sd, seed=9), inputs, p.model_copy(update={"diff_scale": 0.5}))
     assert r2.info["train"]["cached"] and counter_sd.n == sampling_steps
     counter_sd.n = 0
     r3 = METHOD.run(make_ctx(tiny_sd), inputs, p.model_copy(update={"n_tokens": 3}))
-    assert not r3.info["train"]["cached"] and counter_sd.n == 3 + sampling_steps
+    assert not r3.info["train"]["cached"] and counter_sd.n == train + sampling_steps
 
 
 def test_ddim_inversion_of_b_is_cached(tiny_sd, make_ctx, samples, counter_sd):
     p = params(b_start="ddim_inverted")
     inputs = make_inputs(samples)
     METHOD.run(make_ctx(tiny_sd), inputs, p)
-    assert counter_sd.n == 3 + 3 + 3  # training, inversion, sampling
+    assert counter_sd.n == 3 + D.HELDOUT_PAIRS + 3 + 3  # training (+ held-out), inversion, sampling
     counter_sd.n = 0
     METHOD.run(make_ctx(tiny_sd, seed=5), inputs, p.model_copy(update={"guidance": 5.0}))
     assert counter_sd.n == 3
@@ -264,7 +272,7 @@ def test_cancel_stops_and_leaves_no_tokens_behind(tiny_sd, make_ctx, samples, co
     assert counter_sd.n < 6
     counter_sd.n = 0
     r = METHOD.run(make_ctx(tiny_sd), make_inputs(samples), p)
-    assert not r.info["train"]["cached"] and counter_sd.n == 6 + 3
+    assert not r.info["train"]["cached"] and counter_sd.n == 6 + D.HELDOUT_PAIRS + 3
 
 
 def test_input_errors_come_before_any_compute(tiny_sd, make_ctx, samples, counter_sd):
@@ -369,3 +377,62 @@ def test_a_partial_a_prime_layer_is_a_with_the_patch_on_it(tiny_sd, make_ctx, sa
                    "a_prime": LayerImage(np.zeros_like(samples["a"]), "z"),
                    "b": LayerImage(samples["b"], "b")}), params())
     assert e.value.code in ("no_difference", "empty_image")
+
+
+# -- the words that change do not fight the DIFF (prompt_conflict) --------------------------------
+
+def test_slots_between_prefix_and_suffix(tiny_sd):
+    tok = tiny_sd.tokenizer
+    new, start, eos = D._ids_with_slots_between(tok, "a large", "circle on grey", 3, "cpu")
+    words_pre = D.tokenize(tok, "a large", "cpu")[0]
+    words_suf = D.tokenize(tok, "circle on grey", "cpu")[0]
+    n_pre = int((words_pre == tok.eos_token_id).nonzero()[0]) - 1
+    n_suf = int((words_suf == tok.eos_token_id).nonzero()[0]) - 1
+    assert start == 1 + n_pre and eos == start + 3 + n_suf
+    assert torch.equal(new[1:start], words_pre[1:1 + n_pre])
+    assert torch.equal(new[start + 3:eos], words_suf[1:1 + n_suf])
+    assert int(new[eos]) == tok.eos_token_id
+    # no suffix: the slots at the end, as before
+    a = D._ids_with_slots_between(tok, "a red square", "", 2, "cpu")
+    b = D.ids_with_slots(D.tokenize(tok, "a red square", "cpu")[0],
+                         int((D.tokenize(tok, "a red square", "cpu")[0] == tok.eos_token_id).nonzero()[0]),
+                         2, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("mode,prompt_b,prompt_a", [
+    ("keep", ("a red circle", ""), ("a red square", "")),
+    ("drop", ("a circle", ""), ("a square", "")),
+    ("insert", ("a", "circle"), ("a", "square")),
+])
+def test_prompt_conflict_reaches_the_prompts(tiny_sd, make_ctx, samples, monkeypatch, mode, prompt_b,
+                                            prompt_a):
+    """cap_A 'a red square' → cap_A′ 'a blue square': 'red' changes; B 'a red circle' names it.
+    The sampling prompt and the consistency loss's prompt_A follow the parameter."""
+    seen_b, seen_a = [], []
+    real_cond, real_slot = D.diff_conditioning, D.conflict_slot_prompt
+
+    def cond(bundle, prompt, diffs, scale, hw, suffix=""):
+        seen_b.append((prompt, suffix))
+        return real_cond(bundle, prompt, diffs, scale, hw, suffix)
+
+    def slot(bundle, caption, cut, p):
+        seen_a.append(D.conflict_split(caption, cut, p))
+        return real_slot(bundle, caption, cut, p)
+
+    monkeypatch.setattr(D, "diff_conditioning", cond)
+    monkeypatch.setattr(D, "conflict_slot_prompt", slot)
+    p = params(caption_b="a red circle", prompt_conflict=mode, train_steps=1, steps=2)
+    res = METHOD.generate(make_ctx(tiny_sd), make_inputs(samples), p)
+    assert seen_b[-1] == prompt_b
+    assert seen_a[0] == prompt_a
+    info = res.info["prompt_conflict"]
+    assert (info is None) == (mode == "keep")
+    if info:
+        assert info["removed"] == ["red"] and info["added"] == ["blue"] and info["b_dropped"] == ["red"]
+
+
+def test_conflict_mode_is_in_the_schema_and_the_cache_key():
+    schema = D.Params.model_json_schema()["properties"]["prompt_conflict"]
+    assert schema["title"] and schema["description"] and set(schema["enum"]) == {"drop", "insert", "keep"}
+    assert "prompt_conflict" in D.TRAIN_SETTINGS and "keep_best_every" in D.TRAIN_SETTINGS

@@ -140,6 +140,9 @@ class PezSettings:
     lr: float = 0.1
     weight_decay: float = 0.1
     seed: int = 0
+    init: str = "random"  # "random": PEZ's own start; "similar": the words nearest the image
+    tidy: bool = True  # order the words and leave out those that add nothing (see tidy_words)
+    tidy_tolerance: float = 0.002
 
 
 @dataclass
@@ -159,7 +162,10 @@ def pez_prompt(space, images: Sequence[np.ndarray], settings: PezSettings = PezS
     vocab = table[cand].float()
     vocab_n = F.normalize(vocab, dim=-1)
     g = torch.Generator(device="cpu").manual_seed(settings.seed)
-    start = cand[torch.randint(len(cand), (settings.n_tokens,), generator=g).to(cand.device)]
+    if settings.init == "similar":
+        start = nearest_words(space, target, cand, settings.n_tokens)
+    else:
+        start = cand[torch.randint(len(cand), (settings.n_tokens,), generator=g).to(cand.device)]
     soft = table[start].float().clone().requires_grad_(True)
     opt = torch.optim.AdamW([soft], lr=settings.lr, weight_decay=settings.weight_decay)
     best_sim, best_ids, history = -2.0, start.tolist(), []
@@ -181,7 +187,63 @@ def pez_prompt(space, images: Sequence[np.ndarray], settings: PezSettings = PezS
             best_sim, best_ids = s, cand[nearest].tolist()
         if on_step is not None:
             on_step(step + 1, settings.steps)
-    return PezResult(space.decode(best_ids), best_ids, best_sim, history)
+    text = space.decode(best_ids)
+    if settings.tidy:
+        text, best_sim = tidy_words(space, target, text.split(), settings.tidy_tolerance)
+    return PezResult(text, best_ids, best_sim, history)
+
+
+@torch.no_grad()
+def _similarity(space, target: torch.Tensor, texts: list[str], chunk: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), chunk):
+        f = F.normalize(space.text_features(texts[i:i + chunk]).to(target.device), dim=-1)
+        out.append((f @ target.T).mean(dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def nearest_words(space, target: torch.Tensor, cand: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` candidate tokens whose one-word prompts are nearest the image (repeated in turn
+    when there are fewer than ``n``): a start that already names what the image shows."""
+    texts = [space.decode([int(i)]) for i in cand.tolist()]
+    sim = _similarity(space, target, texts)
+    top = torch.argsort(sim, descending=True)[:n].to(cand.device)
+    reps = -(-n // max(1, len(top)))
+    return cand[top].repeat(reps)[:n]
+
+
+@torch.no_grad()
+def tidy_words(space, target: torch.Tensor, ws: list[str], tol: float = 0.002
+               ) -> tuple[str, float]:
+    """A PEZ word bag as a caption: ordered greedily (each next word the one whose prefix reads
+    nearest the image: the text tower is causal and position-aware, so order matters; PEZ's own
+    order is kept where it reads nearer), then
+    words left out one at a time while all that is left out costs less than ``tol`` of similarity
+    (repeats and stray words go; words that carry the image stay). Returns (text, similarity)."""
+    pool = list(ws)
+    if not pool:
+        return "", -2.0
+    seq: list[str] = []
+    while pool:
+        uniq = list(dict.fromkeys(pool))
+        sims = _similarity(space, target, [" ".join(seq + [w]) for w in uniq])
+        w = uniq[int(sims.argmax())]
+        seq.append(w)
+        pool.remove(w)
+    sims = _similarity(space, target, [" ".join(seq), " ".join(ws)])
+    if float(sims[1]) > float(sims[0]):  # PEZ's own order reads better: keep it
+        seq = list(ws)
+    cur = float(sims.max())
+    floor = cur - tol  # all the leaving-out together costs at most ``tol``
+    while len(seq) > 1:
+        trials = [seq[:i] + seq[i + 1:] for i in range(len(seq))]
+        sims = _similarity(space, target, [" ".join(t) for t in trials])
+        j = int(sims.argmax())
+        if float(sims[j]) < floor:
+            break
+        seq, cur = trials[j], float(sims[j])
+    return " ".join(seq), cur
 
 
 class PezCaptioner:

@@ -208,6 +208,46 @@ def feather_inward(support: np.ndarray, radius: int) -> np.ndarray:
     return f
 
 
+def union_maps(maps) -> np.ndarray | None:
+    """Pixel-wise maximum of the given [0, 1] maps (None entries ignored); None when none."""
+    out = None
+    for m in maps:
+        if m is None:
+            continue
+        m = np.clip(np.asarray(m, np.float32), 0.0, 1.0)
+        out = m if out is None else np.maximum(out, m)
+    return out
+
+
+def change_map(edit_maps, masks) -> np.ndarray | None:
+    """THE rule for a job's change map, shared by every method and the return path:
+    (union of the edit maps) × (union of the masks); None when there are neither.
+
+    Why: a painter who paints two masks means "here, and also there" — each stroke adds a
+    region that may change, as two brush strokes on one mask layer would; intersecting them
+    would leave only where the strokes overlap, usually nothing, so the second mask would
+    *undo* the first. The same holds for several edit maps: each says how much may change
+    where it is painted, and a pixel painted on two takes the larger change. Between the two
+    roles the mask is a gate on the edit map (outside every mask nothing changes; inside, the
+    edit map grades how much), so they multiply; either missing counts as 1."""
+    edit, mask = union_maps(edit_maps), union_maps(masks)
+    if edit is None:
+        return mask
+    if mask is None:
+        return edit
+    if edit.shape != mask.shape:
+        raise ValueError(f"edit map of shape {edit.shape} and mask of shape {mask.shape}")
+    return edit * mask
+
+
+def job_change_map(inputs) -> np.ndarray | None:
+    """:func:`change_map` of a job's ``edit_map`` and ``mask`` layers (any number of each)."""
+    from .images import map_from_rgba
+
+    return change_map([map_from_rgba(li.rgba) for li in inputs.all("edit_map")],
+                      [map_from_rgba(li.rgba) for li in inputs.all("mask")])
+
+
 def change_weight(edit_map: np.ndarray | None, mask: np.ndarray | None, shape: tuple[int, int],
                   feather: int) -> np.ndarray | None:
     """The compositing weight at full resolution: edit map × mask (each None = 1), feathered

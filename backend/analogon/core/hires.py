@@ -191,14 +191,6 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
     return np.clip(np.floor(refined + 0.5), 0, 255).astype(np.uint8), info
 
 
-def _union(inputs, role: str) -> np.ndarray | None:
-    out = None
-    for li in inputs.all(role):
-        m = map_from_rgba(li.rgba)
-        out = m if out is None else np.maximum(out, m)
-    return out
-
-
 def finish(ctx, method, inputs, params, result):
     """Bring every result of ``method.generate`` back onto the job's target (see the module's
     docstring); returns the same ``MethodResult`` with finished images and layers."""
@@ -209,10 +201,10 @@ def finish(ctx, method, inputs, params, result):
         return result
     target = as_rgba(target_li.rgba)
     H, W = target.shape[:2]
-    edit_map, mask = _union(inputs, "edit_map"), _union(inputs, "mask")
-    for m in (edit_map, mask):
-        if m is not None and m.shape != (H, W):
-            raise InputError("size_mismatch", "The edit map and mask must have the target image's size.")
+    shapes = {map_from_rgba(li.rgba).shape for role in ("edit_map", "mask") for li in inputs.all(role)}
+    if shapes - {(H, W)}:
+        raise InputError("size_mismatch", "The edit map and mask must have the target image's size.")
+    change = C.job_change_map(inputs)
     settings = HiresSettings.from_params(params)
     infos = []
     for r in result.images:
@@ -220,7 +212,7 @@ def finish(ctx, method, inputs, params, result):
         bw, bh = box[2] - box[0], box[3] - box[1]
         out = np.asarray(r.rgba)
         work = (out.shape[1], out.shape[0])
-        weight = C.change_weight(edit_map, mask, (H, W), C.feather_radius((bw, bh), work))
+        weight = C.change_weight(change, None, (H, W), C.feather_radius((bw, bh), work))
         base = as_rgba(r.base) if r.base is not None else target[box[1]:box[3], box[0]:box[2]]
         info: dict[str, Any] = {}
         w_box = np.ones((bh, bw), np.float32) if weight is None else weight[box[1]:box[3], box[0]:box[2]]

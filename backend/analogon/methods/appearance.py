@@ -44,7 +44,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..core import images as im
-from ..core.compositing import map_to_grid
+from ..core.compositing import job_change_map, map_to_grid
 from ..core.adain import adain, freeu
 from ..core.attention import (
     CONTRAST_MODES, SwapController, decoder_attention_factors, installed, spatial_size,
@@ -328,16 +328,14 @@ class AppearanceTransfer(Method):
         im.check_not_empty(app.rgba, "appearance")
         s_mask = _mask_map(inputs, "structure_mask", "structure", "structure mask")
         a_mask = _mask_map(inputs, "appearance_mask", "appearance", "appearance mask")
-        change = None
         for role in ("edit_map", "mask"):
             for li in inputs.all(role):
                 if li.rgba.shape[:2] != struct.rgba.shape[:2]:
                     raise InputError("size_mismatch",
                                      f"The {role.replace('_', ' ')} must have the structure image's size.",
                                      {"role": role})
-                m = im.map_from_rgba(li.rgba)
-                change = m if change is None else (np.maximum(change, m) if role == "edit_map" else change * m)
 
+        change = job_change_map(inputs)
         vf = bundle.vae_scale_factor
         size = im.native_size(im.size_of(struct.rgba), bundle.native_size, multiple=vf)
         latent_hw = (size[1] // vf, size[0] // vf)

@@ -40,8 +40,8 @@ from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.previews import every, preview_latents
 from ..core import images as im
 from ..core.compositing import map_to_grid
-from ..core.images import (check_not_empty, check_same_size, combine_maps,
-                           from_tensor, map_from_rgba, native_size, size_of,
+from ..core.compositing import job_change_map
+from ..core.images import (check_not_empty, check_same_size, from_tensor, native_size, size_of,
                            to_tensor)
 from ..errors import InputError
 from . import register
@@ -309,15 +309,7 @@ class DiffusionImageAnalogies(Method):
     # -- pieces ----------------------------------------------------------------------------
     @staticmethod
     def _schedule(inputs: Inputs, size_b, bundle, p: Params) -> EditSchedule:
-        maps = [map_from_rgba(li.rgba) for li in inputs.all("edit_map")]
-        edit = None
-        for m in maps:
-            edit = m if edit is None else np.maximum(edit, m)
-        mask = None
-        for li in inputs.all("mask"):
-            mm = map_from_rgba(li.rgba)
-            mask = mm if mask is None else np.maximum(mask, mm)
-        change = combine_maps([edit, mask])
+        change = job_change_map(inputs)
         if change is None:
             return EditSchedule(None, p.steps, p.edit_map_curve)
         f = bundle.vae_scale_factor

@@ -51,12 +51,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..core import images as im
-from ..core.compositing import map_to_grid
+from ..core.compositing import job_change_map, map_to_grid
 from ..core.images import over
 from ..core.captioning import (
     CAPTIONERS, DEFAULT_CAPTION_MODEL, PezCaptioner, PezSettings, blip_captioner,
     resolve_captions,
 )
+from ..core.caption_diff import ConflictPrompts, PromptCut, conflict_prompts
 from ..core.clip_space import ClipSpace, clip_spaces_for, slerp, unit
 from ..core.diffusion import (
     SCHEDULER_NAMES, Conditioning, encode_prompt, img2img_timesteps, init_noise, make_scheduler,
@@ -74,7 +75,11 @@ from .base import (
     Inputs, JobContext, LayerImage, Method, MethodParams, MethodResult, ResultImage, Role,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+
+class _NoSpace(Exception):
+    pass
 ROLE_TITLES = {"a": "A (before)", "a_prime": "A′ (after)", "b": "B (target)"}
 
 
@@ -152,10 +157,22 @@ class Params(MethodParams):
         "Timesteps of the consistency loss: 'shuffled_once' every training timestep once in a "
         "shuffled order (VISII), 'uniform' drawn independently each step (the paper's U(0, T))."),
         title="Training timesteps", json_schema_extra={"advanced": True})
+    prompt_conflict: Literal["drop", "insert", "keep"] = Field("drop", description=(
+        "What happens to the words the captions say change (in A's caption, not in A′'s: A's "
+        "old value, e.g. 'red'; and B's own value of that attribute, found by the model's text "
+        "space): 'drop' leaves them out of prompt_B and of the consistency loss's prompt_A / "
+        "prompt_A′, the DIFF tokens going at the end; 'insert' leaves them out and puts the "
+        "DIFF tokens where the first of them stood; 'keep' the paper as written (whole "
+        "captions, DIFF at the end: the old word stays and fights the DIFF)."),
+        title="Words that change", json_schema_extra={"advanced": True})
     keep_best: bool = Field(True, description=(
-        "Keep the DIFF tokens with the lowest loss seen (VISII's best checkpoint) instead of "
-        "the last ones."),
+        "Keep the DIFF tokens with the lowest loss on a fixed held-out set of timesteps and "
+        "noises, measured every 'Check every' steps, instead of the last ones."),
         title="Keep the best tokens", json_schema_extra={"advanced": True})
+    keep_best_every: int = Field(50, ge=1, le=5000, description=(
+        "How often (in training steps) the held-out loss is measured for 'Keep the best "
+        "tokens' (and always after the last step)."),
+        title="Check every", json_schema_extra={"advanced": True})
     train_seed: int = Field(0, ge=0, le=2**31 - 1, description=(
         "Seed of the training noise and timesteps (separate from the image seed, so that new "
         "samples re-use the learned tokens)."),
@@ -216,18 +233,59 @@ class SlotPrompt:
         return out
 
 
-def slot_prompt(bundle, prompt: str, n: int) -> SlotPrompt:
+def _ids_with_slots_between(tok, prefix: str, suffix: str, n: int, device
+                            ) -> tuple[torch.Tensor, int, int]:
+    """[BOS, prefix words, n slots, suffix words, EOT, pad…] (L,), the slot start, the EOT index.
+    Words are cut from the end when the prompt would not fit."""
+    pre = tokenize(tok, prefix, device)[0]
+    pre_eos = int((pre == tok.eos_token_id).nonzero()[0].item())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if not suffix.strip():
+        return ids_with_slots(pre, pre_eos, n, int(pad))
+    suf = tokenize(tok, suffix, device)[0]
+    suf_eos = int((suf == tok.eos_token_id).nonzero()[0].item())
+    length = pre.shape[0]
+    if not 0 <= n <= length - 2:
+        raise ValueError(f"cannot insert {n} slots into {length} positions")
+    room = length - 2 - n
+    w_pre = pre[1:pre_eos][:room]
+    w_suf = suf[1:suf_eos][:max(0, room - int(w_pre.shape[0]))]
+    new = torch.full_like(pre, int(pad))
+    new[0] = pre[0]
+    k = int(w_pre.shape[0])
+    new[1:1 + k] = w_pre
+    m = int(w_suf.shape[0])
+    new[1 + k + n:1 + k + n + m] = w_suf
+    new[1 + k + n + m] = pre[pre_eos]
+    return new, 1 + k, 1 + k + n + m
+
+
+def slot_prompt(bundle, prompt: str, n: int, suffix: str = "") -> SlotPrompt:
+    """``prompt`` with ``n`` slots after its words, then ``suffix`` (empty: slots at the end)."""
     embeds, starts, eos = [], [], []
     for tok, te in encoders(bundle):
-        ids = tokenize(tok, prompt, bundle.device)[0]
-        first_eos = int((ids == tok.eos_token_id).nonzero()[0].item())
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        new, start, e = ids_with_slots(ids, first_eos, n, int(pad))
+        new, start, e = _ids_with_slots_between(tok, prompt, suffix, n, bundle.device)
         with torch.no_grad():
             embeds.append(token_embedding(te)(new[None]))
         starts.append(start)
         eos.append(e)
     return SlotPrompt(embeds, starts, eos, n)
+
+
+def conflict_split(caption: str, cut: PromptCut | None, p: Params) -> tuple[str, str]:
+    """(text before the DIFF, text after it) for ``prompt_conflict``: the whole caption and
+    nothing ('keep'), the caption without the conflicting words and nothing ('drop'), or the
+    words before and after the first conflicting one ('insert')."""
+    if cut is None or p.prompt_conflict == "keep":
+        return caption, ""
+    if p.prompt_conflict == "drop":
+        return cut.text, ""
+    return cut.prefix, cut.suffix
+
+
+def conflict_slot_prompt(bundle, caption: str, cut: PromptCut | None, p: Params) -> SlotPrompt:
+    pre, suf = conflict_split(caption, cut, p)
+    return slot_prompt(bundle, pre, p.n_tokens, suf)
 
 
 def active_rows(diffs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -239,13 +297,14 @@ def active_rows(diffs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def diff_conditioning(bundle, prompt: str, diffs: list[torch.Tensor] | None, scale: float,
-                      image_hw: tuple[int, int]) -> Conditioning:
-    """Conditioning of "prompt + scale·D̃" (zero rows left out: a zero DIFF is the prompt alone)."""
+                      image_hw: tuple[int, int], suffix: str = "") -> Conditioning:
+    """Conditioning of "prompt + scale·D̃ + suffix" (zero rows left out: a zero DIFF is the
+    prompt alone)."""
     if diffs is None:
         rows = [torch.zeros(0, token_embedding(te).embedding_dim) for _, te in encoders(bundle)]
     else:
         rows = active_rows([scale * d.to(bundle.device) for d in diffs])
-    sp = slot_prompt(bundle, prompt, int(rows[0].shape[0]))
+    sp = slot_prompt(bundle, prompt, int(rows[0].shape[0]), suffix)
     with torch.no_grad():
         return conditioning_from_embeds(bundle, sp.fill(rows), sp.eos[-1], image_hw)
 
@@ -311,8 +370,9 @@ class TrainResult:
     total: list[float] = field(default_factory=list)
     tc: list[float] = field(default_factory=list)
     clip: list[float] = field(default_factory=list)
-    best_step: int = -1
-    best_loss: float = float("inf")
+    best_step: int = -1  # number of updates the kept tokens had (train_steps: the last)
+    best_loss: float = float("inf")  # their held-out loss (keep_best)
+    heldout: list[tuple[int, float]] = field(default_factory=list)  # (updates, held-out loss)
     unet_batches: int = 0  # UNet forward+backward calls (each a batch of 2)
     seconds: float = 0.0
 
@@ -382,8 +442,42 @@ def total_loss(setup: TrainSetup, diffs, t_after, t_before, eps_after, eps_befor
     return p.lambda_tc * tc + p.lambda_clip * cl, tc, cl
 
 
+HELDOUT_PAIRS = 4
+
+
+def heldout_set(n_train: int, shape, seed: int, m: int = HELDOUT_PAIRS
+                ) -> list[tuple[int, int, torch.Tensor]]:
+    """A fixed set of ``m`` (t_after, t_before, ε pair) on which trained tokens are compared:
+    timesteps spread evenly over [0, T) (the before branch offset by half a stride), noises
+    from their own seed (never the training stream's)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
+    out = []
+    for i in range(m):
+        ta = int((i + 0.25) * n_train / m)
+        tb = int((i + 0.75) * n_train / m)
+        out.append((min(ta, n_train - 1), min(tb, n_train - 1),
+                    torch.randn((2,) + tuple(shape[1:]), generator=g)))
+    return out
+
+
+@torch.no_grad()
+def heldout_loss(setup: TrainSetup, diffs, p: Params, pairs) -> float:
+    b = setup.bundle
+    total = 0.0
+    for ta, tb, eps in pairs:
+        e = eps.to(b.device, setup.z_a.dtype)
+        loss, _, _ = total_loss(setup, diffs, ta, tb, e[:1], e[1:], p)
+        total += float(loss)
+    return total / max(1, len(pairs))
+
+
 def train_diff(setup: TrainSetup, p: Params, on_step=None) -> TrainResult:
-    """Zero-initialised DIFF tokens optimised with AdamW on L = λ_tc·L_tc + λ_clip·L_clip."""
+    """Zero-initialised DIFF tokens optimised with AdamW on L = λ_tc·L_tc + λ_clip·L_clip.
+
+    With ``keep_best`` the tokens kept are those with the lowest loss on a fixed held-out set
+    of (t, ε) (:func:`heldout_set`), measured after every ``keep_best_every`` updates and after
+    the last; the training loss of a single random (t, ε) pair says more about the pair than
+    about the tokens (the same few easy timesteps would win in every run)."""
     t0 = time.perf_counter()
     b = setup.bundle
     widths = [token_embedding(te).embedding_dim for _, te in encoders(b)]
@@ -395,6 +489,7 @@ def train_diff(setup: TrainSetup, p: Params, on_step=None) -> TrainResult:
     n_train = int(b.scheduler.config.num_train_timesteps)
     ts = timestep_schedule(p.timestep_sampling, p.train_steps, n_train, g)
     shape = setup.z_a.shape
+    pairs = heldout_set(n_train, shape, p.train_seed) if p.keep_best else []
     res = TrainResult(diffs=[])
     best = [d.detach().clone() for d in diffs]
     for step in range(p.train_steps):
@@ -405,18 +500,23 @@ def train_diff(setup: TrainSetup, p: Params, on_step=None) -> TrainResult:
                                   eps[:1], eps[1:], p)
         if p.lambda_tc > 0:
             res.unet_batches += 1
-        value = float(loss.detach())
-        res.total.append(value)
+        res.total.append(float(loss.detach()))
         res.tc.append(float(tc.detach()))
         res.clip.append(float(cl.detach()))
-        if value < res.best_loss:
-            res.best_loss, res.best_step = value, step
-            best = [d.detach().clone() for d in diffs]
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad and scaler.backward(loss, diffs):  # fp16 overflow: step skipped
             opt.step()
-    final = best if p.keep_best else [d.detach().clone() for d in diffs]
-    res.diffs = [d.float().cpu() for d in final]
+        done = step + 1
+        if p.keep_best and (done % p.keep_best_every == 0 or done == p.train_steps):
+            value = heldout_loss(setup, diffs, p, pairs)
+            res.heldout.append((done, value))
+            if value < res.best_loss:
+                res.best_loss, res.best_step = value, done
+                best = [d.detach().clone() for d in diffs]
+    if not p.keep_best:
+        best = [d.detach().clone() for d in diffs]
+        res.best_step = p.train_steps
+    res.diffs = [d.float().cpu() for d in best]
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -524,6 +624,7 @@ class DifferenceMethod(Method):
         ap = LayerImage(ap_full, ap.sha)
         captions, sources = self._captions(ctx, p, {"a": a, "a_prime": ap, "b": b}, spaces)
         cap_a, cap_ap, cap_b = captions["a"], captions["a_prime"], captions["b"]
+        conflict = self._conflict(p, cap_a, cap_ap, cap_b, spaces)
 
         # ②–⑦ DIFF tokens, cached
         train_size = im.native_size(a.size, bundle.native_size, bundle.vae_scale_factor)
@@ -539,11 +640,13 @@ class DifferenceMethod(Method):
             diffs = [tensors[f"diff_{i}"].clone() for i in range(len(encoders(bundle)))]
             train_info = {"cached": True, **meta}
         else:
-            res = self._train(ctx, p, a.rgba, ap.rgba, cap_a, cap_ap, train_size, spaces())
+            res = self._train(ctx, p, a.rgba, ap.rgba, cap_a, cap_ap, train_size, spaces(),
+                              conflict)
             diffs = res.diffs
             train_info = {
                 "cached": False, "steps": p.train_steps, "unet_batches": res.unet_batches,
                 "best_step": res.best_step, "best_loss": res.best_loss,
+                "heldout": res.heldout,
                 "loss_first": res.total[0], "loss_last": res.total[-1],
                 "clip_loss_first": res.clip[0], "clip_loss_last": res.clip[-1],
                 "seconds": round(res.seconds, 3),
@@ -554,7 +657,7 @@ class DifferenceMethod(Method):
             ctx.cache.put(key, tensors, {k: v for k, v in train_info.items() if k != "cached"})
 
         # sampling B′
-        rgb = self._sample(ctx, p, inputs, b, cap_b, diffs)
+        rgb = self._sample(ctx, p, inputs, b, cap_b, diffs, conflict)
         out = rgb
         return MethodResult(
             [ResultImage(out, label=f"difference ×{p.diff_scale:g}")],
@@ -563,6 +666,7 @@ class DifferenceMethod(Method):
                   "param_suggestions": {f"caption_{r}": captions[r] for r in captions
                                         if sources[r] != "user"},
                   "train": train_info,
+                  "prompt_conflict": None if conflict is None else conflict.describe(),
                   "seconds": round(time.perf_counter() - t_start, 3)},
         )
 
@@ -577,7 +681,7 @@ class DifferenceMethod(Method):
                 ctx.progress("loading captioner")
                 return blip_captioner(p.captioner_model, bundle.device, bundle.dtype)
         else:
-            settings = {"clip": [p.clip_model, p.clip_pretrained], "model": bundle.key,
+            settings = {"clip": [p.clip_model, p.clip_pretrained], "model": bundle.key, "pez": 2,
                         "tokens": p.pez_tokens, "steps": p.pez_steps}
 
             def make():
@@ -587,7 +691,27 @@ class DifferenceMethod(Method):
         return resolve_captions(user, {r: (li.rgba, li.sha) for r, li in imgs.items()},
                                 p.captioner, make, ctx.cache, settings, ROLE_TITLES)
 
-    def _train(self, ctx, p: Params, a_rgba, ap_rgba, cap_a, cap_ap, size, spaces) -> TrainResult:
+    @staticmethod
+    def _conflict(p: Params, cap_a: str, cap_ap: str, cap_b: str, spaces
+                  ) -> ConflictPrompts | None:
+        """The prompts without the words that change (None for 'keep'). B's own value is looked
+        for in the first CLIP text space (loaded only when cap_B does not name A's old value)."""
+        if p.prompt_conflict == "keep":
+            return None
+
+        def features(texts):
+            sp = next((s for s in spaces() if s is not None), None)
+            if sp is None:  # no CLIP space: only A's old word itself is found in cap_B
+                raise _NoSpace
+            return sp.text_features(list(texts))
+
+        try:
+            return conflict_prompts(cap_a, cap_ap, cap_b, features)
+        except _NoSpace:
+            return conflict_prompts(cap_a, cap_ap, cap_b, None)
+
+    def _train(self, ctx, p: Params, a_rgba, ap_rgba, cap_a, cap_ap, size, spaces,
+               conflict: ConflictPrompts | None = None) -> TrainResult:
         bundle = ctx.model
         ctx.progress("measuring the change in CLIP space")
         deltas = [clip_deltas(s, a_rgba, ap_rgba, cap_a, cap_ap, p.alpha) if s is not None else None
@@ -596,12 +720,15 @@ class DifferenceMethod(Method):
         dev, dt = bundle.device, bundle.vae.dtype
         z_a = vae_encode(bundle, im.to_tensor(a_rgba, size, dev, dt))
         z_ap = vae_encode(bundle, im.to_tensor(ap_rgba, size, dev, dt))
-        setup = TrainSetup(bundle, z_a, z_ap, slot_prompt(bundle, cap_a, p.n_tokens),
-                           slot_prompt(bundle, cap_ap, p.n_tokens), cap_a, spaces, deltas, hw)
+        setup = TrainSetup(bundle, z_a, z_ap,
+                           conflict_slot_prompt(bundle, cap_a, conflict and conflict.a, p),
+                           conflict_slot_prompt(bundle, cap_ap, conflict and conflict.a_prime, p),
+                           cap_a, spaces, deltas, hw)
         return train_diff(setup, p, on_step=lambda i: ctx.progress("learning DIFF tokens", i + 1,
                                                                     p.train_steps))
 
-    def _sample(self, ctx, p: Params, inputs: Inputs, b, cap_b: str, diffs) -> np.ndarray:
+    def _sample(self, ctx, p: Params, inputs: Inputs, b, cap_b: str, diffs,
+                conflict: ConflictPrompts | None = None) -> np.ndarray:
         bundle = ctx.model
         size = im.native_size(b.size, bundle.native_size, bundle.vae_scale_factor)
         hw = (size[1], size[0])
@@ -617,7 +744,8 @@ class DifferenceMethod(Method):
         sched = make_scheduler(bundle, p.scheduler, p.steps)
         timesteps = img2img_timesteps(sched, p.steps, p.strength)
         plain, uncond = encode_prompt(bundle, cap_b, p.negative_prompt, hw)
-        cond = diff_conditioning(bundle, cap_b, diffs, p.diff_scale, hw)
+        pre, suf = conflict_split(cap_b, conflict and conflict.b, p)
+        cond = diff_conditioning(bundle, pre, diffs, p.diff_scale, hw, suf)
 
         if len(timesteps) == 0:
             lat = z_b_lazy()
@@ -667,13 +795,7 @@ class DifferenceMethod(Method):
 
     @staticmethod
     def _change_map(inputs: Inputs, size, bundle) -> torch.Tensor | None:
-        maps = [im.map_from_rgba(li.rgba) for li in inputs.all("edit_map")]
-        m = None
-        for x in maps:
-            m = x if m is None else np.maximum(m, x)
-        masks = [im.map_from_rgba(li.rgba) for li in inputs.all("mask")]
-        for x in masks:
-            m = x if m is None else m * x
+        m = job_change_map(inputs)
         if m is None:
             return None
         f = bundle.vae_scale_factor
@@ -682,6 +804,6 @@ class DifferenceMethod(Method):
 
 TRAIN_SETTINGS = ("clip_model", "clip_pretrained", "alpha", "clip_anchor", "n_tokens",
                   "train_steps", "lr", "lambda_tc", "lambda_clip", "tc_norm", "timestep_sampling",
-                  "keep_best", "train_seed")
+                  "keep_best", "keep_best_every", "train_seed", "prompt_conflict")
 
 register(DifferenceMethod())

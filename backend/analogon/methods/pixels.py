@@ -42,6 +42,7 @@ import torch
 from pydantic import Field
 
 from ..core import images as im
+from ..core.compositing import change_map, union_maps
 from ..core.diffusion import (
     AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, SCHEDULER_NAMES, encode_prompt, img2img_timesteps, init_noise, make_scheduler, sample,
     vae_decode, vae_encode,
@@ -222,19 +223,16 @@ def plan_job(bundle, inputs: Inputs, params: PixelsParams) -> Plan:
     for m in masks:
         if (m.shape[1], m.shape[0]) != size:
             raise _map_error("mask", (m.shape[1], m.shape[0]), size, "mask")
-    mask = None
-    for m in masks:
-        mask = m if mask is None else np.maximum(mask, m)
+    # the shared rule (compositing.change_map): maps × union of the masks, per exemplar
+    mask = union_maps(masks)
     if mask is not None:
-        maps = [m * mask for m in maps] or [mask]
+        maps = [change_map([m], [mask]) for m in maps] or [mask]
 
     # the map of exemplar k (shared or its own), and the union where anything may change
     ex_maps: list[np.ndarray | None] = (
         [maps[k] if len(maps) > 1 else maps[0] for k in range(len(exemplars))] if maps
         else [None] * len(exemplars))
-    change = None
-    for m in maps:
-        change = m if change is None else np.maximum(change, m)
+    change = union_maps(maps)  # = change_map(all edit maps, all masks)
 
     # the region processed, at native scale
     box = (0, 0, size[0], size[1])
