@@ -454,10 +454,18 @@ class Controller(QObject):
 
     # == settings ========================================================================
     def set_model(self, model: str):
+        before = self.model_variant()
         self.model = model.strip()
         self.settings.set("model", self.model)
         if self.method_id:
             models_ui.remember(self.settings, self.method_id, self.model)
+        if self.model_variant() != before:  # the form shows other fields (see forms.for_model)
+            self.methodChanged.emit(self.method_id)
+
+    def model_variant(self) -> str | None:
+        """The chosen model's variant as the backend listed it (None: not listed)."""
+        entry = next((m for m in self.models if m.get("id") == self.model), None)
+        return entry.get("variant") if entry else None
 
     def set_seed(self, seed: int, random_seed: bool | None = None):
         self.seed = max(0, min(MAX_SEED, int(seed)))

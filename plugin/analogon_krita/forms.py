@@ -39,6 +39,7 @@ class Field:
     multiline: bool = False
     advanced: bool = False  # the schema's "advanced": shown under Advanced
     unit: str = ""  # the schema's "unit", shown after the title
+    only_for: list[str] = field(default_factory=list)  # the schema's "variants": the model variants it applies to
 
     @property
     def label(self) -> str:
@@ -106,6 +107,8 @@ def _resolve(schema: dict, node: dict) -> dict:
 
 def _field(schema: dict, name: str, prop: dict) -> Field:
     prop = _resolve(schema, prop)
+    only_for = [str(v) for v in prop.get("variants") or [] if isinstance(v, str)] \
+        if isinstance(prop.get("variants"), list) else []
     nullable = False
     variants = prop.get("anyOf") or prop.get("oneOf")
     if variants:
@@ -123,7 +126,8 @@ def _field(schema: dict, name: str, prop: dict) -> Field:
         ptype = next((t for t in ptype if t != "null"), "string")
     title = prop.get("title") or name.replace("_", " ").capitalize()
     f = Field(name, "str", title, prop.get("default"), prop.get("description", "") or "",
-              nullable=nullable, advanced=bool(prop.get("advanced")), unit=str(prop.get("unit") or ""))
+              nullable=nullable, advanced=bool(prop.get("advanced")), unit=str(prop.get("unit") or ""),
+              only_for=only_for)
     if "enum" in prop or "const" in prop:
         f.kind = "enum"
         f.choices = list(prop.get("enum") or [prop.get("const")])
@@ -157,6 +161,15 @@ def fields_from_schema(schema: dict | None) -> list[Field]:
 
 class FormError(ValueError):
     pass
+
+
+def for_model(fields: list[Field], variant: str | None) -> list[Field]:
+    """The fields the form shows for a model of ``variant``: a field the schema marks for some
+    variants only (the SDXL refiner's aesthetic scores) is left out for the others; with the
+    variant unknown, every field is shown."""
+    if not variant:
+        return list(fields)
+    return [f for f in fields if not f.only_for or variant in f.only_for]
 
 
 def coerce(f: Field, value: Any) -> Any:

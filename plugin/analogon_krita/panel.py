@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import models_ui
 from .controller import SELECTION, Controller
-from .forms import fields_from_schema
+from .forms import fields_from_schema, for_model
 from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
 from .forms import wrap_tooltip
 from .widgets import (LayerPicker, ParamForm, VariantStrip, form_layout, narrow_combo, set_tip,
@@ -331,7 +331,8 @@ class AnalogonPanel(QWidget):
             return
         self.method_help.setText(desc.get("description", ""))
         set_tip(self.method_help, desc.get("help", ""))
-        self.form.build(fields_from_schema(desc.get("params")), self.c.param_values())
+        self.form.build(for_model(fields_from_schema(desc.get("params")), self.c.model_variant()),
+                        self.c.param_values())
         self.progressive_check.setVisible(self.c.multiple_image_role(desc) is not None)
         self._rebuild_pickers()
 

@@ -16,6 +16,8 @@ class PixelsParams(BaseModel):
     crop_to_edit: bool = Field(True, description="Work on the map's bounding box.")
     eta: float = Field(0.5, gt=0.0, lt=1.0, description="Exclusive bounds.")
     caption: str | None = Field(None, description="Nullable text.")
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="SDXL refiner only.",
+                                   json_schema_extra={"advanced": True, "variants": ["sdxl-refiner"]})
 
 
 class DiaParams(BaseModel):

@@ -17,7 +17,9 @@ def by_name(fields):
 
 def test_fields_from_pydantic_schema():
     f = by_name(fields_from_schema(schemas.PixelsParams.model_json_schema()))
-    assert list(f) == ["prompt", "steps", "strength", "scheduler", "crop_to_edit", "eta", "caption"]
+    assert list(f) == ["prompt", "steps", "strength", "scheduler", "crop_to_edit", "eta", "caption",
+                       "aesthetic_score"]
+    assert f["aesthetic_score"].only_for == ["sdxl-refiner"] and f["steps"].only_for == []
     assert (f["steps"].kind, f["steps"].minimum, f["steps"].maximum, f["steps"].default) == ("int", 1, 200, 50)
     assert f["strength"].kind == "float" and f["strength"].spin_range() == (0.0, 1.0)
     assert f["scheduler"].kind == "enum" and f["scheduler"].choices == ["ddim", "euler", "dpmpp_2m"]
@@ -95,6 +97,22 @@ def test_panel_builds_method_form_and_role_pickers(kapp):
     panel.method_combo.setCurrentIndex(1)
     assert c.method_id == "dia" and set(panel.pickers) == {"a", "a_prime", "b", "edit_map", "mask"}
     assert "lam" in panel.form.editors and not panel.progressive_check.isVisibleTo(panel)
+
+
+def test_fields_for_one_model_variant_show_only_with_that_model(kapp):
+    """The refiner's aesthetic score is in the form when the chosen model is a refiner, not
+    for other models; with a model the backend did not list, every field is there."""
+    c = offline(kapp)
+    c.models = [{"id": "base.safetensors", "variant": "sdxl"},
+                {"id": "refiner.safetensors", "variant": "sdxl-refiner"}]
+    panel = AnalogonPanel(c)
+    c.methodsChanged.emit()
+    c.set_model("base.safetensors")
+    assert "aesthetic_score" not in panel.form.editors and "steps" in panel.form.editors
+    c.set_model("refiner.safetensors")
+    assert "aesthetic_score" in panel.form.editors
+    c.set_model("/somewhere/else.safetensors")
+    assert "aesthetic_score" in panel.form.editors
 
 
 def test_panel_shows_errors_connection_and_history(kapp):
