@@ -10,6 +10,10 @@ from . import installer as inst
 from .qt import QTimer, QtWidgets
 
 
+# where each stage of a download (the backend's /v1/downloads) sits on the bar's 0..1000
+DOWNLOAD_STAGE_SPAN = {"downloading": (0, 950), "verifying": (950, 1000), "done": (1000, 1000)}
+
+
 class BackendSetup(QtWidgets.QTabWidget):
     def __init__(self, controller, installer: inst.Installer | None = None, parent=None):
         super().__init__(parent)
@@ -248,6 +252,7 @@ class BackendSetup(QtWidgets.QTabWidget):
             self.download_button.setEnabled(True)
             return
         self._download_id = (resp.json() or {}).get("id", "")
+        self.download_progress.setValue(0)
         self.cancel_download_button.setEnabled(True)
         self._poll.start()
 
@@ -265,8 +270,10 @@ class BackendSetup(QtWidgets.QTabWidget):
             return
         st: dict[str, Any] = resp.json() or {}
         total, done = st.get("total") or 0, st.get("bytes") or 0
-        if total:
-            self.download_progress.setValue(int(1000 * done / total))
+        lo, hi = DOWNLOAD_STAGE_SPAN.get(st.get("stage", ""), (0, 1000))
+        if total:  # one bar for the stages: it never goes back when the checksum starts
+            self.download_progress.setValue(max(self.download_progress.value(),
+                                                 int(lo + (hi - lo) * min(1.0, done / total))))
         self.download_progress.setFormat(f"{st.get('stage', '')} {done / 1e6:.0f} / {total / 1e6:.0f} MB")
         if st.get("status") in ("done", "error", "cancelled"):
             self._poll.stop()

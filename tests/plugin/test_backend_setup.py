@@ -3,6 +3,7 @@ backend it starts, model folders, the install buttons, and Get a model against a
 whose hub is a stand-in on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -105,3 +106,19 @@ def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):
             assert wait_until(lambda: any(m.get("name") == "tiny" for m in c.models), 20)
             assert wait_until(lambda: "downloaded" in w.catalog.item(0).text(), 10)
             assert w.download_status.text().startswith("Downloaded")  # the catalog's refresh keeps it
+
+
+def test_the_download_bar_never_goes_back_when_the_checksum_starts(kapp, tmp_path):
+    """Downloading fills the bar to 95 %, checking the SHA-256 the rest: the bytes counter
+    starts again for the check, the bar does not."""
+    from analogon_krita.client import Response
+
+    w = BackendSetup(Controller(app=kapp), Installer(venv=tmp_path / "venv"))
+    w._download_id = "d1"
+    seen = []
+    for stage, done in (("downloading", 11), ("downloading", 13), ("verifying", 2), ("verifying", 13)):
+        body = {"stage": stage, "bytes": done * 2**20, "total": 13 * 2**20, "status": "running"}
+        w._show_download(Response(200, json.dumps(body).encode()))
+        seen.append(w.download_progress.value())
+    assert seen == sorted(seen) and seen[0] < 950 and seen[1] == 950 and seen[-1] == 1000
+    assert w.download_progress.format().startswith("verifying 14 / 14 MB")
