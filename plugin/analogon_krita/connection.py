@@ -2,7 +2,7 @@
 offers, and the backend process the docker starts.
 
 Where: a backend this link started (its real address), else the address in the settings, else
-the ``server.json`` a running backend wrote, else the one started last (gone: named in every
+the ``server.json`` a running backend wrote (one whose process is gone is ignored), else the one started last (gone: named in every
 message), else the default address. Connecting is health, then the methods, then the models;
 ``methodsLoaded`` and ``modelsLoaded`` hand those to whoever keeps the panel's choices (the
 controller), before ``stateChanged("connected", …)``. A health check every 5 s notices a
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
-                              read_server_info)
+                              pid_alive, read_server_info)
 from .client import Client, Response
 from .qt import QObject, QTimer, pyqtSignal
 
@@ -64,6 +64,8 @@ class Connection(QObject):
         if self.process.state == "ready" and self.process.info is not None:
             return self.process.info
         info = read_server_info(self._state_dir() or str(default_state_dir()))
+        if info is not None and info.pid is not None and not pid_alive(info.pid):
+            info = None  # left behind by a backend that is gone (killed, crashed)
         url = self.settings.get("backend_url").strip().rstrip("/")
         if url:
             return ServerInfo(url, info.token if info else None)

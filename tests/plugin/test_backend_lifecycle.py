@@ -153,3 +153,20 @@ def test_a_killed_backend_is_named_by_its_real_address(kapp, started):
     c.connect_backend(done.append)  # connect again: the address it tries is the real one
     assert wait_until(lambda: done, 20) and done == [False]
     assert url in c.connection_message and bp.DEFAULT_URL not in c.connection_message
+
+
+def test_a_server_json_left_by_a_backend_that_is_gone_is_not_used(kapp, tmp_path):
+    """server.json of a killed backend names an address nobody answers on (or, worse, someone
+    else does): the link ignores it when its process is gone, and uses it while it runs."""
+    from analogon_krita.controller import Controller
+
+    kapp.writeSetting("analogon", "state_dir", str(tmp_path))
+    kapp.writeSetting("analogon", "backend_url", "")
+    c = Controller(app=kapp)
+    (tmp_path / bp.SERVER_FILE).write_text(json.dumps({"url": "http://127.0.0.1:4711", "token": "t",
+                                                       "pid": dead_pid()}))
+    assert c.server_address().url == bp.DEFAULT_URL
+    (tmp_path / bp.SERVER_FILE).write_text(json.dumps({"url": "http://127.0.0.1:4711", "token": "t",
+                                                       "pid": os.getpid()}))
+    info = c.server_address()
+    assert (info.url, info.token) == ("http://127.0.0.1:4711", "t")
