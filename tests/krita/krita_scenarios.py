@@ -209,7 +209,7 @@ def live(entry, app, controller_cls):
     doc.refreshProjection()
     entry["roles"] = {k: len(v) for k, v in c.roles().items()}
 
-    def run(fn, timeout=90, ctl=None):
+    def run(fn, timeout=300, ctl=None):
         ctl = ctl or c
         ends = []
         ctl.finished.connect(ends.append)
