@@ -157,7 +157,7 @@ class Params(MethodParams):
         "Timesteps of the consistency loss: 'shuffled_once' every training timestep once in a "
         "shuffled order (VISII), 'uniform' drawn independently each step (the paper's U(0, T))."),
         title="Training timesteps", json_schema_extra={"advanced": True})
-    prompt_conflict: Literal["drop", "insert", "keep"] = Field("drop", description=(
+    prompt_conflict: Literal["drop", "insert", "keep"] = Field("insert", description=(
         "What happens to the words the captions say change (in A's caption, not in A′'s: A's "
         "old value, e.g. 'red'; and B's own value of that attribute, found by the model's text "
         "space): 'drop' leaves them out of prompt_B and of the consistency loss's prompt_A / "
