@@ -243,9 +243,9 @@ def test_the_backend_dies_with_a_killed_krita_and_its_folder_goes_at_the_next_st
         os.kill(krita.pid, signal.SIGKILL)
         krita.wait(10)
         t0 = time.monotonic()
-        while _pid_alive(rep["backend_pid"]) and time.monotonic() - t0 < 5.0:
+        while _pid_alive(rep["backend_pid"]) and time.monotonic() - t0 < 20.0:
             time.sleep(0.05)
-        assert not _pid_alive(rep["backend_pid"]), "the backend outlived a killed Krita by 5 s"
+        assert not _pid_alive(rep["backend_pid"]), "the backend outlived a killed Krita by 20 s"
         print(f"backend gone {time.monotonic() - t0:.2f} s after SIGKILL of Krita")
         assert Path(rep["state_dir"]).exists()  # nobody could remove it ...
         sweep = tmp_path / "sweep.json"
