@@ -189,7 +189,9 @@ def pez_prompt(space, images: Sequence[np.ndarray], settings: PezSettings = PezS
             on_step(step + 1, settings.steps)
     text = space.decode(best_ids)
     if settings.tidy:
-        text, best_sim = tidy_words(space, target, text.split(), settings.tidy_tolerance)
+        tidied, sim = tidy_words(space, target, text.split(), settings.tidy_tolerance)
+        if tidied != text:  # else the prompt's own similarity stands (no re-tokenised drift)
+            text, best_sim = tidied, sim
     return PezResult(text, best_ids, best_sim, history)
 
 
