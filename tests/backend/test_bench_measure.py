@@ -60,3 +60,44 @@ def test_saved_activations_exclude_weights():
     with _Saved() as counted_all:
         lin(x).relu().sum().backward()
     assert counted_all.bytes > 2**20  # without the model given, the weight is counted: the old bug
+
+
+def test_cases_option_parses_and_refuses_strangers():
+    import pytest
+
+    from analogon.bench.pixels import CASES, cases_from
+
+    assert cases_from(None, CASES) == list(CASES)
+    assert cases_from("exemplar, img2img", CASES) == ["img2img", "exemplar"]  # the table's order
+    with pytest.raises(ValueError, match="nope"):
+        cases_from("map,nope", CASES)
+
+
+def _bench_rows(tmp_path, *argv):
+    import json
+
+    from analogon.bench import main
+
+    path = tmp_path / "b.json"
+    assert main([*argv, "--repeat", "1", "--no-warmup", "--json", str(path)]) == 0
+    return json.loads(path.read_text())["sections"]
+
+
+def test_scaling_options_set_the_working_size_and_the_cases(tmp_path):
+    # the options the scaling table runs with: a working size and one case per section
+    s = _bench_rows(tmp_path, "pixels", "appearance", "decode", "--model", "tiny-sd",
+                    "--pixels-size", "96", "--pixels-cases", "map", "--pixels-steps", "4",
+                    "--pixels-step-costs", "off", "--appearance-size", "96", "--appearance-cases", "ours",
+                    "--appearance-steps", "4", "--decode-sizes", "64,96")
+    (px,) = s["pixels"]["rows"]
+    assert (px["case"], px["size"], px["ratio"]) == ("pixels map", "96x96", None)
+    assert px["unet_elems"] == 2 * px["steps_run"] and px["vae_dec"] == 1
+    (ap,) = s["appearance"]["rows"]
+    assert (ap["case"], ap["size"], ap["latent"], ap["cpu_ratio"]) == ("ours", "96x96", "12x12", None)
+    # the inversions were cached before the timed run: the run is the loop alone, no encode
+    assert ap["unet_calls"] == ap["steps_run"] and ap["vae_enc"] == 0
+    dec = s["decode"]["rows"]
+    assert [(r["size"], r["case"]) for r in dec] == [("64x64", "shipped"), ("64x64", "tiled"),
+                                                     ("96x96", "shipped"), ("96x96", "tiled")]
+    assert all(r["vae_dec"] == 1 and r["est_mb"] > 0 for r in dec)
+    assert [r["plan"] for r in dec] == ["whole", "tiled"] * 2 and "max_diff" in dec[1]

@@ -41,6 +41,12 @@ def _add_arguments(p) -> None:
                         "native size)")
     p.add_argument("--appearance-steps", type=int, default=None,
                    help="schedule length (default 100 with skip 32; --quick 20 with skip 6)")
+    p.add_argument("--appearance-cases", default=",".join(CASES),
+                   help=f"comma-separated cases to run (default: all of {','.join(CASES)}); the "
+                        "ratios need authors-like (and img2img for vs_img2img)")
+
+
+CASES = {"authors-like": "authors-like", "ours": "ours", "img2img": "diffusers img2img"}
 
 
 def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
@@ -111,12 +117,13 @@ def run(opts) -> list[dict[str, Any]]:
     from ..methods import get as get_method
     from ..methods.base import Inputs, JobContext, LayerImage
     from ..models import LoadOptions, load_bundle
-    from .pixels import _sync
+    from .pixels import _sync, cases_from
     from ._measure import fit_previews, listener, measure
 
     spec = getattr(opts, "appearance_model", None) or "tiny-sd"
     steps = getattr(opts, "appearance_steps", None) or (20 if opts.quick else 100)
     skip = round(steps * 0.32)
+    chosen = cases_from(getattr(opts, "appearance_cases", None), CASES)
     bundle = load_bundle(spec, LoadOptions(device=opts.device))
     if getattr(opts, "appearance_size", None):
         bundle.native_size = int(opts.appearance_size)
@@ -142,20 +149,21 @@ def run(opts) -> list[dict[str, Any]]:
         method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p)
         _sync(bundle)
 
-    method.run(JobContext(bundle, cache, 0), inputs, p)  # inverts and caches
     w, h = native_size((size, size), size, bundle.vae_scale_factor)
     latent_hw = (h // bundle.vae_scale_factor, w // bundle.vae_scale_factor)
-    # the same inversions for the authors-like loop (cache hits)
+    # the inversions, cached before any timed run (the method's runs and the authors-like loop
+    # read the same cache entries: hits)
     from ..core.diffusion import make_scheduler
 
     prompt = p.prompt.replace("{domain}", p.domain)
     cond, uncond = encode_prompt(bundle, prompt, "", image_hw=(h, w))
     ctx = JobContext(bundle, cache, 0)
     sched = make_scheduler(bundle, "ddim", steps)
-    inv_s, hit_s = method.inversion(ctx, sched, s, (w, h), cond, uncond, p, prompt, "structure")
-    inv_a, hit_a = method.inversion(ctx, sched, a, (w, h), cond, uncond, p, prompt, "appearance")
-    assert hit_s and hit_a
-    unet32 = copy.deepcopy(bundle.unet).float() if bundle.unet.dtype != torch.float32 else bundle.unet
+    inv_s, _ = method.inversion(ctx, sched, s, (w, h), cond, uncond, p, prompt, "structure")
+    inv_a, _ = method.inversion(ctx, sched, a, (w, h), cond, uncond, p, prompt, "appearance")
+    unet32 = None
+    if "authors-like" in chosen:
+        unet32 = copy.deepcopy(bundle.unet).float() if bundle.unet.dtype != torch.float32 else bundle.unet
 
     def authors_like():
         _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond)
@@ -176,10 +184,12 @@ def run(opts) -> list[dict[str, Any]]:
                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
         _sync(bundle)
 
-    cases = [("authors-like", authors_like), ("ours", ours), ("diffusers img2img", img2img)]
+    fns = {"authors-like": authors_like, "ours": ours, "img2img": img2img}
+    cases = [(CASES[c], fns[c]) for c in chosen]
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in cases}
     if not getattr(opts, "no_warmup", False):
-        authors_like()  # warm-up
+        for _, fn in cases:  # warm-up
+            fn()
     for _ in range(max(1, opts.repeat)):
         for n, fn in cases:
             runs[n].append(measure(bundle, fn)[0])
@@ -188,6 +198,8 @@ def run(opts) -> list[dict[str, Any]]:
         return statistics.median(r[key] for r in runs[n])
 
     n_run = steps - skip
+    base = "authors-like" in runs
+    plain = "diffusers img2img" in runs
     rows = []
     for n, fn in cases:
         last = runs[n][-1]
@@ -197,10 +209,11 @@ def run(opts) -> list[dict[str, Any]]:
             "size": f"{w}x{h}", "latent": f"{latent_hw[1]}x{latent_hw[0]}", "steps_run": n_run,
             "case": n, "dtype": dtype, "unet_calls_per_step": round(last["unet_calls"] / n_run, 3),
             "batch_elements_per_step": round(last["unet_elems"] / n_run, 3),
-            "seconds": round(med(n, "wall_s"), 3), "ratio": round(med(n, "wall_s") / med("authors-like", "wall_s"), 3),
+            "seconds": round(med(n, "wall_s"), 3),
+            "ratio": round(med(n, "wall_s") / med("authors-like", "wall_s"), 3) if base else None,
             "cpu_s": round(med(n, "cpu_s"), 3),
-            "cpu_ratio": round(med(n, "cpu_s") / med("authors-like", "cpu_s"), 3),
-            "vs_img2img_cpu": round(med(n, "cpu_s") / med("diffusers img2img", "cpu_s"), 3),
+            "cpu_ratio": round(med(n, "cpu_s") / med("authors-like", "cpu_s"), 3) if base else None,
+            "vs_img2img_cpu": round(med(n, "cpu_s") / med("diffusers img2img", "cpu_s"), 3) if plain else None,
         }
         row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s")})
         if n == "ours":

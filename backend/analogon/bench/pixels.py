@@ -39,6 +39,24 @@ def _add_arguments(p) -> None:
                    help="steps of the full schedule (default 20, --quick 8); strength 0.75")
     p.add_argument("--pixels-step-costs", choices=["on", "off"], default="on",
                    help="also time the per-step reset against one guided UNet call (default on)")
+    p.add_argument("--pixels-size", type=int, default=None,
+                   help="working size (square side) of the pixels section (default: the model's "
+                        "native size); the model runs at this size, no high-resolution pass")
+    p.add_argument("--pixels-cases", default=",".join(CASES),
+                   help=f"comma-separated cases to run (default: all of {','.join(CASES)}); the "
+                        "ratios need img2img")
+
+
+CASES = {"img2img": "img2img", "map": "pixels map", "exemplar": "pixels map+exemplar"}
+
+
+def cases_from(text: str | None, known: dict[str, str]) -> list[str]:
+    """The cases named in a comma-separated option, in the table's order (ValueError on a stranger)."""
+    asked = [c.strip() for c in (text or ",".join(known)).split(",") if c.strip()]
+    unknown = [c for c in asked if c not in known]
+    if unknown or not asked:
+        raise ValueError(f"unknown case(s) {', '.join(unknown) or '(none)'}; known: {', '.join(known)}")
+    return [c for c in known if c in asked]
 
 
 def _peak_memory(bundle, fn) -> dict[str, float]:
@@ -73,7 +91,10 @@ def run(opts) -> list[dict[str, Any]]:
     steps = getattr(opts, "pixels_steps", None) or (8 if opts.quick else 20)
     strength, guidance, scheduler, prompt, seed = 0.75, 7.5, "euler", "a quiet lake", 0
     repeat = max(1, opts.repeat)
+    chosen = cases_from(getattr(opts, "pixels_cases", None), CASES)
     bundle = load_bundle(spec, LoadOptions(device=opts.device))
+    if getattr(opts, "pixels_size", None):
+        bundle.native_size = int(opts.pixels_size)  # the working size: no high-resolution pass
     size = bundle.native_size
     fit = fit_previews(bundle)  # once per VAE, as at model load
 
@@ -113,7 +134,8 @@ def run(opts) -> list[dict[str, Any]]:
             _sync(bundle)
         return go
 
-    cases = [("img2img", img2img), ("pixels map", pixels(False)), ("pixels map+exemplar", pixels(True))]
+    fns = {"img2img": img2img, "map": pixels(False), "exemplar": pixels(True)}
+    cases = [(CASES[c], fns[c]) for c in chosen]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
     if not getattr(opts, "no_warmup", False):
         for _, fn in cases:  # warm-up
@@ -127,22 +149,26 @@ def run(opts) -> list[dict[str, Any]]:
 
     step_costs = getattr(opts, "pixels_step_costs", "on") != "off"
     hook_ms, unet_ms = _step_costs(bundle, method, params, src, ex, ex_map, repeat) if step_costs else (None, None)
-    base_wall, base_cpu = med("img2img", "wall_s"), med("img2img", "cpu_s")
-    base_noenc = base_cpu - med("img2img", "vae_enc_s")
+    base = "img2img" in runs
+    base_wall, base_cpu = (med("img2img", "wall_s"), med("img2img", "cpu_s")) if base else (None, None)
+    base_noenc = base_cpu - med("img2img", "vae_enc_s") if base else 0
     rows = []
     for name, fn in cases:
         last = dict(runs[name][-1])
         row: dict[str, Any] = {
             "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
             "size": f"{size}x{size}", "steps_run": min(int(steps * strength), steps), "case": name,
-            "seconds": round(med(name, "wall_s"), 4), "ratio": round(med(name, "wall_s") / base_wall, 3),
-            "best_ratio": round(min(r["wall_s"] for r in runs[name]) / min(r["wall_s"] for r in runs["img2img"]), 3),
-            "cpu_s": round(med(name, "cpu_s"), 3), "cpu_ratio": round(med(name, "cpu_s") / base_cpu, 3),
+            "seconds": round(med(name, "wall_s"), 4),
+            "ratio": round(med(name, "wall_s") / base_wall, 3) if base else None,
+            "best_ratio": round(min(r["wall_s"] for r in runs[name]) / min(r["wall_s"] for r in runs["img2img"]), 3)
+            if base else None,
+            "cpu_s": round(med(name, "cpu_s"), 3),
+            "cpu_ratio": round(med(name, "cpu_s") / base_cpu, 3) if base else None,
             "beyond_enc_ratio": round((med(name, "cpu_s") - med(name, "vae_enc_s")) / base_noenc, 3)
             if base_noenc > 0 else None,
         }
         row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s")})
-        if name == "img2img":
+        if name == cases[0][0]:
             row.update(fit)
         if name != "img2img" and hook_ms is not None:
             row.update(reset_ms_per_step=round(hook_ms, 3), unet_ms_per_step=round(unet_ms, 2))
