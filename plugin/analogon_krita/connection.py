@@ -2,8 +2,8 @@
 offers, and the backend process the docker starts.
 
 Where: a backend this link started (its real address), else the address in the settings, else
-the ``server.json`` a running backend wrote (one whose process is gone is ignored), else the one started last (gone: named in every
-message), else the default address. Connecting is health, then the methods, then the models;
+the ``server.json`` a running backend wrote (one whose process is gone is ignored), else the
+one started last (gone: named in every message), else the default address. Connecting is health, then the methods, then the models;
 ``methodsLoaded`` and ``modelsLoaded`` hand those to whoever keeps the panel's choices (the
 controller), before ``stateChanged("connected", …)``. A health check every 5 s notices a
 backend that went away and reconnects when it is back.
