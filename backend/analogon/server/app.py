@@ -446,13 +446,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise too_large(f"The upload is {int(length)} bytes; the limit is {limit}.",
                             max_body_bytes=limit)
         w, h = _int_header(request, "x-image-width"), _int_header(request, "x-image-height")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(f"The upload is over the limit of {limit} bytes.", max_body_bytes=limit)
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        body = await _read_body(request, limit, f"The upload is over the limit of {limit} bytes.")
         info, created = await asyncio.to_thread(
             store.put_bytes, sha, body, request.headers.get("content-type", ""), w, h)
         return SafeJSONResponse(info.to_json(), status_code=201 if created else 200)
@@ -482,13 +476,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if ctype and ctype != "application/json" and not ctype.endswith("+json"):
             raise AnalogonError("unsupported_media_type", "A job is sent as application/json.",
                                 {"content_type": ctype}, status=415)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_JSON_BYTES:
-                raise too_large(f"A job body is at most {MAX_JSON_BYTES} bytes.", max_body_bytes=MAX_JSON_BYTES)
-            chunks.append(chunk)
-        data = parse_json_body(b"".join(chunks))
+        data = parse_json_body(await _read_body(request, MAX_JSON_BYTES,
+                                                f"A job body is at most {MAX_JSON_BYTES} bytes."))
         try:
             req = JobRequest.model_validate(data)
         except ValidationError as e:
@@ -568,6 +557,18 @@ def _allowed_methods(app: FastAPI, scope) -> list[str]:
         if match == Match.FULL:
             allowed |= set(methods)
     return sorted(allowed)
+
+
+async def _read_body(request: Request, limit: int, message: str) -> bytes:
+    """The request's body as it streams in, refused (413 ``too_large``, ``message``) as soon as
+    it passes ``limit`` bytes, before the rest is read."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(message, max_body_bytes=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _int_header(request: Request, name: str) -> int | None:
