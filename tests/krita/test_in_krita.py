@@ -34,18 +34,25 @@ def analogon_command() -> str | None:
     return shutil.which("analogon")
 
 
-@pytest.fixture(scope="module", params=kritas.KRITAS)
-def report(request, tmp_path_factory):
-    krita = kritas.get(request.param)
+def _krita_run_folder(which: str, tmp_path_factory, prefix: str, extra=()):
+    """(the Krita, the backend command, a private folder with data, config, tmp, cache, home
+    and py in it) for one Krita run; skipped where that Krita or the backend is missing."""
+    krita = kritas.get(which)
     reason = krita.unavailable("kritarunner")
     if reason:
         pytest.skip(reason)
     cmd = analogon_command()
     if cmd is None:
         pytest.skip("the analogon backend command is not installed")
-    tmp = tmp_path_factory.mktemp(krita.name)
-    for d in ("data", "config", "tmp", "cache", "home", "py"):
+    tmp = tmp_path_factory.mktemp(prefix + krita.name)
+    for d in ("data", "config", "tmp", "cache", "home", "py", *extra):
         (tmp / d).mkdir()
+    return krita, cmd, tmp
+
+
+@pytest.fixture(scope="module", params=kritas.KRITAS)
+def report(request, tmp_path_factory):
+    krita, cmd, tmp = _krita_run_folder(request.param, tmp_path_factory, prefix="")
     # What Krita runs: the scenario module (with any helper module beside it) and the plugin
     # package, copied so that the same paths work inside the Krita 6 root.
     for module in HERE.glob("*.py"):
@@ -309,17 +316,9 @@ def fresh(request, tmp_path_factory):
     sys.path.insert(0, str(HERE.parent / "backend"))
     from fake_hub import FakeHub
 
-    krita = kritas.get(request.param)
-    reason = krita.unavailable("kritarunner")
-    if reason:
-        pytest.skip(reason)
-    cmd = analogon_command()
-    if cmd is None:
-        pytest.skip("the analogon backend command is not installed")
     t0 = time.monotonic()
-    tmp = tmp_path_factory.mktemp(f"fresh-{krita.name}")
-    for d in ("data", "config", "tmp", "cache", "home", "py", "dist"):
-        (tmp / d).mkdir()
+    krita, cmd, tmp = _krita_run_folder(request.param, tmp_path_factory, prefix="fresh-",
+                                        extra=("dist",))
     release = _release_zip(tmp / "dist")
     with zipfile.ZipFile(release) as z:  # as Krita's Import Python Plugin from File unpacks it
         z.extractall(tmp / "py", [n for n in z.namelist() if n.startswith("analogon_krita/")])
