@@ -98,6 +98,7 @@ class Controller(QObject):
     connectionChanged = pyqtSignal(str, str)  # state, message
     methodsChanged = pyqtSignal()
     modelsChanged = pyqtSignal()
+    modelVariantChanged = pyqtSignal()  # the chosen model is of another variant: other fields
     methodChanged = pyqtSignal(str)
     paramsChanged = pyqtSignal(str)  # method id whose values changed outside the form
     rolesChanged = pyqtSignal()
@@ -460,7 +461,7 @@ class Controller(QObject):
         if self.method_id:
             models_ui.remember(self.settings, self.method_id, self.model)
         if self.model_variant() != before:  # the form shows other fields (see forms.for_model)
-            self.methodChanged.emit(self.method_id)
+            self.modelVariantChanged.emit()
 
     def model_variant(self) -> str | None:
         """The chosen model's variant as the backend listed it (None: not listed)."""

@@ -250,6 +250,7 @@ class AnalogonPanel(QWidget):
         c.modelsChanged.connect(self._show_models)
         c.methodChanged.connect(lambda _: self._show_models())  # what the method can use
         c.methodChanged.connect(lambda _: self._show_method())
+        c.modelVariantChanged.connect(self._show_method)
         c.paramsChanged.connect(lambda mid: self._show_method() if mid == self.c.method_id else None)
         c.rolesChanged.connect(self._show_roles)
         c.layersChanged.connect(self._show_roles)
