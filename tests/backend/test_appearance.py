@@ -54,7 +54,8 @@ def _stock_state(unet):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     return (all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
-            and all(getattr(b, "b1", None) is None for b in unet.up_blocks))
+            and all(getattr(b, "b1", None) is None and not b._forward_pre_hooks
+                    for b in unet.up_blocks))
 
 
 def test_same_image_without_contrast_or_guidance_reproduces_the_structure(tiny_sd, make_ctx, method):
@@ -164,6 +165,45 @@ def test_tiny_sdxl_odd_sizes(tiny_sdxl, make_ctx, method):
     # SDXL has no attention at the latent's own resolution: the finest swapped layers are at 1/2
     assert res.info["swap_resolutions"]["fine"] == [-(-h // 16), -(-w // 16)]
     assert _stock_state(tiny_sdxl.unet)
+
+
+@pytest.mark.parametrize("levels,swapped", [
+    ("auto", {2: 4}),              # SDXL-shaped: the coarse level is deeper (6 > 4 layers): off
+    ("both", {2: 4, 4: 6}),
+    ("fine", {2: 4}),
+    ("coarse", {4: 6}),
+])
+def test_swap_levels_on_a_deep_sdxl_unet(tiny_sdxl, make_ctx, method, monkeypatch, levels, swapped):
+    """Which decoder self-attention layers swap, per level choice, on an SDXL-shaped UNet whose
+    transformers are 2 and 3 blocks deep."""
+    import analogon.methods.appearance as mod
+
+    made = []
+
+    class Spy(mod.SwapController):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.log = []
+            made.append(self)
+
+    monkeypatch.setattr(mod, "SwapController", Spy)
+    s, a = _img(64, 64, 21), _img(64, 64, 22)
+    res = method.run(make_ctx(tiny_sdxl), _inputs(s, a),
+                     method.Params(steps=4, skip_steps=0, fine_start=0, coarse_start=0,
+                                   structure_every=0, swap_levels=levels, freeu_operator="authors"))
+    layers: dict[int, set[str]] = {}
+    for name, factor, _ in made[0].log:
+        layers.setdefault(factor, set()).add(name)
+    assert {f: len(n) for f, n in layers.items()} == swapped
+    assert res.info["swap_layers"] == sum(swapped.values())
+    assert _stock_state(tiny_sdxl.unet)
+
+
+def test_swap_levels_auto_keeps_both_on_sd(tiny_sd, make_ctx, method):
+    res = method.run(make_ctx(tiny_sd), _inputs(_img(64, 64, 23), _img(64, 64, 24)),
+                     method.Params(**FAST))
+    assert res.info["swap_resolutions"] == {"fine": [8, 8], "coarse": [4, 4]}
+    assert res.info["swap_layers"] == 4  # 2 + 2 (SD 1.5: 3 + 3)
 
 
 def test_describe_for_the_panel(method):

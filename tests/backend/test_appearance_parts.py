@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analogon.core.adain import adain, channel_stats, freeu
+from analogon.core.adain import adain, channel_stats
+from analogon.core.freeu import authors_backbone, fourier_filter, freeu, stage_channels
 from analogon.core.selfseg import kmeans, object_mask, to_latent, token_positions
 from analogon.methods.appearance import AppearanceParams, Schedule
 
@@ -43,16 +44,86 @@ def test_masked_adain_uses_masked_statistics_and_keeps_the_outside():
 def test_freeu_on_and_restored(tiny_sd):
     unet = tiny_sd.unet
     assert getattr(unet.up_blocks[0], "b1", None) is None
-    with freeu(unet, True, 0.9, 0.2, 1.2, 1.4):
+    with freeu(unet, "diffusers", 0.9, 0.2, 1.2, 1.4):
         assert unet.up_blocks[1].b1 == 1.2 and unet.up_blocks[1].s2 == 0.2
     assert all(getattr(b, "b1", None) is None for b in unet.up_blocks)
     unet.enable_freeu(s1=0.5, s2=0.5, b1=1.1, b2=1.1)
     try:
-        with freeu(unet, False):
+        with freeu(unet, None):
+            assert unet.up_blocks[0].b1 is None
+        with freeu(unet, "authors"):  # the two operators never stack
             assert unet.up_blocks[0].b1 is None
         assert unet.up_blocks[0].b1 == 1.1  # a user's own setting comes back
     finally:
         unet.disable_freeu()
+
+
+def test_fourier_filter_scales_only_the_lowest_frequencies():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, generator=g)
+    assert torch.allclose(fourier_filter(x, 1, 1.0), x, atol=1e-5)
+    # a constant image is all zero frequency: scaled by s
+    c = torch.full((1, 1, 8, 8), 3.0)
+    assert torch.allclose(fourier_filter(c, 1, 0.2), c * 0.2, atol=1e-5)
+    # the highest frequency (a checkerboard) is outside the box: untouched
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    checker = ((yy + xx) % 2 * 2 - 1).float()[None, None]
+    assert torch.allclose(fourier_filter(checker, 1, 0.2), checker, atol=1e-5)
+
+
+def _up_inputs(unet, run):
+    """The backbone input (hidden_states) of every up block during ``run()``."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen.append((i, kw["hidden_states"].detach().clone())), with_kwargs=True)
+        for i, b in enumerate(unet.up_blocks)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("bundle_name", ["tiny_sd", "tiny_sdxl"])
+def test_authors_freeu_filters_the_backbone_of_the_deep_up_blocks(bundle_name, request):
+    """The authors' operator: every up block whose input has the deepest or next channel count
+    gets its backbone scaled (first half × b) and low-pass damped (× s); the skips are not touched;
+    the UNet is itself again after the block."""
+    bundle = request.getfixturevalue(bundle_name)
+    unet = bundle.unet
+    c1, c2 = stage_channels(unet)
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    from analogon.core.diffusion import encode_prompt
+    cond, _ = encode_prompt(bundle, "a shape", "", image_hw=(64, 64))
+    kw = cond.unet_kwargs()
+
+    def run():
+        with torch.no_grad():
+            return unet(x, 500, **kw).sample
+
+    plain = run()
+    with freeu(unet, "authors", s1=0.9, s2=0.2, b1=1.2, b2=1.4):
+        # the hook sits before any other pre-hook registered afterwards: record what blocks get
+        inputs = _up_inputs(unet, run)
+        out = run()
+    assert not torch.allclose(out, plain)
+    assert torch.equal(run(), plain)  # hooks removed
+    touched = 0
+    with torch.no_grad():
+        base_inputs = _up_inputs(unet, run)
+    for (i, got), (_, h) in zip(inputs, base_inputs):
+        if i == 0:
+            assert h.shape[1] == c1  # the mid block's output has the deepest channel count
+        bs = {c1: (1.2, 0.9), c2: (1.4, 0.2)}.get(h.shape[1])
+        if bs is None or i > 0:
+            continue  # later inputs depend on earlier changes; block 0 is compared exactly
+        assert torch.allclose(got, authors_backbone(h, *bs), atol=1e-5)
+        touched += 1
+    assert touched == 1
+    n_stage = sum(1 for _, h in base_inputs if h.shape[1] in (c1, c2))
+    assert n_stage >= 2  # SD-shaped: 1280 ×3 + 640 ×1; SDXL-shaped: 1280 ×2 + 640 ×1
 
 
 def _two_blobs(h=8, w=8):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from analogon.core.attention import (
+    decoder_self_attention_layers, is_decoder_self_attention,
     SwapController, SwapProcessor, _explicit_attention, contrast, decoder_attention_factors,
     factor_of, installed, spatial_size,
 )
@@ -125,6 +126,12 @@ def test_decoder_attention_factors(tiny_sd, tiny_sdxl):
     # SD 1.x: attention at the latent's own resolution and below; SDXL: from factor 2 on
     assert decoder_attention_factors(tiny_sd.unet) == [1, 2, 4]
     assert decoder_attention_factors(tiny_sdxl.unet) == [2, 4]
+    # layers per level: attentions per up block × transformer depth. tiny-sd: 2 per level;
+    # tiny-sdxl: 2 attentions, 2 and 3 deep (SDXL: 3 attentions, 2 and 10 deep: 6 and 30)
+    assert decoder_self_attention_layers(tiny_sd.unet) == {1: 2, 2: 2, 4: 2}
+    assert decoder_self_attention_layers(tiny_sdxl.unet) == {2: 4, 4: 6}
+    names = [n for n in tiny_sdxl.unet.attn_processors if is_decoder_self_attention(n)]
+    assert len(names) == 10
 
 
 def _micro_unet(sdxl_layout: bool):

@@ -1,4 +1,4 @@
-"""AdaIN on latents (Huang & Belongie, 2017), optionally restricted to masks, and FreeU on/off.
+"""AdaIN on latents (Huang & Belongie, 2017), optionally restricted to masks.
 
 Cross-Image Attention (eq. 5) matches the per-channel mean and standard deviation of the output
 latent z_t^out to those of the appearance latent z_t^app after denoising steps; because those
@@ -11,9 +11,6 @@ by the mask: out = x·(1 − m) + AdaIN(x)·m. With binary masks this is the aut
 worth of normalisation).
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -50,26 +47,3 @@ def adain(content: torch.Tensor, style: torch.Tensor, content_mask: torch.Tensor
         m = content_mask.to(device=content.device, dtype=torch.float32)
         out = content.float() * (1 - m) + out * m
     return out.to(content.dtype)
-
-
-_FREEU_KEYS = ("s1", "s2", "b1", "b2")
-
-
-@contextmanager
-def freeu(unet, enabled: bool, s1: float = 0.9, s2: float = 0.2, b1: float = 1.2, b2: float = 1.4
-          ) -> Iterator[None]:
-    """diffusers' FreeU (``unet.enable_freeu``) for the block when ``enabled``, else FreeU off;
-    the UNet's previous FreeU settings are restored afterwards."""
-    saved = [{k: getattr(b, k, None) for k in _FREEU_KEYS} for b in unet.up_blocks]
-    if enabled:
-        unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
-    else:
-        unet.disable_freeu()
-    try:
-        yield
-    finally:
-        for block, values in zip(unet.up_blocks, saved):
-            for k, v in values.items():
-                if v is None and not hasattr(block, k):
-                    continue
-                setattr(block, k, v)

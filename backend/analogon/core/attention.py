@@ -74,6 +74,18 @@ def decoder_attention_factors(unet) -> list[int]:
     return sorted(out)
 
 
+def decoder_self_attention_layers(unet) -> dict[int, int]:
+    """How many decoder self-attention layers work at each factor: {factor: count}, e.g. SD 1.5
+    {1: 3, 2: 3, 4: 3}, SDXL {1: 6, 2: 30} (its transformers are 2 and 10 blocks deep)."""
+    n = len(unet.up_blocks)
+    out: dict[int, int] = {}
+    for j, block in enumerate(unet.up_blocks):
+        count = sum(1 for name, _ in block.named_modules() if name.endswith(".attn1") or name == "attn1")
+        if count:
+            out[2 ** (n - 1 - j)] = out.get(2 ** (n - 1 - j), 0) + count
+    return out
+
+
 def is_decoder_self_attention(name: str) -> bool:
     return name.startswith("up_blocks.") and ".attn1." in name
 

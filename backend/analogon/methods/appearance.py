@@ -18,7 +18,8 @@ The output keeps the *structure* image's shape and takes the *appearance* image'
    attention maps, ``core.selfseg``).
 6. **Structure injection** (§ Implementation): on some steps the keys/values come from the
    structure image instead, which holds the shape.
-7. **FreeU** on the UNet (diffusers' ``enable_freeu``).
+7. **FreeU** on the UNet (``core.freeu``): the authors' operator (backbone scaled and low-pass
+   damped at every deep up-block input) or diffusers' ``enable_freeu`` (skip features filtered).
 
 How this module computes it. One UNet call per step: the batch holds only what the step needs —
 [output with swapped K/V, output with its own K/V, the reference (appearance or structure)] —
@@ -45,13 +46,15 @@ from pydantic import Field, model_validator
 
 from ..core import images as im
 from ..core.compositing import job_change_map, map_to_grid
-from ..core.adain import adain, freeu
+from ..core.adain import adain
 from ..core.attention import (
-    CONTRAST_MODES, SwapController, decoder_attention_factors, installed, spatial_size,
+    CONTRAST_MODES, SwapController, decoder_attention_factors, decoder_self_attention_layers,
+    installed, spatial_size,
 )
 from ..core.ddpm_inversion import Inversion, invert
 from ..core.diffusion import encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
+from ..core.freeu import FREEU_OPERATORS, freeu
 from ..core.previews import every, preview_latents
 from ..core.selfseg import object_mask, to_latent, token_positions
 from ..errors import InputError
@@ -62,7 +65,10 @@ RangeSemantics = Literal["authors", "paper"]
 AdainMode = Literal["masked", "whole", "off"]
 ContrastMode = Literal["clip", "paper", "renormalize"]
 EditCurve = Literal["linear", "quadratic", "cubic", "log", "sigmoid"]
+FreeUOperator = Literal["authors", "diffusers"]
+SwapLevels = Literal["auto", "fine", "coarse", "both"]
 assert set(CONTRAST_MODES) == set(ContrastMode.__args__)
+assert set(FREEU_OPERATORS) == set(FreeUOperator.__args__)
 assert set(THRESHOLD_KINDS) == set(EditCurve.__args__)
 
 _PCT = "In units of a 100-step schedule (scaled when `steps` differs); see `range_semantics`."
@@ -153,10 +159,23 @@ class AppearanceParams(MethodParams):
     segments: int = Field(5, ge=2, le=12, description="k of the k-means self-segmentation for "
                           "automatic masks (authors' code: 5).",
         title="Segments of automatic masks", json_schema_extra={"advanced": True})
-    freeu: bool = Field(True, description="FreeU on the UNet during the run (paper: on). Uses "
-                        "diffusers' FreeU, which filters the skip features; the authors' code "
-                        "filters the backbone features instead (results differ slightly).",
+    swap_levels: SwapLevels = Field(
+        "auto",
+        description="Which decoder attention levels swap keys/values: 'fine' (the finest, 64×64 "
+        "at SD 1.5's 512²), 'coarse' (the next, 32×32), 'both' (paper, SD 1.5: 3 + 3 layers), "
+        "'auto': both where the coarse level is no deeper than the fine one (SD 1.x / 2.x), the "
+        "fine level alone where it is (SDXL: 6 layers at 64², 30 at 32²).",
+        title="Swap levels", json_schema_extra={"advanced": True})
+    freeu: bool = Field(True, description="FreeU on the UNet during the run and the inversions "
+                        "(paper: on).",
         title="FreeU", json_schema_extra={"advanced": True})
+    freeu_operator: FreeUOperator = Field(
+        "authors",
+        description="'authors': the authors' code — the backbone's first half of channels × b "
+        "and its lowest frequencies × s at every up-block input of the two deepest widths; "
+        "'diffusers': diffusers' enable_freeu — backbone × b, the skip features' lowest "
+        "frequencies × s, in the first two up blocks.",
+        title="FreeU operator", json_schema_extra={"advanced": True})
     freeu_b1: float = Field(1.2, ge=0.5, le=2.0, description="FreeU backbone factor, stage 1 (authors: 1.2).",
         title="FreeU backbone 1", json_schema_extra={"advanced": True})
     freeu_b2: float = Field(1.4, ge=0.5, le=2.0, description="FreeU backbone factor, stage 2 (authors: 1.4).",
@@ -200,6 +219,22 @@ def _mask_map(inputs: Inputs, role: str, image_role: str, title: str) -> np.ndar
             {"role": role, "mask_size": list(li.size), "image_size": list(img.size)},
         )
     return im.map_from_rgba(li.rgba)
+
+
+def swap_factors_for(unet, factors: list[int], levels: str) -> tuple[int | None, int | None]:
+    """(fine, coarse) factors that swap for ``levels`` (None where a level does not). 'auto' drops
+    the coarse level where it holds more self-attention layers than the fine one (SDXL), so that
+    the swap stays in layers of the kind and number the paper swaps."""
+    fine = factors[0]
+    coarse = factors[1] if len(factors) > 1 else None
+    if levels == "auto" and coarse is not None:
+        layers = decoder_self_attention_layers(unet)
+        levels = "both" if layers.get(coarse, 0) <= layers.get(fine, 0) else "fine"
+    if levels == "fine":
+        return fine, None
+    if levels == "coarse":
+        return None, coarse
+    return fine, coarse
 
 
 class Schedule:
@@ -269,8 +304,8 @@ class AppearanceTransfer(Method):
         key = ctx.cache.key(
             "ef-ddpm-inversion", bundle.key, image=sha, size=list(size), steps=p.steps,
             start=p.skip_steps, prompt=prompt, cfg=float(p.inversion_cfg), eta=1.0, seed=ctx.seed,
-            dtype=str(bundle.dtype), freeu=[p.freeu, p.freeu_b1, p.freeu_b2, p.freeu_s1, p.freeu_s2]
-            if p.freeu else False,
+            dtype=str(bundle.dtype),
+            freeu=[p.freeu_operator, p.freeu_b1, p.freeu_b2, p.freeu_s1, p.freeu_s2] if p.freeu else False,
         )
         hit = ctx.cache.get(key)
         if hit is not None:
@@ -345,14 +380,17 @@ class AppearanceTransfer(Method):
         factors = decoder_attention_factors(bundle.unet)
         if not factors:
             raise InputError("unsupported_model", "This model's UNet has no decoder self-attention to swap.")
-        fine = factors[0]
-        coarse = factors[1] if len(factors) > 1 else None
+        fine, coarse = swap_factors_for(bundle.unet, factors, p.swap_levels)
+        if fine is None and coarse is None:
+            raise InputError("unsupported_model", "This model's decoder has a single attention level: "
+                             "choose swap levels 'fine' or 'auto'.", {"swap_levels": p.swap_levels})
 
         unet = bundle.unet
         ctl = SwapController(beta=p.contrast, contrast_mode=p.contrast_mode)
         sch = Schedule(p)
         calls = elements = 0
-        with installed(unet, ctl), freeu(unet, p.freeu, p.freeu_s1, p.freeu_s2, p.freeu_b1, p.freeu_b2):
+        with installed(unet, ctl), freeu(unet, p.freeu_operator if p.freeu else None,
+                                         p.freeu_s1, p.freeu_s2, p.freeu_b1, p.freeu_b2):
             cond, uncond = encode_prompt(bundle, prompt, "", image_hw=(size[1], size[0]))
             sched = make_scheduler(bundle, "ddim", p.steps)
             ctl.set_step(latent_hw, {})
@@ -440,8 +478,9 @@ class AppearanceTransfer(Method):
         info = {
             "working_size": list(size),
             "prompt": prompt,
-            "swap_resolutions": {"fine": list(spatial_size(latent_hw, fine)),
+            "swap_resolutions": {"fine": list(spatial_size(latent_hw, fine)) if fine else None,
                                  "coarse": list(spatial_size(latent_hw, coarse)) if coarse else None},
+            "swap_layers": sum(decoder_self_attention_layers(unet).get(f, 0) for f in (fine, coarse) if f),
             "steps_run": sch.n,
             "unet_calls": calls,
             "unet_batch_elements": elements,

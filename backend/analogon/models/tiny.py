@@ -50,7 +50,9 @@ def _unet_sdxl(cross_dim: int, pooled_dim: int, time_ids: int = 6):
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=time_ids * time_dim + pooled_dim,
-        transformer_layers_per_block=1,
+        # SDXL stacks 2 and 10 transformer blocks per attention in its two attention levels; 2
+        # and 3 here, so that code which counts or selects layers meets depth > 1
+        transformer_layers_per_block=(1, 2, 3),
         norm_num_groups=8,
     )
 
