@@ -205,6 +205,28 @@ def test_best_checkpoint_is_chosen_on_a_fixed_heldout_set(tiny_sd, samples):
         assert not torch.equal(last.diffs[0], r.diffs[0])
 
 
+def test_checkpointing_changes_memory_not_the_tokens(tiny_sd, samples, monkeypatch):
+    """Gradient checkpointing recomputes the UNet's blocks in the backward pass (diffusers'),
+    gives the same tokens, and leaves the UNet as it found it."""
+    setup = setup_for(tiny_sd, samples, n=2)
+    p = D.Params(n_tokens=2, train_steps=3, lr=0.05, lambda_clip=0.0, lambda_tc=1.0, keep_best=False)
+    seen = []
+    real = D.total_loss
+
+    def spy(*a, **kw):
+        seen.append(tiny_sd.unet.is_gradient_checkpointing)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(D, "total_loss", spy)
+    plain = D.train_diff(setup, p)
+    ckpt = D.train_diff(setup, p.model_copy(update={"checkpointing": True}))
+    assert seen == [False] * 3 + [True] * 3
+    assert not tiny_sd.unet.is_gradient_checkpointing
+    assert torch.allclose(plain.diffs[0], ckpt.diffs[0], atol=1e-6)
+    assert plain.total == pytest.approx(ckpt.total, rel=1e-6)
+    assert "checkpointing" not in D.TRAIN_SETTINGS  # memory only: not in the tokens' cache key
+
+
 def test_timestep_schedules():
     g = torch.Generator().manual_seed(0)
     ts = D.timestep_schedule("shuffled_once", 1000, 1000, g)

@@ -113,8 +113,13 @@ def run(opts) -> list[dict[str, Any]]:
                                train_steps=train_steps, steps=steps, strength=0.8)
         cache = Cache(None)
         for seed in (0, 1):  # cold, then a cache hit
-            row = {"model": spec, "size": size, **_one(method, bundle, cache, inputs, params, seed)}
+            row = {"model": spec, "size": size, "checkpointing": False,
+                   **_one(method, bundle, cache, inputs, params, seed)}
             rows.append(row)
+        # cold again with the UNet's blocks checkpointed in the training's backward pass
+        ckpt = params.model_copy(update={"checkpointing": True})
+        rows.append({"model": spec, "size": size, "checkpointing": True,
+                     **_one(method, bundle, Cache(None), inputs, ckpt, 0)})
         del bundle
     return rows
 
