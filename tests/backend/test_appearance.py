@@ -81,7 +81,7 @@ def test_transfer_defaults_run_and_report(tiny_sd, make_ctx, method):
     assert out.shape == (64, 64, 4) and out.dtype == np.uint8
     info = res.info
     assert info["prompt"] == "A photo of a object"
-    assert info["swap_resolutions"] == {"fine": [8, 8], "coarse": [4, 4]}
+    assert info["swap_resolutions"] == {"fine": [8, 8], "coarse": None}  # 4×4: too coarse (auto)
     assert info["adain_masks"]["structure"] in ("auto", "whole")
     steps = [e for e in ctx.events if e[0] == "progress" and e[1] == "transferring"]
     assert [e[2] for e in steps] == [1, 2, 3, 4] and all(e[3] == 4 for e in steps)
@@ -199,9 +199,23 @@ def test_swap_levels_on_a_deep_sdxl_unet(tiny_sdxl, make_ctx, method, monkeypatc
     assert _stock_state(tiny_sdxl.unet)
 
 
-def test_swap_levels_auto_keeps_both_on_sd(tiny_sd, make_ctx, method):
+def test_swap_levels_auto_on_sd(tiny_sd, make_ctx, method):
+    """SD-shaped: the coarse level swaps where its map is wide enough (the paper's 32×32 at 512²),
+    not at toy sizes where it is 4×4."""
+    from analogon.core.attention import decoder_attention_factors
+    from analogon.methods.appearance import swap_factors_for
+
+    unet, factors = tiny_sd.unet, decoder_attention_factors(tiny_sd.unet)
+    assert swap_factors_for(unet, factors, "auto", (64, 64)) == (1, 2)     # 512²: 64² and 32²
+    assert swap_factors_for(unet, factors, "auto", (32, 48)) == (1, 2)     # 256×384: 16×24 coarse
+    assert swap_factors_for(unet, factors, "auto", (16, 16)) == (1, None)  # 128²: 8×8 coarse
+    assert swap_factors_for(unet, factors, "both", (8, 8)) == (1, 2)
     res = method.run(make_ctx(tiny_sd), _inputs(_img(64, 64, 23), _img(64, 64, 24)),
                      method.Params(**FAST))
+    assert res.info["swap_resolutions"] == {"fine": [8, 8], "coarse": None}
+    assert res.info["swap_layers"] == 2
+    res = method.run(make_ctx(tiny_sd), _inputs(_img(64, 64, 23), _img(64, 64, 24)),
+                     method.Params(**FAST, swap_levels="both"))
     assert res.info["swap_resolutions"] == {"fine": [8, 8], "coarse": [4, 4]}
     assert res.info["swap_layers"] == 4  # 2 + 2 (SD 1.5: 3 + 3)
 

@@ -45,7 +45,7 @@ def _add_arguments(p) -> None:
     p.add_argument("--dia-views", type=int, default=None,
                    help="views per token iteration in the analogy part (default: the method's 8)")
     p.add_argument("--dia-noise", default=None, metavar="ITERSxEVALS",
-                   help="L-BFGS budget of the analogy part's noise inversion (default 4x8; --quick 1x4; "
+                   help="L-BFGS budget of the analogy part's noise inversion (default 3x10; --quick 1x4; "
                         "0x1 keeps the DDIM inversion)")
     p.add_argument("--dia-sweeps", choices=["on", "off"], default="on",
                    help="the analogy part's sweeps of 8 variants (default on; off on a CPU at full size)")
@@ -215,7 +215,7 @@ def run(opts) -> list[dict[str, Any]]:
                      **{k: round(v, 1) for k, v in mem.items()}})
 
     # -- reconstruction per budget --------------------------------------------------------------
-    budgets = [(0, 1), (1, 4), (2, 4), (4, 8)]
+    budgets = [(0, 1), (1, 4), (2, 4), (3, 10), (4, 8)]
     for init in ("noised", "ddim_inversion") if "budget" in parts else ():
         for it, ev in budgets + ([(10, 20)] if init == "noised" and not opts.quick else []):
             s = NI.NoiseInversionSettings(steps=steps, iterations=it, evaluations=ev, init=init,
@@ -226,7 +226,7 @@ def run(opts) -> list[dict[str, Any]]:
             sec = time.perf_counter() - t
             rows.append({**base, "part": "noise/budget", "config": f"{init} {it}x{ev}"
                          + (" (authors)" if (init, it, ev) == ("noised", 10, 20) else "")
-                         + (" (ours)" if (init, it, ev) == ("ddim_inversion", 4, 8) else ""),
+                         + (" (ours)" if (init, it, ev) == ("ddim_inversion", 3, 10) else ""),
                          "closures": r.closures, "unet_fwd": r.unet_forward, "unet_bwd": r.unet_backward,
                          "seconds": round(sec, 2), "loss": round(r.loss_final, 4),
                          "latent_mse": round(float(((r.reconstruction - z) ** 2).mean()), 5),
@@ -242,7 +242,7 @@ def run(opts) -> list[dict[str, Any]]:
                      "b": LayerImage(img, "bench-b")})
     cache = Cache(None)
     fit_previews(bundle) if "analogy" in parts else None  # once per VAE, as at model load
-    n_it, n_ev = (1, 4) if opts.quick else (4, 8)
+    n_it, n_ev = (1, 4) if opts.quick else (3, 10)
     if getattr(opts, "dia_noise", None):
         n_it, n_ev = (int(v) for v in opts.dia_noise.lower().split("x"))
     quick_inv = dict(token_iterations=token_iters, noise_iterations=n_it, noise_evaluations=n_ev)

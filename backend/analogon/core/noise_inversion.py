@@ -51,8 +51,8 @@ class NoiseInversionSettings:
     """Everything that changes the inverted noise (all but ``checkpointing`` go into the key)."""
 
     steps: int = 10  # the DDIM the noise is inverted for (paper: 10)
-    iterations: int = 4  # L-BFGS outer iterations (authors: 10)
-    evaluations: int = 8  # L-BFGS max_iter per outer iteration (authors: torch's default 20)
+    iterations: int = 3  # L-BFGS outer iterations (authors: 10)
+    evaluations: int = 10  # L-BFGS max_iter per outer iteration (authors: torch's default 20)
     lr: float = 0.1  # authors: 0.1
     latent_weight: float = 1.0  # authors: 1
     pixel_weight: float = 1.0  # authors: 1

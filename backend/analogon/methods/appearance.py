@@ -4,7 +4,8 @@
 The output keeps the *structure* image's shape and takes the *appearance* image's look:
 
 1. **Inversion** (§3.3). Both images are inverted with edit-friendly DDPM inversion
-   (``core.ddpm_inversion``; η = 1, prompt "A photo of a {domain}", CFG 3.5), which keeps a noise
+   (``core.ddpm_inversion``; η = 1, prompt "A photo of a {domain}"; paper: CFG 3.5, here 1 by
+   default, see ``inversion_cfg``), which keeps a noise
    map z_t per step. Generation starts after ``skip_steps`` of the ``steps``-step DDIM schedule,
    from z^out = z^struct, and each output step re-uses the structure's noise maps.
 2. **Cross-image attention** (eq. 2). In the decoder's self-attention at the two finest
@@ -95,9 +96,11 @@ class AppearanceParams(MethodParams):
         "More keeps more of the structure image.",
         title="Skipped steps")
     inversion_cfg: float = Field(
-        3.5, ge=1.0, le=20.0,
-        description="Classifier-free guidance of the inversion (paper: 3.5). The transfer itself "
-        "runs with the prompt, unguided, as the authors' code does.",
+        1.0, ge=1.0, le=20.0,
+        description="Classifier-free guidance of the inversion. The transfer runs with the prompt "
+        "unguided (authors' code), so inverting unguided (1) makes the structure's noise maps "
+        "redraw it exactly; the paper's 3.5 leaves a guided/unguided mismatch that redraws a "
+        "drifted structure (docs/benchmarks-appearance.md), and costs twice the UNet calls.",
         title="Inversion guidance", json_schema_extra={"advanced": True})
     contrast: float = Field(
         1.67, ge=0.5, le=5.0,
@@ -162,9 +165,10 @@ class AppearanceParams(MethodParams):
     swap_levels: SwapLevels = Field(
         "auto",
         description="Which decoder attention levels swap keys/values: 'fine' (the finest, 64×64 "
-        "at SD 1.5's 512²), 'coarse' (the next, 32×32), 'both' (paper, SD 1.5: 3 + 3 layers), "
-        "'auto': both where the coarse level is no deeper than the fine one (SD 1.x / 2.x), the "
-        "fine level alone where it is (SDXL: 6 layers at 64², 30 at 32²).",
+        "at SD 1.5's 512²), 'coarse' (the next, 32×32), 'both' (paper), 'auto': both where the "
+        "coarse level is like the paper's — no more layers than the fine one and at least 16 "
+        "positions a side (SD 1.x / 2.x from 256²) — else the fine level alone (SDXL, whose 32² "
+        "level holds 30 layers against 6; small working sizes).",
         title="Swap levels", json_schema_extra={"advanced": True})
     freeu: bool = Field(True, description="FreeU on the UNet during the run and the inversions "
                         "(paper: on).",
@@ -221,15 +225,24 @@ def _mask_map(inputs: Inputs, role: str, image_role: str, title: str) -> np.ndar
     return im.map_from_rgba(li.rgba)
 
 
-def swap_factors_for(unet, factors: list[int], levels: str) -> tuple[int | None, int | None]:
-    """(fine, coarse) factors that swap for ``levels`` (None where a level does not). 'auto' drops
-    the coarse level where it holds more self-attention layers than the fine one (SDXL), so that
-    the swap stays in layers of the kind and number the paper swaps."""
+# The coarse level swaps (under 'auto') only where its feature map is at least this many positions
+# on its shorter side: the paper's coarse level is 32×32 at SD 1.5's 512² (16×16 at 256²); at 4×4
+# one position covers a quarter of the picture, and swapping there moves the layout.
+MIN_COARSE_SIDE = 16
+
+
+def swap_factors_for(unet, factors: list[int], levels: str, latent_hw: tuple[int, int]
+                     ) -> tuple[int | None, int | None]:
+    """(fine, coarse) factors that swap for ``levels`` (None where a level does not). 'auto'
+    keeps the coarse level where it is as the paper's is: no more self-attention layers than the
+    fine level (not SDXL's 30 against 6) and a map of at least MIN_COARSE_SIDE positions a side."""
     fine = factors[0]
     coarse = factors[1] if len(factors) > 1 else None
     if levels == "auto" and coarse is not None:
         layers = decoder_self_attention_layers(unet)
-        levels = "both" if layers.get(coarse, 0) <= layers.get(fine, 0) else "fine"
+        shallow = layers.get(coarse, 0) <= layers.get(fine, 0)
+        wide = min(spatial_size(latent_hw, coarse)) >= MIN_COARSE_SIDE
+        levels = "both" if shallow and wide else "fine"
     if levels == "fine":
         return fine, None
     if levels == "coarse":
@@ -380,7 +393,7 @@ class AppearanceTransfer(Method):
         factors = decoder_attention_factors(bundle.unet)
         if not factors:
             raise InputError("unsupported_model", "This model's UNet has no decoder self-attention to swap.")
-        fine, coarse = swap_factors_for(bundle.unet, factors, p.swap_levels)
+        fine, coarse = swap_factors_for(bundle.unet, factors, p.swap_levels, latent_hw)
         if fine is None and coarse is None:
             raise InputError("unsupported_model", "This model's decoder has a single attention level: "
                              "choose swap levels 'fine' or 'auto'.", {"swap_levels": p.swap_levels})

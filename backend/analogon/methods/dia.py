@@ -119,14 +119,15 @@ class Params(MethodParams):
                     "of 85–99% of the area. Default 8 (authors).",
         json_schema_extra={"advanced": True})
     noise_iterations: int = Field(
-        4, ge=0, le=50, title="Noise iterations",
+        3, ge=0, le=50, title="Noise iterations",
         description="L-BFGS outer iterations of B's noise inversion (cached). 0 keeps the start "
-                    "point. The authors run 10; default 4 (see docs/benchmarks-dia.md).",
+                    "point. The authors run 10; default 3 (see docs/benchmarks-dia.md).",
         json_schema_extra={"advanced": True})
     noise_evaluations: int = Field(
-        8, ge=1, le=50, title="Noise evaluations",
+        10, ge=1, le=50, title="Noise evaluations",
         description="L-BFGS iterations inside each outer iteration; each costs one differentiable "
-                    "run of the whole sampler. Authors: 20 (torch's default); default 8.",
+                    "run of the whole sampler. Authors: 20 (torch's default); default 10: 3 × 10 "
+                    "runs of the 10-step sampler = 300 UNet forward+backward passes.",
         json_schema_extra={"advanced": True})
     noise_lr: float = Field(
         0.1, gt=0.0, le=2.0, title="Noise learning rate",
