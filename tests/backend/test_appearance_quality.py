@@ -50,5 +50,7 @@ def test_beats_plain_img2img_on_toy_sd():
     ours, img2img = rows["appearance"], rows["img2img, same prompt"]
     assert not ours.get("errors") and not img2img.get("errors"), report["notes"]
     assert ours["change"] > img2img["change"], (ours, img2img)
+    # measured 0.75 (6 of 8 attributes) against 0.50; the bound leaves one attribute of margin
+    assert ours["change"] >= 0.625, ours
     assert ours["change_by"]["colour"] > img2img["change_by"]["colour"], (ours, img2img)
     assert ours["keep"] > rows["appearance returned"]["keep"], ours

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from analogon.quality import cases as qc
 from analogon.quality import format_table, main, run_quality, score_case
@@ -122,3 +123,32 @@ def test_model_baselines_run_next_to_the_methods_of_their_kind(monkeypatch):
     rep = run_quality(methods=["no-such-method"], kinds=["exemplar"], n=2, model="tiny-sd",
                       device="cpu", log=lambda s: None)
     assert not seen and all(r["method"] != "img2img" for r in rep["rows"])
+
+
+def test_set_overrides_reach_the_measured_methods_only(monkeypatch):
+    """`--set KEY=VALUE` goes on top of each measured method's parameters (JSON values), not
+    onto the baselines; the report records it."""
+    from analogon.quality import _Runner, parse_overrides
+
+    assert parse_overrides(["guidance=2", "adain=off", "freeu=false", "x=[1, 2]"]) == {
+        "guidance": 2, "adain": "off", "freeu": False, "x": [1, 2]}
+    with pytest.raises(ValueError):
+        parse_overrides(["guidance"])
+    got = []
+
+    def fake_run(self, method_id, roles, params, case, seed):
+        got.append((method_id, dict(params)))
+        return case.slots[case.target]
+
+    monkeypatch.setattr(_Runner, "run", fake_run)
+    monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(
+        ("exemplar",), {"source": "source"}, {"steps": 2, "strength": 0.5}))
+    monkeypatch.setattr(qc, "MODEL_BASELINES", {})
+    qc.register_baseline("exemplar", "img2img", "pixels", {"source": "source"}, {"steps": 3})
+    rep = run_quality(methods=["pixels"], kinds=["exemplar"], n=1, seed=0, model="tiny-sd",
+                      device="cpu", log=lambda s: None, overrides={"strength": 0.25})
+    assert got == [("pixels", {"steps": 3}), ("pixels", {"steps": 2, "strength": 0.25})]
+    assert rep["overrides"] == {"strength": 0.25}
+    assert qc.METHODS["pixels"].params == {"steps": 2, "strength": 0.5}  # the registry unchanged
+    out_rc = main(["--methods", "pixels", "--set", "oops"])
+    assert out_rc == 2

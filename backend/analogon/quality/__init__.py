@@ -158,8 +158,9 @@ def _method_params(method_id: str, spec_params: dict[str, Any], mode: str) -> di
 def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None, n: int = 10,
                 seed: int = 0, model: str = "toy-sd", device: str | None = None,
                 params_mode: str = "default", baselines: bool = True,
-                log=print) -> dict[str, Any]:
-    """Run the suite; returns the JSON-able report (rows, per-case details, notes)."""
+                log=print, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the suite; returns the JSON-able report (rows, per-case details, notes).
+    ``overrides`` are set on top of every measured method's parameters (not the baselines')."""
     from ..errors import AnalogonError
     from ..methods import UNAVAILABLE, all_methods
 
@@ -221,7 +222,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
 
     def result() -> dict[str, Any]:
         return {"model": model, "seed": seed, "n": n, "params_mode": params_mode,
-                "rows": rows, "notes": notes, "cases": details}
+                "overrides": overrides or {}, "rows": rows, "notes": notes, "cases": details}
 
     try:
         if baselines:
@@ -248,7 +249,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 continue
             if spec.note:
                 notes.append(f"{mid}: {spec.note}")
-            params = _method_params(mid, spec.params, params_mode)
+            params = {**_method_params(mid, spec.params, params_mode), **(overrides or {})}
             for kind in spec.kinds:
                 if kind not in built:
                     continue
@@ -299,6 +300,21 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict; VALUE as JSON where it parses (2, 1.5, false, [1, 2]),
+    else the string itself."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="analogon bench --quality",
@@ -312,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", choices=("default", "demo"), default="default",
                     help="start from each method's defaults or its fast demo settings")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a parameter of the measured methods (repeatable; VALUE is JSON "
+                         "where it parses, else a string), e.g. --set guidance=2 --set adain=off")
     ap.add_argument("--model-quality", action="store_true",
                     help="also measure toy-sd itself: held-out generation and img2img")
     ap.add_argument("--model-quality-n", type=int, default=60)
@@ -327,12 +346,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] or None
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
     for k in kinds or ():
         if k not in KINDS:
             print(f"No case kind called {k!r}; kinds are {', '.join(KINDS)}.", file=sys.stderr)
             return 2
     report = run_quality(methods, kinds, args.cases, args.seed, args.model, args.device,
-                         args.params, not args.no_baselines, log=lambda s: print(s, flush=True))
+                         args.params, not args.no_baselines, log=lambda s: print(s, flush=True),
+                         overrides=overrides)
     if args.model_quality:
         from ..models import LoadOptions, load_bundle
         from ..toyworld.evaluate import measure
