@@ -9,8 +9,9 @@ The output keeps the *structure* image's shape and takes the *appearance* image'
    map z_t per step. Generation starts after ``skip_steps`` of the ``steps``-step DDIM schedule,
    from z^out = z^struct, and each output step re-uses the structure's noise maps.
 2. **Cross-image attention** (eq. 2). In the decoder's self-attention at the two finest
-   attention resolutions (64×64 and 32×32 for SD 1.5 at 512²), the output's queries attend to the
-   appearance's keys and values: softmax(Q_out K_appᵀ/√d) V_app (``core.attention``).
+   attention resolutions (64×64 and 32×32 for SD 1.5 at 512²; which of them: ``swap_levels``),
+   the output's queries attend to the appearance's keys and values:
+   softmax(Q_out K_appᵀ/√d) V_app (``core.attention``).
 3. **Attention contrast** (eq. 3): A ← (A − μ(A))·β + μ(A) on the swapped maps, β = 1.67.
 4. **Appearance guidance** (eq. 4): ε = ε_self + α(ε_× − ε_self), α = 3.5, where ε_× uses the
    swapped attention and ε_self the output's own.
