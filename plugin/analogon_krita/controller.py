@@ -1,6 +1,7 @@
 """The panel's brain, without widgets: observable state plus the work (read layers, run jobs,
 insert results, variants, history, sequences). The link to the backend (where it is, starting
-it, what it offers) is its own room, :mod:`connection`; history is :mod:`session`.
+it, what it offers) is its own room, :mod:`connection`; history is :mod:`session`; which layers
+play which role by default is :mod:`roles`.
 
 The docker binds widgets to this object; the tests drive it directly, in a fake Krita and in
 the real one.
@@ -14,6 +15,7 @@ from typing import Any, Callable
 from . import backend_options, models_ui
 from . import document as kdoc
 from . import imaging
+from . import roles as roles_mod
 from .canvas_preview import CanvasPreview
 from .backend_process import ServerInfo
 from .client import ImagePayload, ImageRef, JobResult, JobRunner, JobSpec
@@ -21,16 +23,11 @@ from .connection import Connection
 from .document import AdapterError, Rect
 from .forms import Field, FormError, coerce_all, fields_from_schema
 from .qt import QObject, pyqtSignal
+from .roles import SELECTION
 from .session import Pass, Session
 from .settings import Settings
 
-SELECTION = "@selection"  # the mask role's value for "the current selection"
 MAX_SEED = 2**31 - 1
-
-
-def _norm(text: str) -> str:
-    return (str(text).lower().replace("\u2032", "'").replace("\u2019", "'").replace("prime", "'")
-            .replace(" ", "").replace("_", "").replace("-", ""))
 
 
 @dataclass
@@ -295,11 +292,7 @@ class Controller(QObject):
         self._ensure_roles()
 
     def target_role(self, desc: dict | None = None) -> str:
-        desc = desc or self.method() or {}
-        if desc.get("target_role"):
-            return desc["target_role"]
-        req = [r for r in desc.get("roles", []) if r.get("kind") == "image" and r.get("required")]
-        return req[-1]["name"] if req else ""
+        return roles_mod.target_role(desc or self.method() or {})
 
     def fields(self, method_id: str | None = None) -> list[Field]:
         desc = self.method(method_id)
@@ -376,82 +369,16 @@ class Controller(QObject):
                 roles[name] = [c for c in chosen if c == SELECTION or c in ids]
 
     def selection_roles(self, desc: dict | None = None) -> set[str]:
-        """The mask roles that may take the current selection: those placed on the edited
-        image (a selection is a region of the canvas, not of another role's image)."""
-        desc = desc or self.method() or {}
-        target = self.target_role(desc)
-        return {r["name"] for r in desc.get("roles", [])
-                if r.get("kind") == "mask" and r.get("canvas") == target}
+        return roles_mod.selection_roles(desc or self.method() or {})
 
     def default_roles(self, desc: dict | None) -> dict[str, list[str]]:
-        """Sensible picks: a layer named like the role; the active layer as the target; the
-        nearest layers above it for the other required images (never the background or a
-        layer below the target, never an edit map or an earlier result); the nearest edit
-        map above the target; the selection as the mask of the edited image only."""
-        out: dict[str, list[str]] = {}
         doc = self.document()
         if not desc or doc is None:
-            return out
-        layers = kdoc.pickable_layers(doc)  # top first
-        results = self.session(doc).result_ids()
-        images = [n for n in layers if not kdoc.is_edit_map(n)]
-        roles = desc.get("roles", [])
-        target_name = self.target_role(desc)
-        used: set[str] = set()
-        for r in roles:
-            if r.get("kind") != "image":
-                continue
-            keys = {_norm(r.get("name", "")), _norm(r.get("title", ""))}
-            for n in images:
-                if _norm(n.name()) in keys and kdoc.layer_id(n) not in used:
-                    out[r["name"]] = [kdoc.layer_id(n)]
-                    used.add(kdoc.layer_id(n))
-                    break
-        active = doc.activeNode()
-        target = None
-        if target_name and target_name not in out:
-            if active is not None and kdoc.layer_id(active) not in used and not kdoc.is_edit_map(active) \
-                    and any(kdoc.layer_id(active) == kdoc.layer_id(n) for n in images):
-                target = active
-            else:
-                target = next((n for n in reversed(images) if kdoc.layer_id(n) not in used
-                               and n.visible()), None)
-            if target is not None:
-                out[target_name] = [kdoc.layer_id(target)]
-                used.add(kdoc.layer_id(target))
-        elif target_name in out:
-            target = kdoc.find_layer(doc, out[target_name][0])
-        order = [kdoc.layer_id(n) for n in images]
-        tpos = order.index(kdoc.layer_id(target)) if target is not None else 0
-        above = [i for i in reversed(order[:tpos]) if i not in results]  # nearest first
-        for r in roles:
-            name = r["name"]
-            if r.get("kind") != "image" or name in out or not r.get("required"):
-                continue
-            pick = next((i for i in above if i not in used), None)
-            if pick is not None:
-                out[name] = [pick]
-                used.add(pick)
-        sel_roles = self.selection_roles(desc)
-        for r in roles:
-            if r.get("kind") == "map" and r["name"] not in out:
-                maps = [n for n in layers if kdoc.is_edit_map(n)]
-                above_map = None
-                if target is not None:
-                    all_ids = [kdoc.layer_id(n) for n in layers]
-                    t = all_ids.index(kdoc.layer_id(target)) if kdoc.layer_id(target) in all_ids else 0
-                    above_map = next((n for n in reversed(layers[:t]) if kdoc.is_edit_map(n)), None)
-                pick = above_map or (maps[0] if maps else None)
-                out[r["name"]] = [kdoc.layer_id(pick)] if pick is not None else []
-            elif r.get("kind") == "mask" and r["name"] not in out:
-                out[r["name"]] = [SELECTION] if r["name"] in sel_roles else []
-        for r in roles:
-            out.setdefault(r["name"], [])
-        return out
+            return {}
+        return roles_mod.default_roles(desc, doc, self.session(doc).result_ids())
 
     def multiple_image_role(self, desc: dict | None = None) -> dict | None:
-        desc = desc or self.method() or {}
-        return next((r for r in desc.get("roles", []) if r.get("kind") == "image" and r.get("multiple")), None)
+        return roles_mod.multiple_image_role(desc or self.method() or {})
 
     # == settings ========================================================================
     def set_model(self, model: str):
