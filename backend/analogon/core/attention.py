@@ -76,7 +76,7 @@ def decoder_attention_factors(unet) -> list[int]:
 
 def decoder_self_attention_layers(unet) -> dict[int, int]:
     """How many decoder self-attention layers work at each factor: {factor: count}, e.g. SD 1.5
-    {1: 3, 2: 3, 4: 3}, SDXL {1: 6, 2: 30} (its transformers are 2 and 10 blocks deep)."""
+    {1: 3, 2: 3, 4: 3}, SDXL {2: 6, 4: 30} (its transformers are 2 and 10 blocks deep)."""
     n = len(unet.up_blocks)
     out: dict[int, int] = {}
     for j, block in enumerate(unet.up_blocks):
