@@ -4,8 +4,9 @@ same cases as Difference Inversion so that the two sit side by side in one table
 A and A′ differ in one attribute; B′ should take the change and keep B's other attributes.
 toy-sd is small (64², a CLIP whose vocabulary is the toy world's words), so fewer learnt tokens
 carry a caption's worth ("a large red striped circle on a grey background" is 8 words): 8 tokens,
-120 AdamW iterations at lr 0.02 (a toy CLIP's embeddings are coarser than ViT-L's), B's noise
-with the method's default L-BFGS budget, λ = 1 and CFG 3 (the method's defaults).
+40 AdamW iterations at lr 0.02 (a toy CLIP's embeddings are coarser than ViT-L's; 120 gave the
+same figures on 30 cases, docs/benchmarks-dia.md), B's noise with the method's default L-BFGS
+budget, λ = 1 and CFG 3 (the method's defaults).
 These settings were chosen, not tuned (figures in docs/benchmarks-dia.md); re-tune them with
 ``analogon bench --quality --methods dia`` when toy-sd changes.
 """
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 from .cases import register_method
 
-PARAMS = {"n_tokens": 8, "token_iterations": 120, "token_lr": 0.02, "steps": 10,
+PARAMS = {"n_tokens": 8, "token_iterations": 40, "token_lr": 0.02, "steps": 10,
           "analogy_strength": 1.0, "guidance": 3.0}
 
 register_method(
     "dia", ("analogy",), {"a": "a", "a_prime": "a_prime", "b": "b"}, PARAMS,
-    note="8 tokens, 120 token iterations at lr 0.02, default noise inversion, 10 DDIM steps, "
+    note="8 tokens, 40 token iterations at lr 0.02, default noise inversion, 10 DDIM steps, "
          "λ 1, CFG 3",
 )
