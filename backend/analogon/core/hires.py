@@ -41,7 +41,7 @@ from . import compositing as C
 from .diffusion import encode_prompt, img2img_timesteps, init_noise, make_scheduler, noised, sample
 from .diffusion import vae_decode, vae_encode
 from .editmap import EditSchedule
-from .images import as_rgba, from_tensor, map_from_rgba
+from .images import as_rgba, from_tensor
 
 AUTO_FACTOR = 1.5  # "auto" refines when the region is more than this × the working size
 AUTO_AREA = 16  # automatic max pixels: this × the model's native area
@@ -201,7 +201,7 @@ def finish(ctx, method, inputs, params, result):
         return result
     target = as_rgba(target_li.rgba)
     H, W = target.shape[:2]
-    shapes = {map_from_rgba(li.rgba).shape for role in ("edit_map", "mask") for li in inputs.all(role)}
+    shapes = {li.rgba.shape[:2] for role in ("edit_map", "mask") for li in inputs.all(role)}
     if shapes - {(H, W)}:
         raise InputError("size_mismatch", "The edit map and mask must have the target image's size.")
     change = C.job_change_map(inputs)

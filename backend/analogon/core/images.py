@@ -98,16 +98,6 @@ def over(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return out
 
 
-def combine_maps(maps: list[np.ndarray | None]) -> np.ndarray | None:
-    """Product of the given maps (None entries ignored); None when there are none."""
-    out = None
-    for m in maps:
-        if m is None:
-            continue
-        out = m.copy() if out is None else out * m
-    return out
-
-
 def native_size(size: Size, native: int, multiple: int = 8) -> Size:
     """The working size for a region: long side ~``native``, aspect kept, each side a multiple
     of ``multiple`` (the latent factor), at least one multiple."""
