@@ -77,11 +77,12 @@ from .base import (
 )
 
 CACHE_VERSION = 2
+ROLE_TITLES = {"a": "A (before)", "a_prime": "A′ (after)", "b": "B (target)"}
 
 
 class _NoSpace(Exception):
-    pass
-ROLE_TITLES = {"a": "A (before)", "a_prime": "A′ (after)", "b": "B (target)"}
+    """No CLIP text space to look for B's own value in (raised from the lazy feature function:
+    the space is loaded only when cap_B does not name A's old value itself)."""
 
 
 class Params(MethodParams):
