@@ -107,8 +107,8 @@ def _resolve(schema: dict, node: dict) -> dict:
 
 def _field(schema: dict, name: str, prop: dict) -> Field:
     prop = _resolve(schema, prop)
-    only_for = [str(v) for v in prop.get("variants") or [] if isinstance(v, str)] \
-        if isinstance(prop.get("variants"), list) else []
+    listed = prop.get("variants")
+    only_for = [v for v in listed if isinstance(v, str)] if isinstance(listed, list) else []
     nullable = False
     variants = prop.get("anyOf") or prop.get("oneOf")
     if variants:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from . import models_ui
-from .controller import SELECTION, Controller
-from .forms import fields_from_schema, for_model
+from .controller import Controller
+from .forms import fields_from_schema, for_model, wrap_tooltip
 from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
-from .forms import wrap_tooltip
+from .roles import SELECTION
 from .widgets import (LayerPicker, ParamForm, VariantStrip, form_layout, narrow_combo, set_tip,
                       wrapped_label)
 
