@@ -220,6 +220,34 @@ def test_swap_levels_auto_on_sd(tiny_sd, make_ctx, method):
     assert res.info["swap_layers"] == 4  # 2 + 2 (SD 1.5: 3 + 3)
 
 
+def test_query_preservation_reads_the_structure_on_swapped_steps(tiny_sd, make_ctx, method, monkeypatch):
+    """γ > 0: on every swapped step the output's queries are mixed with those of a batch element
+    that holds the structure's inverted latent at that step (one more element unless the
+    reference is the structure already); γ = 0 adds nothing."""
+    import analogon.methods.appearance as mod
+
+    seen = []
+    real_set_step = mod.SwapController.set_step
+
+    def spy(self, latent_hw, swaps=None, beta=None, queries=None, gamma=None):
+        seen.append((dict(swaps or {}), dict(queries or {}), gamma))
+        return real_set_step(self, latent_hw, swaps, beta, queries, gamma)
+
+    monkeypatch.setattr(mod.SwapController, "set_step", spy)
+    s, a = _img(64, 64, 25), _img(64, 64, 26)
+    base = method.run(make_ctx(tiny_sd), _inputs(s, a), method.Params(**FAST, query_preservation=0.0))
+    assert all(not q for _, q, _ in seen)
+    seen.clear()
+    res = method.run(make_ctx(tiny_sd), _inputs(s, a), method.Params(**FAST, query_preservation=0.8))
+    swapped = [(sw, q, g) for sw, q, g in seen if sw]
+    assert swapped and all(set(q) == set(sw) and g == 0.8 for sw, q, g in swapped)
+    for sw, q, _ in swapped:
+        (dst, src), = q[1]
+        assert dst == sw[1][0][0] and src != dst  # the swapped output asks with another element
+    assert res.info["unet_batch_elements"] - base.info["unet_batch_elements"] == len(swapped)
+    assert np.abs(res.images[0].rgba.astype(int) - base.images[0].rgba.astype(int)).max() > 0
+
+
 def test_describe_for_the_panel(method):
     d = method.describe()
     assert d["target_role"] == "structure"

@@ -87,6 +87,54 @@ def test_swapping_with_an_identical_element_is_identity(tiny_sd):
     assert torch.equal(swapped, plain)
 
 
+def _decoder_self_attention(dim=32, heads=2):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads)
+    return attn.eval()
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.67])
+def test_query_preservation_mixes_the_queries(beta):
+    """γ = 1 asks with the source's queries: with the source's keys and values too (and no
+    contrast), the destination's output is the source's own; γ = 0 is the plain swap."""
+    attn = _decoder_self_attention()
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 16, 32, generator=g)  # latent 4×4 at factor 1
+    ctl = SwapController(beta=beta)
+    proc = SwapProcessor(ctl, name)
+
+    def run(swaps, queries=None, gamma=None):
+        ctl.set_step((4, 4), swaps, queries=queries, gamma=gamma)
+        with torch.no_grad():
+            return proc(attn, h.clone())
+
+    plain = run({})
+    swap = run({1: [(0, 1)]})
+    same = run({1: [(0, 1)]}, {1: [(0, 1)]}, 1.0)[0]
+    assert torch.allclose(same, plain[1], atol=1e-5) == (beta == 1.0)
+    assert torch.equal(run({1: [(0, 1)]}, {1: [(0, 1)]}, 0.0), swap)
+    half = run({1: [(0, 1)]}, {1: [(0, 2)]}, 0.5)
+    assert torch.equal(half[1:], plain[1:])  # only the destination changes
+    assert (half[0] - swap[0]).abs().max() > 1e-4
+    # queries only at the factor named: this layer is factor 1, the pair is at factor 2
+    assert torch.equal(run({1: [(0, 1)]}, {2: [(0, 2)]}, 0.5), swap)
+
+
+def test_query_preservation_in_a_unet_changes_only_the_destination(tiny_sd):
+    x, kw = _inputs(tiny_sd, b=3)
+    ctl = SwapController(beta=1.67)
+    with installed(tiny_sd.unet, ctl):
+        ctl.set_step((8, 8), {1: [(0, 1)]})
+        swapped = _unet(tiny_sd, x, kw)
+        ctl.set_step((8, 8), {1: [(0, 1)]}, queries={1: [(0, 2)]}, gamma=0.75)
+        preserved = _unet(tiny_sd, x, kw)
+    assert torch.equal(preserved[1:], swapped[1:])
+    assert (preserved[0] - swapped[0]).abs().max() > 1e-4
+
+
 def test_explicit_path_matches_sdpa_at_beta_one():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 50, 8, generator=g) for _ in range(3))

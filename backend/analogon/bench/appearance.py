@@ -132,8 +132,9 @@ def run(opts) -> list[dict[str, Any]]:
     size = bundle.native_size
     fit = fit_previews(bundle)  # once per VAE, as at model load
     method = get_method("appearance")
-    # whole-image AdaIN on both sides (the authors-like loop has no self-segmentation here)
-    p = method.Params(steps=steps, skip_steps=skip, adain="whole", freeu=False)
+    # whole-image AdaIN on both sides (the authors-like loop has no self-segmentation here) and
+    # no query preservation (the authors' attention): the same mathematics, two arrangements
+    p = method.Params(steps=steps, skip_steps=skip, adain="whole", freeu=False, query_preservation=0.0)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]
     s = np.zeros((size, size, 4), np.uint8)

@@ -9,6 +9,11 @@ diffusers filters):
   (``attn1``), at the selected spatial resolutions, batch element ``dst`` attends with its own
   queries to the keys and values of batch element ``src``: softmax(Q_dst K_srcᵀ/√d) V_src.
   Every other batch element is computed exactly as the stock processor computes it.
+- **Query preservation** (Chung, Hyun & Heo, *Style Injection in Diffusion*, CVPR 2024, eq. 4):
+  in the same layers, the queries of batch element ``dst`` become γ·Q_src + (1 − γ)·Q_dst, Q_src
+  the queries of another element (the structure image's own latent), so that the swapped
+  attention is asked where the structure's positions are, not where the drifting output's are.
+  γ = 0 leaves the queries untouched.
 - **Contrast** (eq. 3) on the swapped attention map before it multiplies V:
   A ← (A − μ(A))·β + μ(A), μ the mean of each row. This needs the map itself, so those rows
   (and only those, in those layers) are computed with an explicit softmax, in float32, in
@@ -127,6 +132,10 @@ class SwapController:
     swaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     beta: float = 1.0
     contrast_mode: str = "clip"
+    # query preservation: factor -> (dst, src) pairs; dst's queries become
+    # gamma·Q_src + (1 − gamma)·Q_dst in decoder self-attention at that factor
+    queries: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    gamma: float = 0.0
     # capture: batch indices whose maps are accumulated; None = no capture
     capture: tuple[int, ...] | None = None
     capture_max_tokens: int = MAX_CAPTURE_TOKENS
@@ -138,11 +147,15 @@ class SwapController:
     log: list[tuple[str, int, tuple[tuple[int, int], ...]]] | None = None
 
     def set_step(self, latent_hw: tuple[int, int], swaps: dict[int, list[tuple[int, int]]] | None = None,
-                 beta: float | None = None) -> None:
+                 beta: float | None = None, queries: dict[int, list[tuple[int, int]]] | None = None,
+                 gamma: float | None = None) -> None:
         self.latent_hw = tuple(latent_hw)
         self.swaps = {int(k): list(v) for k, v in (swaps or {}).items() if v}
+        self.queries = {int(k): list(v) for k, v in (queries or {}).items() if v}
         if beta is not None:
             self.beta = float(beta)
+        if gamma is not None:
+            self.gamma = float(gamma)
 
     def clear_capture(self) -> None:
         self.capture = None
@@ -232,6 +245,8 @@ class SwapProcessor:
 
         query = attn.to_q(hidden_states)
         is_self = encoder_hidden_states is None
+        if self.decoder_self and is_self and ctl.queries and ctl.gamma != 0.0 and attention_mask is None:
+            query = self._preserve_queries(query, ctl.factor(query.shape[1]))
         if is_self:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -286,6 +301,17 @@ class SwapProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    def _preserve_queries(self, query: torch.Tensor, factor: int | None) -> torch.Tensor:
+        ctl = self.controller
+        n = query.shape[0]
+        pairs = [(d, s) for d, s in ctl.queries.get(factor, ()) if d < n and s < n] if factor else []
+        if not pairs:
+            return query
+        mixed = query.clone()
+        for d, s in pairs:
+            mixed[d] = ctl.gamma * query[s] + (1.0 - ctl.gamma) * query[d]
+        return mixed
 
     def _capture(self, factor: int, query: torch.Tensor, key: torch.Tensor, is_self: bool) -> None:
         ctl = self.controller

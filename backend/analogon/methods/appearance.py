@@ -20,11 +20,16 @@ The output keeps the *structure* image's shape and takes the *appearance* image'
    attention maps, ``core.selfseg``).
 6. **Structure injection** (§ Implementation): on some steps the keys/values come from the
    structure image instead, which holds the shape.
-7. **FreeU** on the UNet (``core.freeu``): the authors' operator (backbone scaled and low-pass
+7. **Query preservation** (not in the paper; Chung, Hyun & Heo, *Style Injection in
+   Diffusion*, CVPR 2024): in the swapped layers the output's queries are mixed with the
+   structure's own, Q = γ·Q_struct + (1 − γ)·Q_out, from the structure's inversion trajectory at
+   the same step (``query_preservation``, 0.75 as Chung et al.; 0 = the paper).
+8. **FreeU** on the UNet (``core.freeu``): the authors' operator (backbone scaled and low-pass
    damped at every deep up-block input) or diffusers' ``enable_freeu`` (skip features filtered).
 
 How this module computes it. One UNet call per step: the batch holds only what the step needs —
-[output with swapped K/V, output with its own K/V, the reference (appearance or structure)] —
+[output with swapped K/V, output with its own K/V, the reference (appearance or structure), the
+structure for its queries when γ > 0 and the reference is not already the structure] —
 and the references are *not* re-denoised: their latents at every step are the stored inversion
 trajectories (exact reconstructions by construction). The authors run two UNet passes per step
 (swap / no swap) over [out, appearance, structure], re-denoising both references with CFG 1
@@ -189,6 +194,14 @@ class AppearanceParams(MethodParams):
         title="FreeU skip 1", json_schema_extra={"advanced": True})
     freeu_s2: float = Field(0.2, ge=0.0, le=1.5, description="FreeU skip factor, stage 2 (authors: 0.2).",
         title="FreeU skip 2", json_schema_extra={"advanced": True})
+    query_preservation: float = Field(
+        0.75, ge=0.0, le=1.0,
+        description="γ: in the swapped layers the output's queries become γ·Q_structure + "
+        "(1 − γ)·Q_output, the structure's queries read from its inversion at the same step "
+        "(query preservation; 0.75 as in Style Injection in Diffusion, CVPR 2024; the paper "
+        "has none: 0). Holds the structure's shape while the keys and values bring the look "
+        "(docs/benchmarks-appearance.md); costs one more batch element on swapped steps.",
+        title="Query preservation (γ)", json_schema_extra={"advanced": True})
     edit_curve: EditCurve = Field(
         "linear", description="How the edit map's grey levels map to the step at which a pixel "
         "starts to change (core edit-map schedule).",
@@ -466,7 +479,15 @@ class AppearanceTransfer(Method):
                 if need_swap:
                     k_ref = len(batch)
                     batch.append(ref.x(i))
-                ctl.set_step(latent_hw, {f: [(k_swap, k_ref)] for f in swap_factors} if need_swap else {})
+                queries = {}
+                if need_swap and p.query_preservation > 0.0:
+                    k_struct = k_ref
+                    if ref is not inv_s:
+                        k_struct = len(batch)
+                        batch.append(inv_s.x(i))
+                    queries = {f: [(k_swap, k_struct)] for f in swap_factors}
+                ctl.set_step(latent_hw, {f: [(k_swap, k_ref)] for f in swap_factors} if need_swap else {},
+                             queries=queries, gamma=p.query_preservation)
                 xin = torch.cat(batch).to(unet.dtype)
                 with torch.no_grad():
                     eps = unet(sched.scale_model_input(xin, t), t,
