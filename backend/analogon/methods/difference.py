@@ -196,9 +196,10 @@ class Params(MethodParams):
         "with prompt_B to the strength's timestep (keeps B's layout; cached), 'noised' B's latent "
         "with seeded noise added (SDEdit)."),
         title="How B enters", json_schema_extra={"advanced": True})
-    strength: float = Field(0.8, ge=0.0, le=1.0, description=(
-        "How far B is taken back before sampling B′ (fraction of the steps that run); "
-        "0.8: B's layout stays while the DIFF can change content."),
+    strength: float = Field(0.6, ge=0.0, le=1.0, description=(
+        "How far B is taken back before sampling B′ (fraction of the steps that run; not in "
+        "the paper). 0.6 keeps more of B than 0.8 and makes the change as often (measured: "
+        "docs/benchmarks-difference.md); higher for changes of layout or shape."),
         title="Strength")
     guidance: float = Field(7.5, ge=1.0, le=30.0, description=(
         "Classifier-free guidance scale (7.5: Stable Diffusion's default; the paper does not "

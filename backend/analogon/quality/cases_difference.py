@@ -15,11 +15,11 @@ from .cases import register_method
 PARAMS = {
     "captioner": "pez", "pez_tokens": 8, "pez_steps": 300,
     "n_tokens": 5, "train_steps": 300, "lr": 5e-3,
-    "b_start": "ddim_inverted", "strength": 0.8, "steps": 25, "guidance": 5.0,
+    "b_start": "ddim_inverted", "strength": 0.6, "steps": 25, "guidance": 5.0,
 }
 
 register_method(
     "difference", ("analogy",), {"a": "a", "a_prime": "a_prime", "b": "b"}, PARAMS,
     note="PEZ captions in toy-sd's CLIP; 300 DIFF steps at lr 5e-3; DDIM-inverted B, 25 steps "
-         "at strength 0.8, CFG 5",
+         "at strength 0.6, CFG 5",
 )
