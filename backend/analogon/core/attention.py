@@ -9,7 +9,7 @@ diffusers filters):
   (``attn1``), at the selected spatial resolutions, batch element ``dst`` attends with its own
   queries to the keys and values of batch element ``src``: softmax(Q_dst K_srcᵀ/√d) V_src.
   Every other batch element is computed exactly as the stock processor computes it.
-- **Query preservation** (Chung, Hyun & Heo, *Style Injection in Diffusion*, CVPR 2024, eq. 4):
+- **Query preservation** (Chung, Hyun & Heo, *Style Injection in Diffusion*, CVPR 2024):
   in the same layers, the queries of batch element ``dst`` become γ·Q_src + (1 − γ)·Q_dst, Q_src
   the queries of another element (the structure image's own latent), so that the swapped
   attention is asked where the structure's positions are, not where the drifting output's are.
