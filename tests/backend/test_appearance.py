@@ -230,8 +230,8 @@ def test_query_preservation_reads_the_structure_on_swapped_steps(tiny_sd, make_c
     real_set_step = mod.SwapController.set_step
 
     def spy(self, latent_hw, swaps=None, beta=None, queries=None, gamma=None):
-        seen.append((dict(swaps or {}), dict(queries or {}), gamma))
-        return real_set_step(self, latent_hw, swaps, beta, queries, gamma)
+        real_set_step(self, latent_hw, swaps, beta, queries, gamma)
+        seen.append((dict(self.swaps), dict(self.queries), self.gamma))  # what the step runs with
 
     monkeypatch.setattr(mod.SwapController, "set_step", spy)
     s, a = _img(64, 64, 25), _img(64, 64, 26)

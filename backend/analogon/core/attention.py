@@ -211,6 +211,11 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _pairs(table: dict[int, list[tuple[int, int]]], factor: int, n: int) -> list[tuple[int, int]]:
+    """The (dst, src) pairs of ``table`` at ``factor`` whose indices are in a batch of ``n``."""
+    return [(d, s) for d, s in table.get(factor, ()) if d < n and s < n]
+
+
 class SwapProcessor:
     """``AttnProcessor2_0`` plus the controller's key/value swap, contrast and capture."""
 
@@ -245,8 +250,6 @@ class SwapProcessor:
 
         query = attn.to_q(hidden_states)
         is_self = encoder_hidden_states is None
-        if self.decoder_self and is_self and ctl.queries and ctl.gamma != 0.0 and attention_mask is None:
-            query = self._preserve_queries(query, ctl.factor(query.shape[1]))
         if is_self:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -255,13 +258,19 @@ class SwapProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        # which swaps apply in this layer, at this resolution
+        # which swaps and query mixes apply in this layer, at this resolution
         pairs: list[tuple[int, int]] = []
         factor = None
-        if (self.decoder_self or self.decoder_cross) and (ctl.swaps or ctl.capture is not None):
+        if (self.decoder_self or self.decoder_cross) and (ctl.swaps or ctl.queries or ctl.capture is not None):
             factor = ctl.factor(query.shape[1])
         if self.decoder_self and is_self and factor is not None and attention_mask is None:
-            pairs = [(d, s) for d, s in ctl.swaps.get(factor, ()) if d < batch_size and s < batch_size]
+            pairs = _pairs(ctl.swaps, factor, batch_size)
+            mixes = _pairs(ctl.queries, factor, batch_size) if ctl.gamma != 0.0 else []
+            if mixes:
+                mixed = query.clone()
+                for d, s in mixes:
+                    mixed[d] = ctl.gamma * query[s] + (1.0 - ctl.gamma) * query[d]
+                query = mixed
         if pairs:
             key = key.clone()
             value = value.clone()
@@ -301,17 +310,6 @@ class SwapProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
-
-    def _preserve_queries(self, query: torch.Tensor, factor: int | None) -> torch.Tensor:
-        ctl = self.controller
-        n = query.shape[0]
-        pairs = [(d, s) for d, s in ctl.queries.get(factor, ()) if d < n and s < n] if factor else []
-        if not pairs:
-            return query
-        mixed = query.clone()
-        for d, s in pairs:
-            mixed[d] = ctl.gamma * query[s] + (1.0 - ctl.gamma) * query[d]
-        return mixed
 
     def _capture(self, factor: int, query: torch.Tensor, key: torch.Tensor, is_self: bool) -> None:
         ctl = self.controller

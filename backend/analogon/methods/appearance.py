@@ -413,7 +413,7 @@ class AppearanceTransfer(Method):
                              "choose swap levels 'fine' or 'auto'.", {"swap_levels": p.swap_levels})
 
         unet = bundle.unet
-        ctl = SwapController(beta=p.contrast, contrast_mode=p.contrast_mode)
+        ctl = SwapController(beta=p.contrast, contrast_mode=p.contrast_mode, gamma=p.query_preservation)
         sch = Schedule(p)
         calls = elements = 0
         with installed(unet, ctl), freeu(unet, p.freeu_operator if p.freeu else None,
@@ -487,7 +487,7 @@ class AppearanceTransfer(Method):
                         batch.append(inv_s.x(i))
                     queries = {f: [(k_swap, k_struct)] for f in swap_factors}
                 ctl.set_step(latent_hw, {f: [(k_swap, k_ref)] for f in swap_factors} if need_swap else {},
-                             queries=queries, gamma=p.query_preservation)
+                             queries=queries)
                 xin = torch.cat(batch).to(unet.dtype)
                 with torch.no_grad():
                     eps = unet(sched.scale_model_input(xin, t), t,
