@@ -73,6 +73,21 @@ def test_same_image_without_contrast_or_guidance_reproduces_the_structure(tiny_s
     assert np.abs(other.images[0].rgba[..., :3].astype(int) - rec).mean() > 2
 
 
+def test_guidance_zero_is_no_transfer_even_with_the_decay(tiny_sd, make_ctx, method):
+    """α = 0 means no attention transfer: the decay lets α fall, never rise towards 1, so the
+    output is the structure redrawn from its own inversion."""
+    from analogon.methods.appearance import Schedule
+
+    p = method.Params(**FAST, guidance=0.0, guidance_decay=True, adain="off", freeu=False)
+    assert [Schedule(p).alpha(j) for j in range(Schedule(p).n)] == [0.0] * Schedule(p).n
+    falling = Schedule(method.Params(**FAST, guidance=3.5))
+    assert falling.alpha(0) == 3.5 and falling.alpha(falling.n - 1) == 1.75
+    s = _img(64, 64, 1)
+    res = method.run(make_ctx(tiny_sd, seed=3), _inputs(s, _img(64, 64, 7)), p)
+    rec = _reconstruction(tiny_sd, s).astype(int)
+    assert np.abs(res.images[0].rgba[..., :3].astype(int) - rec).max() <= 1
+
+
 def test_transfer_defaults_run_and_report(tiny_sd, make_ctx, method):
     s, a = _img(64, 64, 2), _img(80, 48, 3)
     ctx = make_ctx(tiny_sd, seed=5)

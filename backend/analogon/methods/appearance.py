@@ -126,7 +126,7 @@ class AppearanceParams(MethodParams):
     guidance_decay: bool = Field(
         True,
         description="Let α fall linearly to max(α/2, 1) over the run (authors' code; the paper "
-        "keeps α constant).",
+        "keeps α constant). An α of 1 or less stays constant.",
         title="Let the guidance decay", json_schema_extra={"advanced": True})
     range_semantics: RangeSemantics = Field(
         "authors",
@@ -297,7 +297,8 @@ class Schedule:
         a = self.p.guidance
         if not self.p.guidance_decay or self.n <= 1:
             return a
-        end = max(a / 2.0, 1.0)
+        # falls, never rises: an α of 1 or less (0 = no transfer) stays as it is
+        end = min(a, max(a / 2.0, 1.0))
         return float(np.linspace(a, end, self.n)[j])
 
 
