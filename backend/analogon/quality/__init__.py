@@ -158,9 +158,11 @@ def _method_params(method_id: str, spec_params: dict[str, Any], mode: str) -> di
 def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None, n: int = 10,
                 seed: int = 0, model: str = "toy-sd", device: str | None = None,
                 params_mode: str = "default", baselines: bool = True,
-                log=print, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                log=print, overrides: dict[str, Any] | None = None,
+                variants: bool = True) -> dict[str, Any]:
     """Run the suite; returns the JSON-able report (rows, per-case details, notes).
-    ``overrides`` are set on top of every measured method's parameters (not the baselines')."""
+    ``overrides`` are set on top of every measured method's parameters (not the baselines');
+    ``variants`` adds each method's variant rows (the same parameters, more inputs)."""
     from ..errors import AnalogonError
     from ..methods import UNAVAILABLE, all_methods
 
@@ -256,6 +258,11 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 if not warm_runner():
                     return result()
                 measure(mid, kind, mid, spec.roles, lambda c, p=params: p, {"params": params})
+                if not variants:
+                    continue
+                for vname, vroles in spec.variants.items():
+                    measure(f"{mid}, {vname}", kind, mid, {**spec.roles, **vroles},
+                            lambda c, p=params: p, {"params": params, "variant": vname})
     finally:
         if runner is not None:
             runner.close()
@@ -268,7 +275,7 @@ COLUMNS = ("cases", "change", "keep", "all", "dist", "outside")
 
 
 def format_row(row: dict[str, Any]) -> str:
-    cells = [f"{row['method']:<22s}", f"{row['kind']:<11s}"]
+    cells = [f"{row['method']:<24s}", f"{row['kind']:<11s}"]
     for c in COLUMNS:
         v = row.get(c)
         if v is None:
@@ -283,7 +290,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = f"{'method':<22s} {'kind':<11s} " + " ".join(f"{c:>8s}" for c in COLUMNS) + "  per case"
+    head = f"{'method':<24s} {'kind':<11s} " + " ".join(f"{c:>8s}" for c in COLUMNS) + "  per case"
     lines = [f"quality on {report['model']} (seed {report['seed']}, {report['n']} cases per kind)",
              head, "-" * len(head)]
     for kind in dict.fromkeys(r["kind"] for r in report["rows"]):
@@ -328,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", choices=("default", "demo"), default="default",
                     help="start from each method's defaults or its fast demo settings")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="leave out the methods' variant rows (e.g. appearance with the objects' "
+                         "masks given)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a parameter of the measured methods (repeatable; VALUE is JSON "
                          "where it parses, else a string), e.g. --set guidance=2 --set adain=off")
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     report = run_quality(methods, kinds, args.cases, args.seed, args.model, args.device,
                          args.params, not args.no_baselines, log=lambda s: print(s, flush=True),
-                         overrides=overrides)
+                         overrides=overrides, variants=not args.no_variants)
     if args.model_quality:
         from ..models import LoadOptions, load_bundle
         from ..toyworld.evaluate import measure

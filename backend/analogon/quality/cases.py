@@ -70,6 +70,9 @@ class MethodCases:
     params: dict[str, Any] = field(default_factory=dict)
     # a short note printed under the table (e.g. why settings differ from the defaults)
     note: str = ""
+    # further rows of the same method with the same parameters and more inputs: row name ->
+    # extra roles (role name -> slot name), e.g. the masks a painter would give
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodCases] = {
@@ -84,8 +87,9 @@ METHODS: dict[str, MethodCases] = {
 
 def register_method(method_id: str, kinds: tuple[str, ...] | list[str],
                     roles: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                    note: str = "") -> None:
-    METHODS[method_id] = MethodCases(tuple(kinds), dict(roles or {}), dict(params or {}), note)
+                    note: str = "", variants: dict[str, dict[str, str]] | None = None) -> None:
+    METHODS[method_id] = MethodCases(tuple(kinds), dict(roles or {}), dict(params or {}), note,
+                                     {k: dict(v) for k, v in (variants or {}).items()})
 
 
 @dataclass
@@ -187,6 +191,11 @@ def _object_mask(scene: dict[str, Any], grow: int = 1) -> np.ndarray:
     return m
 
 
+def _silhouette(scene: dict[str, Any]) -> np.ndarray:
+    """L uint8 (SIZE, SIZE): the object white on black."""
+    return np.where(_object_mask(scene, grow=0), 255, 0).astype(np.uint8)
+
+
 def exemplar_case_list(kind: str, n: int, seed: int,
                        edit_map_for: Callable[[np.ndarray], np.ndarray],
                        keep_region_for: Callable[[dict[str, Any], np.ndarray], np.ndarray],
@@ -240,7 +249,9 @@ def appearance_cases(n: int, seed: int) -> list[Case]:
         truth = change(change(s, "colour", t["colour"]), "texture", t["texture"])
         out.append(Case(
             kind="appearance", name=f"appearance-{i:02d}-{s['shape']}-gets-{t['colour']}-{t['texture']}",
-            slots={"structure": render(s, SIZE), "appearance": render(t, SIZE)},
+            slots={"structure": render(s, SIZE), "appearance": render(t, SIZE),
+                   # the objects' silhouettes, as a painter would mask them
+                   "structure_object": _silhouette(s), "appearance_object": _silhouette(t)},
             truth=truth, changed={"colour": t["colour"], "texture": t["texture"]},
             kept=("shape", "size", "background"),
             baselines={"structure unchanged": "structure", "appearance returned": "appearance"},

@@ -37,6 +37,8 @@ register_baseline("appearance", "img2img, look in words", "pixels", {"source": "
 register_method(
     "appearance", ("appearance",), {"structure": "structure", "appearance": "appearance"},
     params=PARAMS,
+    variants={"masks given": {"structure_mask": "structure_object",
+                              "appearance_mask": "appearance_object"}},
     note="appearance runs with domain 'shape', prompt 'a {domain}', 50 steps / 16 skipped (the "
          "toy model's vocabulary; the paper's proportions). change = appearance adopted, keep = "
          "structure kept.",
