@@ -263,6 +263,30 @@ def test_ddim_inversion_of_b_is_cached(tiny_sd, make_ctx, samples, counter_sd):
     assert counter_sd.n == 3
 
 
+def test_ddpm_inverted_b_is_redrawn_exactly_without_a_diff(tiny_sd, make_ctx, samples, counter_sd):
+    """B's edit-friendly noise maps redraw B (its autoencoder round trip) when the DIFF is zero,
+    at the sampler's own guidance: only the DIFF moves B. The inversion is cached."""
+    p = params(b_start="ddpm_inverted", diff_scale=0.0, scheduler="ddim")
+    inputs = make_inputs(samples)
+    out = METHOD.generate(make_ctx(tiny_sd, seed=9), inputs, p).images[0].rgba[..., :3]
+    z = vae_encode(tiny_sd, im.to_tensor(samples["b"], (64, 64)))
+    rt = im.from_tensor(vae_decode(tiny_sd, z))
+    assert np.abs(out.astype(int) - rt.astype(int)).max() <= 1
+    # the DDIM-inverted start does not redraw B at this guidance (the check above can fail)
+    ddim = METHOD.generate(make_ctx(tiny_sd, seed=9), inputs, params(b_start="ddim_inverted",
+                                                                  diff_scale=0.0))
+    assert np.abs(ddim.images[0].rgba[..., :3].astype(int) - rt.astype(int)).max() > 1
+    counter_sd.n = 0
+    moved = METHOD.generate(make_ctx(tiny_sd, seed=9), inputs, p.model_copy(update={"diff_scale": 1.0}))
+    assert counter_sd.n == 3  # cached tokens and inversion: the 3 sampling steps alone
+    assert np.abs(moved.images[0].rgba[..., :3].astype(int) - rt.astype(int)).max() > 1
+
+
+def test_ddpm_inverted_needs_the_ddim_sampler():
+    with pytest.raises(ValueError, match="DDIM"):
+        params(b_start="ddpm_inverted", scheduler="euler")
+
+
 def test_user_captions_override_the_captioner(tiny_sd, make_ctx, samples, tmp_path):
     missing = str(tmp_path / "no-blip-here")
     p = params(captioner="blip", captioner_model=missing)
@@ -330,7 +354,7 @@ def test_tiny_sdxl_runs_on_an_odd_non_square_target_with_a_map(tiny_sdxl, make_c
     b = np.ascontiguousarray(samples["b"][5:42, 3:53])  # 50 x 37
     emap = np.zeros((37, 50, 4), np.uint8)
     emap[:, 25:] = 255
-    for b_start in ("ddim_inverted", "noised"):
+    for b_start in ("ddim_inverted", "ddpm_inverted", "noised"):
         r = METHOD.run(make_ctx(tiny_sdxl), make_inputs(samples, b=b, edit_map=LayerImage(emap, "m")),
                        params(b_start=b_start))
         out = r.images[0].rgba

@@ -279,18 +279,23 @@ def sample(bundle, scheduler, latents: torch.Tensor, timesteps, cond: Conditioni
            uncond: Conditioning | None = None, guidance: float = 1.0,
            before_step: StepHook | None = None, on_step: Callable[[int], None] | None = None,
            generator: torch.Generator | None = None, eta: float | None = None,
-           on_prediction: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           on_prediction: Callable[[int, torch.Tensor], None] | None = None,
+           noise_maps: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Run the scheduler over ``timesteps`` from ``latents``.
 
     ``before_step(i, t, latents) -> latents`` runs before each UNet call (edit-map resets,
     latent surgery); ``on_step(i)`` after each step (progress, cancel: it may raise);
     ``on_prediction(i, x0)`` after step i with the scheduler's prediction of the clean latent
-    (its ``pred_original_sample``; the new latents for schedulers that give none): previews."""
+    (its ``pred_original_sample``; the new latents for schedulers that give none): previews.
+    ``noise_maps(i)`` gives step i's noise instead of a random draw (a DDIM scheduler with
+    ``eta`` > 0: the noise maps of an edit-friendly inversion, ``core.ddpm_inversion``)."""
     extra: dict[str, Any] = {}
     import inspect
 
     params = inspect.signature(scheduler.step).parameters
-    if generator is not None and "generator" in params:
+    if noise_maps is not None and "variance_noise" not in params:
+        raise ValueError(f"{type(scheduler).__name__} takes no noise maps")
+    if generator is not None and "generator" in params and noise_maps is None:
         extra["generator"] = generator
     if eta is not None and "eta" in params:
         extra["eta"] = eta
@@ -299,6 +304,8 @@ def sample(bundle, scheduler, latents: torch.Tensor, timesteps, cond: Conditioni
             latents = before_step(i, t, latents)
         with torch.no_grad():
             eps = predict_noise(bundle, latents, t, cond, uncond, guidance, scheduler=scheduler)
+            if noise_maps is not None:
+                extra["variance_noise"] = noise_maps(i).to(latents.device, latents.dtype)
             out = scheduler.step(eps, t, latents, **extra)
             latents = out.prev_sample
         if on_prediction is not None:

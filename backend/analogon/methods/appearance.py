@@ -316,7 +316,9 @@ class AppearanceTransfer(Method):
         Role("structure", "Structure", help="The image whose shapes are kept; the result has its size."),
         Role("appearance", "Appearance", help="The image whose look is transferred; any size."),
         Role("structure_mask", "Structure mask", "mask", required=False,
-             help="The object in the structure image (white), for colour matching. Same size as the structure image."),
+             help="The object in the structure image (white), for colour matching. Same size as "
+                  "the structure image. Paint both masks when the shape must hold: automatic "
+                  "masks can miss the object and round its corners."),
         Role("appearance_mask", "Appearance mask", "mask", required=False,
              help="The object in the appearance image (white), for colour matching. Same size as the appearance image."),
     )

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..core import images as im
 from ..core.compositing import job_change_map, map_to_grid
@@ -64,6 +64,7 @@ from ..core.diffusion import (
     SCHEDULER_NAMES, Conditioning, encode_prompt, img2img_timesteps, init_noise, make_scheduler,
     noised, sample, vae_decode, vae_encode,
 )
+from ..core.ddpm_inversion import Inversion, invert
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.gradients import LossScaler
 from ..core.previews import step_previews
@@ -191,9 +192,11 @@ class Params(MethodParams):
         "Multiplies the DIFF tokens when sampling B′: 1 applies the learned change (the paper), "
         "0 is prompt_B alone, −1 applies the reverse change (A′ → A)."),
         title="Change strength")
-    b_start: Literal["ddim_inverted", "noised"] = Field("ddim_inverted", description=(
+    b_start: Literal["ddim_inverted", "ddpm_inverted", "noised"] = Field("ddim_inverted", description=(
         "How B enters the sampler (not in the paper): 'ddim_inverted' B's latent DDIM-inverted "
-        "with prompt_B to the strength's timestep (keeps B's layout; cached), 'noised' B's latent "
+        "with prompt_B to the strength's timestep (keeps B's layout; cached); 'ddpm_inverted' "
+        "B inverted edit-friendly (noise maps that redraw B exactly with prompt_B at this "
+        "guidance, so only the DIFF moves it; DDIM sampler; cached); 'noised' B's latent "
         "with seeded noise added (SDEdit)."),
         title="How B enters", json_schema_extra={"advanced": True})
     strength: float = Field(0.6, ge=0.0, le=1.0, description=(
@@ -219,6 +222,14 @@ class Params(MethodParams):
         "How the edit map's grey levels become start times (PIXELS' thresholds; linear is the "
         "default there)."),
         title="Edit map curve", json_schema_extra={"advanced": True})
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.b_start == "ddpm_inverted" and self.scheduler != "ddim":
+            raise ValueError(f"b_start 'ddpm_inverted' samples with B's noise maps, which only the "
+                             f"DDIM sampler takes: choose scheduler 'ddim' (not "
+                             f"{self.scheduler!r}) or another b_start")
+        return self
 
 
 # -- DIFF tokens in prompts ------------------------------------------------------------------
@@ -766,10 +777,20 @@ class DifferenceMethod(Method):
         pre, suf = conflict_split(cap_b, conflict and conflict.b, p)
         cond = diff_conditioning(bundle, pre, diffs, p.diff_scale, hw, suf)
 
+        noise_maps = None
         if len(timesteps) == 0:
             lat = z_b_lazy()
         else:
-            if p.b_start == "noised":
+            if p.b_start == "ddpm_inverted":
+                inv = self._ddpm_inverted(ctx, p, b, cap_b, z_b_lazy, plain, uncond, sched,
+                                          len(sched.timesteps) - len(timesteps), size)
+
+                def source(i):
+                    return inv.x(inv.start + i).to(bundle.device, bundle.unet.dtype)
+
+                def noise_maps(i):
+                    return inv.z(inv.start + i)
+            elif p.b_start == "noised":
                 z_b = z_b_lazy()
                 noise = init_noise(bundle, z_b.shape, ctx.generator())
 
@@ -792,7 +813,8 @@ class DifferenceMethod(Method):
             lat = sample(bundle, sched, x, timesteps, cond, uncond, p.guidance, before_step=before,
                          on_step=ctx.step_callback("sampling B′", len(timesteps)),
                          generator=ctx.generator(offset=1),
-                         on_prediction=step_previews(ctx, len(timesteps)))
+                         on_prediction=step_previews(ctx, len(timesteps)),
+                         eta=1.0 if noise_maps is not None else None, noise_maps=noise_maps)
             if change is not None:
                 lat = schedule.finish(lat, z_b_lazy())
         rgb = im.from_tensor(vae_decode(bundle, lat))
@@ -811,6 +833,24 @@ class DifferenceMethod(Method):
                            on_step=ctx.step_callback("inverting B", len(timesteps)))
         ctx.cache.put(key, {"traj": torch.cat(traj).float()}, {"prompt": cap_b})
         return traj
+
+    def _ddpm_inverted(self, ctx, p: Params, b, cap_b, z_b_lazy, plain: Conditioning,
+                       uncond: Conditioning, sched, start: int, size) -> Inversion:
+        """B's edit-friendly DDPM inversion over the steps that run, with prompt_B guided as the
+        sampler guides (so that sampling it with prompt_B redraws B); cached by content."""
+        bundle = ctx.model
+        key = ctx.cache.key("difference.ddpm_inversion", bundle.key, b=b.sha, prompt=cap_b,
+                            negative=p.negative_prompt, guidance=float(p.guidance),
+                            size=list(size), steps=p.steps, start=start, seed=ctx.seed,
+                            version=CACHE_VERSION)
+        hit = ctx.cache.get(key)
+        if hit is not None:
+            return Inversion.from_tensors(hit, device=bundle.device)
+        g = torch.Generator(device="cpu").manual_seed(ctx.seed)
+        inv = invert(bundle, sched, z_b_lazy().float(), plain, uncond, p.guidance, start=start,
+                     generator=g, on_step=lambda k, n: ctx.progress("inverting B", k, n))
+        ctx.cache.put(key, inv.to_tensors(), {"prompt": cap_b, "what": "edit-friendly inversion"})
+        return inv
 
     @staticmethod
     def _change_map(inputs: Inputs, size, bundle) -> torch.Tensor | None:
