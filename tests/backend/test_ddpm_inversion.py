@@ -96,3 +96,25 @@ def test_bad_start_is_refused(tiny_sd):
     cond, _ = encode_prompt(tiny_sd, "")
     with pytest.raises(ValueError):
         invert(tiny_sd, sched, _latent(), cond, start=4)
+
+
+def test_the_shared_sampler_takes_the_noise_maps(tiny_sd):
+    """``core.diffusion.sample`` with an inversion's noise maps is its reconstruction (guided);
+    a scheduler without noise maps is refused."""
+    from analogon.core.diffusion import sample
+
+    sched = make_scheduler(tiny_sd, "ddim", 6)
+    cond, uncond = encode_prompt(tiny_sd, "A photo of a cat")
+    x0 = _latent(2)
+    inv = invert(tiny_sd, sched, x0, cond, uncond, 3.0, start=2,
+                 generator=torch.Generator().manual_seed(4))
+    out = sample(tiny_sd, sched, inv.x(2), sched.timesteps[2:], cond, uncond, 3.0, eta=1.0,
+                 noise_maps=lambda i: inv.z(2 + i), generator=torch.Generator().manual_seed(9))
+    assert (out - x0).abs().max() < 1e-4
+    # without them the same call draws its own noise and does not come back
+    free = sample(tiny_sd, sched, inv.x(2), sched.timesteps[2:], cond, uncond, 3.0, eta=1.0,
+                  generator=torch.Generator().manual_seed(9))
+    assert (free - x0).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="noise maps"):
+        sample(tiny_sd, make_scheduler(tiny_sd, "euler", 6), inv.x(2), sched.timesteps[2:], cond,
+               noise_maps=lambda i: inv.z(2 + i))
