@@ -143,6 +143,29 @@ def test_user_masks_are_used(tiny_sd, make_ctx, method):
     assert not np.array_equal(res.images[0].rgba, whole.images[0].rgba)
 
 
+def test_an_object_on_a_transparent_layer_is_its_own_mask(tiny_sd, make_ctx, method):
+    """Without a mask layer, the opacity of an image with transparent pixels is its AdaIN mask:
+    the same result as giving that opacity as the mask layer; a mask layer still wins."""
+    s, a = _img(64, 64, 9), _img(48, 40, 10)
+    s[..., 3] = 0
+    s[12:52, 20:44, 3] = 255
+    alpha_as_mask = np.zeros((64, 64, 4), np.uint8)
+    alpha_as_mask[..., :3] = s[..., 3:4]
+    alpha_as_mask[..., 3] = 255
+    p = method.Params(**FAST)
+    own = method.generate(make_ctx(tiny_sd), _inputs(s, a), p)
+    assert own.info["adain_masks"]["structure"] == "alpha"
+    assert own.info["adain_masks"]["appearance"] in ("auto", "whole")  # opaque: found as before
+    given = method.generate(make_ctx(tiny_sd), _inputs(s, a, structure_mask=alpha_as_mask), p)
+    assert given.info["adain_masks"]["structure"] == "user"
+    assert np.array_equal(own.images[0].rgba, given.images[0].rgba)
+    other = np.zeros((64, 64, 4), np.uint8)
+    other[40:, :, :] = 255
+    wins = method.generate(make_ctx(tiny_sd), _inputs(s, a, structure_mask=other), p)
+    assert wins.info["adain_masks"]["structure"] == "user"
+    assert not np.array_equal(wins.images[0].rgba, own.images[0].rgba)
+
+
 def test_mask_of_the_wrong_size_is_a_clear_error(tiny_sd, make_ctx, method):
     s, a = _img(64, 64, 11), _img(48, 40, 12)
     wrong = np.full((32, 32, 4), 255, np.uint8)

@@ -158,8 +158,9 @@ class AppearanceParams(MethodParams):
     adain: AdainMode = Field(
         "masked",
         description="AdaIN of the output towards the appearance (paper eq. 5). 'masked': "
-        "statistics on the objects only — your mask layers where given, else automatic "
-        "self-segmentation (paper); 'whole': whole images; 'off'.",
+        "statistics on the objects only — your mask layers where given, else the opacity of an "
+        "image with transparent pixels, else automatic self-segmentation (paper); 'whole': "
+        "whole images; 'off'.",
         title="AdaIN", json_schema_extra={"advanced": True})
     adain_start: int = Field(20, ge=0, le=100, description="AdaIN after steps from here (paper: 20). " + _PCT,
         title="AdaIN from", json_schema_extra={"advanced": True, "unit": "step"})
@@ -237,6 +238,12 @@ def _mask_map(inputs: Inputs, role: str, image_role: str, title: str) -> np.ndar
             {"role": role, "mask_size": list(li.size), "image_size": list(img.size)},
         )
     return im.map_from_rgba(li.rgba)
+
+
+def _alpha_mask(rgba: np.ndarray) -> np.ndarray | None:
+    """The opacity of an image with transparent pixels, as a mask (None when it is opaque)."""
+    alpha = im.alpha_of(rgba)
+    return alpha if float(alpha.min()) < 1.0 else None
 
 
 # The coarse level swaps (under 'auto') only where its feature map is at least this many positions
@@ -393,6 +400,9 @@ class AppearanceTransfer(Method):
         im.check_not_empty(app.rgba, "appearance")
         s_mask = _mask_map(inputs, "structure_mask", "structure", "structure mask")
         a_mask = _mask_map(inputs, "appearance_mask", "appearance", "appearance mask")
+        # an object on a transparent layer brings its own mask: its opacity
+        s_alpha = _alpha_mask(struct.rgba) if s_mask is None else None
+        a_alpha = _alpha_mask(app.rgba) if a_mask is None else None
         for role in ("edit_map", "mask"):
             for li in inputs.all(role):
                 if li.rgba.shape[:2] != struct.rgba.shape[:2]:
@@ -431,10 +441,17 @@ class AppearanceTransfer(Method):
             dev = bundle.device
 
             # masks for AdaIN, at latent size
-            m_s = map_to_grid(s_mask, (latent_hw[1], latent_hw[0]), device=dev) if s_mask is not None else None
-            m_a = map_to_grid(a_mask, (latent_hw[1], latent_hw[0]), device=dev) if a_mask is not None else None
-            mask_source = {"structure": "user" if m_s is not None else None,
-                           "appearance": "user" if m_a is not None else None}
+            def latent_mask(given, alpha):
+                """(mask on the latent grid or None, where it came from)."""
+                m = given if given is not None else alpha
+                if m is None:
+                    return None, None
+                return (map_to_grid(m, (latent_hw[1], latent_hw[0]), device=dev),
+                        "user" if given is not None else "alpha")
+
+            m_s, src_s = latent_mask(s_mask, s_alpha)
+            m_a, src_a = latent_mask(a_mask, a_alpha)
+            mask_source = {"structure": src_s, "appearance": src_a}
             masks_ready = p.adain != "masked" or (m_s is not None and m_a is not None)
             if p.adain == "whole":
                 m_s = m_a = None
