@@ -240,10 +240,16 @@ def _mask_map(inputs: Inputs, role: str, image_role: str, title: str) -> np.ndar
     return im.map_from_rgba(li.rgba)
 
 
-def _alpha_mask(rgba: np.ndarray) -> np.ndarray | None:
-    """The opacity of an image with transparent pixels, as a mask (None when it is opaque)."""
-    alpha = im.alpha_of(rgba)
-    return alpha if float(alpha.min()) < 1.0 else None
+def _object_mask(inputs: Inputs, role: str, image_role: str, title: str
+                 ) -> tuple[np.ndarray | None, str | None]:
+    """The AdaIN mask of one image and where it came from: the mask layer ("user"), else the
+    opacity of an image with transparent pixels — an object on its own layer — ("alpha"), else
+    (None, None): found automatically later."""
+    given = _mask_map(inputs, role, image_role, title)
+    if given is not None:
+        return given, "user"
+    alpha = im.alpha_of(inputs.get(image_role).rgba)
+    return (alpha, "alpha") if float(alpha.min()) < 1.0 else (None, None)
 
 
 # The coarse level swaps (under 'auto') only where its feature map is at least this many positions
@@ -398,11 +404,8 @@ class AppearanceTransfer(Method):
             raise InputError("missing_image", "Appearance transfer needs a Structure and an Appearance image.")
         im.check_not_empty(struct.rgba, "structure")
         im.check_not_empty(app.rgba, "appearance")
-        s_mask = _mask_map(inputs, "structure_mask", "structure", "structure mask")
-        a_mask = _mask_map(inputs, "appearance_mask", "appearance", "appearance mask")
-        # an object on a transparent layer brings its own mask: its opacity
-        s_alpha = _alpha_mask(struct.rgba) if s_mask is None else None
-        a_alpha = _alpha_mask(app.rgba) if a_mask is None else None
+        s_mask, s_src = _object_mask(inputs, "structure_mask", "structure", "structure mask")
+        a_mask, a_src = _object_mask(inputs, "appearance_mask", "appearance", "appearance mask")
         for role in ("edit_map", "mask"):
             for li in inputs.all(role):
                 if li.rgba.shape[:2] != struct.rgba.shape[:2]:
@@ -441,17 +444,9 @@ class AppearanceTransfer(Method):
             dev = bundle.device
 
             # masks for AdaIN, at latent size
-            def latent_mask(given, alpha):
-                """(mask on the latent grid or None, where it came from)."""
-                m = given if given is not None else alpha
-                if m is None:
-                    return None, None
-                return (map_to_grid(m, (latent_hw[1], latent_hw[0]), device=dev),
-                        "user" if given is not None else "alpha")
-
-            m_s, src_s = latent_mask(s_mask, s_alpha)
-            m_a, src_a = latent_mask(a_mask, a_alpha)
-            mask_source = {"structure": src_s, "appearance": src_a}
+            m_s = map_to_grid(s_mask, (latent_hw[1], latent_hw[0]), device=dev) if s_mask is not None else None
+            m_a = map_to_grid(a_mask, (latent_hw[1], latent_hw[0]), device=dev) if a_mask is not None else None
+            mask_source = {"structure": s_src, "appearance": a_src}
             masks_ready = p.adain != "masked" or (m_s is not None and m_a is not None)
             if p.adain == "whole":
                 m_s = m_a = None
