@@ -128,6 +128,18 @@ def invert(bundle, scheduler, x0: torch.Tensor, cond: Conditioning,
     return Inversion(timesteps.detach().clone(), start, xs, zs)
 
 
+def cached(cache, key: str, make: Callable[[], "Inversion"], meta: dict, device=None
+           ) -> tuple[Inversion, bool]:
+    """The inversion stored in ``cache`` (``core.cache.Cache``) under ``key``, or ``make()``'s,
+    stored there with ``meta``: (inversion, whether it came from the cache)."""
+    hit = cache.get(key)
+    if hit is not None:
+        return Inversion.from_tensors(hit, device=device), True
+    inv = make()
+    cache.put(key, inv.to_tensors(), meta)
+    return inv, False
+
+
 def reconstruct(bundle, scheduler, inv: Inversion, cond: Conditioning,
                 uncond: Conditioning | None = None, guidance: float = 1.0, eta: float = 1.0
                 ) -> torch.Tensor:

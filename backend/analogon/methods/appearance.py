@@ -58,7 +58,7 @@ from ..core.attention import (
     CONTRAST_MODES, SwapController, decoder_attention_factors, decoder_self_attention_layers,
     installed, spatial_size,
 )
-from ..core.ddpm_inversion import Inversion, invert
+from ..core.ddpm_inversion import Inversion, cached, invert
 from ..core.diffusion import encode_prompt, make_scheduler, vae_decode, vae_encode
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.freeu import FREEU_OPERATORS, freeu
@@ -350,19 +350,21 @@ class AppearanceTransfer(Method):
             dtype=str(bundle.dtype),
             freeu=[p.freeu_operator, p.freeu_b1, p.freeu_b2, p.freeu_s1, p.freeu_s2] if p.freeu else False,
         )
-        hit = ctx.cache.get(key)
-        if hit is not None:
+
+        def make() -> Inversion:
+            x0 = vae_encode(bundle, im.to_tensor(rgba, size)).float()
+            # the noise of the inversion depends on the seed and the image (same image, same noise)
+            noise_seed = int.from_bytes(hashlib.sha256(f"{ctx.seed}:{sha}".encode()).digest()[:6], "big")
+            g = torch.Generator(device="cpu").manual_seed(noise_seed)
+            return invert(bundle, sched, x0, cond, uncond, p.inversion_cfg, start=p.skip_steps,
+                          generator=g, on_step=lambda k, n: ctx.progress(stage, k, n))
+
+        inv, hit = cached(ctx.cache, key, make, {"what": "edit-friendly DDPM inversion",
+                                                 "steps": p.steps, "start": p.skip_steps,
+                                                 "prompt": prompt}, device=bundle.device)
+        if hit:
             ctx.progress(stage, 1, 1)
-            return Inversion.from_tensors(hit, device=bundle.device), True
-        x0 = vae_encode(bundle, im.to_tensor(rgba, size)).float()
-        # the noise of the inversion depends on the seed and the image (same image, same noise)
-        noise_seed = int.from_bytes(hashlib.sha256(f"{ctx.seed}:{sha}".encode()).digest()[:6], "big")
-        g = torch.Generator(device="cpu").manual_seed(noise_seed)
-        inv = invert(bundle, sched, x0, cond, uncond, p.inversion_cfg, start=p.skip_steps,
-                     generator=g, on_step=lambda k, n: ctx.progress(stage, k, n))
-        ctx.cache.put(key, inv.to_tensors(), {"what": "edit-friendly DDPM inversion", "steps": p.steps,
-                                              "start": p.skip_steps, "prompt": prompt})
-        return inv, False
+        return inv, hit
 
     # -- automatic masks ------------------------------------------------------------------------
     def _auto_masks(self, ctx, ctl: SwapController, sched, xs: list[torch.Tensor], t, cond,

@@ -64,7 +64,7 @@ from ..core.diffusion import (
     SCHEDULER_NAMES, Conditioning, encode_prompt, img2img_timesteps, init_noise, make_scheduler,
     noised, sample, vae_decode, vae_encode,
 )
-from ..core.ddpm_inversion import Inversion, invert
+from ..core.ddpm_inversion import Inversion, cached, invert
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.gradients import LossScaler
 from ..core.previews import step_previews
@@ -842,15 +842,15 @@ class DifferenceMethod(Method):
         key = ctx.cache.key("difference.ddpm_inversion", bundle.key, b=b.sha, prompt=cap_b,
                             negative=p.negative_prompt, guidance=float(p.guidance),
                             size=list(size), steps=p.steps, start=start, seed=ctx.seed,
-                            version=CACHE_VERSION)
-        hit = ctx.cache.get(key)
-        if hit is not None:
-            return Inversion.from_tensors(hit, device=bundle.device)
-        g = torch.Generator(device="cpu").manual_seed(ctx.seed)
-        inv = invert(bundle, sched, z_b_lazy().float(), plain, uncond, p.guidance, start=start,
-                     generator=g, on_step=lambda k, n: ctx.progress("inverting B", k, n))
-        ctx.cache.put(key, inv.to_tensors(), {"prompt": cap_b, "what": "edit-friendly inversion"})
-        return inv
+                            dtype=str(bundle.dtype), version=CACHE_VERSION)
+
+        def make() -> Inversion:
+            g = torch.Generator(device="cpu").manual_seed(ctx.seed)
+            return invert(bundle, sched, z_b_lazy().float(), plain, uncond, p.guidance, start=start,
+                          generator=g, on_step=lambda k, n: ctx.progress("inverting B", k, n))
+
+        return cached(ctx.cache, key, make, {"prompt": cap_b, "what": "edit-friendly inversion"},
+                      device=bundle.device)[0]
 
     @staticmethod
     def _change_map(inputs: Inputs, size, bundle) -> torch.Tensor | None:
