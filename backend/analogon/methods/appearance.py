@@ -240,7 +240,7 @@ def _mask_map(inputs: Inputs, role: str, image_role: str, title: str) -> np.ndar
     return im.map_from_rgba(li.rgba)
 
 
-def _object_mask(inputs: Inputs, role: str, image_role: str, title: str
+def _adain_mask(inputs: Inputs, role: str, image_role: str, title: str
                  ) -> tuple[np.ndarray | None, str | None]:
     """The AdaIN mask of one image and where it came from: the mask layer ("user"), else the
     opacity of an image with transparent pixels — an object on its own layer — ("alpha"), else
@@ -406,8 +406,8 @@ class AppearanceTransfer(Method):
             raise InputError("missing_image", "Appearance transfer needs a Structure and an Appearance image.")
         im.check_not_empty(struct.rgba, "structure")
         im.check_not_empty(app.rgba, "appearance")
-        s_mask, s_src = _object_mask(inputs, "structure_mask", "structure", "structure mask")
-        a_mask, a_src = _object_mask(inputs, "appearance_mask", "appearance", "appearance mask")
+        s_mask, s_src = _adain_mask(inputs, "structure_mask", "structure", "structure mask")
+        a_mask, a_src = _adain_mask(inputs, "appearance_mask", "appearance", "appearance mask")
         for role in ("edit_map", "mask"):
             for li in inputs.all(role):
                 if li.rgba.shape[:2] != struct.rgba.shape[:2]:
