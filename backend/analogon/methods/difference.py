@@ -825,7 +825,7 @@ class DifferenceMethod(Method):
         bundle = ctx.model
         key = ctx.cache.key("difference.ddim_inversion", bundle.key, b=b.sha, prompt=cap_b,
                             size=list(size), timesteps=[int(t) for t in timesteps],
-                            version=CACHE_VERSION)
+                            dtype=str(bundle.dtype), version=CACHE_VERSION)
         hit = ctx.cache.get(key)
         if hit is not None:
             return [hit["traj"][i:i + 1] for i in range(hit["traj"].shape[0])]
