@@ -695,6 +695,9 @@ class Controller(QObject):
         self.resultAdded.emit(entry)
         note = (" The edit map was hidden (pick it, or New edit map, to paint on it again)."
                 if hidden else "")
+        # what the backend says about this result (e.g. a fallback it took), for the painter
+        for text in (result.info or {}).get("notes") or []:
+            note += " " + str(text)
         if show_variants:
             variants = []
             for k, (px, vw, vh, label, vsha) in enumerate(result.images):

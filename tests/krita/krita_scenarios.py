@@ -282,6 +282,8 @@ def live(entry, app, controller_cls):
         entry.setdefault("exact", {})[case] = _guard(_exact_case, app, c, method, case, run)
     # 5. appearance with an elliptical selection and the default roles
     entry["appearance_selection"] = _guard(_appearance_with_selection, app, c, run)
+    # 5b. appearance between two objects, each on a layer of its own
+    entry["appearance_objects"] = _guard(_appearance_object_layers, app, c, run)
     # 6. history saved in the .kra, restored on open, usable after reopening
     entry["reopen"] = _guard(_history_survives_reopen, app, c, method, run, controller_cls)
 
@@ -412,6 +414,70 @@ def _appearance_with_selection(app, c, run):
     how = run(c.generate, 120)
     out = {"how": how, "error": c.error, "roles": {k: len(v) for k, v in roles.items()},
            "masks": {k: v for k, v in roles.items() if k.endswith("mask")}, "names": _names(doc)}
+    doc.setModified(False)
+    doc.close()
+    return out
+
+
+def _disk(w, h, cx, cy, r, bgra):
+    """BGRA8 pixels of a w×h layer: a disk of ``bgra``, transparent around it."""
+    px = bytearray(w * h * 4)
+    for y in range(h):
+        for x in range(w):
+            if (x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 <= r * r:
+                px[(y * w + x) * 4:(y * w + x) * 4 + 4] = bytes(bgra)
+    return bytes(px)
+
+
+def _appearance_object_layers(app, c, run):
+    """Appearance from an object on its own layer to another object on its own layer, over an
+    opaque background: the result is an object too (transparent around it), so the composite
+    changes only where the structure's object is."""
+    if not any(m["id"] == "appearance" for m in c.methods):
+        return {"skipped": "no appearance method"}
+    w, h = 96, 64
+    doc = _doc(app, w, h)
+    root = doc.rootNode()
+    bg = root.childNodes()[0] if root.childNodes() else None
+    if bg is not None:
+        bg.setPixelData(bytes((180, 200, 210, 255)) * (w * h), 0, 0, w, h)
+    structure = doc.createNode("object", "paintlayer")
+    structure.setPixelData(_disk(w, h, 60, 32, 18, (200, 120, 40, 255)), 0, 0, w, h)
+    root.addChildNode(structure, bg)
+    look = doc.createNode("look object", "paintlayer")
+    look.setPixelData(_disk(w, h, 20, 20, 12, (30, 190, 240, 255)), 0, 0, w, h)
+    root.addChildNode(look, structure)
+    doc.setActiveNode(structure)
+    doc.refreshProjection()
+    doc.waitForDone()
+    before = bytes(root.projectionPixelData(0, 0, w, h))
+    c.set_document(doc)
+    c.set_method("appearance")
+    from analogon_krita import document as kd
+    c.set_role("structure", [kd.layer_id(structure)])
+    c.set_role("appearance", [kd.layer_id(look)])
+    for k, v in {"steps": 4, "skip_steps": 1}.items():
+        if k in c.param_values():
+            c.set_param(k, v)
+    how = run(c.generate, 120)
+    doc.refreshProjection()
+    doc.waitForDone()
+    after = bytes(root.projectionPixelData(0, 0, w, h))
+    outside_changed = inside_changed = inside_n = 0
+    for y in range(h):
+        for x in range(w):
+            d2 = (x + 0.5 - 60) ** 2 + (y + 0.5 - 32) ** 2
+            same = before[(y * w + x) * 4:(y * w + x) * 4 + 4] == after[(y * w + x) * 4:(y * w + x) * 4 + 4]
+            if d2 > 19 ** 2:  # off the object (a pixel of the disk's antialiased edge aside)
+                outside_changed += not same
+            elif d2 < 16 ** 2:
+                inside_n += 1
+                inside_changed += not same
+    node = kd.find_layer(doc, c.history[0].layer_id) if c.history else None
+    out = {"how": how, "error": c.error, "message": c.message,
+           "outside_changed": outside_changed, "inside_changed": inside_changed,
+           "inside_n": inside_n, "bounds": _bounds(node) if node else None,
+           "names": _names(doc)}
     doc.setModified(False)
     doc.close()
     return out

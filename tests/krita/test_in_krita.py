@@ -188,6 +188,18 @@ def test_appearance_with_an_elliptical_selection_and_default_roles(live):
     assert a["masks"].get("structure_mask") == [] and a["masks"].get("appearance_mask") == []
 
 
+def test_appearance_between_objects_on_their_own_layers_changes_only_the_object(live):
+    a = live["appearance_objects"]
+    assert "traceback" not in a, a.get("traceback")
+    assert a["how"] == "done", a["error"]
+    # the result is the structure's object, transparent around it: the composite (what the
+    # painter sees) is unchanged off the object, and changed on it
+    assert a["outside_changed"] == 0
+    assert a["inside_changed"] > a["inside_n"] // 2
+    x, y, w, h = a["bounds"]
+    assert x >= 60 - 19 and y >= 32 - 19 and x + w <= 60 + 19 and y + h <= 32 + 19
+
+
 def test_history_survives_save_close_and_reopen(live):
     r = live["reopen"]
     assert "traceback" not in r, r.get("traceback")
