@@ -128,6 +128,22 @@ def test_black_edit_map_keeps_the_structure(tiny_sd, make_ctx, method):
     assert np.array_equal(done.images[0].rgba, s) and (done.images[0].layer == 0).all()
 
 
+def test_the_change_map_is_computed_once_per_job(tiny_sd, make_ctx, method, monkeypatch):
+    from analogon.core import compositing
+
+    calls = []
+    real = compositing.job_change_map
+    monkeypatch.setattr(compositing, "job_change_map", lambda i: calls.append(1) or real(i))
+    s, a = _img(64, 64, 6), _img(64, 64, 8)
+    grey = np.full((64, 64, 4), 128, np.uint8)
+    grey[..., 3] = 255
+    inputs = _inputs(s, a, edit_map=grey)
+    done = method.run(make_ctx(tiny_sd), inputs, method.Params(**FAST))
+    # the method's schedule and the return path's weight read the same map
+    assert calls == [1]
+    assert (done.images[0].layer[..., 3] > 0).any()
+
+
 def test_user_masks_are_used(tiny_sd, make_ctx, method):
     s, a = _img(64, 64, 9), _img(48, 40, 10)
     sm = np.zeros((64, 64, 4), np.uint8)

@@ -204,7 +204,7 @@ def finish(ctx, method, inputs, params, result):
     shapes = {li.rgba.shape[:2] for role in ("edit_map", "mask") for li in inputs.all(role)}
     if shapes - {(H, W)}:
         raise InputError("size_mismatch", "The edit map and mask must have the target image's size.")
-    change = C.job_change_map(inputs)
+    change = inputs.change_map()
     settings = HiresSettings.from_params(params)
     infos = []
     for r in result.images:

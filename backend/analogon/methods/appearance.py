@@ -52,7 +52,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..core import images as im
-from ..core.compositing import job_change_map, map_to_grid
+from ..core.compositing import map_to_grid
 from ..core.adain import adain
 from ..core.attention import (
     CONTRAST_MODES, SwapController, decoder_attention_factors, decoder_self_attention_layers,
@@ -415,7 +415,7 @@ class AppearanceTransfer(Method):
                                      f"The {role.replace('_', ' ')} must have the structure image's size.",
                                      {"role": role})
 
-        change = job_change_map(inputs)
+        change = inputs.change_map()
         vf = bundle.vae_scale_factor
         size = im.native_size(im.size_of(struct.rgba), bundle.native_size, multiple=vf)
         latent_hw = (size[1] // vf, size[0] // vf)

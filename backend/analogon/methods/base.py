@@ -106,11 +106,15 @@ class LayerImage:
         return self.rgba.shape[1], self.rgba.shape[0]
 
 
+_UNSET: Any = object()
+
+
 @dataclass
 class Inputs:
     """The job's images by role name. Multiple roles hold lists."""
 
     images: dict[str, LayerImage | list[LayerImage]]
+    _change: Any = field(default=_UNSET, init=False, repr=False, compare=False)
 
     def get(self, name: str) -> LayerImage | None:
         v = self.images.get(name)
@@ -126,6 +130,16 @@ class Inputs:
 
     def __contains__(self, name: str) -> bool:
         return bool(self.all(name))
+
+    def change_map(self) -> np.ndarray | None:
+        """The job's change map (``core.compositing.job_change_map``: its edit maps and masks
+        at the target's full resolution), computed once: the method and the return path both
+        read it, so neither may write into it."""
+        if self._change is _UNSET:
+            from ..core.compositing import job_change_map
+
+            self._change = job_change_map(self)
+        return self._change
 
 
 @dataclass

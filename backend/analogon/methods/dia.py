@@ -39,7 +39,7 @@ from ..core.diffusion import Conditioning, encode_prompt, make_scheduler, vae_de
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.previews import every, preview_latents
 from ..core import images as im
-from ..core.compositing import job_change_map, map_to_grid
+from ..core.compositing import map_to_grid
 from ..core.images import (check_not_empty, check_same_size, from_tensor, native_size, size_of,
                            to_tensor)
 from ..errors import InputError
@@ -309,7 +309,7 @@ class DiffusionImageAnalogies(Method):
     # -- pieces ----------------------------------------------------------------------------
     @staticmethod
     def _schedule(inputs: Inputs, size_b, bundle, p: Params) -> EditSchedule:
-        change = job_change_map(inputs)
+        change = inputs.change_map()
         if change is None:
             return EditSchedule(None, p.steps, p.edit_map_curve)
         f = bundle.vae_scale_factor

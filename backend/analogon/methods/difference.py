@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from ..core import images as im
-from ..core.compositing import job_change_map, map_to_grid
+from ..core.compositing import map_to_grid
 from ..core.images import over
 from ..core.captioning import (
     CAPTIONERS, DEFAULT_CAPTION_MODEL, PezCaptioner, PezSettings, blip_captioner,
@@ -854,7 +854,7 @@ class DifferenceMethod(Method):
 
     @staticmethod
     def _change_map(inputs: Inputs, size, bundle) -> torch.Tensor | None:
-        m = job_change_map(inputs)
+        m = inputs.change_map()
         if m is None:
             return None
         f = bundle.vae_scale_factor
