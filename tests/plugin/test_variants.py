@@ -37,6 +37,7 @@ class ScriptedRunner(QObject):
     script: list = []
     specs: list = []
     size = (0, 0)
+    info: dict = {}
 
     def __init__(self, client, spec, parent=None):
         super().__init__(parent)
@@ -47,7 +48,8 @@ class ScriptedRunner(QObject):
         w, h = ScriptedRunner.size
         images = [(bytes(colour) * (w * h), w, h, label, sha_of(label, colour))
                   for label, colour in ScriptedRunner.script.pop(0)]
-        result = JobResult(images, self.spec.seed, dict(self.spec.params), {}, "job")
+        result = JobResult(images, self.spec.seed, dict(self.spec.params), {}, "job",
+                           info=dict(ScriptedRunner.info))
         QTimer.singleShot(0, lambda: self.done.emit(result))
 
     def cancel(self):
@@ -60,7 +62,7 @@ def sha_of(label, colour) -> str:
 
 @pytest.fixture
 def runner(monkeypatch):
-    ScriptedRunner.script, ScriptedRunner.specs = [], []
+    ScriptedRunner.script, ScriptedRunner.specs, ScriptedRunner.info = [], [], {}
     monkeypatch.setattr(controller_mod, "JobRunner", ScriptedRunner)
     return ScriptedRunner
 
@@ -290,3 +292,14 @@ def test_panel_strip_shows_variants_and_picks(kapp, runner):
     # another sweep shows it again, with the new images
     run(c, [sweep(3)])
     assert panel.variants_box.isVisibleTo(panel) and strip.labels() == LABELS[:3]
+
+
+def test_what_the_backend_notes_about_a_result_is_in_the_message(kapp, runner):
+    doc, c, _ = dia_setup(kapp, runner)
+    note = "No object found in the structure image for the colour matching; used the whole image."
+    runner.info = {"notes": [note]}
+    run(c, [sweep(1)])
+    assert c.message.startswith("Added the layer") and c.message.endswith(" " + note)
+    runner.info = {}
+    run(c, [sweep(1)])
+    assert "No object found" not in c.message
