@@ -433,6 +433,8 @@ def _appearance_object_layers(app, c, run):
     """Appearance from an object on its own layer to another object on its own layer, over an
     opaque background: the result is an object too (transparent around it), so the composite
     changes only where the structure's object is."""
+    from analogon_krita import document as kd
+
     if not any(m["id"] == "appearance" for m in c.methods):
         return {"skipped": "no appearance method"}
     w, h = 96, 64
@@ -453,7 +455,6 @@ def _appearance_object_layers(app, c, run):
     before = bytes(root.projectionPixelData(0, 0, w, h))
     c.set_document(doc)
     c.set_method("appearance")
-    from analogon_krita import document as kd
     c.set_role("structure", [kd.layer_id(structure)])
     c.set_role("appearance", [kd.layer_id(look)])
     for k, v in {"steps": 4, "skip_steps": 1}.items():
