@@ -142,13 +142,15 @@ def test_set_overrides_reach_the_measured_methods_only(monkeypatch):
 
     monkeypatch.setattr(_Runner, "run", fake_run)
     monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(
-        ("exemplar",), {"source": "source"}, {"steps": 2, "strength": 0.5}))
+        ("exemplar",), {"source": "source"}, {"steps": 2, "strength": 0.5}, note="Why."))
     monkeypatch.setattr(qc, "MODEL_BASELINES", {})
     qc.register_baseline("exemplar", "img2img", "pixels", {"source": "source"}, {"steps": 3})
     rep = run_quality(methods=["pixels"], kinds=["exemplar"], n=1, seed=0, model="tiny-sd",
                       device="cpu", log=lambda s: None, overrides={"strength": 0.25})
     assert got == [("pixels", {"steps": 3}), ("pixels", {"steps": 2, "strength": 0.25})]
     assert rep["overrides"] == {"strength": 0.25}
+    # the note says why, then the settings that ran: written from them, the override included
+    assert "pixels: Why. Settings: steps=2, strength=0.25." in rep["notes"]
     assert qc.METHODS["pixels"].params == {"steps": 2, "strength": 0.5}  # the registry unchanged
     out_rc = main(["--methods", "pixels", "--set", "oops"])
     assert out_rc == 2

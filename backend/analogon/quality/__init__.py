@@ -155,6 +155,14 @@ def _method_params(method_id: str, spec_params: dict[str, Any], mode: str) -> di
     return base
 
 
+def method_note(method_id: str, why: str, params: dict[str, Any]) -> str:
+    """A measured method's note: why its cases run as they do (the case module's words), then
+    the settings that ran, written from the parameters themselves (overrides included), so that
+    the two can never disagree."""
+    settings = ", ".join(f"{k}={v}" for k, v in params.items()) or "the method's defaults"
+    return f"{method_id}: {why + ' ' if why else ''}Settings: {settings}."
+
+
 def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None, n: int = 10,
                 seed: int = 0, model: str = "toy-sd", device: str | None = None,
                 params_mode: str = "default", baselines: bool = True,
@@ -249,9 +257,8 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 why = UNAVAILABLE.get(mid, "not registered")
                 notes.append(f"{mid}: skipped ({why})")
                 continue
-            if spec.note:
-                notes.append(f"{mid}: {spec.note}")
             params = {**_method_params(mid, spec.params, params_mode), **(overrides or {})}
+            notes.append(method_note(mid, spec.note, params))
             for kind in spec.kinds:
                 if kind not in built:
                     continue

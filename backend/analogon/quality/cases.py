@@ -68,7 +68,8 @@ class MethodCases:
     roles: dict[str, str] = field(default_factory=dict)
     # parameters the bench passes (validated by the method's Params); {} = its defaults
     params: dict[str, Any] = field(default_factory=dict)
-    # a short note printed under the table (e.g. why settings differ from the defaults)
+    # why the cases run as they do, printed under the table (the settings themselves are
+    # printed after it from ``params``: do not repeat them here)
     note: str = ""
     # further rows of the same method with the same parameters and more inputs: row name ->
     # extra roles (role name -> slot name), e.g. the masks a painter would give

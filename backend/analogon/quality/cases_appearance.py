@@ -39,7 +39,7 @@ register_method(
     params=PARAMS,
     variants={"masks given": {"structure_mask": "structure_object",
                               "appearance_mask": "appearance_object"}},
-    note="appearance runs with domain 'shape', prompt 'a {domain}', 50 steps / 16 skipped (the "
-         "toy model's vocabulary; the paper's proportions). change = appearance adopted, keep = "
-         "structure kept.",
+    note="The toy model's vocabulary has no \"photo\", so the domain word is its own; the "
+         "paper's proportion of skipped steps at half the steps. change = appearance adopted, "
+         "keep = structure kept.",
 )

@@ -19,6 +19,6 @@ PARAMS = {"n_tokens": 8, "token_iterations": 40, "token_lr": 0.02, "steps": 10,
 
 register_method(
     "dia", ("analogy",), {"a": "a", "a_prime": "a_prime", "b": "b"}, PARAMS,
-    note="8 tokens, 40 token iterations at lr 0.02, default noise inversion, 10 DDIM steps, "
-         "λ 1, CFG 3",
+    note="Fewer tokens and iterations than the paper's, for toy-sd's small CLIP "
+         "(docs/benchmarks-dia.md).",
 )

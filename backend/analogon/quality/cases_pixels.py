@@ -71,6 +71,6 @@ def seam_excess(result: np.ndarray, case: Case) -> float:
 register_method(
     "pixels", ("exemplar", "exemplar_soft"),
     {"source": "source", "exemplar": "exemplar", "edit_map": "edit_map"},
-    note="pixels runs with its own parameters (no overrides); the swatch is pasted where the "
-         "map is white, the soft cases' grey halo lets the scene adapt to it.",
+    note="The swatch is pasted where the map is white; the soft cases' grey halo lets the "
+         "scene adapt to it.",
 )
