@@ -384,15 +384,32 @@ def _exact_case(app, c, method, case, run):
     return out
 
 
+def _appearance_doc(app, c, w, h):
+    """(a w×h document, its background layer) for an appearance pass; None where the backend
+    has no appearance method."""
+    if not any(m["id"] == "appearance" for m in c.methods):
+        return None
+    doc = _doc(app, w, h)
+    children = doc.rootNode().childNodes()
+    return doc, (children[0] if children else None)
+
+
+def _quick_appearance(c):
+    """Choose the appearance method, with few steps."""
+    c.set_method("appearance")
+    for k, v in {"steps": 4, "skip_steps": 1}.items():
+        if k in c.param_values():
+            c.set_param(k, v)
+
+
 def _appearance_with_selection(app, c, run):
     from krita import Selection
 
-    if not any(m["id"] == "appearance" for m in c.methods):
-        return {"skipped": "no appearance method"}
     w, h = 96, 64
-    doc = _doc(app, w, h)
-    root = doc.rootNode()
-    bg = root.childNodes()[0] if root.childNodes() else None
+    made = _appearance_doc(app, c, w, h)
+    if made is None:
+        return {"skipped": "no appearance method"}
+    doc, bg = made
     structure = _layer(doc, "photo", (40, 120, 200, 255), 0, 0, w, h, above=bg)
     look = _layer(doc, "look", (20, 200, 60, 255), 0, 0, 48, 32, above=structure)
     doc.setActiveNode(structure)
@@ -406,10 +423,7 @@ def _appearance_with_selection(app, c, run):
     sel.setPixelData(bytes(ell), 0, 0, w, h)
     doc.setSelection(sel)
     c.set_document(doc)
-    c.set_method("appearance")
-    for k, v in {"steps": 4, "skip_steps": 1}.items():
-        if k in c.param_values():
-            c.set_param(k, v)
+    _quick_appearance(c)
     roles = {k: list(v) for k, v in c.roles().items()}
     how = run(c.generate, 120)
     out = {"how": how, "error": c.error, "roles": {k: len(v) for k, v in roles.items()},
@@ -435,12 +449,12 @@ def _appearance_object_layers(app, c, run):
     changes only where the structure's object is."""
     from analogon_krita import document as kd
 
-    if not any(m["id"] == "appearance" for m in c.methods):
-        return {"skipped": "no appearance method"}
     w, h = 96, 64
-    doc = _doc(app, w, h)
+    made = _appearance_doc(app, c, w, h)
+    if made is None:
+        return {"skipped": "no appearance method"}
+    doc, bg = made
     root = doc.rootNode()
-    bg = root.childNodes()[0] if root.childNodes() else None
     if bg is not None:
         bg.setPixelData(bytes((180, 200, 210, 255)) * (w * h), 0, 0, w, h)
     structure = doc.createNode("object", "paintlayer")
@@ -454,12 +468,9 @@ def _appearance_object_layers(app, c, run):
     doc.waitForDone()
     before = bytes(root.projectionPixelData(0, 0, w, h))
     c.set_document(doc)
-    c.set_method("appearance")
+    _quick_appearance(c)
     c.set_role("structure", [kd.layer_id(structure)])
     c.set_role("appearance", [kd.layer_id(look)])
-    for k, v in {"steps": 4, "skip_steps": 1}.items():
-        if k in c.param_values():
-            c.set_param(k, v)
     how = run(c.generate, 120)
     doc.refreshProjection()
     doc.waitForDone()
