@@ -197,6 +197,9 @@ def _check_panel_and_undo(rep):
     # one Undo after the pass removes it (its preview left no step of its own); Redo brings it
     und = rep["undo"]
     assert und["action"]
+    # every press landed (Krita drops one that comes while the image is busy: pressed again)
+    assert set(und["presses"]) == {"pass_undo", "pass_redo", "pick_undo", "pick_redo"}
+    assert all(und["presses"].values()), und["presses"]
     assert und["after_pass_undo"] == [n for n in run["result"]["names"] if not n.startswith("dia seed")]
     assert und["after_redo"]["back"] and und["after_redo"]["children"] == 1
     # a variant pick is undone by one Undo: the group shows the first variant again
