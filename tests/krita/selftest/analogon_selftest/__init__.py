@@ -77,7 +77,6 @@ def _measure(dock):
             "clipped": _clipped(panel)}
 
 
-
 def _press(doc, action, texts, und, what):
     """Press Krita's Undo or Redo once, as a painter would. Krita drops a press that comes
     while the image is busy (its undo stack takes the image's barrier lock, and gives up when
