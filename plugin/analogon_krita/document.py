@@ -468,16 +468,57 @@ def show_variant(doc, group, rgba: bytes, width: int, height: int, roi: Rect, na
     """Show another variant in a result group that :func:`insert_result` added: one new
     layer on top of the group in "copy" blending, so that the group shows exactly it (the
     whole region is written: nothing of the previous variant shows through), and one undo
-    brings the previous one back. Renames the group."""
+    brings the previous one back. Renames the group.
+
+    Krita records setting a layer's blending mode as an undo step of its own (empty once the
+    layer is undone), so the first variant shown this way pays it; later ones are copies of
+    that layer, which keep its blending without a step (one undo step per pick)."""
     check_document(doc)
     if group.type() != "grouplayer":
         raise AdapterError(f"The layer \u201c{group.name()}\u201d is not an Analogon result group.")
     pixels = result_pixels(rgba, width, height, roi, mask, doc.colorDepth())
     children = list(group.childNodes())
-    node = _paint_node(doc, name, pixels, roi, 255, "copy" if children else "")
+    node = _copy_layer_like(doc, children, name, pixels, roi)
+    if node is None:
+        node = _paint_node(doc, name, pixels, roi, 255, "copy" if children else "")
     group.addChildNode(node, children[-1] if children else None)
     group.setName(name)
     _refresh(doc)
+    return node
+
+
+def _copy_layer_like(doc, children, name: str, pixels: bytes, roi: Rect):
+    """A new layer in "copy" blending holding ``pixels``, made as a copy of the topmost such
+    paint layer among ``children`` (so that Krita records no blending step); None when there
+    is none, or when it differs from a fresh layer in a way a copy would carry over (colour
+    space, a layer style, animation, alpha lock or inherit alpha, masks on it)."""
+    template = next((n for n in reversed(children) if n.type() == "paintlayer"
+                     and n.blendingMode() == "copy"), None)
+    if template is None or not hasattr(template, "duplicate"):
+        return None
+    try:
+        space = ("colorModel", "colorDepth", "colorProfile")
+        if any(getattr(template, k)() != getattr(doc, k)() for k in space if hasattr(doc, k)):
+            return None
+        carried = (("layerStyleToAsl", ""), ("animated", False), ("alphaLocked", False),
+                   ("inheritAlpha", False), ("childNodes", []))
+        if any(hasattr(template, k) and getattr(template, k)() != fresh for k, fresh in carried):
+            return None
+        node = template.duplicate()
+    except Exception:  # an odd host: make the layer the plain way
+        return None
+    if node is None:
+        return None
+    old = Rect.of(node.bounds())
+    if not old.empty and old.intersect(roi) != old:
+        # the painter drew outside the region on the copied layer: clear that first
+        size = len(pixels) // max(1, roi.w * roi.h)
+        node.setPixelData(bytes(old.w * old.h * size), old.x, old.y, old.w, old.h)
+    node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
+    node.setName(name)
+    node.setOpacity(255)
+    node.setVisible(True)
+    node.setLocked(False)
     return node
 
 

@@ -198,7 +198,8 @@ def _check_panel_and_undo(rep):
     und = rep["undo"]
     assert und["action"]
     # every press landed (Krita drops one that comes while the image is busy: pressed again)
-    assert set(und["presses"]) == {"pass_undo", "pass_redo", "pick_undo", "pick_redo"}
+    assert set(und["presses"]) == {"pass_undo", "pass_redo", "pick_undo", "pick_redo", "again_undo",
+                                   "again_undo_2", "again_redo", "again_redo_2"}
     assert all(und["presses"].values()), und["presses"]
     assert und["after_pass_undo"] == [n for n in run["result"]["names"] if not n.startswith("dia seed")]
     assert und["after_redo"]["back"] and und["after_redo"]["children"] == 1
@@ -207,6 +208,10 @@ def _check_panel_and_undo(rep):
     assert und["after_pick"]["pixel"] != und["before_pick_pixel"]
     assert und["after_undo"]["children"] == 1 and und["after_undo"]["pixel"] == und["before_pick_pixel"]
     assert und["after_pick_redo"] == 2
+    # a second pick is one step too: two Undos take both picks back, two Redos bring them
+    assert und["picked_again"] and und["after_pick_again"] == 3
+    assert und["undone_picks"] == [2, 1] and und["undone_pixel"] == und["before_pick_pixel"]
+    assert und["after_again_redo"] == 3
 
 
 def test_the_docs_show_the_pictures_this_test_takes():

@@ -162,6 +162,17 @@ class Node(QObject):
 
     def setBlendingMode(self, mode):
         self._blending = str(mode)
+        self._doc.undo_log.append(("blending", self._name))  # Krita: a step of its own
+
+    def duplicate(self):
+        """A copy outside the tree (pixels, blending, opacity, visibility, lock; a new id),
+        as Krita's: no undo step."""
+        n = Node(self._doc, self._name, self._type)
+        n._model, n._depth = self._model, self._depth
+        n._visible, n._opacity, n._blending, n._locked = (self._visible, self._opacity,
+                                                           self._blending, self._locked)
+        n._pixels = bytearray(self._pixels)
+        return n
 
     def locked(self):
         return self._locked
@@ -325,7 +336,7 @@ def _composite_children(group, x, y, w, h):
 class Document(QObject):
     def __init__(self, w, h, name="doc", model="RGBA", depth="U8"):
         super().__init__()
-        self.undo_log: list[tuple[str, str]] = []  # the layer adds/removes Krita records
+        self.undo_log: list[tuple[str, str]] = []  # steps Krita records: adds, removes, blending
         self._w, self._h, self._name = w, h, name
         self._model, self._depth = model, depth
         self._root = Node(self, "root", "grouplayer")

@@ -185,6 +185,35 @@ def test_show_variant_adds_a_copy_layer_that_alone_shows(kapp):
         kd.show_variant(doc, t, bytes([1, 2, 3, 255]) * 64, 8, 8, roi, "x")
 
 
+
+def test_each_variant_shown_after_the_first_is_one_undo_step(kapp):
+    """Krita records a blending change as a step of its own: the first variant shown pays
+    it, later ones copy that layer (no step) and still replace the whole region."""
+    doc = new_doc(kapp, 16, 16)
+    t = add_layer(doc, "t", (0, 0, 0, 255))
+    roi = Rect(4, 4, 8, 8)
+    group = kd.insert_result(doc, t, bytes([10, 20, 30, 255]) * 64, 8, 8, roi, "r 1", variants=True)
+    doc.undo_log.clear()
+    kd.show_variant(doc, group, bytes([40, 50, 60, 255]) * 64, 8, 8, roi, "r 2")
+    assert doc.undo_log == [("blending", "r 2"), ("add", "r 2")]
+    second = group.childNodes()[-1]
+    second.setPixelData(bytes([1, 1, 1, 255]), 0, 0, 1, 1)  # the painter drew outside the region
+    doc.undo_log.clear()
+    half = bytes([70, 80, 90, 255]) * 32 + bytes(4 * 32)  # its lower half transparent
+    kd.show_variant(doc, group, half, 8, 8, roi, "r 3")
+    assert doc.undo_log == [("add", "r 3")]
+    third = group.childNodes()[-1]
+    assert [n.name() for n in group.childNodes()] == ["r 1", "r 2", "r 3"] and group.name() == "r 3"
+    assert (third.blendingMode(), third.opacity(), third.visible(), third.locked()) == ("copy", 255, True, False)
+    assert third.uniqueId() != second.uniqueId() and second.pixelData(0, 0, 1, 1) == bytes([1, 1, 1, 255])
+    expected = kd.insert_result(doc, t, half, 8, 8, roi, "e")
+    assert group.projectionPixelData(0, 0, 16, 16) == expected.pixelData(0, 0, 16, 16)
+    third.remove()
+    second.addChildNode(doc.createNode("mask", "transparencymask"), None)
+    doc.undo_log.clear()  # a layer unlike a fresh one (here: a mask on it) is not copied
+    kd.show_variant(doc, group, half, 8, 8, roi, "r 4")
+    assert doc.undo_log == [("blending", "r 4"), ("add", "r 4")]
+
 def test_results_go_above_every_layer_the_pass_used_with_unique_names(kapp):
     doc = new_doc(kapp, 8, 8)
     group = doc.createNode("group", "grouplayer")

@@ -225,6 +225,26 @@ def _steps():
     while time.monotonic() - t0 < 10 and len(group.childNodes()) != 2:
         yield 0.1
     und["after_pick_redo"] = len(group.childNodes())
+    # -- pick the first variant again: each pick is one step (no empty step between them) ----
+    und["picked_again"] = c.pick_variant(0)
+    doc.waitForDone()
+    yield 0.3
+    und["after_pick_again"] = len(group.childNodes())
+    counts = und["undone_picks"] = []  # children after each of two Undos
+    for what in ("again_undo", "again_undo_2"):
+        yield from _press(doc, undo, texts, und, what)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3 and len(group.childNodes()) != 2 - len(counts):
+            yield 0.1
+        doc.waitForDone()
+        counts.append(len(group.childNodes()))
+    und["undone_pixel"] = list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))
+    for what in ("again_redo", "again_redo_2"):  # both picks back, for the pictures
+        yield from _press(doc, redo, texts, und, what)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and len(group.childNodes()) != 3:
+        yield 0.1
+    und["after_again_redo"] = len(group.childNodes())
     yield 1.0  # the docker as a painter sees it now: variants, the latest message
     # -- the docker where Krita docks it, then floating -----------------------------------
     rep["docked"] = _measure(dock)
