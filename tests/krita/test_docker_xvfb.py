@@ -210,6 +210,7 @@ def _check_panel_and_undo(rep):
     assert und["after_pick_redo"] == 2
     # a second pick is one step too: two Undos take both picks back, two Redos bring them
     assert und["picked_again"] and und["after_pick_again"] == 3
+    assert und["again_pixel"] == und["before_pick_pixel"]  # the copied layer shows the first variant
     assert und["undone_picks"] == [2, 1] and und["undone_pixel"] == und["before_pick_pixel"]
     assert und["after_again_redo"] == 3
 

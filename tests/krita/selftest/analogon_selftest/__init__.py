@@ -230,6 +230,7 @@ def _steps():
     doc.waitForDone()
     yield 0.3
     und["after_pick_again"] = len(group.childNodes())
+    und["again_pixel"] = list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))
     counts = und["undone_picks"] = []  # children after each of two Undos
     for what in ("again_undo", "again_undo_2"):
         yield from _press(doc, undo, texts, und, what)
