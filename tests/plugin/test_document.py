@@ -185,7 +185,6 @@ def test_show_variant_adds_a_copy_layer_that_alone_shows(kapp):
         kd.show_variant(doc, t, bytes([1, 2, 3, 255]) * 64, 8, 8, roi, "x")
 
 
-
 def test_each_variant_shown_after_the_first_is_one_undo_step(kapp):
     """Krita records a blending change as a step of its own: the first variant shown pays
     it, later ones copy that layer (no step) and still replace the whole region."""
@@ -213,6 +212,7 @@ def test_each_variant_shown_after_the_first_is_one_undo_step(kapp):
     doc.undo_log.clear()  # a layer unlike a fresh one (here: a mask on it) is not copied
     kd.show_variant(doc, group, half, 8, 8, roi, "r 4")
     assert doc.undo_log == [("blending", "r 4"), ("add", "r 4")]
+
 
 def test_results_go_above_every_layer_the_pass_used_with_unique_names(kapp):
     doc = new_doc(kapp, 8, 8)
