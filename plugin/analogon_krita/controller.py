@@ -148,7 +148,6 @@ class Controller(QObject):
         self._queue: list[PreparedPass] = []
         self._current: PreparedPass | None = None
         self._insert_above = None
-        self._chain_sha = ""
         self._chain: list = []  # the result layers of the running sequence, bottom first
         self._canvas_preview: CanvasPreview | None = None  # the running pass's preview layer
         self.last_result_had_layer = False  # whether the backend sent a result layer
@@ -581,7 +580,6 @@ class Controller(QObject):
         self.settings.set_json(f"params.{mid}", self.param_values(mid))
         self._queue = passes
         self._insert_above = passes[0].target
-        self._chain_sha = ""
         self._chain = []
         self._set_variants([], None)
         self._cancelling = False
@@ -675,7 +673,6 @@ class Controller(QObject):
             return self._on_failed(f"Could not add the result layer: {e}")
         hidden = kdoc.hide_layers(prepared.maps)
         self._insert_above = node
-        self._chain_sha = sha
         self._chain.append(node)
         source_ids = [kdoc.layer_id(n) for n in [prepared.source] + prepared.stack + self._chain[:-1]
                       if n is not None]
@@ -799,8 +796,9 @@ class Controller(QObject):
     def pick_variant(self, index: int) -> bool:
         """Show variant ``index`` in the result group of the latest result (one new layer on
         top of the group, so that one undo brings the previous variant back; the group is
-        renamed after it), and make it that pass's result in the history and for chaining.
-        When that group was deleted, a new result is added instead."""
+        renamed after it), and make it that pass's result in the history (a later pass that
+        takes the result as its source reads the group as the canvas shows it). When that group was
+        deleted, a new result is added instead."""
         def show(v: Variant, where: _VariantResult) -> str:
             node = kdoc.find_layer(where.doc, where.entry.layer_id)
             if node is not None and node.type() == "grouplayer":
@@ -818,7 +816,6 @@ class Controller(QObject):
         v, entry = self.variants[index], self._variant_result.entry
         entry.result_sha, entry.thumbnail = v.sha, v.thumbnail
         entry.layer_name = v.layer_name
-        self._chain_sha = v.sha
         self.picked = index
         self.variantsChanged.emit()
         session = self.session(self._variant_result.doc)
