@@ -1,7 +1,8 @@
 """The panel's brain, without widgets: observable state plus the work (read layers, run jobs,
 insert results, variants, history, sequences). The link to the backend (where it is, starting
 it, what it offers) is its own room, :mod:`connection`; history is :mod:`session`; which layers
-play which role by default is :mod:`roles`.
+play which role by default is :mod:`roles`; which variant a result group shows is
+:mod:`variants`.
 
 The docker binds widgets to this object; the tests drive it directly, in a fake Krita and in
 the real one.
@@ -26,35 +27,9 @@ from .qt import QObject, pyqtSignal
 from .roles import SELECTION
 from .session import Pass, Session
 from .settings import Settings
+from .variants import Variant, VariantResult, follow_name, shown
 
 MAX_SEED = 2**31 - 1
-
-
-@dataclass
-class Variant:
-    """One image of a multi-image result (e.g. one λ of a DIA sweep), as the strip shows it."""
-
-    label: str
-    thumbnail: Any  # QImage
-    sha: str
-    layer_name: str
-    rgba: bytes = field(repr=False, default=b"")
-    width: int = 0
-    height: int = 0
-
-
-@dataclass
-class _VariantResult:
-    """Where the variants of the latest result go: the pass's document, region and mask, and
-    its history entry (whose layer is the result layer)."""
-
-    doc: Any
-    target: Any
-    roi: Rect
-    mask: bytes | None
-    entry: Pass
-    above_id: str = ""  # the layer the result layer was put above
-    added_id: str = ""  # the layer add_variant_as_layer added last (the next one goes above)
 
 
 @dataclass
@@ -140,7 +115,7 @@ class Controller(QObject):
         self.preview = None
         self.variants: list[Variant] = []  # the latest result's images when it has several
         self.picked = -1  # the variant shown in the result layer (-1: no variants)
-        self._variant_result: _VariantResult | None = None
+        self._variant_result: VariantResult | None = None
         self._doc = None
         self._sessions: dict[str, Session] = {}
         self._layer_signature: tuple = ()
@@ -262,6 +237,9 @@ class Controller(QObject):
         return [(kdoc.layer_id(n), str(n.name())) for n in kdoc.pickable_layers(doc)] if doc else []
 
     def refresh_layers(self, force: bool = False) -> bool:
+        """Re-read the document's layers (the panel polls this), and follow Krita's Undo or
+        Redo of a variant pick; whether the layers changed."""
+        self._follow_variants()
         doc = self.document()
         sig = tuple((kdoc.layer_id(n), str(n.name()), bool(n.visible()))
                     for n in kdoc.pickable_layers(doc)) if doc else ()
@@ -702,8 +680,12 @@ class Controller(QObject):
                 lp, lw, lh = pixels[k]
                 variants.append(Variant(label or f"#{k + 1}", thumb, vsha, names[k], lp, lw, lh))
             above_id = kdoc.layer_id(above) if above is not None else ""
-            self._set_variants(variants, _VariantResult(doc, prepared.target, prepared.roi, prepared.mask,
-                                                        entry, above_id))
+            where = VariantResult(doc, prepared.target, prepared.roi, prepared.mask, entry,
+                                  above_id)
+            children = list(node.childNodes()) if node.type() == "grouplayer" else []
+            if children:
+                where.showing(node, 0, children[-1])
+            self._set_variants(variants, where)
             self.set_message(f"Added the layer \u201c{entry.layer_name}\u201d. It shows the first "
                              f"of {len(variants)} variants: click another in Variants to show it there."
                              + note)
@@ -755,7 +737,7 @@ class Controller(QObject):
             self._end("cancelled")
 
     # == variants ========================================================================
-    def _set_variants(self, variants: list[Variant], where: _VariantResult | None):
+    def _set_variants(self, variants: list[Variant], where: VariantResult | None):
         if not variants and not self.variants and self._variant_result is None:
             return
         self.variants = list(variants)
@@ -799,37 +781,57 @@ class Controller(QObject):
         renamed after it), and make it that pass's result in the history (a later pass that
         takes the result as its source reads the group as the canvas shows it). When that group was
         deleted, a new result is added instead."""
-        def show(v: Variant, where: _VariantResult) -> str:
-            node = kdoc.find_layer(where.doc, where.entry.layer_id)
-            if node is not None and node.type() == "grouplayer":
-                kdoc.show_variant(where.doc, node, v.rgba, v.width, v.height, where.roi, v.layer_name,
-                                  where.mask)
+        def show(v: Variant, where: VariantResult) -> str:
+            node = where.group()
+            if node is not None:
+                layer = kdoc.show_variant(where.doc, node, v.rgba, v.width, v.height, where.roi,
+                                          v.layer_name, where.mask)
+                where.showing(node, index, layer)
                 return f"\u201c{v.layer_name}\u201d now shows {v.label}."
             node = kdoc.insert_result(where.doc, self._variant_anchor(where.doc), v.rgba, v.width,
                                       v.height, where.roi, v.layer_name, where.mask, variants=True)
             where.entry.layer_id = kdoc.layer_id(node)
+            where.layers.clear()
+            where.showing(node, index, list(node.childNodes())[-1])
             return f"The result layer was removed; added \u201c{node.name()}\u201d."
 
         what = self._on_variant(index, "Could not show the variant", show)
         if what is None:
             return False
+        self._now_showing(index, self._variant_result.group_name)
+        self.refresh_layers(force=True)
+        self.set_message(what)
+        return True
+
+    def _now_showing(self, index: int, name: str) -> None:
+        """The result group shows variant ``index`` (named ``name``): the strip highlights it,
+        and the pass's history entry takes its thumbnail, image and name."""
         v, entry = self.variants[index], self._variant_result.entry
         entry.result_sha, entry.thumbnail = v.sha, v.thumbnail
-        entry.layer_name = v.layer_name
+        entry.layer_name = name or v.layer_name
         self.picked = index
         self.variantsChanged.emit()
         session = self.session(self._variant_result.doc)
         if any(e is entry for e in session.history):
             session.save(self._variant_result.doc)
             self.historyChanged.emit()
-        self.refresh_layers(force=True)
-        self.set_message(what)
+
+    def _follow_variants(self) -> bool:
+        """Krita's own Undo or Redo of a pick changes the variant the result group shows:
+        follow it (the strip, the history entry, and the group's name while the plugin's)."""
+        where = self._variant_result
+        if where is None or self.busy:
+            return False
+        index = shown(where)
+        if index is None or index == self.picked or not 0 <= index < len(self.variants):
+            return False
+        self._now_showing(index, follow_name(where, index))
         return True
 
     def add_variant_as_layer(self, index: int) -> bool:
         """Keep variant ``index`` as an additional result layer above the result layer (the
         result layer itself is left as it is)."""
-        def add(v: Variant, where: _VariantResult) -> str:
+        def add(v: Variant, where: VariantResult) -> str:
             above = self._variant_anchor(where.doc, where.added_id, where.entry.layer_id)
             node = kdoc.insert_result(where.doc, above, v.rgba, v.width, v.height, where.roi,
                                       v.layer_name, where.mask)

@@ -208,6 +208,10 @@ def _check_panel_and_undo(rep):
     assert und["after_pick"]["pixel"] != und["before_pick_pixel"]
     assert und["after_undo"]["children"] == 1 and und["after_undo"]["pixel"] == und["before_pick_pixel"]
     assert und["after_pick_redo"] == 2
+    # the panel follows Krita's Undo and Redo of the pick: the strip, the history, the group's name
+    assert und["followed_undo"] == {"picked": 0, "name": und["first_name"], "entry": und["first_name"]}
+    assert und["followed_redo"] == {"picked": 1, "name": und["after_pick"]["name"],
+                                    "entry": und["after_pick"]["name"]}
     # a second pick is one step too: two Undos take both picks back, two Redos bring them
     assert und["picked_again"] and und["after_pick_again"] == 3
     assert und["again_pixel"] == und["before_pick_pixel"]  # the copied layer shows the first variant

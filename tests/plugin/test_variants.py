@@ -208,6 +208,41 @@ def test_picking_after_the_layer_was_removed_adds_a_new_one(kapp, runner):
     assert new.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[3], 256)
 
 
+
+def test_the_panel_follows_krita_undoing_and_redoing_a_pick(kapp, runner):
+    """Krita's Undo of a pick removes the pick's layer from the group, and its Redo puts it
+    back, without a word to the panel: the layer poll follows (the strip's highlight, the
+    history entry, the group's name), and keeps a name the painter gave the group."""
+    doc, c, inputs = dia_setup(kapp, runner)
+    run(c, [sweep()])
+    group = doc.nodeByName(c.history[0].layer_name)
+    first_name = group.name()
+    assert c.pick_variant(2) and c.pick_variant(3)
+    seen = []
+    c.variantsChanged.connect(lambda: seen.append(c.picked))
+    top = group.childNodes()[-1]
+    top.remove()  # Krita's Undo
+    assert not seen and c.picked == 3  # until the layer poll looks
+    c.refresh_layers()
+    entry = c.history[0]
+    assert seen == [2] and group.name() == entry.layer_name == "dia seed 5 \u03bb=1, cfg=7.5"
+    assert entry.result_sha == c.variants[2].sha and entry.thumbnail is c.variants[2].thumbnail
+    group.childNodes()[-1].remove()
+    c.refresh_layers()
+    assert seen == [2, 0] and group.name() == entry.layer_name == first_name
+    assert entry.result_sha == c.variants[0].sha
+    group.setName("my sky")  # the painter's name stays
+    group.addChildNode(top, group.childNodes()[-1])  # Krita's Redo (of the second pick, here)
+    c.refresh_layers()
+    assert seen == [2, 0, 3] and group.name() == entry.layer_name == "my sky"
+    assert group.projectionPixelData(0, 0, 16, 16) == bgra(COLOURS[3], 256)
+    c.refresh_layers()
+    assert seen == [2, 0, 3]  # nothing changed since: nothing to follow
+    mine = doc.createNode("painted on top", "paintlayer")
+    group.addChildNode(mine, top)  # a layer the plugin did not add: the panel keeps its word
+    c.refresh_layers()
+    assert seen == [2, 0, 3] and c.picked == 3
+
 def test_a_variant_can_be_kept_as_another_layer(kapp, runner):
     doc, c, inputs = dia_setup(kapp, runner)
     run(c, [sweep()])

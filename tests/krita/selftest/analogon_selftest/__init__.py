@@ -77,6 +77,13 @@ def _measure(dock):
             "clipped": _clipped(panel)}
 
 
+def _until(predicate, timeout):
+    """Wait (yielding to Krita) until ``predicate()`` or ``timeout`` seconds."""
+    t0 = time.monotonic()
+    while not predicate() and time.monotonic() - t0 < timeout:
+        yield 0.1
+
+
 def _press(doc, action, texts, und, what):
     """Press Krita's Undo or Redo once, as a painter would. Krita drops a press that comes
     while the image is busy (its undo stack takes the image's barrier lock, and gives up when
@@ -206,6 +213,7 @@ def _steps():
     if group is None:
         return
     # -- pick the second variant; one Undo brings the first back --------------------------------
+    und["first_name"] = str(group.name())
     und["picked"] = c.pick_variant(1)
     doc.waitForDone()
     yield 0.3
@@ -220,11 +228,17 @@ def _steps():
     yield 0.3
     und["after_undo"] = {"children": len(group.childNodes()),
                          "pixel": list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))}
+    yield from _until(lambda: c.picked == 0, 5)  # the panel's layer poll follows Krita's Undo
+    und["followed_undo"] = {"picked": c.picked, "name": str(group.name()),
+                            "entry": c.history[0].layer_name}
     yield from _press(doc, redo, texts, und, "pick_redo")  # for the pictures
     t0 = time.monotonic()
     while time.monotonic() - t0 < 10 and len(group.childNodes()) != 2:
         yield 0.1
     und["after_pick_redo"] = len(group.childNodes())
+    yield from _until(lambda: c.picked == 1, 5)  # and its Redo
+    und["followed_redo"] = {"picked": c.picked, "name": str(group.name()),
+                            "entry": c.history[0].layer_name}
     # -- pick the first variant again: each pick is one step (no empty step between them) ----
     und["picked_again"] = c.pick_variant(0)
     doc.waitForDone()
