@@ -822,10 +822,14 @@ class Controller(QObject):
         where = self._variant_result
         if where is None or self.busy:
             return False
-        index = shown(where)
-        if index is None or index == self.picked or not 0 <= index < len(self.variants):
+        try:
+            kdoc.check_document(where.doc)
+            index = shown(where)
+            if index is None or index == self.picked or not 0 <= index < len(self.variants):
+                return False
+            self._now_showing(index, follow_name(where, index))
+        except Exception:  # a closed document, an odd host error: a poll never raises
             return False
-        self._now_showing(index, follow_name(where, index))
         return True
 
     def add_variant_as_layer(self, index: int) -> bool:

@@ -242,6 +242,9 @@ def test_the_panel_follows_krita_undoing_and_redoing_a_pick(kapp, runner):
     group.addChildNode(mine, top)  # a layer the plugin did not add: the panel keeps its word
     c.refresh_layers()
     assert seen == [2, 0, 3] and c.picked == 3
+    doc.close()  # the poll goes on: it must not raise
+    assert c._follow_variants() is False
+    c.refresh_layers()
 
 def test_a_variant_can_be_kept_as_another_layer(kapp, runner):
     doc, c, inputs = dia_setup(kapp, runner)
