@@ -779,8 +779,8 @@ class Controller(QObject):
         """Show variant ``index`` in the result group of the latest result (one new layer on
         top of the group, so that one undo brings the previous variant back; the group is
         renamed after it), and make it that pass's result in the history (a later pass that
-        takes the result as its source reads the group as the canvas shows it). When that group was
-        deleted, a new result is added instead."""
+        takes the result as its source reads the group as the canvas shows it). When that
+        group was deleted, a new result is added instead."""
         def show(v: Variant, where: VariantResult) -> str:
             node = where.group()
             if node is not None:
