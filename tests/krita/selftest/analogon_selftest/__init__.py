@@ -2,9 +2,10 @@
 window is up, it opens a document, looks for the Analogon docker in the widget tree, waits
 for the docker to connect to the backend it started, and then, as a painter would:
 runs a DIA sweep from the docker's controller (a preview layer shows on the canvas while it
-runs), picks another variant, measures and grabs the docker where Krita docks it and
-floating, presses Krita's own Undo (the pick goes, then the pass), writes a JSON report to
-$ANALOGON_SELFTEST_REPORT, and quits Krita when the test asks (a flag file)."""
+runs), presses Krita's own Undo and Redo (the pass; a pick, which the panel follows; two
+picks in a row), measures and grabs the docker where Krita docks it and floating, writes a
+JSON report to $ANALOGON_SELFTEST_REPORT, and quits Krita when the test asks (a flag
+file)."""
 import json
 import os
 import time
