@@ -229,7 +229,7 @@ def _steps():
     yield 0.3
     und["after_undo"] = {"children": len(group.childNodes()),
                          "pixel": list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))}
-    yield from _until(lambda: c.picked == 0, 5)  # the panel's layer poll follows Krita's Undo
+    yield from _until(lambda: c.picked == 0, 10)  # the panel's layer poll follows Krita's Undo
     und["followed_undo"] = {"picked": c.picked, "name": str(group.name()),
                             "entry": c.history[0].layer_name}
     yield from _press(doc, redo, texts, und, "pick_redo")  # for the pictures
@@ -237,7 +237,7 @@ def _steps():
     while time.monotonic() - t0 < 10 and len(group.childNodes()) != 2:
         yield 0.1
     und["after_pick_redo"] = len(group.childNodes())
-    yield from _until(lambda: c.picked == 1, 5)  # and its Redo
+    yield from _until(lambda: c.picked == 1, 10)  # and its Redo
     und["followed_redo"] = {"picked": c.picked, "name": str(group.name()),
                             "entry": c.history[0].layer_name}
     # -- pick the first variant again: each pick is one step (no empty step between them) ----
