@@ -311,6 +311,13 @@ def test_panel_strip_shows_variants_and_picks(kapp, runner):
     assert c.picked == 2 and strip.list.item(2).font().bold() and not strip.list.item(0).font().bold()
     assert names(doc)[-1] == "dia seed 5 \u03bb=1, cfg=7.5"
     assert "\u03bb=1, cfg=7.5" in panel.history_list.item(0).text()
+    group = doc.nodeByName(names(doc)[-1])
+    top = group.childNodes()[-1]
+    top.remove()  # Krita's Undo of the pick: the panel's layer poll follows it
+    assert wait_until(lambda: strip.current() == 0, 5) and strip.list.item(0).font().bold()
+    assert "\u03bb=0, cfg=7.5" in panel.history_list.item(0).text()
+    group.addChildNode(top, group.childNodes()[-1])  # and its Redo
+    assert wait_until(lambda: strip.current() == 2, 5) and names(doc)[-1] == "dia seed 5 \u03bb=1, cfg=7.5"
     strip.menu_for(3).actions()[1].trigger()  # context menu: add as a new layer
     assert names(doc)[-1] == "dia seed 5 \u03bb=1.5, cfg=7.5"
     strip.keep_button.click()  # keeps the picked one (its name is taken by the group: #2)
