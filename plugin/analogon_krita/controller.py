@@ -823,7 +823,6 @@ class Controller(QObject):
         if where is None or self.busy:
             return False
         try:
-            kdoc.check_document(where.doc)
             index = shown(where)
             if index is None or index == self.picked or not 0 <= index < len(self.variants):
                 return False

@@ -494,7 +494,7 @@ def _copy_layer_like(doc, children, name: str, pixels: bytes, roi: Rect):
     space, a layer style, animation, alpha lock or inherit alpha, masks on it)."""
     template = next((n for n in reversed(children) if n.type() == "paintlayer"
                      and n.blendingMode() == "copy"), None)
-    if template is None or not hasattr(template, "duplicate"):
+    if template is None:
         return None
     try:
         space = ("colorModel", "colorDepth", "colorProfile")
@@ -512,7 +512,7 @@ def _copy_layer_like(doc, children, name: str, pixels: bytes, roi: Rect):
     old = Rect.of(node.bounds())
     if not old.empty and old.intersect(roi) != old:
         # the painter drew outside the region on the copied layer: clear that first
-        size = len(pixels) // max(1, roi.w * roi.h)
+        size = _pixel_size(doc.colorModel(), doc.colorDepth())
         node.setPixelData(bytes(old.w * old.h * size), old.x, old.y, old.w, old.h)
     node.setPixelData(pixels, roi.x, roi.y, roi.w, roi.h)
     node.setName(name)

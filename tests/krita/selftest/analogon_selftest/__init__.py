@@ -99,9 +99,7 @@ def _press(doc, action, texts, und, what):
     for n in range(1, 6):
         doc.waitForDone()
         action.trigger()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 2 and not landed():
-            yield 0.05
+        yield from _until(landed, 2)
         if landed():
             break
     und.setdefault("presses", {})[what] = n if landed() else 0
@@ -200,14 +198,10 @@ def _steps():
         return any(n.uniqueId().toString() == gid for n in doc.rootNode().childNodes())
 
     yield from _press(doc, undo, texts, und, "pass_undo")
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 10 and present():
-        yield 0.1
+    yield from _until(lambda: not present(), 10)
     und["after_pass_undo"] = [str(n.name()) for n in doc.rootNode().childNodes()]
     yield from _press(doc, redo, texts, und, "pass_redo")
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 10 and not present():
-        yield 0.1
+    yield from _until(present, 10)
     group = next((n for n in doc.rootNode().childNodes() if n.uniqueId().toString() == gid), None)
     und["after_redo"] = {"back": group is not None,
                          "children": len(group.childNodes()) if group is not None else 0}
@@ -222,9 +216,7 @@ def _steps():
                          "pixel": list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))}
     und["before_pick_pixel"] = run["result"].get("pixel")
     yield from _press(doc, undo, texts, und, "pick_undo")
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 10 and len(group.childNodes()) != 1:
-        yield 0.1
+    yield from _until(lambda: len(group.childNodes()) == 1, 10)
     doc.waitForDone()
     yield 0.3
     und["after_undo"] = {"children": len(group.childNodes()),
@@ -233,9 +225,7 @@ def _steps():
     und["followed_undo"] = {"picked": c.picked, "name": str(group.name()),
                             "entry": c.history[0].layer_name}
     yield from _press(doc, redo, texts, und, "pick_redo")  # for the pictures
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 10 and len(group.childNodes()) != 2:
-        yield 0.1
+    yield from _until(lambda: len(group.childNodes()) == 2, 10)
     und["after_pick_redo"] = len(group.childNodes())
     yield from _until(lambda: c.picked == 1, 10)  # and its Redo
     und["followed_redo"] = {"picked": c.picked, "name": str(group.name()),
@@ -249,17 +239,13 @@ def _steps():
     counts = und["undone_picks"] = []  # children after each of two Undos
     for what in ("again_undo", "again_undo_2"):
         yield from _press(doc, undo, texts, und, what)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 3 and len(group.childNodes()) != 2 - len(counts):
-            yield 0.1
+        yield from _until(lambda: len(group.childNodes()) == 2 - len(counts), 3)
         doc.waitForDone()
         counts.append(len(group.childNodes()))
     und["undone_pixel"] = list(bytes(group.projectionPixelData(w // 2, h // 2, 1, 1)))
     for what in ("again_redo", "again_redo_2"):  # both picks back, for the pictures
         yield from _press(doc, redo, texts, und, what)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 10 and len(group.childNodes()) != 3:
-        yield 0.1
+    yield from _until(lambda: len(group.childNodes()) == 3, 10)
     und["after_again_redo"] = len(group.childNodes())
     yield 1.0  # the docker as a painter sees it now: variants, the latest message
     # -- the docker where Krita docks it, then floating -----------------------------------
