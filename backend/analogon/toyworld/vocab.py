@@ -9,7 +9,7 @@ the vocabulary come out as ``<|unk|>`` pieces. The tokenizer saves with ``save_p
 """
 from __future__ import annotations
 
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES
+from .world import ALL_TEXTURES, BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES, WORLD128
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -22,6 +22,8 @@ WORDS: tuple[str, ...] = tuple(dict.fromkeys(
     + SIZES + tuple(COLOURS) + TEXTURES + SHAPES + tuple(BACKGROUNDS)
     + ("an", "the", "of", "with", "in", "photo", "picture", "image", "object", "gray",
        "colour", "color", "texture", "size")
+    # toy128's words come last, so that every earlier word keeps its token and its merges.
+    + ALL_TEXTURES + WORLD128.backdrops
 ))
 
 

@@ -1,19 +1,34 @@
-"""The toy world: scenes of one or two flat objects on a plain background, with captions.
+"""The toy worlds: scenes of flat objects on a background, with captions and a known truth.
+
+Two worlds share one scene format, one renderer and one caption grammar:
+
+- ``toy64`` (the first world, ``toy-sd-64``): one object (optionally a second one) on a plain
+  background, rendered at 64x64; textures (diagonal stripes, dots) on a grid whose period is
+  1/8 of the side, i.e. one latent cell.
+- ``toy128`` (the measuring world, ``toy-sd``): one to three objects that may overlap, each
+  with a 2-px dark outline, on a plain, graded or patterned background, rendered at 128x128;
+  textures at 2-4 px periods (fine diagonal stripes, dots, checks, hatching) and a 1-px grain.
+  Every texture repeats within 8 pixels, one latent cell of a factor-8 autoencoder, so
+  texture is a local property of the 16x16 latent. Objects in one scene have distinct
+  colours and each keeps at least 60 % of its area and 24 latent cells' worth of pixels
+  visible, so every attribute of every object can be read back.
 
 A scene is a plain dict (JSON-friendly) ::
 
     {"shape": "circle", "colour": "red", "size": "large", "texture": "striped",
      "x": 0.5, "y": 0.5, "background": "grey",
-     "second": None | {"shape", "colour", "size", "texture", "x", "y"}}
+     "second": None | {"shape", "colour", "size", "texture", "x", "y"},
+     # toy128 only:
+     "world": "toy128", "backdrop": "plain" | "graded" | "patterned",
+     "third": None | {...}}
 
 ``x``/``y`` are the object's centre as a fraction of the image side, so one scene renders at
-any size. Rendering is deterministic (PIL, 4x supersampled, box-filtered down).
+any size; a scene without ``"world"`` belongs to ``toy64``. Rendering is deterministic (PIL,
+4x supersampled, box-filtered down). Later objects are drawn in front of earlier ones.
 
-Design choices that make the world learnable by an SD-shaped model with a factor-8 VAE:
-textures (diagonal stripes, dots) sit on a global grid whose period is 1/8 of the image
-side, i.e. exactly one latent cell, so texture is a local property of the latent; the
-texture's dark ink is the object's own colour at 55 % brightness; colours and backgrounds
-are far apart in RGB so that a reader without learning can tell them apart.
+The texture's dark ink (and the outline) is the object's own colour at 55 % brightness;
+colours and backgrounds are far apart in RGB, so that a reader without learning can tell
+them apart.
 """
 from __future__ import annotations
 
@@ -21,6 +36,7 @@ import copy
 import functools
 import math
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,29 +52,72 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 130, 30),
 }
 SIZES = ("small", "large")
-TEXTURES = ("plain", "striped", "dotted")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "grey": (128, 128, 128),
     "white": (235, 235, 235),
     "black": (10, 10, 10),
     "beige": (225, 205, 160),
 }
-# Half-extent of an object as a fraction of the image side.
-RADIUS = {"small": 0.17, "large": 0.29}
-SHADE = 0.55  # brightness of the texture ink relative to the object's colour
-TEXTURE_CELLS = 8  # texture period = side / TEXTURE_CELLS (one latent cell at VAE factor 8)
+SHADE = 0.55  # brightness of the texture ink and the outline relative to the object's colour
 SUPERSAMPLE = 4
+OBJECT_SLOTS = ("second", "third")  # the keys of the objects after the first
 
-# The categorical attributes of an object and of a scene, with their values.
-OBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "colour": tuple(COLOURS),
-    "size": SIZES,
-    "texture": TEXTURES,
-}
-ATTRIBUTES: dict[str, tuple[str, ...]] = {**OBJECT_ATTRIBUTES, "background": tuple(BACKGROUNDS)}
 
-# Shape/colour pairs that no training image shows: the generalisation test of toy-sd.
+@dataclass(frozen=True)
+class World:
+    """What differs between the worlds; see the module's docstring."""
+
+    name: str
+    size: int  # native side in pixels (the model's image size)
+    textures: tuple[str, ...]
+    backdrops: tuple[str, ...]
+    radius: dict[str, float] = field(hash=False)  # half-extent as a fraction of the side
+    max_objects: int
+    outline: float  # outline width in native pixels (0: none)
+    # Texture periods in native pixels; every one divides the 8-pixel latent cell.
+    periods: dict[str, float] = field(hash=False)
+    margin: float = 0.04  # the least gap between an object's box and the image border
+
+    @property
+    def attributes(self) -> dict[str, tuple[str, ...]]:
+        out = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES,
+               "texture": self.textures, "background": tuple(BACKGROUNDS)}
+        if len(self.backdrops) > 1:
+            out["backdrop"] = self.backdrops
+        return out
+
+    @property
+    def object_attributes(self) -> dict[str, tuple[str, ...]]:
+        return {k: v for k, v in self.attributes.items() if k in ("shape", "colour", "size",
+                                                                   "texture")}
+
+
+WORLD64 = World(
+    name="toy64", size=64, textures=("plain", "striped", "dotted"), backdrops=("plain",),
+    radius={"small": 0.17, "large": 0.29}, max_objects=2, outline=0.0,
+    periods={"striped": 8.0, "dotted": 8.0},
+)
+WORLD128 = World(
+    name="toy128", size=128,
+    textures=("plain", "striped", "dotted", "checked", "hatched", "grainy"),
+    backdrops=("plain", "graded", "patterned"),
+    # A small star of radius 0.25 covers 26 cells of the 16x16 latent (24 is the least).
+    radius={"small": 0.25, "large": 0.34}, max_objects=3, outline=2.0,
+    periods={"striped": 4.0, "dotted": 4.0, "checked": 4.0, "hatched": 4.0, "grainy": 8.0},
+)
+WORLDS: dict[str, World] = {w.name: w for w in (WORLD64, WORLD128)}
+
+# The first world's constants, as the rest of the code has always named them.
+TEXTURES = WORLD64.textures
+RADIUS = WORLD64.radius
+TEXTURE_CELLS = 8  # toy64's texture period = side / TEXTURE_CELLS (one latent cell)
+ALL_TEXTURES = WORLD128.textures
+
+# The categorical attributes of an object and of a scene (toy64), with their values.
+OBJECT_ATTRIBUTES: dict[str, tuple[str, ...]] = WORLD64.object_attributes
+ATTRIBUTES: dict[str, tuple[str, ...]] = WORLD64.attributes
+
+# Shape/colour pairs that no training image shows: the generalisation test of the models.
 # One colour per shape, each colour at most once, so every word is still seen in training.
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("circle", "purple"),
@@ -69,44 +128,81 @@ HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
+def world_of(scene_or_name: dict[str, Any] | str | World | None) -> World:
+    """The world of a scene (or a world's name); a scene without ``"world"`` is toy64's."""
+    if isinstance(scene_or_name, World):
+        return scene_or_name
+    if scene_or_name is None:
+        return WORLD64
+    name = scene_or_name if isinstance(scene_or_name, str) else scene_or_name.get("world",
+                                                                                    "toy64")
+    try:
+        return WORLDS[name]
+    except KeyError:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}; got {name!r}") from None
+
+
+def objects(scene: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scene's objects, back to front (the first object is the scene dict itself)."""
+    return [scene] + [scene[k] for k in OBJECT_SLOTS if scene.get(k)]
+
+
 def is_held_out(scene: dict[str, Any]) -> bool:
-    objs = [scene] + ([scene["second"]] if scene.get("second") else [])
-    return any((o["shape"], o["colour"]) in HELD_OUT_PAIRS for o in objs)
+    return any((o["shape"], o["colour"]) in HELD_OUT_PAIRS for o in objects(scene))
 
 
 # -- scenes -----------------------------------------------------------------------------
 
-def _fit_range(size: str, margin: float = 0.04) -> tuple[float, float]:
-    r = RADIUS[size]
-    return r + margin, 1.0 - r - margin
+def _fit_range(size: str, world: World = WORLD64) -> tuple[float, float]:
+    r = world.radius[size]
+    return r + world.margin, 1.0 - r - world.margin
 
 
 def make_scene(shape: str = "circle", colour: str = "red", size: str = "large",
                texture: str = "plain", background: str = "grey", x: float = 0.5, y: float = 0.5,
-               second: dict[str, Any] | None = None) -> dict[str, Any]:
+               second: dict[str, Any] | None = None, *, world: str = "toy64",
+               backdrop: str = "plain", third: dict[str, Any] | None = None) -> dict[str, Any]:
     scene = {"shape": shape, "colour": colour, "size": size, "texture": texture,
              "x": float(x), "y": float(y), "background": background,
              "second": copy.deepcopy(second)}
+    if world != "toy64":
+        scene.update(world=world, backdrop=backdrop, third=copy.deepcopy(third))
     validate(scene)
     return scene
 
 
 def validate(scene: dict[str, Any]) -> None:
-    objs = [scene] + ([scene["second"]] if scene.get("second") else [])
+    w = world_of(scene)
+    objs = objects(scene)
+    if len(objs) > w.max_objects:
+        raise ValueError(f"the {w.name} world has at most {w.max_objects} objects")
     for o in objs:
-        for name, values in OBJECT_ATTRIBUTES.items():
+        for name, values in w.object_attributes.items():
             if o.get(name) not in values:
                 raise ValueError(f"{name} must be one of {', '.join(values)}; got {o.get(name)!r}")
     if scene.get("background") not in BACKGROUNDS:
         raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}; "
                          f"got {scene.get('background')!r}")
+    if scene.get("backdrop", "plain") not in w.backdrops:
+        raise ValueError(f"backdrop must be one of {', '.join(w.backdrops)}; "
+                         f"got {scene.get('backdrop')!r}")
+
+
+def _random_object(rng: random.Random, world: World, colours: tuple[str, ...]) -> dict[str, Any]:
+    return {"shape": rng.choice(SHAPES), "colour": rng.choice(colours),
+            "size": rng.choice(SIZES), "texture": rng.choice(world.textures)}
 
 
 def random_scene(rng: random.Random, *, split: str = "train", two: float = 0.0,
-                 centred: bool = False) -> dict[str, Any]:
+                 centred: bool = False, world: str | World = "toy64",
+                 count: int | None = None) -> dict[str, Any]:
     """A random scene. ``split``: 'train' never shows a held-out pair, 'heldout' always
-    shows one (for the first object), 'any' does not care. ``two``: chance of a second
-    object (placed in the other half of the image)."""
+    shows one (for the first object), 'any' does not care. ``two``: chance of more than one
+    object (toy64: a second one in the other half of the image; toy128: two or three that
+    may overlap). ``count`` fixes the number of objects (toy128)."""
+    w = world_of(world)
+    if w is not WORLD64:
+        return _random_scene_layered(rng, w, split=split, two=two, centred=centred, count=count)
     while True:
         if split == "heldout":
             shape, colour = rng.choice(HELD_OUT_PAIRS)
@@ -137,25 +233,96 @@ def random_scene(rng: random.Random, *, split: str = "train", two: float = 0.0,
         return scene
 
 
+MIN_VISIBLE_SHARE = 0.6  # toy128: the least share of an object's area left uncovered
+MIN_VISIBLE_CELLS = 24  # toy128: the least visible area, in 8x8-pixel latent cells
+
+
+def visible_masks(scene: dict[str, Any], size: int | None = None) -> list[np.ndarray]:
+    """Per object (back to front), where it is visible: bool (size, size)."""
+    w = world_of(scene)
+    side = size or w.size
+    full = [np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side,
+                                   w.radius[o["size"]] * side, side)) > 127
+            for o in objects(scene)]
+    out = []
+    for i, m in enumerate(full):
+        v = m.copy()
+        for front in full[i + 1:]:
+            v &= ~front
+        out.append(v)
+    return out
+
+
+def layout_ok(scene: dict[str, Any]) -> bool:
+    """toy128's layout rule: every object keeps >= 60 % of its area and >= 24 latent cells'
+    worth of pixels visible."""
+    w = world_of(scene)
+    side = w.size
+    cell = (side / 16) ** 2
+    full = [np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side,
+                                   w.radius[o["size"]] * side, side)) > 127
+            for o in objects(scene)]
+    for m, v in zip(full, visible_masks(scene)):
+        if v.sum() < MIN_VISIBLE_SHARE * m.sum() or v.sum() < MIN_VISIBLE_CELLS * cell:
+            return False
+    return True
+
+
+def _random_scene_layered(rng: random.Random, w: World, *, split: str, two: float,
+                          centred: bool, count: int | None) -> dict[str, Any]:
+    while True:
+        if count is not None:
+            n = count
+        elif rng.random() < two:
+            n = rng.choice((2, 3))
+        else:
+            n = 1
+        colours = list(COLOURS)
+        objs = []
+        for i in range(n):
+            o = _random_object(rng, w, tuple(colours))
+            if i == 0 and split == "heldout":
+                o["shape"], o["colour"] = rng.choice(HELD_OUT_PAIRS)
+            colours.remove(o["colour"])
+            objs.append(o)
+        scene = {**objs[0], "background": rng.choice(tuple(BACKGROUNDS)), "second": None,
+                 "world": w.name, "backdrop": rng.choice(w.backdrops), "third": None}
+        for key, o in zip(OBJECT_SLOTS, objs[1:]):
+            scene[key] = o
+        if split == "train" and is_held_out(scene):
+            continue
+        for _ in range(50):
+            for o in objects(scene):
+                lo, hi = _fit_range(o["size"], w)
+                if centred and n == 1:
+                    o["x"] = o["y"] = 0.5
+                else:
+                    o["x"], o["y"] = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            if layout_ok(scene):
+                return scene
+
+
 def change(scene: dict[str, Any], attribute: str, value: Any) -> dict[str, Any]:
     """The same scene with one attribute changed (the ground truth of an analogy).
 
-    ``attribute`` is a scene attribute (shape, colour, size, texture, background, x, y) or
-    ``second.<name>`` for the second object. A size change keeps the object inside the image.
+    ``attribute`` is a scene attribute (shape, colour, size, texture, background, backdrop,
+    x, y) or ``second.<name>`` / ``third.<name>`` for a later object. A size change keeps the
+    object inside the image.
     """
     out = copy.deepcopy(scene)
     target = out
     name = attribute
-    if attribute.startswith("second."):
-        if not out.get("second"):
-            raise ValueError("this scene has no second object")
-        target, name = out["second"], attribute.split(".", 1)[1]
+    slot, _, rest = attribute.partition(".")
+    if rest:
+        if slot not in OBJECT_SLOTS or not out.get(slot):
+            raise ValueError(f"this scene has no {slot} object")
+        target, name = out[slot], rest
     if name in ("x", "y"):
         target[name] = float(value)
     else:
         target[name] = value
     if name == "size":
-        lo, hi = _fit_range(value)
+        lo, hi = _fit_range(value, world_of(out))
         target["x"] = min(max(target["x"], lo), hi)
         target["y"] = min(max(target["y"], lo), hi)
     validate(out)
@@ -179,14 +346,18 @@ def _object_phrase(o: dict[str, Any], omit: frozenset[str] = frozenset()) -> str
 def caption(scene: dict[str, Any], omit: frozenset[str] | set[str] = frozenset()) -> str:
     """'a large red striped circle on a grey background'. The texture is always named
     ('a small blue plain square ...'), so a prompt that leaves a word out means "any".
+    Later objects follow with 'and a ...'; a graded or patterned backdrop is named before
+    the background's colour ('on a graded grey background'), a plain one is not.
     ``omit`` leaves attributes out (training uses short captions too, so that short
     prompts work)."""
     omit = frozenset(omit)
-    text = "a " + _object_phrase(scene, omit)
-    if scene.get("second"):
-        text += " and a " + _object_phrase(scene["second"], omit)
+    text = " and ".join("a " + _object_phrase(o, omit) for o in objects(scene))
     if "background" not in omit:
-        text += f" on a {scene['background']} background"
+        backdrop = scene.get("backdrop", "plain")
+        if backdrop != "plain" and "backdrop" not in omit:
+            text += f" on a {backdrop} {scene['background']} background"
+        else:
+            text += f" on a {scene['background']} background"
     return text
 
 
@@ -229,18 +400,31 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, side: int) -> Image.
     return m
 
 
-@functools.lru_cache(maxsize=32)
-def _texture_ink(texture: str, side: int) -> np.ndarray:
-    """Boolean (side, side): where the texture's dark ink is, on the global grid (read-only)."""
-    ink = _texture_ink_uncached(texture, side)
+@functools.lru_cache(maxsize=64)
+def _texture_ink(texture: str, side: int, world: str = "toy64") -> np.ndarray:
+    """Boolean (side, side): where the texture's dark ink is, on the global grid (read-only).
+    ``side`` is the side being drawn (supersampled or not) of an image of the world's scale."""
+    ink = _texture_ink_uncached(texture, side, WORLDS[world])
     ink.setflags(write=False)
     return ink
 
 
-def _texture_ink_uncached(texture: str, side: int) -> np.ndarray:
+GRAIN_TILE = 8  # grain: a fixed random 8x8 pattern of 1-px grains (30 % ink), tiled
+GRAIN_SHARE = 0.30
+
+
+def _grain_tile() -> np.ndarray:
+    rng = np.random.default_rng(20261207)
+    return rng.random((GRAIN_TILE, GRAIN_TILE)) < GRAIN_SHARE
+
+
+def _texture_ink_uncached(texture: str, side: int, world: World = WORLD64) -> np.ndarray:
     if texture == "plain":
         return np.zeros((side, side), bool)
-    period = side / TEXTURE_CELLS
+    if texture not in world.periods:
+        raise ValueError(texture)
+    scale = side / world.size  # drawn pixels per native pixel
+    period = world.periods[texture] * scale
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float64) + 0.5
     if texture == "striped":
         # Diagonal stripes, half ink: period `period` along x and along y.
@@ -249,30 +433,91 @@ def _texture_ink_uncached(texture: str, side: int) -> np.ndarray:
         fx = (xx / period) % 1.0 - 0.5
         fy = (yy / period) % 1.0 - 0.5
         return fx * fx + fy * fy < 0.30 ** 2
+    if texture == "checked":
+        # Squares of half a period: a checkerboard.
+        return (np.floor(xx / (period / 2)) + np.floor(yy / (period / 2))) % 2 == 1
+    if texture == "hatched":
+        # Horizontal lines a quarter of a period thick (1 px at toy128).
+        return (yy / period) % 1.0 < 0.25
+    if texture == "grainy":
+        tile = _grain_tile()
+        iy = np.floor(yy / scale).astype(int) % GRAIN_TILE
+        ix = np.floor(xx / scale).astype(int) % GRAIN_TILE
+        return tile[iy, ix]
     raise ValueError(texture)
 
 
-def _paint_object(canvas: np.ndarray, o: dict[str, Any], side: int) -> None:
-    r = RADIUS[o["size"]] * side
+def _erode_by(mask: np.ndarray, n: int) -> np.ndarray:
+    m = mask.copy()
+    for _ in range(n):
+        e = m.copy()
+        e[1:, :] &= m[:-1, :]
+        e[:-1, :] &= m[1:, :]
+        e[:, 1:] &= m[:, :-1]
+        e[:, :-1] &= m[:, 1:]
+        e[0, :] = e[-1, :] = e[:, 0] = e[:, -1] = False
+        m = e
+    return m
+
+
+def _paint_object(canvas: np.ndarray, o: dict[str, Any], side: int, world: World) -> None:
+    r = world.radius[o["size"]] * side
     mask = np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side, r, side)) > 127
     base = np.array(COLOURS[o["colour"]], np.float64)
-    ink = _texture_ink(o["texture"], side)[mask]
+    ink = _texture_ink(o["texture"], side, world.name).copy()
+    if world.outline:
+        # The outline: the shape's border, `outline` native pixels wide, in the ink colour.
+        width = int(round(world.outline * side / world.size))
+        ink |= mask & ~_erode_by(mask, width)
+    ink = ink[mask]
     canvas[mask] = np.where(ink[:, None], base * SHADE, base)
 
 
-def render(scene: dict[str, Any], size: int = 64) -> np.ndarray:
-    """The scene as an RGB uint8 array (size, size, 3). Deterministic."""
+BACKDROP_GRADE = 22.0  # graded: from +22 levels at the top to -22 at the bottom
+BACKDROP_LINE = 20.0  # patterned: 1-px lines every 8 px, this much darker (lighter on black)
+BACKDROP_PERIOD = 8
+
+
+def _paint_background(canvas: np.ndarray, scene: dict[str, Any], side: int,
+                      world: World) -> None:
+    rgb = np.array(BACKGROUNDS[scene["background"]], np.float64)
+    canvas[:] = rgb
+    backdrop = scene.get("backdrop", "plain")
+    if backdrop == "graded":
+        t = (np.arange(side, dtype=np.float64) + 0.5) / side
+        canvas += (BACKDROP_GRADE * (1.0 - 2.0 * t))[:, None, None]
+    elif backdrop == "patterned":
+        scale = side / world.size
+        i = np.floor((np.arange(side) + 0.5) / scale).astype(int) % BACKDROP_PERIOD == 0
+        line = i[:, None] | i[None, :]
+        sign = 1.0 if rgb.mean() < 64 else -1.0
+        canvas[line] += sign * BACKDROP_LINE
+
+
+def background_image(scene: dict[str, Any], size: int | None = None) -> np.ndarray:
+    """The scene's background alone as an RGB uint8 array."""
+    w = world_of(scene)
+    size = size or w.size
+    return render({**scene, "second": None, "third": None}, size, objects_drawn=False)
+
+
+def render(scene: dict[str, Any], size: int | None = None, *,
+           objects_drawn: bool = True) -> np.ndarray:
+    """The scene as an RGB uint8 array (size, size, 3), at the world's native size unless
+    told. Deterministic."""
     validate(scene)
+    w = world_of(scene)
+    size = size or w.size
     side = size * SUPERSAMPLE
     canvas = np.empty((side, side, 3), np.float64)
-    canvas[:] = BACKGROUNDS[scene["background"]]
-    _paint_object(canvas, scene, side)
-    if scene.get("second"):
-        _paint_object(canvas, scene["second"], side)
+    _paint_background(canvas, scene, side, w)
+    if objects_drawn:
+        for o in objects(scene):
+            _paint_object(canvas, o, side, w)
     # Box-filter down: anti-aliased edges, exact flat colours inside.
     small = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
-def render_pil(scene: dict[str, Any], size: int = 64) -> Image.Image:
+def render_pil(scene: dict[str, Any], size: int | None = None) -> Image.Image:
     return Image.fromarray(render(scene, size))
