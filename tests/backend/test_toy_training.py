@@ -21,6 +21,7 @@ def _args(work, out, stages, unet_steps):
 
 
 def test_train_toy_resumes_exactly_and_exports_a_loadable_model(tmp_path):
+    """On the measuring world (toy128, the default)."""
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "toy"
     assert train.main(_args(a, out, "data,vae,clip,unet", 2)) == 0
     # b shares a's data, VAE and CLIP, and trains the UNet 4 steps without stopping
@@ -47,4 +48,31 @@ def test_train_toy_resumes_exactly_and_exports_a_loadable_model(tmp_path):
     from analogon.models import LoadOptions, load_bundle
 
     bundle = load_bundle(str(out), LoadOptions(device="cpu"))
-    assert bundle.native_size == 64
+    assert bundle.native_size == 128
+    assert info["world"] == "toy128" and info["image_size"] == 128
+
+
+def test_a_stage_resumes_from_its_fp16_snapshot_when_the_work_folder_is_gone(tmp_path):
+    """Snapshots are what the repository keeps: a new work folder starts from them."""
+    work, snaps, out = tmp_path / "w", tmp_path / "snaps", tmp_path / "toy"
+    common = ["--snapshots", str(snaps), "--unet-leg", "1"]
+    assert train.main(_args(work, out, "data,vae,clip,unet", 2) + common) == 0
+    assert {p.name for p in snaps.iterdir()} == {"vae.fp16.safetensors",
+                                                  "clip.fp16.safetensors",
+                                                  "unet.fp16.safetensors"}
+    first = torch.load(work / "unet.pt", map_location="cpu")
+    # The work folder loses every checkpoint; only the rendered pool is left.
+    for name in ("vae.pt", "clip.pt", "unet.pt"):
+        (work / name).unlink()
+    assert train.main(_args(work, out, "vae,clip,unet", 3) + common) == 0
+    log = (work / "train.log").read_text()
+    assert "vae: done (2 steps, from its snapshot)" in log
+    assert "unet: resuming at step 2 from its fp16 snapshot" in log
+    again = torch.load(work / "unet.pt", map_location="cpu")
+    assert again["step"] == 3
+    # The snapshot carried the weights (to fp16 precision): one more step moves them little.
+    name, t = next(iter(first["ema"].items()))
+    assert torch.allclose(again["ema"][name], t, atol=0.05)
+    assert train.main(_args(work, out, "export", 3) + common) == 0
+    info = json.loads((out / "toyworld.json").read_text())
+    assert (info["vae_steps"], info["clip_steps"], info["unet_steps"]) == (2, 2, 3)

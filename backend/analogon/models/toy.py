@@ -1,4 +1,9 @@
-"""The trained toy-world model ``toy-sd``, shipped inside the package (see analogon.toyworld)."""
+"""The trained toy-world models, shipped inside the package (see analogon.toyworld).
+
+``toy-sd`` is trained on the 128x128 world (``toy128``) and is the model the project
+measures on; ``toy-sd-64`` on the first, 64x64 world (``toy64``), kept where the test suite
+needs speed.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +11,13 @@ from pathlib import Path
 from ..errors import ModelError
 
 TOY_NATIVE_SIZE = 64
-_HERE = Path(__file__).parent / "toy_sd"
+_ROOT = Path(__file__).parent
+_HERE = _ROOT / "toy_sd"
+
+
+def model_dir(world: str) -> Path:
+    """Where ``analogon train-toy --world WORLD`` writes its model by default."""
+    return _ROOT / {"toy64": "toy_sd", "toy128": "toy_sd_128"}[world]
 
 
 def toy_sd_available() -> bool:

@@ -1,10 +1,12 @@
-"""`analogon train-toy`: trains toy-sd from a seed and writes it as a diffusers folder.
+"""`analogon train-toy`: trains a toy-world model from a seed and writes it as a diffusers folder.
 
-Stages (each resumes from its checkpoint in ``--work``; ``--stages`` picks a subset):
+``--world toy128`` (the default) trains ``toy-sd`` on 128x128 scenes; ``--world toy64``
+trains the first, 64x64 world's ``toy-sd-64``. Stages (each resumes from its checkpoint in ``--work``; ``--stages`` picks a subset):
 
 data    render a pool of training scenes (held-out shape/colour pairs never appear)
-vae     AutoencoderKL, L1 + MSE (object pixels weighted 5x) + a small KL term; 32x32 crops
-        on the texture grid, every fourth step whole images
+vae     AutoencoderKL, L1 + MSE (object pixels weighted 5x) + L1 of the image gradients
+        (toy128: fine lines and textures) + a small KL term; half-size crops on the
+        8-pixel texture grid, every fourth step whole images
 clip    CLIPModel, symmetric contrastive loss on (render, full caption); captions that are
         equal in a batch count as positives of each other
 unet    UNet2DConditionModel, epsilon prediction on Stable Diffusion's schedule, frozen text
@@ -16,7 +18,10 @@ export  StableDiffusionPipeline.save_pretrained (fp16 safetensors), plus the ful
         ``clip/`` and the image tower in ``image_encoder/``
 
 Every stage logs to ``<work>/train.log`` with wall time. Training is deterministic for a
-given seed, thread count and device.
+given seed, thread count and device. ``--snapshots DIR`` also writes each finished stage's
+weights there in fp16 (``<stage>.fp16.safetensors``; the UNet's also every ``--unet-leg``
+steps): small enough to keep in a repository, and what a stage starts from when its work
+folder is gone (weights exactly, the optimiser's state afresh).
 """
 from __future__ import annotations
 
@@ -32,6 +37,15 @@ from pathlib import Path
 import numpy as np
 
 STAGES = ("data", "vae", "clip", "unet", "decoder", "export")
+
+# Each world's step counts: what its shipped model was trained with (toy64) or is planned
+# for (toy128, measured in docs/toyworld.md); explicit options override them.
+DEFAULTS = {
+    "toy64": dict(pool=6000, vae_steps=1878, vae_batch=16, clip_steps=957, unet_steps=6203,
+                  unet_batch=64, decoder_steps=1616, decoder_batch=8, vae_edge=0.0, two=0.0),
+    "toy128": dict(pool=10000, vae_steps=6000, vae_batch=12, clip_steps=1500, unet_steps=6000,
+                   unet_batch=64, decoder_steps=3000, decoder_batch=6, vae_edge=0.5, two=0.5),
+}
 
 
 class Log:
@@ -79,6 +93,60 @@ def _save_ckpt(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _snapshot_path(args, name: str) -> Path | None:
+    return Path(args.snapshots) / f"{name}.fp16.safetensors" if args.snapshots else None
+
+
+def _write_snapshot(args, name: str, modules: dict, step: int) -> None:
+    """The stage's weights in fp16 (``<module>.<param>`` keys) with its step count."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = _snapshot_path(args, name)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{key}.{k}": v.detach().to(torch.float16 if v.is_floating_point() else v.dtype)
+               .contiguous().cpu()
+               for key, m in modules.items() for k, v in m.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "stage": name,
+                                           "world": args.world, "seed": str(args.seed)})
+    os.replace(tmp, path)
+
+
+def _load_stage(args, name: str, modules: dict) -> int | None:
+    """Load a stage's trained weights into ``modules`` from its checkpoint in the work folder,
+    else from its snapshot; its step count, or None when it has neither."""
+    import torch
+
+    path = args.work / f"{name}.pt"
+    if path.exists():
+        state = torch.load(path, map_location="cpu")
+        for key, m in modules.items():
+            m.load_state_dict(state[key])
+        return int(state["step"])
+    return _read_snapshot(args, name, modules)
+
+
+def _read_snapshot(args, name: str, modules: dict) -> int | None:
+    """Load a snapshot's weights into ``modules``; its step, or None when there is none."""
+    from safetensors import safe_open
+
+    path = _snapshot_path(args, name)
+    if path is None or not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if meta.get("world") != args.world or meta.get("seed") != str(args.seed):
+            return None
+        for key, m in modules.items():
+            state = m.state_dict()
+            m.load_state_dict({k: f.get_tensor(f"{key}.{k}").to(v.dtype)
+                               for k, v in state.items()})
+    return int(meta["step"])
+
+
 class _Loop:
     """What every training stage does around its steps: resume from ``<work>/<name>.pt``, the
     warm-up learning rate, a log line every 50 steps, a checkpoint every few minutes and at
@@ -94,8 +162,9 @@ class _Loop:
     """
 
     def __init__(self, name: str, args, log: Log, modules: dict, opt, steps: int, lr: float,
-                 warmup: int, minutes: float, on_save=None):
+                 warmup: int, minutes: float, on_save=None, leg: int = 0):
         self.name, self.args, self.log = name, args, log
+        self.leg = leg  # also snapshot every `leg` steps (0: only at the end)
         self.modules, self.opt = modules, opt
         self.steps, self.lr, self.warmup, self.minutes = steps, lr, warmup, minutes
         self.on_save = on_save
@@ -108,6 +177,15 @@ class _Loop:
         import torch
 
         if not self.path.exists():
+            step = _read_snapshot(self.args, self.name, self.modules)
+            if step is None:
+                return True
+            self.start = step
+            if step >= self.steps:
+                self.log(f"{self.name}: done ({step} steps, from its snapshot)")
+                return False
+            self.log(f"{self.name}: resuming at step {step} from its fp16 snapshot "
+                     "(optimiser state afresh)")
             return True
         state = torch.load(self.path, map_location="cpu")
         for key, module in self.modules.items():
@@ -128,6 +206,9 @@ class _Loop:
                 g["lr"] = _lr(step, self.lr, self.warmup)
             yield step
             stop = _out_of_time(self.t0, self.minutes, self.args.work)
+            if step + 1 == self.steps or (self.leg and (step + 1) % self.leg == 0):
+                _write_snapshot(self.args, self.name, self.modules, step + 1)
+                self.log(f"{self.name}: snapshot at step {step + 1}")
             if (stop or time.time() - last_save > self.args.checkpoint_minutes * 60
                     or step + 1 == self.steps):
                 _save_ckpt(self.path, {**{k: m.state_dict() for k, m in self.modules.items()},
@@ -156,11 +237,16 @@ def stage_data(args, log: Log) -> None:
     if path.exists():
         log(f"data: {path} exists")
         return
+    from .world import visible_masks
+
     rng = random.Random(args.seed)
     t = time.time()
-    scenes = [random_scene(rng, split="train") for _ in range(args.pool)]
-    images = np.stack([render(s, 64) for s in scenes])
-    np.savez(path, images=images)
+    scenes = [random_scene(rng, split="train", world=args.world, two=args.two)
+              for _ in range(args.pool)]
+    images = np.stack([render(s) for s in scenes])
+    # Where the objects are (the loss weights them more than the background).
+    masks = np.stack([np.any(visible_masks(s), axis=0) for s in scenes])
+    np.savez(path, images=images, objects=np.packbits(masks, axis=-1))
     (args.work / "pool.json").write_text(json.dumps(scenes))
     log(f"data: {len(scenes)} scenes rendered in {time.time() - t:.1f}s; e.g. {caption(scenes[0])!r}")
 
@@ -169,6 +255,18 @@ def _load_pool(args):
     images = np.load(args.work / "pool.npz")["images"]
     scenes = json.loads((args.work / "pool.json").read_text())
     return images, scenes
+
+
+def _load_object_masks(args) -> np.ndarray:
+    """(N, H, W) bool: where the pool's objects are."""
+    data = np.load(args.work / "pool.npz")
+    side = data["images"].shape[1]
+    if "objects" in data:
+        return np.unpackbits(data["objects"], axis=-1, count=side).astype(bool)
+    # A pool from before the masks were stored: far from the background colour.
+    _, scenes = _load_pool(args)
+    bg = (_background_rgb(scenes) + 1.0) * 127.5
+    return np.abs(data["images"].astype(np.float32) - bg[:, None, None]).sum(-1) > 12.75
 
 
 def _to_tensor(images: np.ndarray):
@@ -184,14 +282,22 @@ def _background_rgb(scenes) -> np.ndarray:
     return np.array([BACKGROUNDS[s["background"]] for s in scenes], np.float32) / 127.5 - 1.0
 
 
-def _object_weight(x, bg: np.ndarray, weight: float):
-    """Per-pixel loss weights (B,1,H,W): objects count ``weight`` times as much as the
-    background, which otherwise dominates the loss and the object's hue is learned last."""
+def _object_weight(masks: np.ndarray, weight: float, device):
+    """Per-pixel loss weights (B,1,H,W) from object masks (B,H,W): objects count ``weight``
+    times as much as the background, which otherwise dominates the loss and the object's hue
+    is learned last."""
     import torch
 
-    b = torch.from_numpy(bg).to(x.device).view(-1, 3, 1, 1)
-    fg = ((x - b).abs().sum(1, keepdim=True) > 0.1).to(x.dtype)
+    fg = torch.from_numpy(np.ascontiguousarray(masks)).to(device).unsqueeze(1).float()
     return 1.0 + (weight - 1.0) * fg
+
+
+def _edge_l1(rec, x, w):
+    """Weighted L1 of the horizontal and vertical differences: fine lines and textures
+    count, not only their average colour."""
+    dx = ((rec[..., :, 1:] - rec[..., :, :-1]) - (x[..., :, 1:] - x[..., :, :-1])).abs()
+    dy = ((rec[..., 1:, :] - rec[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])).abs()
+    return ((dx * w[..., :, 1:]).sum() + (dy * w[..., 1:, :]).sum()) / (w.sum() * 6)
 
 
 # -- VAE ----------------------------------------------------------------------------------
@@ -201,10 +307,12 @@ def stage_vae(args, log: Log) -> None:
 
     from .models import build_vae
 
-    images, scenes = _load_pool(args)
-    bg = _background_rgb(scenes)
+    images, _ = _load_pool(args)
+    masks = _load_object_masks(args)
+    side = images.shape[1]
+    crop = side // 2
     torch.manual_seed(args.seed + 1)
-    vae = build_vae().to(args.device)
+    vae = build_vae(args.world).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     loop = _Loop("vae", args, log, {"model": vae}, opt, args.vae_steps, args.vae_lr, 50,
                  args.vae_minutes)
@@ -216,15 +324,18 @@ def stage_vae(args, log: Log) -> None:
         rng, gen = _step_rngs(args.seed, 1, step)
         if step % 4 != 3:
             idx = rng.integers(0, len(images), args.vae_batch)
-            # 32x32 crops at multiples of 8: the texture grid stays aligned with latent cells.
-            oy, ox = rng.integers(0, 5, 2) * 8
-            batch = images[idx, oy:oy + 32, ox:ox + 32]
+            # Half-size crops at multiples of 8: the texture grid stays aligned with latent
+            # cells.
+            oy, ox = rng.integers(0, (side - crop) // 8 + 1, 2) * 8
+            batch = images[idx, oy:oy + crop, ox:ox + crop]
+            mbatch = masks[idx, oy:oy + crop, ox:ox + crop]
         else:
-            # Every fourth step whole images, so that the mid-block attention sees 8x8 latents.
+            # Every fourth step whole images, so that the mid-block attention sees whole
+            # latents.
             idx = rng.integers(0, len(images), max(4, args.vae_batch // 4))
-            batch = images[idx]
+            batch, mbatch = images[idx], masks[idx]
         x = _to_tensor(batch).to(args.device)
-        w = _object_weight(x, bg[idx], args.object_weight)
+        w = _object_weight(mbatch, args.object_weight, args.device)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
         rec = vae.decode(z).sample
@@ -232,6 +343,8 @@ def stage_vae(args, log: Log) -> None:
         mse = ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
         kl = post.kl().mean() / post.mean[0].numel()
         loss = l1 + mse + args.vae_kl * kl
+        if args.vae_edge:
+            loss = loss + args.vae_edge * _edge_l1(rec, x, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -242,12 +355,11 @@ def stage_vae(args, log: Log) -> None:
 
 
 def _load_vae(args):
-    import torch
-
     from .models import build_vae
 
-    vae = build_vae()
-    vae.load_state_dict(torch.load(args.work / "vae.pt", map_location="cpu")["model"])
+    vae = build_vae(args.world)
+    if _load_stage(args, "vae", {"model": vae}) is None:
+        raise SystemExit("train-toy: the vae stage has not run (no vae.pt, no snapshot)")
     return vae.to(args.device).eval().requires_grad_(False)
 
 
@@ -268,7 +380,7 @@ def stage_clip(args, log: Log) -> None:
     # the end-of-text token (the pooled output) are the same, at a fraction of the cost.
     ids_all = tok(caps, padding="longest", return_tensors="pt").input_ids
     torch.manual_seed(args.seed + 2)
-    clip = build_clip().to(args.device)
+    clip = build_clip(args.world).to(args.device)
     opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.01)
     loop = _Loop("clip", args, log, {"model": clip}, opt, args.clip_steps, args.clip_lr, 50,
                  args.clip_minutes)
@@ -281,7 +393,7 @@ def stage_clip(args, log: Log) -> None:
         idx = rng.integers(0, len(images), args.clip_batch)
         x = _to_tensor(images[idx]).add(1).div(2).to(args.device)
         ids = ids_all[idx].to(args.device)
-        out = clip(input_ids=ids, pixel_values=images_to_clip_pixels(x))
+        out = clip(input_ids=ids, pixel_values=images_to_clip_pixels(x, args.world))
         logits = out.logits_per_image
         same = torch.tensor([[caps[i] == caps[j] for j in idx] for i in idx], dtype=torch.float32,
                             device=args.device)
@@ -299,12 +411,11 @@ def stage_clip(args, log: Log) -> None:
 
 
 def _load_clip(args):
-    import torch
-
     from .models import build_clip
 
-    clip = build_clip()
-    clip.load_state_dict(torch.load(args.work / "clip.pt", map_location="cpu")["model"])
+    clip = build_clip(args.world)
+    if _load_stage(args, "clip", {"model": clip}) is None:
+        raise SystemExit("train-toy: the clip stage has not run (no clip.pt, no snapshot)")
     return clip.to(args.device).eval().requires_grad_(False)
 
 
@@ -381,14 +492,14 @@ def stage_unet(args, log: Log) -> None:
     sched = build_scheduler()
     acp = sched.alphas_cumprod.to(args.device)
     torch.manual_seed(args.seed + 3)
-    unet = build_unet().to(args.device)
-    ema = build_unet().to(args.device).requires_grad_(False)
+    unet = build_unet(args.world).to(args.device)
+    ema = build_unet(args.world).to(args.device).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     loop = _Loop("unet", args, log, {"model": unet, "ema": ema}, opt, args.unet_steps,
                  args.unet_lr, 100, args.unet_minutes,
                  on_save=(lambda: stage_export(args, log, quiet=True))
-                 if args.export_every_checkpoint else None)
+                 if args.export_every_checkpoint else None, leg=args.unet_leg)
     if not loop.resume():
         return
     mean, std = lat["mean"], lat["std"]
@@ -434,8 +545,8 @@ def stage_unet(args, log: Log) -> None:
 def stage_decoder(args, log: Log) -> None:
     import torch
 
-    images, scenes = _load_pool(args)
-    bg = _background_rgb(scenes)
+    images, _ = _load_pool(args)
+    masks = _load_object_masks(args)
     vae = _load_vae(args)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
@@ -451,13 +562,15 @@ def stage_decoder(args, log: Log) -> None:
         rng, gen = _step_rngs(args.seed, 4, step)
         idx = rng.integers(0, len(images), args.decoder_batch)
         x = _to_tensor(images[idx]).to(args.device)
-        w = _object_weight(x, bg[idx], args.object_weight)
+        w = _object_weight(masks[idx], args.object_weight, args.device)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
         rec = vae.decode(z).sample
         l1 = ((rec - x).abs() * w).sum() / (w.sum() * 3)
         loss = l1 + ((rec - x).pow(2) * w).sum() / (w.sum() * 3)
+        if args.vae_edge:
+            loss = loss + args.vae_edge * _edge_l1(rec, x, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -472,26 +585,25 @@ def stage_export(args, log: Log, quiet: bool = False) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from .models import build_feature_extractor, build_scheduler, build_unet
+    from .models import (build_clip, build_feature_extractor, build_scheduler, build_unet,
+                         build_vae, sizes)
     from .vocab import build_tokenizer
 
     out = Path(args.out)
     lat = _encode_pool(args, log)
     vae = _load_vae(args).cpu()
-    decoder_steps = 0
-    if (args.work / "decoder.pt").exists():
-        dstate = torch.load(args.work / "decoder.pt", map_location="cpu")
-        vae.load_state_dict(dstate["model"])
-        decoder_steps = dstate["step"]
+    decoder_steps = _load_stage(args, "decoder", {"model": vae}) or 0
     vae.register_to_config(scaling_factor=float(lat["scaling_factor"]))
     clip = _load_clip(args).cpu()
-    state = torch.load(args.work / "unet.pt", map_location="cpu")
-    unet = build_unet()
-    unet.load_state_dict(state["ema"])
+    unet, trained = build_unet(args.world), build_unet(args.world)
+    unet_steps = _load_stage(args, "unet", {"model": trained, "ema": unet})
+    if unet_steps is None:
+        raise SystemExit("train-toy: the unet stage has not run (no unet.pt, no snapshot)")
+    del trained
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=_text_encoder_from_clip(clip), tokenizer=build_tokenizer(),
         unet=unet.eval(), scheduler=build_scheduler(), safety_checker=None,
-        feature_extractor=build_feature_extractor(), image_encoder=_image_encoder_from_clip(clip),
+        feature_extractor=build_feature_extractor(args.world), image_encoder=_image_encoder_from_clip(clip),
         requires_safety_checker=False,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -503,17 +615,17 @@ def stage_export(args, log: Log, quiet: bool = False) -> Path:
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     clip.to(torch.float16).save_pretrained(tmp / "clip", safe_serialization=True)
     info = {
-        "seed": args.seed, "unet_steps": state["step"],
-        "vae_steps": torch.load(args.work / "vae.pt", map_location="cpu")["step"],
-        "clip_steps": torch.load(args.work / "clip.pt", map_location="cpu")["step"],
+        "seed": args.seed, "unet_steps": unet_steps,
+        "vae_steps": _load_stage(args, "vae", {"model": build_vae(args.world)}),
+        "clip_steps": _load_stage(args, "clip", {"model": build_clip(args.world)}),
         "decoder_steps": decoder_steps,
-        "pool": args.pool, "image_size": 64,
+        "pool": args.pool, "image_size": sizes(args.world).image, "world": args.world,
         "held_out_pairs": [list(p) for p in __import__(
             "analogon.toyworld.world", fromlist=["HELD_OUT_PAIRS"]).HELD_OUT_PAIRS],
         "command": "analogon train-toy " + " ".join(args.argv),
     }
     info["reproduce"] = (
-        f"analogon train-toy --seed {args.seed} --pool {args.pool} "
+        f"analogon train-toy --world {args.world} --seed {args.seed} --pool {args.pool} "
         f"--vae-steps {info['vae_steps']} --clip-steps {info['clip_steps']} "
         f"--unet-steps {info['unet_steps']} --decoder-steps {decoder_steps}")
     (tmp / "toyworld.json").write_text(json.dumps(info, indent=2))
@@ -530,48 +642,63 @@ def stage_export(args, log: Log, quiet: bool = False) -> Path:
     tmp.rmdir()
     if not quiet:
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        log(f"export: {out} ({size / 1e6:.1f} MB, unet step {state['step']})")
+        log(f"export: {out} ({size / 1e6:.1f} MB, unet step {unet_steps})")
     return out
 
 
 # -- main ---------------------------------------------------------------------------------
 
-def _default_out() -> Path:
-    from ..models.toy import _HERE
+def _default_out(world: str) -> Path:
+    from ..models.toy import model_dir
 
-    return _HERE
+    return model_dir(world)
 
 
 def parse_args(argv):
+    from .world import WORLDS
+
     ap = argparse.ArgumentParser(
         prog="analogon train-toy",
-        description="Train the toy-world model toy-sd from a seed (VAE, CLIP, UNet) and save "
-                    "it as a diffusers folder.")
+        description="Train a toy-world model (VAE, CLIP, UNet) from a seed and save it as a "
+                    "diffusers folder. Step counts default to the world's plan "
+                    "(docs/toyworld.md).")
+    ap.add_argument("--world", default="toy128", choices=tuple(WORLDS),
+                    help="toy128: 128x128 scenes, the model toy-sd; toy64: the first world's "
+                         "64x64 scenes, toy-sd-64")
     ap.add_argument("--work", type=Path, default=Path("toy-sd-work"),
                     help="folder for the rendered pool, checkpoints and the log")
     ap.add_argument("--out", type=Path, default=None,
-                    help="where to write the diffusers folder (default: the shipped toy_sd)")
+                    help="where to write the diffusers folder (default: the world's shipped "
+                         "model)")
+    ap.add_argument("--snapshots", type=Path, default=None,
+                    help="also write each finished stage's weights here in fp16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default=",".join(STAGES),
                     help="comma-separated subset of " + ",".join(STAGES))
-    ap.add_argument("--pool", type=int, default=6000, help="training scenes rendered")
-    ap.add_argument("--vae-steps", type=int, default=1878)
-    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=None, help="training scenes rendered")
+    ap.add_argument("--two", type=float, default=None,
+                    help="share of training scenes with more than one object")
+    ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--vae-batch", type=int, default=None)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-minutes", type=float, default=0, help="time limit (0: none)")
     ap.add_argument("--vae-kl", type=float, default=1e-5)
+    ap.add_argument("--vae-edge", type=float, default=None,
+                    help="weight of the image-gradient L1 (VAE, decoder)")
     ap.add_argument("--object-weight", type=float, default=5.0,
                     help="loss weight of object pixels relative to background (VAE, decoder)")
-    ap.add_argument("--clip-steps", type=int, default=957)
+    ap.add_argument("--clip-steps", type=int, default=None)
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
     ap.add_argument("--clip-minutes", type=float, default=0, help="time limit (0: none)")
-    ap.add_argument("--unet-steps", type=int, default=6203)
-    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-steps", type=int, default=None)
+    ap.add_argument("--unet-batch", type=int, default=None)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--unet-minutes", type=float, default=0, help="time limit (0: none)")
-    ap.add_argument("--decoder-steps", type=int, default=1616)
-    ap.add_argument("--decoder-batch", type=int, default=8)
+    ap.add_argument("--unet-leg", type=int, default=1000,
+                    help="write the UNet's snapshot every this many steps")
+    ap.add_argument("--decoder-steps", type=int, default=None)
+    ap.add_argument("--decoder-batch", type=int, default=None)
     ap.add_argument("--decoder-lr", type=float, default=3e-4)
     ap.add_argument("--decoder-minutes", type=float, default=0, help="time limit (0: none)")
     ap.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR loss weighting gamma")
@@ -583,6 +710,9 @@ def parse_args(argv):
     ap.add_argument("--export-every-checkpoint", action="store_true",
                     help="also rewrite the diffusers folder at every UNet checkpoint")
     args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.world].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.argv = list(argv)
     return args
 
@@ -595,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.out is None:
-        args.out = _default_out()
+        args.out = _default_out(args.world)
     args.work.mkdir(parents=True, exist_ok=True)
     log = Log(args.work / "train.log")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -604,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Unknown stage(s): {', '.join(unknown)}. Stages are: {', '.join(STAGES)}.",
               file=sys.stderr)
         return 2
-    log(f"train-toy: seed {args.seed}, device {args.device}, threads {args.threads}, "
+    log(f"train-toy: world {args.world}, seed {args.seed}, device {args.device}, threads {args.threads}, "
         f"stages {','.join(stages)}")
     t0 = time.time()
     for s in STAGES:
