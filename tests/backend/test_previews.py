@@ -199,3 +199,47 @@ def test_difference_cache_hit_encodes_nothing(tiny):
     got, hit = _job(tiny, "difference", inputs, params, cache)
     assert hit["encode"] == 0 and hit["decode"] == 1
     assert len(got) >= 2  # previews while sampling, then the result's
+
+
+def _square_map(w, h, box):
+    m = np.zeros((h, w, 4), np.uint8)
+    m[..., 3] = 255
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1, :3] = 255
+    return m
+
+
+def test_a_preview_is_the_result_to_be_transparent_where_the_map_keeps(tiny):
+    """PIXELS crops to the map's white square: each preview still covers the whole target
+    (its aspect), shows the model's picture inside the square and is transparent (alpha
+    exactly 0) wherever the map keeps, with its margin."""
+    P.previewer(tiny)
+    w, h, box = 96, 64, (40, 16, 72, 48)
+    inputs = Inputs({"source": LayerImage(scene(w, h, 1), "src"),
+                     "edit_map": [LayerImage(_square_map(w, h, box), "m")]})
+    got, _ = _job(tiny, "pixels", inputs, {"steps": 16, "strength": 1.0})
+    assert got
+    for rgba, _ in got:
+        assert rgba.shape == (h, w, 4)  # the whole target, at most 256 px
+        alpha = rgba[..., 3]
+        keep = np.ones((h, w), bool)
+        x0, y0, x1, y1 = box
+        keep[y0 + P.KEEP_MARGIN:y1 - P.KEEP_MARGIN, x0 + P.KEEP_MARGIN:x1 - P.KEEP_MARGIN] = False
+        assert (alpha[keep] == 0).all()
+        assert (alpha[~keep] == 255).all()
+
+
+def test_preview_frame_places_the_picture_in_its_box_and_scales_the_map():
+    change = np.zeros((600, 900), np.float32)
+    change[100:500, 300:900] = 0.5  # grey: half the change
+    frame = P.PreviewFrame((900, 600), change, box=(300, 0, 900, 600))
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 0] = 200
+    out = frame.compose(red)
+    assert out.shape == (171, 256, 4)  # long side 256
+    assert (out[:, :85, 3] == 0).all() and (out[:, :85, :3] == 0).all()  # left of the box
+    assert (out[40:130, 100:250, 3] == 128).all()  # the grey band: half
+    assert (out[40:130, 100:250, 0] == 200).all()
+    assert (out[:26, :, 3] == 0).all()  # above the band: kept
+    whole = P.PreviewFrame((64, 64), None).compose(red)
+    assert (whole[..., 3] == 255).all() and whole.shape == (64, 64, 4)

@@ -15,16 +15,24 @@ The fit itself costs about as much as one 512² decode, once per VAE (``analogon
 Methods call :func:`preview_latents` every few steps (:func:`every`) with the scheduler's
 prediction of the clean latent (``pred_original_sample``): it does nothing when nobody listens,
 never calls the VAE, and the full VAE decodes only the result.
+
+What a listener receives is the result-to-be, not the model's whole frame: a
+:class:`PreviewFrame` places the projection where the method works on the job's target (its
+crop box, if any) and gives it the job's change map as alpha, so that a preview shown as a
+layer over the target changes nothing where the map says "keep" (alpha exactly 0 there, with
+two preview pixels of margin, so that the listener's bilinear enlargement cannot bleed into
+them either).
 """
 from __future__ import annotations
 
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 FIT_VERSION = 1
 PREVIEW_LONG_SIDE = 256
@@ -155,6 +163,75 @@ def previewer(bundle, cache=None) -> LatentPreview:
 
 
 prepare = previewer  # at model load: ``previews.prepare(bundle, cache)`` fits before any job
+
+
+KEEP_MARGIN = 2  # preview pixels of alpha 0 around every "keep" pixel of the change map
+
+
+@dataclass
+class PreviewFrame:
+    """The job's target as previews show it: its size, its change map (None: all may change)
+    and the box the method's picture covers (set by a method that works on a crop)."""
+
+    size: tuple[int, int]  # (width, height) of the target
+    change: np.ndarray | None  # (H, W) float in [0, 1], the target's full resolution
+    box: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) on the target
+    long_side: int = PREVIEW_LONG_SIDE
+    _alpha: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    @property
+    def scale(self) -> float:
+        return min(1.0, self.long_side / max(self.size))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the composed preview."""
+        w, h = self.size
+        return max(1, round(h * self.scale)), max(1, round(w * self.scale))
+
+    def alpha(self) -> np.ndarray:
+        """(h, w) uint8 at the preview's size: the change map's mean over each preview pixel,
+        0 within KEEP_MARGIN preview pixels of any pixel the map keeps exactly (computed once)."""
+        if self._alpha is None:
+            h, w = self.shape
+            if self.change is None:
+                self._alpha = np.full((h, w), 255, np.uint8)
+            else:
+                c = np.clip(np.asarray(self.change, np.float32), 0.0, 1.0)
+                mean = np.asarray(Image.fromarray(c, "F").resize((w, h), Image.Resampling.BOX))
+                # a preview pixel that covers any exact 0 ("keep") is 0; the keep area grows
+                # by the margin
+                full = np.asarray(Image.fromarray(((c > 0) * 255).astype(np.uint8))
+                                  .resize((w, h), Image.Resampling.BOX)) == 255
+                for _ in range(KEEP_MARGIN):
+                    grown = full.copy()
+                    grown[1:, :] &= full[:-1, :]
+                    grown[:-1, :] &= full[1:, :]
+                    grown[:, 1:] &= full[:, :-1]
+                    grown[:, :-1] &= full[:, 1:]
+                    full = grown
+                self._alpha = np.where(full, np.rint(mean * 255), 0).astype(np.uint8)
+        return self._alpha
+
+    def compose(self, rgb: np.ndarray) -> np.ndarray:
+        """The method's picture (its box, any size) as an (h, w, 4) uint8 preview of the whole
+        target: placed in its box, with the change map as alpha (0 outside the box)."""
+        h, w = self.shape
+        out = np.zeros((h, w, 4), np.uint8)
+        x0, y0, x1, y1 = self.box or (0, 0, *self.size)
+        s = self.scale
+        bx0, by0 = round(x0 * s), round(y0 * s)
+        bx1, by1 = max(bx0 + 1, round(x1 * s)), max(by0 + 1, round(y1 * s))
+        bx1, by1 = min(bx1, w), min(by1, h)
+        if bx1 <= bx0 or by1 <= by0:
+            return out
+        pic = Image.fromarray(np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., :3]))
+        out[by0:by1, bx0:bx1, :3] = np.asarray(
+            pic.resize((bx1 - bx0, by1 - by0), Image.Resampling.BILINEAR))
+        alpha = np.zeros((h, w), np.uint8)
+        alpha[by0:by1, bx0:bx1] = self.alpha()[by0:by1, bx0:bx1]
+        out[..., 3] = alpha
+        return out
 
 
 def every(n_steps: int, previews: int = 8) -> int:

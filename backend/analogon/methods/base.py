@@ -231,6 +231,9 @@ class Method:
         from ..core.hires import finish
 
         self.check_model(ctx.model)
+        target = inputs.get(self.target_role)
+        if target is not None and ctx.wants_preview:
+            ctx.frame_previews(target.size, inputs.change_map())
         result = self.generate(ctx, inputs, params)
         return finish(ctx, self, inputs, params, result)
 
@@ -278,6 +281,7 @@ class JobContext:
         self._preview = preview
         self._cancelled = cancelled
         self.stage = ""
+        self.preview_frame: Any = None  # core.previews.PreviewFrame, set by Method.run
 
     # -- voice ------------------------------------------------------------------------
     def progress(self, stage: str, step: int | None = None, total: int | None = None) -> None:
@@ -291,8 +295,25 @@ class JobContext:
         """Whether anyone listens to previews (make none otherwise: ``core.previews``)."""
         return self._preview is not None
 
+    def frame_previews(self, size: tuple[int, int], change: np.ndarray | None) -> None:
+        """Previews from now on show the result-to-be on a target of ``size`` (width,
+        height): the method's picture where ``change`` (the job's change map) allows it,
+        transparent where it keeps (``core.previews.PreviewFrame``)."""
+        from ..core.previews import PreviewFrame
+
+        self.preview_frame = PreviewFrame(tuple(size), change)
+
+    def preview_box(self, box: tuple[int, int, int, int] | None) -> None:
+        """The method's pictures cover ``box`` (x0, y0, x1, y1) of the target (None: all)."""
+        if self.preview_frame is not None:
+            self.preview_frame.box = None if box is None else tuple(int(v) for v in box)
+
     def preview(self, rgb: np.ndarray, step: int | None = None) -> None:
+        """Send a preview: the method's picture (RGB, of its box), composed onto the target
+        through the change map when the frame is known (RGBA then)."""
         if self._preview is not None:
+            if self.preview_frame is not None:
+                rgb = self.preview_frame.compose(rgb)
             self._preview(rgb, step)
 
     def check_cancelled(self) -> None:

@@ -410,6 +410,7 @@ class PixelsMethod(Method):
 
     def generate(self, ctx: JobContext, inputs: Inputs, params: PixelsParams) -> MethodResult:
         plan = plan_job(ctx.model, inputs, params)
+        ctx.preview_box(plan.box)
         info = {"box": list(plan.box), "working_size": list(plan.work), "passes": len(plan.passes),
                 "exemplars": sum(len(p.exemplars) for p in plan.passes)}
         if plan.nothing_to_do:
