@@ -22,6 +22,7 @@ from .backend_process import ServerInfo
 from .client import ImagePayload, ImageRef, JobResult, JobRunner, JobSpec
 from .connection import Connection
 from .document import AdapterError, Rect
+from .map_visibility import MapHider
 from .forms import Field, FormError, coerce_all, fields_from_schema
 from .qt import QObject, pyqtSignal
 from .roles import SELECTION
@@ -125,6 +126,7 @@ class Controller(QObject):
         self._insert_above = None
         self._chain: list = []  # the result layers of the running sequence, bottom first
         self._canvas_preview: CanvasPreview | None = None  # the running pass's preview layer
+        self.maps = MapHider()  # the edit maps passes hid, shown again when a pass is undone
         self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
 
@@ -238,8 +240,10 @@ class Controller(QObject):
 
     def refresh_layers(self, force: bool = False) -> bool:
         """Re-read the document's layers (the panel polls this), and follow Krita's Undo or
-        Redo of a variant pick; whether the layers changed."""
+        Redo of a variant pick or of a pass (its edit maps shown again); whether the layers
+        changed."""
         self._follow_variants()
+        self.maps.follow()
         doc = self.document()
         sig = tuple((kdoc.layer_id(n), str(n.name()), bool(n.visible()))
                     for n in kdoc.pickable_layers(doc)) if doc else ()
@@ -649,7 +653,7 @@ class Controller(QObject):
             return self._on_failed(e.message)
         except Exception as e:  # never lose the session over an odd host error
             return self._on_failed(f"Could not add the result layer: {e}")
-        hidden = kdoc.hide_layers(prepared.maps)
+        hidden = self.maps.hide(doc, node, prepared.maps)
         self._insert_above = node
         self._chain.append(node)
         source_ids = [kdoc.layer_id(n) for n in [prepared.source] + prepared.stack + self._chain[:-1]

@@ -463,6 +463,42 @@ def remove_preview_layer(doc, node) -> bool:
     return True
 
 
+def _undo_action(doc):
+    """Krita's Undo action when it acts on ``doc`` (the active document), else None."""
+    try:
+        from krita import Krita
+
+        app = Krita.instance()
+        active = app.activeDocument()
+        if active is None or layer_id(active.rootNode()) != layer_id(doc.rootNode()):
+            return None
+        return app.action("edit_undo"), app.action("edit_redo")
+    except Exception:  # no Krita (tests), no window (a batch run)
+        return None
+
+
+def undo_state(doc) -> tuple | None:
+    """What tells whether the newest undo step is still the same one: the Undo and Redo
+    actions' texts (they name the neighbouring steps) and the document's layers. None when
+    Undo cannot be pressed for ``doc``."""
+    actions = _undo_action(doc)
+    if actions is None or None in actions:
+        return None
+    undo, redo = actions
+    return (str(undo.text()), str(redo.text()),
+            tuple(sorted(layer_id(n) for n in iter_layers(doc))))
+
+
+def press_undo(doc) -> None:
+    """Press Krita's Undo for ``doc`` once (after the image is idle, so that Krita does not
+    drop the press)."""
+    actions = _undo_action(doc)
+    if actions is None or actions[0] is None:
+        return
+    doc.waitForDone()
+    actions[0].trigger()
+
+
 def show_variant(doc, group, rgba: bytes, width: int, height: int, roi: Rect, name: str,
                  mask: bytes | None = None):
     """Show another variant in a result group that :func:`insert_result` added: one new
@@ -522,14 +558,18 @@ def _copy_layer_like(doc, children, name: str, pixels: bytes, roi: Rect):
     return node
 
 
-def hide_layers(nodes: Iterable[Any]) -> list[str]:
-    """Hide ``nodes`` (the edit maps of a pass, after it); the names of those hidden."""
-    hidden = []
+def set_visible(doc, nodes: Iterable[Any], visible: bool) -> list[str]:
+    """Show or hide ``nodes`` and have Krita redraw what they covered: ``Node.setVisible``
+    changes the flag only, and the canvas and the document's projection keep the old
+    picture until something else refreshes them. The names of the nodes changed."""
+    changed = []
     for n in nodes:
-        if n is not None and n.visible():
-            n.setVisible(False)
-            hidden.append(str(n.name()))
-    return hidden
+        if n is not None and bool(n.visible()) != visible:
+            n.setVisible(visible)
+            changed.append(str(n.name()))
+    if changed:
+        _refresh(doc)
+    return changed
 
 
 def create_edit_map(doc, target):

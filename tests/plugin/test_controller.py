@@ -306,6 +306,43 @@ def test_generate_adds_result_layer_and_history(kapp, live):
     assert live.roles()["source"] == [live.history[0].layer_id]
 
 
+def test_the_hidden_map_is_redrawn_and_comes_back_when_the_pass_is_undone(kapp, live):
+    """Hiding the map redraws the canvas; Krita's Undo of the pass (its result layer leaves
+    the document) shows the map again at the next layer poll, Redo hides it again, and a map
+    the painter shows by hand is theirs."""
+    doc, bg, photo, ex1, ex2 = painted_doc(kapp)
+    live.set_document(doc)
+    live.set_role("exemplar", [uid(ex1)])
+    emap = live.new_edit_map()
+    emap.setPixelData(bytes([255, 255]) * 64, 8, 8, 8, 8)
+    refreshes = []
+    set_visible = emap.setVisible
+
+    def spy(v):  # note the refresh count when the map's visibility changes
+        set_visible(v)
+        refreshes.append(doc.refreshes)
+
+    emap.setVisible = spy
+    how, _ = run(live)
+    assert how == "done", live.error
+    assert not emap.visible() and doc.refreshes > refreshes[-1]  # redrawn after hiding
+    result = doc.nodeByName("pixels seed 11")
+    parent = result.parentNode()
+    result.remove()  # what Krita's Undo of the pass does
+    before = doc.refreshes
+    live.refresh_layers()
+    assert emap.visible() and doc.refreshes > before
+    parent.addChildNode(result, ex1)  # Redo
+    live.refresh_layers()
+    assert not emap.visible()
+    live.refresh_layers()
+    assert not emap.visible()
+    # the painter shows the map by hand to paint on it: it stays shown while the result is there
+    emap.setVisible(True)
+    live.refresh_layers()
+    assert emap.visible()
+
+
 def test_selection_limits_the_result(kapp, live):
     doc, bg, photo, ex1, ex2 = painted_doc(kapp)
     live.set_document(doc)
