@@ -195,11 +195,13 @@ class Node(QObject):
             idx = next(i for i, c in enumerate(self._children) if c is above)
             self._children.insert(idx + 1, child)
         self._doc.undo_log.append(("add", child._name))  # Krita: one undo step "Add Layer"
+        self._doc.undo_nodes.append((child, self))
         return True
 
     def remove(self):
         if self._parent is not None:
             self._parent._children.remove(self)
+            self._doc.undo_nodes.append((self, self._parent))
             self._parent = None
             self._doc.undo_log.append(("remove", self._name))  # one undo step "Remove Layer"
         return True
@@ -337,6 +339,8 @@ class Document(QObject):
     def __init__(self, w, h, name="doc", model="RGBA", depth="U8"):
         super().__init__()
         self.undo_log: list[tuple[str, str]] = []  # steps Krita records: adds, removes, blending
+        self.undo_nodes: list = []  # (node, parent) of each add and remove, for UndoAction
+        self.drop_presses = 0  # Undo presses to drop (Krita drops those of a busy image)
         self._w, self._h, self._name = w, h, name
         self._model, self._depth = model, depth
         self._root = Node(self, "root", "grouplayer")
@@ -480,7 +484,44 @@ class Application(QObject):
         return self._notifier
 
     def action(self, name):
+        if name in ("edit_undo", "edit_redo"):
+            return UndoAction(self, name == "edit_undo")
         return None
+
+
+_STEP_TEXT = {"add": "Add Layer", "remove": "Remove Layer", "blending": "Change Blending Mode"}
+
+
+class UndoAction:
+    """Krita's Undo (or Redo) action on the active document: its text names the step it
+    would take; Undo takes back the newest add or remove (Redo is not simulated: its text is
+    what Krita shows with nothing to redo)."""
+
+    def __init__(self, app, undo: bool):
+        self.app, self.undo = app, undo
+
+    def text(self):
+        doc = self.app.activeDocument()
+        if not self.undo or doc is None or not doc.undo_log:
+            return "Undo" if self.undo else "Redo"
+        return "Undo " + _STEP_TEXT[doc.undo_log[-1][0]]
+
+    def trigger(self):
+        doc = self.app.activeDocument()
+        if not self.undo or doc is None or not doc.undo_log:
+            return
+        if doc.drop_presses:
+            doc.drop_presses -= 1
+            return
+        kind, _ = doc.undo_log.pop()
+        if kind in ("add", "remove"):
+            node, parent = doc.undo_nodes.pop()
+            if kind == "add":
+                parent._children.remove(node)
+                node._parent = None
+            else:
+                parent._children.append(node)
+                node._parent = parent
 
 
 class Krita:

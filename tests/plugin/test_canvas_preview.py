@@ -144,17 +144,41 @@ def test_a_job_without_previews_adds_its_result_as_before(kapp, runner):
 
 
 @pytest.mark.parametrize("end", ["hold", "fail"])
-def test_cancel_or_failure_removes_the_preview(kapp, runner, end):
+@pytest.mark.parametrize("dropped", [0, 2])
+def test_cancel_or_failure_takes_the_preview_back_with_krita_s_undo(kapp, runner, end, dropped):
+    """The preview's own "Add Layer" is the newest step: Krita's Undo takes it back, pressed
+    again when Krita drops a press; the undo stack is as before the pass."""
     c, doc, photo = setup(kapp)
     runner.previews = [(0, 0, 255, 255)]
     runner.end = end
+    doc.drop_presses = dropped
     before = names(doc)
     if end == "hold":
         c.previewChanged.connect(lambda img: img is not None and QTimer.singleShot(0, c.cancel))
     how = run(c)
     assert how == ("cancelled" if end == "hold" else "error")
-    assert names(doc) == before and c.history == []
-    assert doc.undo_log == [("add", kd.PREVIEW_NAME), ("remove", kd.PREVIEW_NAME)]
+    assert wait_until(lambda: names(doc) == before, 5)
+    assert c.history == [] and doc.undo_log == []
+
+
+def test_cancel_after_the_painter_acted_removes_the_preview_as_a_step_of_its_own(kapp, runner):
+    """A step the painter took during the job is never undone: the preview is removed."""
+    c, doc, photo = setup(kapp)
+    runner.previews = [(0, 0, 255, 255)]
+    runner.end = "hold"
+
+    def painter_then_cancel(img):
+        if img is None:
+            return
+        extra = doc.createNode("painted meanwhile", "paintlayer")
+        doc.rootNode().addChildNode(extra, photo)
+        QTimer.singleShot(0, c.cancel)
+    c.previewChanged.connect(painter_then_cancel)
+    assert run(c) == "cancelled"
+    assert wait_until(lambda: kd.PREVIEW_NAME not in names(doc), 5)
+    assert "painted meanwhile" in names(doc)
+    assert doc.undo_log == [("add", kd.PREVIEW_NAME), ("add", "painted meanwhile"),
+                            ("remove", kd.PREVIEW_NAME)]
 
 
 def test_the_docker_thumbnail_is_cleared_when_a_job_starts(kapp, runner):
