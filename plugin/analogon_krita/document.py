@@ -23,8 +23,11 @@ ALIGN = 8  # regions are grown to multiples of the VAE factor where the canvas a
 
 _MODEL_NAMES = {"RGBA": "RGB", "CMYKA": "CMYK", "LABA": "L*a*b*", "GRAYA": "grey-scale",
                 "XYZA": "XYZ", "YCbCrA": "YCbCr"}
-_CONVERT_HINT = ("Convert it with Image \u25b8 Convert Image Color Space\u2026 to "
-                 "RGB/Alpha, 8-bit or 16-bit integer.")
+_CONVERT_TO = " to RGB/Alpha, 8-bit or 16-bit integer."
+_CONVERT_HINT = "Convert it with Image \u25b8 Convert Image Color Space\u2026" + _CONVERT_TO
+# a layer whose colour space differs from its document's is converted on its own
+_CONVERT_LAYER_HINT = ("Convert the layer with Layer \u25b8 Convert \u25b8 Convert Layer Color "
+                       "Space\u2026" + _CONVERT_TO)
 
 
 class AdapterError(Exception):
@@ -92,15 +95,19 @@ def _pixel_size(model: str, depth: str) -> int:
 
 # -- checks --------------------------------------------------------------------------------
 
-def check_color_space(model: str, depth: str, what: str = "This document") -> None:
+def check_color_space(model: str, depth: str, what: str = "This document",
+                      layer: bool = False) -> None:
+    """Refuse what Analogon does not read, saying how to convert it: the document with
+    Image ▸ Convert Image Color Space, a ``layer`` with Layer ▸ Convert."""
+    hint = _CONVERT_LAYER_HINT if layer else _CONVERT_HINT
     if model != "RGBA":
         name = _MODEL_NAMES.get(model, model)
-        raise AdapterError(f"{what} is in {name} colour. Analogon works on RGB images: {_CONVERT_HINT}")
+        raise AdapterError(f"{what} is in {name} colour. Analogon works on RGB images: {hint}")
     if depth.startswith("F"):
         raise AdapterError(f"{what} uses {depth[1:]}-bit floating-point colour, which Analogon "
-                           f"does not convert. {_CONVERT_HINT}")
+                           f"does not convert. {hint}")
     if depth not in ("U8", "U16"):
-        raise AdapterError(f"{what} uses an unsupported colour depth ({depth}). {_CONVERT_HINT}")
+        raise AdapterError(f"{what} uses an unsupported colour depth ({depth}). {hint}")
 
 
 def check_document(doc) -> None:
@@ -162,7 +169,7 @@ def read_layer(node, rect: Rect, role_title: str = "") -> bytes:
     if model == "GRAYA" and depth in ("U8", "U16"):
         pass
     else:
-        check_color_space(model, depth, label)
+        check_color_space(model, depth, label, layer=True)
     if node.type() == "paintlayer":
         raw = node.pixelData(rect.x, rect.y, rect.w, rect.h)
     else:

@@ -181,3 +181,12 @@ def test_native_size_comes_from_the_model_not_its_name(tiny_sd, tmp_path):
     assert tiny_sd.native_size == 64
     tiny_sd.pipe.save_pretrained(tmp_path / "copy")
     assert load_bundle(str(tmp_path / "copy")).native_size == 64
+
+
+def test_an_exemplar_at_exactly_half_opacity_is_pasted_at_the_default_threshold():
+    """Krita stores a layer's "50 %" as 127 or 128 of 255: both pass a threshold of 0.5, and
+    one level less does not."""
+    from analogon.core.surgery import paste_pixels
+
+    alpha = np.array([[126, 127, 128, 255]], np.float32) / 255.0
+    assert paste_pixels(alpha, None, 0.5, 1.0).tolist() == [[False, True, True, True]]

@@ -9,7 +9,8 @@ def main(*a):
         run()
     except Exception:
         R["fatal"] = traceback.format_exc()
-    open('os.environ.get("ANALOGON_BENCH_OUT", "roundtrip.json")','w').write(json.dumps(R, indent=1, default=str))
+    with open(os.environ.get("ANALOGON_BENCH_OUT", "roundtrip.json"), "w") as f:
+        f.write(json.dumps(R, indent=1, default=str))
 
 def run():
     from krita import Krita, Selection

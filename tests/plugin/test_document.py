@@ -85,6 +85,17 @@ def test_unsupported_documents_are_refused_clearly(kapp, model, depth, words):
     assert words in e.value.message and "Convert Image Color Space" in e.value.message
 
 
+def test_a_cmyk_layer_in_an_rgb_document_is_told_to_convert_the_layer(kapp):
+    doc = new_doc(kapp, 4, 4)
+    layer = add_layer(doc, "Print proof", (1, 1, 1, 255))
+    layer._model = "CMYKA"  # a CMYK layer pasted into an RGB document (the fake converts none)
+    with pytest.raises(AdapterError) as e:
+        kd.read_layer(layer, kd.Rect(0, 0, 4, 4), "Source")
+    msg = e.value.message
+    assert "\u201cPrint proof\u201d (Source) is in CMYK colour" in msg
+    assert "Layer \u25b8 Convert \u25b8 Convert Layer Color Space" in msg and "Image \u25b8" not in msg
+
+
 def test_hidden_and_empty_layers_are_refused(kapp):
     doc = new_doc(kapp)
     hidden = add_layer(doc, "Hidden one", (1, 1, 1, 255))

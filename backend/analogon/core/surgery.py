@@ -114,8 +114,10 @@ def paste_region(alpha: np.ndarray, change: np.ndarray | None, alpha_threshold: 
 
 def paste_pixels(alpha: np.ndarray, change: np.ndarray | None, alpha_threshold: float,
                  paste_threshold: float) -> np.ndarray:
-    """The pixels an exemplar is pasted on (bool (H, W)): the rule of :func:`paste_region`."""
-    px = alpha >= alpha_threshold
+    """The pixels an exemplar is pasted on (bool (H, W)): the rule of :func:`paste_region`.
+    The opacity comes as 8-bit alpha, so it is compared to the nearest level: a layer at
+    exactly 50 % (Krita stores 127 or 128 of 255) passes a threshold of 0.5."""
+    px = alpha >= alpha_threshold - 0.5 / 255
     if change is not None:
         px = px & (change >= paste_threshold - 1e-4)
     return px
