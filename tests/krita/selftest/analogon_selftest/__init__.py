@@ -3,9 +3,11 @@ window is up, it opens a document, looks for the Analogon docker in the widget t
 for the docker to connect to the backend it started, and then, as a painter would:
 runs a DIA sweep from the docker's controller (a preview layer shows on the canvas while it
 runs), presses Krita's own Undo and Redo (the pass; a pick, which the panel follows; two
-picks in a row), measures and grabs the docker where Krita docks it and floating, writes a
-JSON report to $ANALOGON_SELFTEST_REPORT, and quits Krita when the test asks (a flag
-file)."""
+picks in a row), measures and grabs the docker where Krita docks it and floating; then a
+PIXELS pass through an edit map, reading the canvas's own pixels (the preview leaves the
+"keep" area as it was, the map disappears from the canvas after the pass and comes back with
+Undo) and a cancelled pass (the undo stack as before); writes a JSON report to
+$ANALOGON_SELFTEST_REPORT, and quits Krita when the test asks (a flag file)."""
 import json
 import os
 import time
@@ -258,6 +260,132 @@ def _steps():
     yield 1.5
     rep["floating"] = _measure(dock)
     dock.grab().save(os.path.join(OUT, "docker-floating.png"))
+    yield from _map_pass_and_cancel(app, win, doc, c, w, h, rep, undo, redo)
+
+
+def _canvas(win):
+    """Krita's canvas widget (OpenGL or QPainter), else the whole window."""
+    qwin = win.qwindow()
+    for wdg in qwin.findChildren(QWidget):
+        if wdg.metaObject().className() in ("KisOpenGLCanvas2", "KisQPainterCanvas") \
+                and wdg.isVisible():
+            return wdg
+    return qwin
+
+
+def _count_colour(win, rgb, tol=6):
+    """How many pixels of the canvas as shown (a grab of the widget) are within ``tol`` of
+    ``rgb``, counting every second pixel of every second row."""
+    img = _canvas(win).grab().toImage()
+    data, iw, ih = qt.image_rgba_bytes(img)
+    r0, g0, b0 = rgb
+    n = 0
+    for y in range(0, ih, 2):
+        row = data[y * iw * 4:(y + 1) * iw * 4]
+        for x in range(0, iw * 4, 8):
+            if abs(row[x] - r0) <= tol and abs(row[x + 1] - g0) <= tol and abs(row[x + 2] - b0) <= tol:
+                n += 1
+    return n
+
+
+def _map_pass_and_cancel(app, win, doc, c, w, h, rep, undo, redo):
+    """A PIXELS pass through a new edit map (white square, the rest black at the map's
+    opacity), then a cancelled one; the canvas read at each moment."""
+    from analogon_krita import document as kd
+
+    m = rep["map"] = {}
+    photo = doc.nodeByName("photo")
+    a = doc.nodeByName("A")
+    a.setVisible(False)  # the photo alone under the map
+    doc.nodeByName("A\u2032").setVisible(False)
+    for n in doc.rootNode().childNodes():  # the sweep's result group too
+        if str(n.name()).startswith("dia seed"):
+            n.setVisible(False)
+    doc.setActiveNode(photo)
+    doc.refreshProjection()
+    doc.waitForDone()
+    c.set_method("pixels")
+    c.set_document(doc)
+    c.set_role(c.target_role(), [kd.layer_id(photo)])
+    c.set_role("exemplar", [])
+    for k, v in dict(steps=6, strength=1.0).items():
+        c.set_param(k, v)
+    emap = c.new_edit_map()
+    c.set_role("edit_map", [kd.layer_id(emap)])
+    white = b"\xff" * (2 if emap.colorModel() == "GRAYA" else 4)
+    sq = (w // 4, h // 4, w // 2, h // 2)
+    emap.setPixelData(white * (sq[2] * sq[3]), *sq)
+    doc.refreshProjection()
+    doc.waitForDone()
+    yield 1.0
+    op = emap.opacity() / 255.0
+    dark = tuple(round(v * (1 - op)) for v in COLOURS["photo"])  # the photo under the black map
+    m["dark"] = list(dark)
+    m["dark_before"] = _count_colour(win, dark)
+    before = bytes(doc.pixelData(0, 0, w, h))
+    keep = [(x, y) for y in range(0, h, 4) for x in range(0, w, 4)
+            if not (sq[0] - 4 <= x < sq[0] + sq[2] + 4 and sq[1] - 4 <= y < sq[1] + sq[3] + 4)]
+
+    def moved(now):  # "keep" pixels of the projection that differ from before the pass
+        return sum(now[(y * w + x) * 4:(y * w + x) * 4 + 4] != before[(y * w + x) * 4:(y * w + x) * 4 + 4]
+                   for x, y in keep)
+
+    seen = m["previews"] = []
+
+    def on_preview(img):
+        if img is None:
+            return
+        doc.waitForDone()
+        seen.append({"layer": doc.nodeByName("Analogon preview") is not None,
+                     "keep_moved": moved(bytes(doc.pixelData(0, 0, w, h))),
+                     "dark_on_canvas": _count_colour(win, dark)})
+    c.previewChanged.connect(on_preview)
+    ends = []
+    c.finished.connect(ends.append)
+    c.generate()
+    yield from _until(lambda: ends, 300)
+    c.finished.disconnect(ends.append)
+    c.previewChanged.disconnect(on_preview)
+    m["how"], m["error"] = (ends[0] if ends else "timeout"), c.error
+    yield 1.0
+    doc.waitForDone()
+    after = bytes(doc.pixelData(0, 0, w, h))
+    m["after"] = {"map_visible": bool(emap.visible()), "dark_on_canvas": _count_colour(win, dark),
+                  "keep_equals_photo": all(after[(y * w + x) * 4:(y * w + x) * 4 + 3]
+                                           == bytes(reversed(COLOURS["photo"]))
+                                           for x, y in keep)}
+
+    def texts():
+        return str(undo.text()), str(redo.text())
+
+    yield from _press(doc, undo, texts, m, "map_pass_undo")
+    yield from _until(lambda: emap.visible(), 10)  # the panel's layer poll shows the map
+    yield 1.0
+    m["after_undo"] = {"map_visible": bool(emap.visible()), "dark_on_canvas": _count_colour(win, dark)}
+    yield from _press(doc, redo, texts, m, "map_pass_redo")
+    yield from _until(lambda: not emap.visible(), 10)
+    yield 1.0
+    m["after_redo"] = {"map_visible": bool(emap.visible()), "dark_on_canvas": _count_colour(win, dark)}
+    # -- a cancelled pass leaves the undo stack as it was ---------------------------------------
+    emap.setVisible(True)
+    doc.refreshProjection()
+    c.set_param("steps", 200)
+    yield 0.5
+    doc.waitForDone()
+    cancel = rep["cancel"] = {"texts_before": list(texts()),
+                              "names_before": [str(n.name()) for n in doc.rootNode().childNodes()]}
+    c.previewChanged.connect(lambda img: img is not None and c.cancel())
+    ends = []
+    c.finished.connect(ends.append)
+    c.generate()
+    yield from _until(lambda: ends, 300)
+    c.finished.disconnect(ends.append)
+    c.previewChanged.disconnect()
+    yield from _until(lambda: doc.nodeByName("Analogon preview") is None, 10)
+    doc.waitForDone()
+    yield 1.0
+    cancel.update(how=ends[0] if ends else "timeout", texts_after=list(texts()),
+                  names_after=[str(n.name()) for n in doc.rootNode().childNodes()])
 
 
 def _pump():
