@@ -55,7 +55,7 @@ def test_train_toy_resumes_exactly_and_exports_a_loadable_model(tmp_path):
 def test_a_stage_resumes_from_its_fp16_snapshot_when_the_work_folder_is_gone(tmp_path):
     """Snapshots are what the repository keeps: a new work folder starts from them."""
     work, snaps, out = tmp_path / "w", tmp_path / "snaps", tmp_path / "toy"
-    common = ["--snapshots", str(snaps), "--unet-leg", "1"]
+    common = ["--snapshots", str(snaps), "--snapshot-every", "1"]
     assert train.main(_args(work, out, "data,vae,clip,unet", 2) + common) == 0
     assert {p.name for p in snaps.iterdir()} == {"vae.fp16.safetensors",
                                                   "clip.fp16.safetensors",

@@ -18,9 +18,9 @@ export  StableDiffusionPipeline.save_pretrained (fp16 safetensors), plus the ful
         ``clip/`` and the image tower in ``image_encoder/``
 
 Every stage logs to ``<work>/train.log`` with wall time. Training is deterministic for a
-given seed, thread count and device. ``--snapshots DIR`` also writes each finished stage's
-weights there in fp16 (``<stage>.fp16.safetensors``; the UNet's also every ``--unet-leg``
-steps): small enough to keep in a repository, and what a stage starts from when its work
+given seed, thread count and device. ``--snapshots DIR`` also writes each stage's weights
+there in fp16 (``<stage>.fp16.safetensors``) every ``--snapshot-every`` steps and when it
+finishes: small enough to keep in a repository, and what a stage starts from when its work
 folder is gone (weights exactly, the optimiser's state afresh).
 """
 from __future__ import annotations
@@ -162,9 +162,9 @@ class _Loop:
     """
 
     def __init__(self, name: str, args, log: Log, modules: dict, opt, steps: int, lr: float,
-                 warmup: int, minutes: float, on_save=None, leg: int = 0):
+                 warmup: int, minutes: float, on_save=None):
         self.name, self.args, self.log = name, args, log
-        self.leg = leg  # also snapshot every `leg` steps (0: only at the end)
+        self.leg = args.snapshot_every  # also snapshot every this many steps (0: at the end)
         self.modules, self.opt = modules, opt
         self.steps, self.lr, self.warmup, self.minutes = steps, lr, warmup, minutes
         self.on_save = on_save
@@ -499,7 +499,7 @@ def stage_unet(args, log: Log) -> None:
     loop = _Loop("unet", args, log, {"model": unet, "ema": ema}, opt, args.unet_steps,
                  args.unet_lr, 100, args.unet_minutes,
                  on_save=(lambda: stage_export(args, log, quiet=True))
-                 if args.export_every_checkpoint else None, leg=args.unet_leg)
+                 if args.export_every_checkpoint else None)
     if not loop.resume():
         return
     mean, std = lat["mean"], lat["std"]
@@ -671,7 +671,9 @@ def parse_args(argv):
                     help="where to write the diffusers folder (default: the world's shipped "
                          "model)")
     ap.add_argument("--snapshots", type=Path, default=None,
-                    help="also write each finished stage's weights here in fp16")
+                    help="also write each stage's weights here in fp16 (see --snapshot-every)")
+    ap.add_argument("--snapshot-every", type=int, default=1000,
+                    help="write a stage's snapshot every this many steps, and when it ends")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default=",".join(STAGES),
                     help="comma-separated subset of " + ",".join(STAGES))
@@ -695,8 +697,6 @@ def parse_args(argv):
     ap.add_argument("--unet-batch", type=int, default=None)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--unet-minutes", type=float, default=0, help="time limit (0: none)")
-    ap.add_argument("--unet-leg", type=int, default=1000,
-                    help="write the UNet's snapshot every this many steps")
     ap.add_argument("--decoder-steps", type=int, default=None)
     ap.add_argument("--decoder-batch", type=int, default=None)
     ap.add_argument("--decoder-lr", type=float, default=3e-4)
