@@ -342,9 +342,7 @@ def result_pixels(rgba: bytes, width: int, height: int, roi: Rect, mask: bytes |
     sent another size, alpha times the (feathered) selection, in the document's depth."""
     if (width, height) != (roi.w, roi.h):
         rgba = imaging.scaled(rgba, width, height, roi.w, roi.h)
-    if mask is not None:
-        rgba = imaging.multiply_alpha(rgba, mask, roi.w, roi.h)
-    return imaging.rgba8_to_krita(rgba, roi.w, roi.h, depth)
+    return imaging.rgba8_to_krita(rgba, roi.w, roi.h, depth, mask)
 
 
 def _paint_node(doc, name: str, pixels: bytes, roi: Rect, opacity: int = 255,
