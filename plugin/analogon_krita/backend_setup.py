@@ -1,5 +1,6 @@
-"""The settings dialog's backend tabs: install the backend, memory, models (folders and
-*Get a model*). Used by ``panel.SettingsDialog``; the work is done by ``installer``,
+"""The settings dialog and its tabs: the backend (install, update, uninstall), memory, models
+(folders and *Get a model*), and Advanced (the developer's and connection fields). The
+install pane is also the docker's install window. The work is done by ``installer``,
 ``backend_options`` and the backend's ``/v1/downloads``."""
 from __future__ import annotations
 
@@ -8,33 +9,23 @@ from typing import Any
 from . import backend_options as bo
 from . import installer as inst
 from .qt import QTimer, QtWidgets
-
+from .widgets import set_tip
 
 # where each stage of a download (the backend's /v1/downloads) sits on the bar's 0..1000
 DOWNLOAD_STAGE_SPAN = {"downloading": (0, 950), "verifying": (950, 1000), "done": (1000, 1000)}
 
 
-class BackendSetup(QtWidgets.QTabWidget):
-    def __init__(self, controller, installer: inst.Installer | None = None, parent=None):
-        super().__init__(parent)
-        self._download_id = ""
-        self._calls: list = []  # the requests in flight (a Call that is not referenced is collected)
-        self.c = controller
-        self.settings = controller.settings
-        self.installer = installer or inst.Installer(parent=self)
-        self.addTab(self._install_tab(), "Backend")
-        self.addTab(self._memory_tab(), "Memory")
-        self.addTab(self._models_tab(), "Models")
-        self._poll = QTimer(self)
-        self._poll.setInterval(400)
-        self._poll.timeout.connect(self._poll_download)
-        self._show_install_state()
+class InstallPane(QtWidgets.QWidget):
+    """Install, update or uninstall the backend: what goes where, PyTorch's build, the
+    progress and the log of the run."""
 
-    # -- install ---------------------------------------------------------------------------
-    def _install_tab(self):
-        w = QtWidgets.QWidget()
-        lay = QtWidgets.QVBoxLayout(w)
+    def __init__(self, controller, installer: inst.Installer, parent=None):
+        super().__init__(parent)
+        self.c = controller
+        self.installer = installer
+        lay = QtWidgets.QVBoxLayout(self)
         self.install_status = QtWidgets.QLabel()
+        self.install_status.setObjectName("install_status")
         self.install_status.setWordWrap(True)
         lay.addWidget(self.install_status)
         row = QtWidgets.QHBoxLayout()
@@ -43,7 +34,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         for key, text in inst.VARIANTS:
             self.variant.addItem(text, key)
         self.variant.setCurrentIndex(max(0, self.variant.findData(inst.detect_variant())))
-        self.variant.setToolTip("Detected from this machine; change it if it is wrong.")
+        set_tip(self.variant, "Detected from this machine; change it if it is wrong.")
         row.addWidget(self.variant, 1)
         lay.addLayout(row)
         row = QtWidgets.QHBoxLayout()
@@ -59,6 +50,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         self.install_progress.setFormat("")
         lay.addWidget(self.install_progress)
         self.install_log = QtWidgets.QPlainTextEdit()
+        self.install_log.setObjectName("install_log")
         self.install_log.setReadOnly(True)
         self.install_log.setMaximumBlockCount(2000)
         lay.addWidget(self.install_log, 1)
@@ -69,7 +61,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         self.installer.progress.connect(self._on_install_progress)
         self.installer.logLine.connect(self.install_log.appendPlainText)
         self.installer.finished.connect(lambda ok, msg: self._show_install_state(msg))
-        return w
+        self._show_install_state()
 
     def _uninstall(self):
         if self.c.process.running:
@@ -98,12 +90,93 @@ class BackendSetup(QtWidgets.QTabWidget):
                     f"(3\u20136 GB) into {self.installer.venv}.")
         else:
             text = ("This copy of the plugin carries no backend: install the release zip, or set the "
-                    "backend command below.")
+                    "backend command under Advanced.")
         self.install_status.setText(text + (f"\n{message}" if message else ""))
         self.install_button.setEnabled(not running and bool(bundled))
         self.update_button.setEnabled(not running and installed and bool(bundled))
         self.uninstall_button.setEnabled(not running and installed)
         self.cancel_install_button.setEnabled(running)
+
+
+class InstallDialog(QtWidgets.QDialog):
+    """The docker's install window: the install pane and Close (the install goes on)."""
+
+    def __init__(self, controller, installer: inst.Installer, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Install the Analogon backend")
+        lay = QtWidgets.QVBoxLayout(self)
+        self.pane = InstallPane(controller, installer, self)
+        lay.addWidget(self.pane, 1)
+        buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.close)
+        lay.addWidget(buttons)
+        self.resize(560, 420)
+
+
+# the Advanced tab: what a developer or a painter with a backend elsewhere sets
+ADVANCED = (
+    ("backend_command", "Backend command", "analogon",
+     "The command Start backend runs, e.g. /home/me/analogon/.venv/bin/analogon. Empty: the "
+     "backend that Install backend installed, else analogon on PATH."),
+    ("backend_url", "Backend address", "read from server.json",
+     "A backend you run yourself, e.g. http://127.0.0.1:7871. Empty: the one the docker starts, "
+     "else the address in server.json."),
+    ("state_dir", "Backend state folder", "the default",
+     "Where a backend you started yourself writes server.json with its token. Empty: the default."),
+    ("padding", "Selection padding (px)", "32", "Context around the selection sent to the backend."),
+    ("feather", "Feather (px)", "8", "Softness of the selection edge when the result is placed."),
+)
+
+
+class BackendSetup(QtWidgets.QTabWidget):
+    def __init__(self, controller, installer: inst.Installer | None = None, parent=None):
+        super().__init__(parent)
+        self._download_id = ""
+        self._calls: list = []  # the requests in flight (a Call that is not referenced is collected)
+        self.c = controller
+        self.settings = controller.settings
+        self.installer = installer if installer is not None else inst.shared()
+        self.addTab(self._install_tab(), "Backend")
+        self.addTab(self._memory_tab(), "Memory")
+        self.addTab(self._models_tab(), "Models")
+        self.addTab(self._advanced_tab(), "Advanced")
+        self._poll = QTimer(self)
+        self._poll.setInterval(400)
+        self._poll.timeout.connect(self._poll_download)
+
+    # -- install ---------------------------------------------------------------------------
+    def _install_tab(self):
+        w = QtWidgets.QWidget()
+        lay = QtWidgets.QVBoxLayout(w)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.install_pane = InstallPane(self.c, self.installer, w)
+        lay.addWidget(self.install_pane, 1)
+        self.autostart = QtWidgets.QCheckBox("Start the backend with Krita")
+        self.autostart.setChecked(self.settings.get_bool("autostart"))
+        lay.addWidget(self.autostart)
+        return w
+
+    # -- advanced ----------------------------------------------------------------------------
+    def _advanced_tab(self):
+        w = QtWidgets.QWidget()
+        form = QtWidgets.QFormLayout(w)
+        note = QtWidgets.QLabel("For a backend you run yourself, and for developers. Empty fields "
+                                "use the backend the docker installs and starts.")
+        note.setWordWrap(True)
+        form.addRow(note)
+        self.edits = {}
+        for key, label, placeholder, tip in ADVANCED:
+            e = QtWidgets.QLineEdit(self.settings.get(key))
+            set_tip(e, tip)
+            e.setPlaceholderText(placeholder)
+            form.addRow(label, e)
+            self.edits[key] = e
+        self.format = QtWidgets.QComboBox()
+        self.format.addItem("Raw RGBA (fast)", "rgba")
+        self.format.addItem("PNG (smaller)", "png")
+        self.format.setCurrentIndex(max(0, self.format.findData(self.settings.get("image_format"))))
+        form.addRow("Upload format", self.format)
+        return w
 
     # -- memory ------------------------------------------------------------------------------
     def _memory_tab(self):
@@ -300,6 +373,10 @@ class BackendSetup(QtWidgets.QTabWidget):
     # -- saving ------------------------------------------------------------------------------
     def save(self):
         s = self.settings
+        for key, e in self.edits.items():
+            s.set(key, e.text().strip())
+        s.set("autostart", self.autostart.isChecked())
+        s.set("image_format", self.format.currentData())
         s.set("memory_preset", self.preset.currentData())
         if self.preset.currentData() == "custom":
             s.set("device", self.device.currentData())
@@ -309,3 +386,23 @@ class BackendSetup(QtWidgets.QTabWidget):
             s.set("max_pixels", self.max_pixels.value())
         s.set_json("model_folders", [self.folders.item(i).text() for i in range(self.folders.count())])
         s.set("show_developer_models", self.show_dev.isChecked())
+
+
+class SettingsDialog(QtWidgets.QDialog):
+    """\u2699: the backend, memory, models and advanced tabs; OK saves them."""
+
+    def __init__(self, controller, parent=None, installer: inst.Installer | None = None):
+        super().__init__(parent)
+        self.setWindowTitle("Analogon settings")
+        self.c = controller
+        lay = QtWidgets.QVBoxLayout(self)
+        self.setup = BackendSetup(controller, installer, self)
+        lay.addWidget(self.setup, 1)
+        buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.StandardButton.Ok
+                                             | QtWidgets.QDialogButtonBox.StandardButton.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        lay.addWidget(buttons)
+
+    def save(self):
+        self.setup.save()

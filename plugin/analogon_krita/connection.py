@@ -36,6 +36,7 @@ class Connection(QObject):
         self.process = BackendProcess(self)
         self.process.stateChanged.connect(self._on_process_state)
         self.process.ready.connect(lambda info: self.connect())
+        self.reason = ""  # why the last health check failed (the client's error code)
         self.health: dict[str, Any] = {}
         self.methods: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
@@ -91,9 +92,11 @@ class Connection(QObject):
 
     def _after_health(self, resp: Response):
         if not resp.ok:
+            self.reason = resp.error.code if resp.error else "no_answer"
             if self.process.state != "starting":
                 self.set_state("unreachable", resp.error.message if resp.error else "no answer")
             return self._done(False)
+        self.reason = ""
         self.health = resp.json() or {}
         self.client.methods(self._after_methods)
 
@@ -129,6 +132,12 @@ class Connection(QObject):
         """Start a local backend (the configured command) and connect to it when ready."""
         if self.process.running:
             return self.connect()
+        from .lead import NOT_INSTALLED, find_command
+
+        if find_command(self.settings)[0] is None:  # nothing to start: never a riddle about commands
+            self.set_state("unreachable", f"{NOT_INSTALLED} Press \u201cInstall backend\u201d in the "
+                           "Analogon docker.")
+            return
         self.set_state("starting", "Starting the backend\u2026")
         self.process.log_directory = log_dir(self._state_dir())
         self.process.start(self.settings.get("backend_command"), model or None, extra_args=extra_args)

@@ -548,8 +548,9 @@ class Controller(QObject):
 
     def _generate_connected(self, ok: bool, method_id: str | None) -> bool:
         if not ok:
-            self.set_error(f"Cannot generate: {self.connection_message} Press \u201cStart backend\u201d, "
-                           "or check the backend address in the settings.")
+            from . import installer, lead  # what is missing and what to press (lead.py)
+
+            self.set_error(lead.refusal(lead.facts(self.link, installer.shared())))
             self.finished.emit("error")
             return False
         try:

@@ -285,6 +285,8 @@ class Installer(QObject):
         self._cancelled = False
         self._pending: list[list[str]] = []
         self._variant = "cpu"
+        self.status = ""  # the latest progress text (the docker's lead shows it)
+        self.progress.connect(lambda _percent, text: setattr(self, "status", text))
 
     # -- state --------------------------------------------------------------------------
     def installed(self) -> bool:
@@ -496,6 +498,18 @@ class Installer(QObject):
         self._log(message)
         self.progress.emit(100 if ok else 0, message)
         self.finished.emit(ok, message)
+
+
+_SHARED: "Installer | None" = None
+
+
+def shared() -> Installer:
+    """The installer of this Krita: one, whichever window's docker or settings dialog shows it
+    (an install goes on when the dialog that started it is closed)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = Installer()
+    return _SHARED
 
 
 def _remove_later(folder: Path) -> None:

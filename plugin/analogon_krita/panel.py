@@ -1,6 +1,8 @@
 """The "Analogon" docker: widgets bound to the :class:`Controller` (which does the work)."""
 from __future__ import annotations
 
+from . import installer as inst
+from . import lead as lead_mod
 from . import models_ui
 from .controller import Controller
 from .forms import fields_from_schema, for_model, wrap_tooltip
@@ -32,9 +34,12 @@ class AnalogonPanel(QWidget):
 
     PREVIEW_SIZE = 40  # the docker's thumbnail of the running job (the canvas shows it large)
 
-    def __init__(self, controller: Controller, parent: QWidget | None = None):
+    def __init__(self, controller: Controller, parent: QWidget | None = None,
+                 installer: "inst.Installer | None" = None):
         super().__init__(parent)
         self.c = controller
+        self.installer = installer if installer is not None else inst.shared()
+        self._install_dialog = None
         self._building = False
         self.pickers: dict[str, LayerPicker] = {}
         self._shown_variants: list = []
@@ -60,7 +65,13 @@ class AnalogonPanel(QWidget):
         lay = QtWidgets.QVBoxLayout(body)
         lay.setContentsMargins(0, 0, 0, 0)
 
-        # the connection, first thing in the scrolled part (where it is when nothing is scrolled)
+        # the lead: the connection's state, its cause and the next step (lead.py), first thing
+        # in the scrolled part
+        self.lead_box = QWidget()
+        self.lead_box.setObjectName("lead")
+        ll = QtWidgets.QVBoxLayout(self.lead_box)
+        ll.setContentsMargins(0, 0, 0, 0)
+        ll.setSpacing(2)
         row = QtWidgets.QHBoxLayout()
         row.setSpacing(4)
         self.status_dot = QtWidgets.QLabel("\u25cf")
@@ -69,28 +80,33 @@ class AnalogonPanel(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         row.addWidget(self.status_dot, 0, Qt.AlignmentFlag.AlignTop)
         row.addWidget(self.status_label, 1)
-        lay.addLayout(row)
-
+        ll.addLayout(row)
+        self.install_bar = QtWidgets.QProgressBar()  # an install the docker started
+        self.install_bar.setObjectName("install_progress")
+        self.install_bar.setRange(0, 100)
+        self.install_bar.setTextVisible(False)
+        self.install_bar.setMaximumHeight(8)
+        self.install_bar.hide()
+        ll.addWidget(self.install_bar)
         row = QtWidgets.QHBoxLayout()
         row.setSpacing(2)
-        self.start_button = QtWidgets.QPushButton("Start backend")
-        set_tip(self.start_button, "Start a local Analogon backend; it stops when Krita quits.")
+        self.start_button = QtWidgets.QPushButton("Start backend")  # the lead's action
+        self.start_button.setObjectName("lead_action")
         self.connect_button = QtWidgets.QToolButton()
         self.connect_button.setText("\u21bb")
         set_tip(self.connect_button, "Connect again")
         self.log_button = QtWidgets.QToolButton()
         self.log_button.setObjectName("open_log")
         self.log_button.setText("Log")
-        set_tip(self.log_button, "Open the log of the backend this panel started (for a bug "
-                                   "report: what it printed, its errors).")
         self.settings_button = QtWidgets.QToolButton()
         self.settings_button.setText("\u2699")
-        set_tip(self.settings_button, "Backend settings")
+        set_tip(self.settings_button, "Settings: the backend (install, update), memory, models, advanced")
         row.addWidget(self.start_button, 1)
         row.addWidget(self.connect_button)
         row.addWidget(self.log_button)
         row.addWidget(self.settings_button)
-        lay.addLayout(row)
+        ll.addLayout(row)
+        lay.addWidget(self.lead_box)
 
         form = form_layout()
         self.model_combo = narrow_combo(QtWidgets.QComboBox())
@@ -224,7 +240,7 @@ class AnalogonPanel(QWidget):
         self.footer = footer
 
         # bindings: widgets -> controller
-        self.start_button.clicked.connect(self._on_start)
+        self.start_button.clicked.connect(self._on_lead_action)
         self.connect_button.clicked.connect(lambda: self.c.connect_backend())
         self.settings_button.clicked.connect(self.open_settings)
         self.log_button.clicked.connect(self.open_log)
@@ -246,6 +262,8 @@ class AnalogonPanel(QWidget):
         # bindings: controller -> widgets
         c = self.c
         c.connectionChanged.connect(self._show_connection)
+        self.installer.progress.connect(self._on_install_progress)
+        self.installer.finished.connect(self._on_installed)
         c.methodsChanged.connect(self._show_methods)
         c.modelsChanged.connect(self._show_models)
         c.methodChanged.connect(lambda _: self._show_models())  # what the method can use
@@ -280,18 +298,24 @@ class AnalogonPanel(QWidget):
         self._show_busy(c.busy)
 
     # -- controller -> widgets ------------------------------------------------------------
-    def _show_connection(self, state: str, message: str):
-        self.status_dot.setStyleSheet(f"color: {_STATE_COLOURS.get(state, '#808080')};")
-        self.status_label.setText(message)
-        set_tip(self.status_label, message)
-        running = self.c.process.running
-        self.start_button.setText("Stop backend" if running else "Start backend")
-        set_tip(self.start_button, "Stop the backend this panel started." if running else
-                                     "Start a local Analogon backend; it stops when Krita quits.")
-        self.start_button.setEnabled(running or state != "starting")
+    def lead(self) -> lead_mod.Lead:
+        """What the connection area says and offers now (lead.py)."""
+        return lead_mod.decide(lead_mod.facts(self.c.link, self.installer))
+
+    def _show_connection(self, *_):
+        lead = self.lead()
+        self.status_dot.setStyleSheet(f"color: {lead_mod.TONES.get(lead.tone, '#808080')};")
+        self.status_label.setText(lead.text)
+        set_tip(self.status_label, lead.text)
+        self.start_button.setText(lead.button)
+        set_tip(self.start_button, lead.tip)
+        self.start_button.setVisible(bool(lead.button))
+        self.start_button.setProperty("action", lead.action)
+        self.install_bar.setVisible(self.installer.running)
         log = self.c.log_path()
         self.log_button.setEnabled(log is not None)
-        set_tip(self.log_button, f"Open the backend's log: {log}" if log is not None else
+        set_tip(self.log_button, f"Open the backend's log (for a bug report: what it printed, its "
+                                 f"errors): {log}" if log is not None else
                 "The log of a backend this panel starts goes to the state folder; none yet.")
 
     def _show_methods(self):
@@ -453,11 +477,38 @@ class AnalogonPanel(QWidget):
         self.c.pick_variant(index)
         self.variant_strip.set_picked(self.c.picked)  # back to the shown one if it failed
 
-    def _on_start(self):
-        if self.c.process.running:
-            self.c.stop_backend()
-        else:
+    def _on_lead_action(self):
+        action = self.start_button.property("action")
+        if action in (lead_mod.INSTALL, lead_mod.PROGRESS):
+            self.open_install()
+        elif action == lead_mod.START:
             self.c.start_backend()
+        elif action == lead_mod.STOP:
+            self.c.stop_backend()
+
+    def open_install(self):
+        """The install window (what is installed where, PyTorch's build, progress, the log);
+        one per docker, not modal: the install goes on when it is closed."""
+        from .backend_setup import InstallDialog
+
+        if self._install_dialog is None:
+            self._install_dialog = InstallDialog(self.c, self.installer, self)
+        self._install_dialog.show()
+        self._install_dialog.raise_()
+        return self._install_dialog
+
+    def _on_install_progress(self, percent: int, _text: str):
+        self.install_bar.setValue(percent)
+        self._show_connection()
+
+    def _on_installed(self, ok: bool, message: str):
+        """A good install starts the backend (the lead then says so); a failed one says why."""
+        self._show_connection()
+        if ok and not self.c.connected and not self.c.process.running:
+            self.c.set_error("")
+            self.c.start_backend()
+        elif not ok and message != "Cancelled.":
+            self.c.set_error(message)
 
     def _on_model(self, text: str):
         if self._building:
@@ -493,57 +544,12 @@ class AnalogonPanel(QWidget):
         QtGui.QDesktopServices.openUrl(url)
 
     def open_settings(self):
-        dlg = SettingsDialog(self.c, self)
+        from .backend_setup import SettingsDialog
+
+        dlg = SettingsDialog(self.c, self, self.installer)
         if dlg.exec_() if hasattr(dlg, "exec_") else dlg.exec():
             dlg.save()
             self.c.connect_backend()
-
-
-class SettingsDialog(QtWidgets.QDialog):
-    KEYS = (("backend_command", "Backend command", "Command that starts the backend, e.g. "
-             "/home/me/analogon/.venv/bin/analogon (empty: analogon on PATH)"),
-            ("backend_url", "Backend address", "e.g. http://127.0.0.1:7871 (empty: read from server.json)"),
-            ("state_dir", "Backend state folder", "Where a backend you started yourself writes "
-             "server.json with its token (empty: the default)"),
-            ("padding", "Selection padding (px)", "Context around the selection sent to the backend"),
-            ("feather", "Feather (px)", "Softness of the selection edge when the result is placed"))
-
-    def __init__(self, controller: Controller, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setWindowTitle("Analogon settings")
-        self.c = controller
-        lay = QtWidgets.QFormLayout(self)
-        self.edits = {}
-        for key, label, tip in self.KEYS:
-            e = QtWidgets.QLineEdit(self.c.settings.get(key))
-            set_tip(e, tip)
-            e.setPlaceholderText(tip.split(" (")[0] if key != "backend_command" else "analogon")
-            lay.addRow(label, e)
-            self.edits[key] = e
-        self.autostart = QtWidgets.QCheckBox("Start the backend with Krita")
-        self.autostart.setChecked(self.c.settings.get_bool("autostart"))
-        lay.addRow("", self.autostart)
-        self.format = QtWidgets.QComboBox()
-        self.format.addItem("Raw RGBA (fast)", "rgba")
-        self.format.addItem("PNG (smaller)", "png")
-        self.format.setCurrentIndex(max(0, self.format.findData(self.c.settings.get("image_format"))))
-        lay.addRow("Upload format", self.format)
-        from .backend_setup import BackendSetup
-
-        self.setup = BackendSetup(self.c, parent=self)  # install, memory, models
-        lay.addRow(self.setup)
-        buttons = QtWidgets.QDialogButtonBox(QtWidgets.QDialogButtonBox.StandardButton.Ok
-                                             | QtWidgets.QDialogButtonBox.StandardButton.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        lay.addRow(buttons)
-
-    def save(self):
-        for key, e in self.edits.items():
-            self.c.settings.set(key, e.text().strip())
-        self.c.settings.set("autostart", self.autostart.isChecked())
-        self.c.settings.set("image_format", self.format.currentData())
-        self.setup.save()
 
 
 def make_docker_class():

@@ -633,21 +633,21 @@ def _install(entry, setup):
     from analogon_krita import backend_process, installer as inst
 
     entry["bundled"] = inst.wheel_version(setup.installer.wheel) if setup.installer.wheel else ""
-    entry["status_before"] = setup.install_status.text()
-    entry["install_enabled"] = setup.install_button.isEnabled()
+    entry["status_before"] = setup.install_pane.install_status.text()
+    entry["install_enabled"] = setup.install_pane.install_button.isEnabled()
     progress, ends = [], []
     setup.installer.progress.connect(lambda p, t: progress.append([p, t]))
     setup.installer.finished.connect(lambda ok, msg: ends.append([ok, msg]))
-    _combo(setup.variant, "cpu")
+    _combo(setup.install_pane.variant, "cpu")
     t0 = time.monotonic()
-    setup.install_button.click()  # Install backend
+    setup.install_pane.install_button.click()  # Install backend
     _wait(lambda: ends, 600)
     entry.update(seconds_install=round(time.monotonic() - t0, 1), ends=ends, progress=progress,
-                 status_after=setup.install_status.text(), venv=str(setup.installer.venv),
+                 status_after=setup.install_pane.install_status.text(), venv=str(setup.installer.venv),
                  installed=setup.installer.installed(), version=setup.installer.installed_version(),
                  default_command=backend_process.default_command(),
-                 update_enabled=setup.update_button.isEnabled(),
-                 uninstall_enabled=setup.uninstall_button.isEnabled())
+                 update_enabled=setup.install_pane.update_button.isEnabled(),
+                 uninstall_enabled=setup.install_pane.uninstall_button.isEnabled())
     log = setup.installer.log_path
     entry["log_tail"] = log.read_text(encoding="utf-8")[-3000:] if log.exists() else ""
 

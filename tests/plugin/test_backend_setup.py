@@ -49,19 +49,19 @@ def test_install_buttons_follow_the_state(kapp, tmp_path):
     wheel = tmp_path / "analogon-0.3.0-py3-none-any.whl"
     wheel.write_bytes(b"")
     w = BackendSetup(c, Installer(venv=tmp_path / "venv", wheel=wheel))
-    assert w.install_button.isEnabled() and not w.update_button.isEnabled()
-    assert not w.uninstall_button.isEnabled() and not w.cancel_install_button.isEnabled()
-    assert "0.3.0" in w.install_status.text() and str(tmp_path / "venv") in w.install_status.text()
+    assert w.install_pane.install_button.isEnabled() and not w.install_pane.update_button.isEnabled()
+    assert not w.install_pane.uninstall_button.isEnabled() and not w.install_pane.cancel_install_button.isEnabled()
+    assert "0.3.0" in w.install_pane.install_status.text() and str(tmp_path / "venv") in w.install_pane.install_status.text()
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "analogon").write_text("")
-    w._show_install_state()
-    assert w.update_button.isEnabled() and w.uninstall_button.isEnabled()
-    w.uninstall_button.click()
-    assert not (tmp_path / "venv").exists() and not w.uninstall_button.isEnabled()
+    w.install_pane._show_install_state()
+    assert w.install_pane.update_button.isEnabled() and w.install_pane.uninstall_button.isEnabled()
+    w.install_pane.uninstall_button.click()
+    assert not (tmp_path / "venv").exists() and not w.install_pane.uninstall_button.isEnabled()
     none = BackendSetup(c, Installer(venv=tmp_path / "v2", wheel=None))
     none.installer.wheel = None
-    none._show_install_state()
-    assert not none.install_button.isEnabled() and "carries no backend" in none.install_status.text()
+    none.install_pane._show_install_state()
+    assert not none.install_pane.install_button.isEnabled() and "carries no backend" in none.install_pane.install_status.text()
 
 
 def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):

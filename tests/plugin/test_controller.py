@@ -219,7 +219,7 @@ def test_backend_down_gives_a_message(kapp, tmp_path):
     c.generate()
     assert wait_until(lambda: ends, 10)
     assert ends == ["error"] and c.connection == "unreachable"
-    assert "not running" in c.error and "Start backend" in c.error
+    assert "not running" in c.error and "Start the backend at that address" in c.error  # lead.py
     assert [n.name() for n in doc.rootNode().childNodes()] == ["photo"]
 
 

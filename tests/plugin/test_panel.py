@@ -123,8 +123,9 @@ def test_panel_shows_errors_connection_and_history(kapp):
     assert panel.error_label.isHidden()
     c.set_error("The layer \u201cx\u201d chosen for Source is hidden. Show it, or pick another layer.")
     assert not panel.error_label.isHidden() and "is hidden" in panel.error_label.text()
+    c.settings.set("backend_url", "http://127.0.0.1:9")  # a backend the painter runs there
     c.link.set_state("unreachable", "The Analogon backend is not running at http://127.0.0.1:9 (connection refused).")
-    assert "not running" in panel.status_label.text()
+    assert panel.status_label.text().startswith("The Analogon backend is not running at http://127.0.0.1:9")
     c._set_busy(True)
     assert not panel.generate_button.isEnabled() and panel.cancel_button.isEnabled()
     c.progressChanged.emit("denoise", 3, 10)
@@ -156,3 +157,115 @@ def test_docker_registration_and_canvas_following(kapp):
     dock.canvasChanged(None)
     assert dock.controller.document() is doc
     Controller._instance = None
+
+
+# -- the first screen (lead.py shown by the panel) -----------------------------------------------
+
+@pytest.fixture
+def bare(monkeypatch, tmp_path):
+    """A fresh profile on a computer with no backend anywhere the docker looks, and a plugin
+    that carries the backend wheel (the release zip)."""
+    from analogon_krita.installer import Installer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANALOGON_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    wheel = tmp_path / "analogon-0.4.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    return Installer(wheel=wheel, log_path=tmp_path / "install.log")
+
+
+def shown_panel(c, installer, size=(262, 228)):
+    from conftest import process_events
+
+    panel = AnalogonPanel(c, installer=installer)
+    panel.resize(*size)
+    panel.show()
+    process_events(30)
+    return panel
+
+
+def inside(panel, widget) -> bool:
+    from PyQt6.QtCore import QPoint, QRect
+
+    return widget.isVisibleTo(panel) and panel.rect().contains(
+        QRect(widget.mapTo(panel, QPoint(0, 0)), widget.size()))
+
+
+def test_a_fresh_profile_is_led_to_install_the_backend(kapp, bare):
+    c = offline(kapp)
+    c.link.reason = "unreachable"
+    c.link.set_state("unreachable", "The Analogon backend is not running at http://127.0.0.1:7871 "
+                                    "(connection refused).")
+    panel = shown_panel(c, bare)
+    try:
+        text = panel.status_label.text()
+        assert text.startswith("The Analogon backend is not installed yet. Install backend sets it up")
+        assert "command" not in text and "refused" not in text
+        assert panel.start_button.text() == "Install backend" and inside(panel, panel.start_button)
+        assert "#808080" in panel.status_dot.styleSheet()  # not red: nothing is broken
+        panel.start_button.click()
+        dlg = panel._install_dialog
+        assert dlg is not None and dlg.isVisible() and dlg.pane.install_button.isEnabled()
+        assert "0.4.0" in dlg.pane.install_status.text()
+        assert panel.open_install() is dlg  # one window per docker
+        dlg.close()
+    finally:
+        panel.deleteLater()
+
+
+def test_a_good_install_starts_the_backend_and_the_red_text_goes(kapp, bare):
+    c = offline(kapp)
+    c.link.set_state("unreachable", "The Analogon backend is not running at http://127.0.0.1:7871 "
+                                    "(connection refused).")
+    panel = shown_panel(c, bare)
+    started = []
+    c.start_backend = lambda: started.append(True)
+    try:
+        c.set_error("Cannot generate: the Analogon backend is not installed yet. Press \u201cInstall backend\u201d above.")
+        exe = bare.venv / "bin" / "analogon"
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n")
+        bare.finished.emit(True, "Installed the Analogon backend 0.4.0.")
+        assert started == [True] and c.error == "" and panel.error_label.isHidden()
+        assert panel.status_label.text().startswith("The Analogon backend is installed but not running")
+        assert panel.start_button.text() == "Start backend"
+        # a failed install says why, where the painter looks
+        bare.finished.emit(False, "Installing PyTorch (cpu) failed (exit code 1). See the log: /x/install.log")
+        assert started == [True] and c.error.startswith("Installing PyTorch (cpu) failed")
+    finally:
+        panel.deleteLater()
+
+
+def test_an_install_in_progress_shows_in_the_docker(kapp, bare):
+    c = offline(kapp)
+    panel = shown_panel(c, bare)
+    try:
+        bare.running = True
+        bare.progress.emit(42, "Installing PyTorch (cpu): 812 / 2300 MB, 14.2 MB/s")
+        assert panel.status_label.text() == "Installing the backend: Installing PyTorch (cpu): 812 / 2300 MB, 14.2 MB/s"
+        assert panel.install_bar.isVisibleTo(panel) and panel.install_bar.value() == 42
+        assert panel.start_button.text() == "Show progress"
+        bare.running = False
+    finally:
+        panel.deleteLater()
+
+
+def test_settings_keep_the_developer_fields_under_advanced(kapp, bare):
+    from analogon_krita.backend_setup import ADVANCED, SettingsDialog
+
+    c = offline(kapp)
+    dlg = SettingsDialog(c, installer=bare)
+    tabs = dlg.setup
+    assert [tabs.tabText(i) for i in range(tabs.count())] == ["Backend", "Memory", "Models", "Advanced"]
+    assert tabs.currentIndex() == 0 and not tabs.widget(0).findChildren(QtWidgets.QLineEdit)
+    advanced = tabs.widget(3)
+    assert set(tabs.edits) == {k for k, *_ in ADVANCED} == {"backend_command", "backend_url", "state_dir",
+                                                             "padding", "feather"}
+    assert all(advanced.isAncestorOf(e) for e in tabs.edits.values()) and advanced.isAncestorOf(tabs.format)
+    tabs.edits["backend_url"].setText(" http://127.0.0.1:7871 ")
+    tabs.format.setCurrentIndex(tabs.format.findData("png"))
+    tabs.autostart.setChecked(True)
+    dlg.save()
+    assert c.settings.get("backend_url") == "http://127.0.0.1:7871" and c.settings.get("image_format") == "png"
+    assert c.settings.get_bool("autostart")
