@@ -212,16 +212,22 @@ def _settings_from_args(args, mem):
 
 
 def cmd_serve(args) -> int:
-    from .lifeline import watch_parent
-    from .server import serve
+    from . import lifeline
 
-    watch_parent(args.parent_pid)
-    mem = _memory(args)
-    if args.memory_preset:
-        print(f"memory preset {mem.preset}: device {mem.device or 'auto'}, dtype {mem.dtype or 'auto'}, "
-              f"CPU offload {'on' if mem.cpu_offload else 'off'}, VAE tiling {'on' if mem.vae_tiling else 'off'}, "
-              f"max working pixels {mem.max_pixels or 'auto'}", flush=True)
-    return serve(_settings_from_args(args, mem), log_level="debug" if args.verbose else "info")
+    # first, before the heavy imports: a backend started by Krita ends with it (and its
+    # private state folder with it), whatever it is doing
+    lifeline.watch_parent(args.parent_pid, state_dir=Path(args.state_dir).expanduser() if args.state_dir else None)
+    try:
+        from .server import serve
+
+        mem = _memory(args)
+        if args.memory_preset:
+            print(f"memory preset {mem.preset}: device {mem.device or 'auto'}, dtype {mem.dtype or 'auto'}, "
+                  f"CPU offload {'on' if mem.cpu_offload else 'off'}, VAE tiling {'on' if mem.vae_tiling else 'off'}, "
+                  f"max working pixels {mem.max_pixels or 'auto'}", flush=True)
+        return serve(_settings_from_args(args, mem), log_level="debug" if args.verbose else "info")
+    finally:
+        lifeline.remove_own_state_dir()  # a private folder the plugin made: the token goes too
 
 
 # -- run -------------------------------------------------------------------------------------
