@@ -6,9 +6,11 @@ folder) and ``--port 0``, wait for that file and for ``GET /v1/health``, and sto
 Krita quits (only if we started it).
 
 A backend must not outlive Krita, also when Krita is killed: it is started with
-``--parent-pid`` (Krita's pid) and stops itself when Krita is gone (see the backend's
-``analogon.lifeline``). The private folders of backends that are gone are removed the next
-time Krita starts. Everything the backend prints goes to a log file in the state folder
+``--parent-pid`` (Krita's pid) and ends within a few seconds of Krita, taking its private
+folder along (see the backend's ``analogon.lifeline``: Linux's parent-death signal and a
+watchdog process). On Windows it is also put into a job object that Windows kills when Krita
+ends (:func:`kill_on_close_job`). The private folders of backends that are gone are removed
+the next time Krita starts. Everything the backend prints goes to a log file in the state folder
 (``logs/backend.log``, the one before as ``backend.1.log``); when it stops unexpectedly,
 its "last words" are the log's last error lines.
 """
@@ -230,6 +232,88 @@ def force_kill(pid: int) -> bool:
         return False
 
 
+def _job_limit_struct():
+    """JOBOBJECT_EXTENDED_LIMIT_INFORMATION (winnt.h), with fixed-size fields (a DWORD is
+    32 bits, a LARGE_INTEGER 64, ULONG_PTR and SIZE_T pointer-sized)."""
+    import ctypes
+
+    u32, i64, u64, size = ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_size_t
+
+    class Basic(ctypes.Structure):
+        _fields_ = [("PerProcessUserTimeLimit", i64), ("PerJobUserTimeLimit", i64),
+                    ("LimitFlags", u32), ("MinimumWorkingSetSize", size),
+                    ("MaximumWorkingSetSize", size), ("ActiveProcessLimit", u32),
+                    ("Affinity", size), ("PriorityClass", u32), ("SchedulingClass", u32)]
+
+    class IoCounters(ctypes.Structure):
+        _fields_ = [(n, u64) for n in ("ReadOperationCount", "WriteOperationCount", "OtherOperationCount",
+                                        "ReadTransferCount", "WriteTransferCount", "OtherTransferCount")]
+
+    class Extended(ctypes.Structure):
+        _fields_ = [("BasicLimitInformation", Basic), ("IoInfo", IoCounters),
+                    ("ProcessMemoryLimit", size), ("JobMemoryLimit", size),
+                    ("PeakProcessMemoryUsed", size), ("PeakJobMemoryUsed", size)]
+
+    return Extended
+
+
+class _Job:
+    """A Windows job object handle; closing it (or Krita's end) kills what is still in it."""
+
+    def __init__(self, k32, handle):
+        self._k32, self.handle = k32, handle
+
+    def close(self):
+        handle, self.handle = self.handle, None
+        if handle:
+            self._k32.CloseHandle(handle)
+
+
+def kill_on_close_job(pid: int | None):
+    """Windows: put the process ``pid`` into a new job object that Windows kills when its
+    last handle closes, which Krita holds: when Krita ends, also by a crash or the task
+    manager, the backend ends with it (JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE). Breakaway is
+    allowed, so that the backend's watchdog can stay out of it and remove the private folder
+    afterwards. Returns the job (keep it; ``close()`` it once the backend has stopped), or
+    None elsewhere and where Windows refuses (e.g. Krita in a job that forbids nesting)."""
+    if sys.platform != "win32" or not pid:
+        return None
+    import ctypes
+    from ctypes import wintypes
+
+    JobObjectExtendedLimitInformation = 9
+    KILL_ON_JOB_CLOSE, BREAKAWAY_OK = 0x2000, 0x0800
+    PROCESS_SET_QUOTA, PROCESS_TERMINATE = 0x0100, 0x0001
+    try:
+        k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        k32.CreateJobObjectW.restype = wintypes.HANDLE
+        k32.CreateJobObjectW.argtypes = (ctypes.c_void_p, wintypes.LPCWSTR)
+        k32.SetInformationJobObject.restype = wintypes.BOOL
+        k32.SetInformationJobObject.argtypes = (wintypes.HANDLE, ctypes.c_int, ctypes.c_void_p, wintypes.DWORD)
+        k32.OpenProcess.restype = wintypes.HANDLE
+        k32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        k32.AssignProcessToJobObject.restype = wintypes.BOOL
+        k32.AssignProcessToJobObject.argtypes = (wintypes.HANDLE, wintypes.HANDLE)
+        k32.CloseHandle.argtypes = (wintypes.HANDLE,)
+        job = k32.CreateJobObjectW(None, None)
+        if not job:
+            return None
+        info = _job_limit_struct()()
+        info.BasicLimitInformation.LimitFlags = KILL_ON_JOB_CLOSE | BREAKAWAY_OK
+        ok = bool(k32.SetInformationJobObject(job, JobObjectExtendedLimitInformation,
+                                              ctypes.byref(info), ctypes.sizeof(info)))
+        proc = k32.OpenProcess(PROCESS_SET_QUOTA | PROCESS_TERMINATE, False, int(pid)) if ok else None
+        ok = ok and bool(proc) and bool(k32.AssignProcessToJobObject(job, proc))
+        if proc:
+            k32.CloseHandle(proc)
+        if not ok:
+            k32.CloseHandle(job)
+            return None
+        return _Job(k32, job)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 _RUNNING: "set[BackendProcess]" = set()
 
 
@@ -276,6 +360,7 @@ class BackendProcess(QObject):
         self._deadline.timeout.connect(self._on_deadline)
         self._health_call = None
         self._client = None
+        self._job = None  # Windows: the kill-on-close job the backend runs in
 
     @property
     def running(self) -> bool:
@@ -338,6 +423,10 @@ class BackendProcess(QObject):
         self._set_state("starting", "Starting the backend\u2026")
         _RUNNING.add(self)
         proc.start(argv[0], args)
+        if sys.platform == "win32":  # Windows ends the backend with Krita, whatever kills Krita
+            if self._job is not None:
+                self._job.close()
+            self._job = kill_on_close_job(proc.processId())
         self._poll.start()
         self._deadline.start(self.start_timeout_ms)
 
@@ -406,6 +495,9 @@ class BackendProcess(QObject):
             self._set_state("failed", message)
 
     def _remove_state_dir(self):
+        job, self._job = self._job, None
+        if job is not None:  # the backend has ended: nothing of it is left running
+            job.close()
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir = None
