@@ -1,5 +1,5 @@
-"""The toy world: deterministic renders, captions, one-attribute changes, the reader's
-accuracy on renders, and the word-level tokenizer."""
+"""The toy worlds (toy64 and toy128): deterministic renders, captions, one-attribute changes,
+layouts, the reader's accuracy on renders, and the word-level tokenizer."""
 from __future__ import annotations
 
 import random
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from analogon.toyworld import world
-from analogon.toyworld.reader import agreement, read
+from analogon.toyworld.reader import agreement, agreement_all, match_objects, read
 from analogon.toyworld.vocab import WORDS, build_tokenizer, vocab
 
 
@@ -105,6 +105,169 @@ def test_reader_works_at_other_sizes_and_on_empty_images():
     empty = np.full((64, 64, 3), world.BACKGROUNDS["white"], np.uint8)
     r = read(empty)
     assert r["background"] == "white" and r["shape"] is None and r["objects"] == []
+
+
+# -- toy128 ------------------------------------------------------------------------------
+
+def _scenes128(seed: int, n: int, **kw) -> list[dict]:
+    rng = random.Random(seed)
+    return [world.random_scene(rng, world="toy128", split="any", **kw) for _ in range(n)]
+
+
+def _obj(shape, colour, size, texture, x, y):
+    return {"shape": shape, "colour": colour, "size": size, "texture": texture, "x": x, "y": y}
+
+
+def _three() -> dict:
+    """A graded scene of three overlapping objects."""
+    return world.make_scene(
+        "circle", "red", "large", "striped", "grey", 0.42, 0.42, world="toy128",
+        backdrop="graded", second=_obj("square", "blue", "small", "dotted", 0.7, 0.68),
+        third=_obj("star", "yellow", "small", "hatched", 0.3, 0.72))
+
+
+def test_toy128_renders_deterministically_at_its_own_size():
+    for s in _scenes128(5, 6, two=1.0):
+        a = world.render(s)
+        assert a.dtype == np.uint8 and a.shape == (128, 128, 3)
+        assert np.array_equal(a, world.render(dict(s), 128))
+    s = _three()
+    img = world.render(s)
+    # The backdrop and the objects behind others show.
+    assert not np.array_equal(img, world.render(world.change(s, "backdrop", "patterned")))
+    assert not np.array_equal(img, world.render(world.change(s, "colour", "green")))
+    assert img[1, 1].astype(int).sum() > img[-2, 1].astype(int).sum()  # graded: light on top
+
+
+def test_toy128_caption_names_every_object_and_the_backdrop():
+    s = world.make_scene("circle", "red", "large", "striped", "grey", world="toy128",
+                         backdrop="graded",
+                         second=_obj("square", "blue", "small", "dotted", 0.7, 0.7))
+    assert world.caption(s) == ("a large red striped circle and a small blue dotted square "
+                                "on a graded grey background")
+    assert world.caption(world.change(s, "backdrop", "plain")) == (
+        "a large red striped circle and a small blue dotted square on a grey background")
+    assert world.caption(s, omit={"backdrop"}).endswith("square on a grey background")
+    assert world.caption(_three()) == (
+        "a large red striped circle and a small blue dotted square and a small yellow hatched "
+        "star on a graded grey background")
+
+
+def test_toy128_change_reaches_the_second_and_third_objects():
+    s = _three()
+    c = world.change(s, "second.colour", "green")
+    assert c["second"]["colour"] == "green" and s["second"]["colour"] == "blue"
+    assert {k for k in s if s[k] != c[k]} == {"second"}
+    assert {k for k in s["second"] if s["second"][k] != c["second"][k]} == {"colour"}
+    big = world.change(world.change(s, "third.x", 0.95), "third.size", "large")
+    lo, hi = world._fit_range("large", world.WORLD128)
+    assert big["third"]["size"] == "large" and big["third"]["x"] == hi
+    assert lo <= big["third"]["y"] <= hi
+    with pytest.raises(ValueError, match="no third object"):
+        world.change({**s, "third": None}, "third.colour", "green")
+    with pytest.raises(ValueError, match="texture must be one of"):
+        world.change(s, "third.texture", "woven")
+
+
+def test_toy128_training_split_never_shows_held_out_pairs():
+    for s in [world.random_scene(random.Random(i), world="toy128", split="train", two=1.0)
+              for i in range(150)]:
+        assert not any((o["shape"], o["colour"]) in world.HELD_OUT_PAIRS
+                       for o in world.objects(s))
+    for i in range(20):
+        held = world.random_scene(random.Random(i), world="toy128", split="heldout", two=1.0)
+        assert (held["shape"], held["colour"]) in world.HELD_OUT_PAIRS
+
+
+def test_toy128_layout_keeps_every_object_visible():
+    cell = 8 * 8  # one position of the 16x16 latent
+    for s in _scenes128(11, 40, two=1.0):
+        objs = world.objects(s)
+        assert len({o["colour"] for o in objs}) == len(objs)
+        assert world.layout_ok(s)
+        img = world.render(s).astype(np.float64)
+        for o, vis in zip(objs, world.visible_masks(s)):
+            full = np.asarray(world._shape_mask(o["shape"], o["x"] * 128, o["y"] * 128,
+                                                world.WORLD128.radius[o["size"]] * 128,
+                                                128)) > 127
+            assert vis.sum() >= 0.6 * full.sum() and vis.sum() >= 24 * cell
+            # What the mask calls visible is this object's colour or its ink in the render.
+            px = img[world._erode_by(vis, 2)]
+            rgb = np.array(world.COLOURS[o["colour"]], np.float64)
+            t = np.clip(px @ rgb / (rgb @ rgb), world.SHADE, 1.0)
+            assert np.abs(px - t[:, None] * rgb).max() <= 3.0
+
+
+def test_toy128_reader_accuracy_per_object_and_attribute():
+    attrs = ("shape", "colour", "size", "texture")
+    hits = {k: [] for k in attrs + ("background", "backdrop", "count")}
+    offsets = []
+    for s in _scenes128(2026, 150, two=0.6):
+        r = read(world.render(s), world="toy128")
+        ok = agreement_all(r, s)
+        for o in ok["objects"]:
+            for k in attrs:
+                hits[k].append(o[k])
+        for k in ("background", "backdrop", "count"):
+            hits[k].append(ok[k])
+        offsets += [max(abs(g["x"] - o["x"]), abs(g["y"] - o["y"]))
+                    for o, g in match_objects(r, s) if g is not None]
+    acc = {k: sum(v) / len(v) for k, v in hits.items()}
+    assert len(hits["shape"]) > 200  # objects, not scenes
+    assert min(acc.values()) >= 0.99, acc
+    assert max(offsets) < 0.03
+
+
+def test_toy128_reader_reads_every_shape_size_and_texture_alone():
+    rng = random.Random(3)
+    w = world.WORLD128
+    for shape in world.SHAPES:
+        for size in world.SIZES:
+            for texture in w.textures:
+                lo, hi = world._fit_range(size, w)
+                s = world.make_scene(shape, rng.choice(tuple(world.COLOURS)), size, texture,
+                                     rng.choice(tuple(world.BACKGROUNDS)), rng.uniform(lo, hi),
+                                     rng.uniform(lo, hi), world="toy128",
+                                     backdrop=rng.choice(w.backdrops))
+                r = read(world.render(s), world=w)
+                assert len(r["objects"]) == 1
+                assert agreement(r, s) == dict.fromkeys(
+                    ("shape", "colour", "size", "texture", "background"), True), s
+                assert r["backdrop"] == s["backdrop"], s
+                assert abs(r["x"] - s["x"]) < 0.03 and abs(r["y"] - s["y"]) < 0.03
+
+
+def test_toy128_reader_on_empty_backgrounds():
+    for background in world.BACKGROUNDS:
+        for backdrop in world.WORLD128.backdrops:
+            s = world.make_scene(background=background, world="toy128", backdrop=backdrop)
+            r = read(world.background_image(s), world="toy128")
+            assert (r["background"], r["backdrop"]) == (background, backdrop)
+            assert r["objects"] == [] and r["shape"] is None
+
+
+def test_toy128_agreement_pairs_objects_by_colour_then_position():
+    s = _three()
+    assert world.layout_ok(s)
+    r = read(world.render(s), world="toy128")
+    assert [o["colour"] for o in r["objects"]] == ["red", "blue", "yellow"]  # largest first
+    assert [g["colour"] for _, g in match_objects(r, s)] == ["red", "blue", "yellow"]
+    every = dict.fromkeys(("shape", "colour", "size", "texture"), True)
+    assert agreement_all(r, s) == {"objects": [every] * 3, "background": True,
+                                   "backdrop": True, "count": True}
+    wrong = world.change(world.change(s, "third.texture", "checked"), "backdrop", "plain")
+    got = agreement_all(r, wrong)
+    assert got["objects"][2] == {**every, "texture": False}
+    assert got["objects"][:2] == [every] * 2 and not got["backdrop"]
+    # A colour the reading does not have: paired by position, only the colour disagrees.
+    recoloured = world.change(s, "second.colour", "purple")
+    pairs = match_objects(r, recoloured)
+    assert pairs[1][1]["colour"] == "blue"
+    assert agreement_all(r, recoloured)["objects"][1] == {**every, "colour": False}
+    # An object the reading misses agrees on nothing.
+    lost = {**r, "objects": r["objects"][:2]}
+    assert agreement_all(lost, s)["objects"][2] == dict.fromkeys(every, False)
+    assert not agreement_all(lost, s)["count"]
 
 
 def test_tokenizer_is_word_level_and_round_trips(tmp_path):
