@@ -8,8 +8,8 @@ from .controller import Controller
 from .forms import fields_from_schema, for_model, wrap_tooltip
 from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
 from .roles import SELECTION
-from .widgets import (LayerPicker, ParamForm, VariantStrip, form_layout, narrow_combo, set_tip,
-                      wrapped_label)
+from .widgets import (LayerPicker, ParamForm, Section, VariantStrip, form_layout, narrow_combo,
+                      scroll_area, set_tip, wrapped_label)
 
 QWidget = QtWidgets.QWidget
 
@@ -40,30 +40,35 @@ class AnalogonPanel(QWidget):
         self.c = controller
         self.installer = installer if installer is not None else inst.shared()
         self._install_dialog = None
+        self._lead_asked = False  # the painter opened the lead with the dot (it folds when connected)
         self._building = False
         self.pickers: dict[str, LayerPicker] = {}
         self._shown_variants: list = []
 
-        # Two parts, so that a docker of Krita's default size (about 260 px wide and 160 to
-        # 230 px high) works: Generate / Cancel, the progress and the latest message or error
-        # are pinned at the bottom; everything else scrolls above them, the connection first.
+        # Krita's default docker is about 260 px wide and 160 to 230 px high. Pinned at the
+        # bottom: Generate / Cancel, the connection's dot and the settings, the progress while a
+        # job runs, the latest message or error. Above them one page at a time: Edit (the
+        # lead when there is no backend, then model, method, layers, parameters; it scrolls),
+        # Variants (of the latest result, when it has several) and History.
         outer = QtWidgets.QVBoxLayout(self)
         outer.setContentsMargins(4, 4, 4, 4)
         outer.setSpacing(4)
+        self.tabs = QtWidgets.QTabWidget()
+        self.tabs.setObjectName("panel_tabs")
+        self.tabs.setDocumentMode(True)  # no frame around the pages: the room is theirs
+        self.tabs.setUsesScrollButtons(False)
+        self.tabs.setElideMode(Qt.TextElideMode.ElideRight)
+        outer.addWidget(self.tabs, 1)
 
-        # -- the scrolled middle ------------------------------------------------------------
-        self.scroll = QtWidgets.QScrollArea()
-        self.scroll.setObjectName("panel_scroll")
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.scroll.setMinimumHeight(0)  # the pinned message comes first when room is short
-        outer.addWidget(self.scroll, 1)
+        # -- Edit -----------------------------------------------------------------------------
+        self.scroll = scroll_area("panel_scroll")
+        self.tabs.addTab(self.scroll, "Edit")
         body = QWidget()
         body.setObjectName("panel_body")
         self.scroll.setWidget(body)
         lay = QtWidgets.QVBoxLayout(body)
-        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setContentsMargins(0, 2, 0, 0)
+        lay.setSpacing(4)
 
         # the lead: the connection's state, its cause and the next step (lead.py), first thing
         # in the scrolled part
@@ -72,15 +77,10 @@ class AnalogonPanel(QWidget):
         ll = QtWidgets.QVBoxLayout(self.lead_box)
         ll.setContentsMargins(0, 0, 0, 0)
         ll.setSpacing(2)
-        row = QtWidgets.QHBoxLayout()
-        row.setSpacing(4)
-        self.status_dot = QtWidgets.QLabel("\u25cf")
         self.status_label = wrapped_label()
         self.status_label.setObjectName("connection_status")
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        row.addWidget(self.status_dot, 0, Qt.AlignmentFlag.AlignTop)
-        row.addWidget(self.status_label, 1)
-        ll.addLayout(row)
+        ll.addWidget(self.status_label)
         self.install_bar = QtWidgets.QProgressBar()  # an install the docker started
         self.install_bar.setObjectName("install_progress")
         self.install_bar.setRange(0, 100)
@@ -98,13 +98,10 @@ class AnalogonPanel(QWidget):
         self.log_button = QtWidgets.QToolButton()
         self.log_button.setObjectName("open_log")
         self.log_button.setText("Log")
-        self.settings_button = QtWidgets.QToolButton()
-        self.settings_button.setText("\u2699")
-        set_tip(self.settings_button, "Settings: the backend (install, update), memory, models, advanced")
         row.addWidget(self.start_button, 1)
+        row.addStretch(0)
         row.addWidget(self.connect_button)
         row.addWidget(self.log_button)
-        row.addWidget(self.settings_button)
         ll.addLayout(row)
         lay.addWidget(self.lead_box)
 
@@ -123,18 +120,28 @@ class AnalogonPanel(QWidget):
         form.addRow(self.model_hint)
         self.method_combo = narrow_combo(QtWidgets.QComboBox())
         self.method_combo.setObjectName("method")
-        form.addRow("Method", self.method_combo)
+        self.help_button = QtWidgets.QToolButton()  # the method's description, on request
+        self.help_button.setObjectName("method_help_toggle")
+        self.help_button.setText("?")
+        self.help_button.setCheckable(True)
+        set_tip(self.help_button, "What this method does and which layers it uses.")
+        row = QtWidgets.QHBoxLayout()
+        row.setSpacing(2)
+        row.addWidget(self.method_combo, 1)
+        row.addWidget(self.help_button)
+        form.addRow("Method", row)
         lay.addLayout(form)
         self.method_help = wrapped_label()
+        self.method_help.setObjectName("method_help")
         font = self.method_help.font()
         font.setItalic(True)
         self.method_help.setFont(font)
         lay.addWidget(self.method_help)
 
-        # roles
-        self.roles_box = QtWidgets.QGroupBox("Layers")
-        self.roles_form = form_layout(self.roles_box)
-        lay.addWidget(self.roles_box)
+        # the layers of each role; folds away once they are right
+        self.roles_box = Section("Layers", "layers", bold=True)
+        self.roles_form = form_layout()
+        self.roles_box.body_layout.addLayout(self.roles_form)
         self.edit_map_button = QtWidgets.QPushButton(plugin_icon("edit_map"), "New edit map")
         set_tip(self.edit_map_button, (
             "Add a black grey-scale layer above the target. Paint white where the image may "
@@ -144,19 +151,14 @@ class AnalogonPanel(QWidget):
         row = QtWidgets.QHBoxLayout()
         row.addWidget(self.edit_map_button)
         row.addStretch(1)
-        lay.addLayout(row)
-        lay.addWidget(self.progressive_check)
+        self.roles_box.body_layout.addLayout(row)
+        self.roles_box.body_layout.addWidget(self.progressive_check)
+        lay.addWidget(self.roles_box)
 
-        # parameters: the few a painter touches, the rest under Advanced
-        self.params_box = QtWidgets.QGroupBox("Parameters")
-        pl = QtWidgets.QVBoxLayout(self.params_box)
+        # parameters: the few a painter touches, the rest under Advanced; the seed
+        self.params_box = Section("Parameters", "parameters", bold=True)
         self.form = ParamForm()
-        pl.addWidget(self.form)
-        self.reset_button = QtWidgets.QPushButton("Defaults")
-        set_tip(self.reset_button, "Set every parameter of this method to its default.")
-        pl.addWidget(self.reset_button, 0, Qt.AlignmentFlag.AlignRight)
-        lay.addWidget(self.params_box)
-
+        self.params_box.body_layout.addWidget(self.form)
         row = QtWidgets.QHBoxLayout()
         row.addWidget(QtWidgets.QLabel("Seed"))
         self.seed_spin = QtWidgets.QSpinBox()
@@ -164,33 +166,57 @@ class AnalogonPanel(QWidget):
         self.random_check = QtWidgets.QCheckBox("Random")
         row.addWidget(self.seed_spin, 1)
         row.addWidget(self.random_check)
-        lay.addLayout(row)
+        self.params_box.body_layout.addLayout(row)
+        self.reset_button = QtWidgets.QPushButton("Defaults")
+        set_tip(self.reset_button, "Set every parameter of this method to its default.")
+        self.params_box.body_layout.addWidget(self.reset_button, 0, Qt.AlignmentFlag.AlignRight)
+        lay.addWidget(self.params_box)
+        lay.addStretch(1)
+        folded = set(self.c.settings.get_json("folded", []) or [])
+        for section in (self.roles_box, self.params_box):
+            section.set_open(section.body.objectName() not in folded)
+            section.toggled.connect(self._remember_folds)
+        self.help_button.setChecked(self.c.settings.get_bool("method_help"))
+        self.method_help.setVisible(self.help_button.isChecked())
 
-        # variants of the latest result (a sweep): shown only when it has several
-        self.variants_box = QtWidgets.QGroupBox("Variants")
+        # -- Variants of the latest result (a sweep): a page only while it has several --------
+        self.variants_box = QWidget()
+        self.variants_box.setObjectName("variants_page")
         vl = QtWidgets.QVBoxLayout(self.variants_box)
+        vl.setContentsMargins(0, 2, 0, 0)
         self.variant_strip = VariantStrip()
         vl.addWidget(self.variant_strip)
-        self.variants_box.hide()
-        lay.addWidget(self.variants_box)
+        vl.addStretch(1)
+        self.variants_page = scroll_area("variants_scroll")  # each page gives way in a low docker
+        self.variants_page.setWidget(self.variants_box)
+        self.tabs.addTab(self.variants_page, "Variants")
+        self.tabs.setTabVisible(self.tabs.indexOf(self.variants_page), False)
 
-        # history
-        self.history_box = QtWidgets.QGroupBox("History")
+        # -- History ----------------------------------------------------------------------------
+        self.history_box = QWidget()
+        self.history_box.setObjectName("history_page")
         hl = QtWidgets.QVBoxLayout(self.history_box)
+        hl.setContentsMargins(0, 2, 0, 0)
+        hl.setSpacing(2)
         self.history_list = QtWidgets.QListWidget()
-        self.history_list.setIconSize(QtGui.QPixmap(48, 48).size())
-        self.history_list.setMaximumHeight(160)
+        self.history_list.setObjectName("history")
+        self.history_list.setIconSize(QtGui.QPixmap(40, 40).size())
         self.history_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
-        hl.addWidget(self.history_list)
+        self.history_list.setMinimumHeight(0)
+        set_tip(self.history_list, "Every pass of this document, newest first: its layer, method, "
+                                   "seed and parameters (hover one).")
+        hl.addWidget(self.history_list, 1)
         row = QtWidgets.QHBoxLayout()
         self.again_button = QtWidgets.QPushButton("Apply again")
+        set_tip(self.again_button, "Run this pass again: the same method, parameters, seed and layers.")
         self.source_button = QtWidgets.QPushButton("Use as source")
         set_tip(self.source_button, "Make this result the edited layer of the next pass.")
         row.addWidget(self.again_button)
         row.addWidget(self.source_button)
         hl.addLayout(row)
-        lay.addWidget(self.history_box)
-        lay.addStretch(1)
+        self.history_page = scroll_area("history_scroll")
+        self.history_page.setWidget(self.history_box)
+        self.tabs.addTab(self.history_page, "History")
 
         # -- pinned bottom: run, progress, the latest message -------------------------------
         footer = QWidget()
@@ -216,12 +242,23 @@ class AnalogonPanel(QWidget):
         self.cancel_button.setEnabled(False)
         buttons.addWidget(self.generate_button, 1)
         buttons.addWidget(self.cancel_button)
+        self.status_dot = QtWidgets.QToolButton()  # the connection: its colour, its lead
+        self.status_dot.setObjectName("connection_dot")
+        self.status_dot.setText("\u25cf")
+        self.status_dot.setAutoRaise(True)
+        self.settings_button = QtWidgets.QToolButton()
+        self.settings_button.setObjectName("settings")
+        self.settings_button.setText("\u2699")
+        set_tip(self.settings_button, "Settings: the backend (install, update), memory, models, advanced")
+        buttons.addWidget(self.status_dot)
+        buttons.addWidget(self.settings_button)
         col.addLayout(buttons)
         self.progress = QtWidgets.QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
         self.progress.setFormat("")
+        self.progress.hide()  # while a job runs
         col.addWidget(self.progress)
         row.addLayout(col, 1)
         fl.addLayout(row)
@@ -243,6 +280,8 @@ class AnalogonPanel(QWidget):
         self.start_button.clicked.connect(self._on_lead_action)
         self.connect_button.clicked.connect(lambda: self.c.connect_backend())
         self.settings_button.clicked.connect(self.open_settings)
+        self.status_dot.clicked.connect(self.toggle_lead)
+        self.help_button.toggled.connect(self._on_help)
         self.log_button.clicked.connect(self.open_log)
         self.model_combo.currentTextChanged.connect(self._on_model)
         self.method_combo.currentIndexChanged.connect(self._on_method)
@@ -305,6 +344,9 @@ class AnalogonPanel(QWidget):
     def _show_connection(self, *_):
         lead = self.lead()
         self.status_dot.setStyleSheet(f"color: {lead_mod.TONES.get(lead.tone, '#808080')};")
+        set_tip(self.status_dot, lead.text + ("" if lead.open else
+                                              " \u2014 click for the backend's controls and log."))
+        self.lead_box.setVisible(lead.open or self._lead_asked)
         self.status_label.setText(lead.text)
         set_tip(self.status_label, lead.text)
         self.start_button.setText(lead.button)
@@ -392,6 +434,7 @@ class AnalogonPanel(QWidget):
     def _show_busy(self, busy: bool):
         self.generate_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
+        self.progress.setVisible(busy)
         if busy:
             self.progress.setRange(0, 0)
             self.progress.setFormat("starting\u2026")
@@ -458,7 +501,10 @@ class AnalogonPanel(QWidget):
             self.history_list.addItem(item)
         if self.c.history:
             self.history_list.setCurrentRow(0)
-        self.history_box.setVisible(bool(self.c.history))
+        n = len(self.c.history)
+        self.tabs.setTabText(self.tabs.indexOf(self.history_page), f"History ({n})" if n else "History")
+        self.again_button.setEnabled(bool(n))
+        self.source_button.setEnabled(bool(n))
 
     def _show_variants(self):
         variants = list(self.c.variants)
@@ -469,13 +515,36 @@ class AnalogonPanel(QWidget):
         else:
             self.variant_strip.set_variants([(v.label, v.thumbnail) for v in variants], self.c.picked)
             self._shown_variants = variants
-        self.variants_box.setTitle(f"Variants ({len(variants)})")
-        self.variants_box.setVisible(len(variants) > 1)
+        index = self.tabs.indexOf(self.variants_page)
+        self.tabs.setTabText(index, f"Variants ({len(variants)})")
+        several = len(variants) > 1
+        if not several and self.tabs.currentIndex() == index:
+            self.tabs.setCurrentWidget(self.scroll)
+        self.tabs.setTabVisible(index, several)
+        if several and not same:  # new variants: the painter picks one now
+            self.tabs.setCurrentIndex(index)
 
     # -- widgets -> controller ------------------------------------------------------------
     def _on_variant(self, index: int):
         self.c.pick_variant(index)
         self.variant_strip.set_picked(self.c.picked)  # back to the shown one if it failed
+
+    def toggle_lead(self):
+        """The dot: show the lead (the backend's controls, its log) at the top of Edit, or
+        fold it again when a backend is connected."""
+        self._lead_asked = not (self._lead_asked and self.lead_box.isVisibleTo(self))
+        self._show_connection()
+        if self.lead_box.isVisibleTo(self.scroll):
+            self.tabs.setCurrentWidget(self.scroll)
+            self.scroll.verticalScrollBar().setValue(0)
+
+    def _remember_folds(self, _open: bool = True):
+        self.c.settings.set_json("folded", sorted(s.body.objectName() for s in (self.roles_box, self.params_box)
+                                                  if not s.is_open()))
+
+    def _on_help(self, on: bool):
+        self.method_help.setVisible(on)
+        self.c.settings.set("method_help", on)
 
     def _on_lead_action(self):
         action = self.start_button.property("action")

@@ -20,6 +20,8 @@ DEFAULTS = {
     "image_format": "rgba",
     "progressive": "false",
     "model_by_method": "{}",  # the model last chosen for each method (models_ui)
+    "folded": "[]",  # the docker's sections the painter folded (layers, parameters)
+    "method_help": "false",  # the method's description shown under it
     # what the docker passes to the backend it starts (backend_options)
     "memory_preset": "auto",
     "device": "",

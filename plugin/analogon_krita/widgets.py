@@ -32,10 +32,73 @@ def narrow_combo(combo: "QtWidgets.QComboBox", chars: int = 8) -> "QtWidgets.QCo
     return combo
 
 
+def scroll_area(name: str) -> "QtWidgets.QScrollArea":
+    """A frameless vertical scroll area whose page takes its width (no horizontal bar)."""
+    area = QtWidgets.QScrollArea()
+    area.setObjectName(name)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    # set (not 0, which falls back to the scroll bar's minimum of about 70 px): in a low docker
+    # the area gives its room to the pinned message
+    area.setMinimumHeight(1)
+    return area
+
+
 def wrapped_label(text: str = "") -> "QtWidgets.QLabel":
     label = QtWidgets.QLabel(text)
     label.setWordWrap(True)
     return label
+
+
+class Section(QWidget):
+    """A part of a form under a flat title that folds it away (the title is an arrow button).
+    ``toggled(open)`` when the painter folds or opens it."""
+
+    toggled = pyqtSignal(bool)
+
+    def __init__(self, title: str, name: str, parent: QWidget | None = None, bold: bool = False):
+        super().__init__(parent)
+        lay = QtWidgets.QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(2)
+        self.button = QtWidgets.QToolButton()
+        self.button.setObjectName(f"{name}_toggle")
+        self.button.setText(title)
+        self.button.setCheckable(True)
+        self.button.setChecked(True)
+        self.button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.button.setArrowType(Qt.ArrowType.DownArrow)
+        self.button.setAutoRaise(True)
+        self.button.setStyleSheet("QToolButton { border: none; }")  # a title, not a pressed button
+        if bold:
+            font = self.button.font()
+            font.setBold(True)
+            self.button.setFont(font)
+        lay.addWidget(self.button)
+        self.body = QWidget()
+        self.body.setObjectName(name)
+        self.body_layout = QtWidgets.QVBoxLayout(self.body)
+        self.body_layout.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.body)
+        self.button.toggled.connect(self._on_toggled)
+
+    def is_open(self) -> bool:
+        return self.button.isChecked()
+
+    def set_open(self, on: bool):
+        if self.button.isChecked() != bool(on):
+            self.button.setChecked(bool(on))  # comes back through toggled
+        else:
+            self._show(bool(on))
+
+    def _show(self, on: bool):
+        self.button.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self.body.setVisible(on)
+
+    def _on_toggled(self, on: bool):
+        self._show(on)
+        self.toggled.emit(on)
 
 
 class ParamForm(QWidget):
@@ -53,30 +116,25 @@ class ParamForm(QWidget):
         self.layout_ = form_layout(self.basic)
         self.layout_.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.basic)
-        self.advanced_button = QtWidgets.QToolButton()
+        self.advanced_section = Section("Advanced", "advanced_params")
+        self.advanced_section.set_open(False)
+        self.advanced_button = self.advanced_section.button
         self.advanced_button.setObjectName("advanced_toggle")
-        self.advanced_button.setCheckable(True)
-        self.advanced_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-        self.advanced_button.setArrowType(Qt.ArrowType.RightArrow)
-        self.advanced_button.setAutoRaise(True)
-        self.advanced_button.toggled.connect(self.show_advanced)
-        outer.addWidget(self.advanced_button)
-        self.advanced = QWidget()
-        self.advanced.setObjectName("advanced_params")
-        self.advanced_layout = form_layout(self.advanced)
+        self.advanced = self.advanced_section.body
+        self.advanced_layout = form_layout()
         self.advanced_layout.setContentsMargins(0, 0, 0, 0)
-        self.advanced.hide()
-        outer.addWidget(self.advanced)
+        self.advanced_section.body_layout.addLayout(self.advanced_layout)
+        self.advanced_section.toggled.connect(self.show_advanced)
+        outer.addWidget(self.advanced_section)
         self.fields: list[Field] = []
         self.editors: dict[str, QWidget] = {}
         self.labels: dict[str, QWidget] = {}
         self._loading = False
 
     def show_advanced(self, on: bool):
-        if self.advanced_button.isChecked() != bool(on):
-            self.advanced_button.setChecked(bool(on))  # comes back here through toggled
+        if self.advanced_section.is_open() != bool(on):
+            self.advanced_section.set_open(on)  # comes back here through toggled
             return
-        self.advanced_button.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
         self.advanced.setVisible(bool(on) and bool(self.advanced_layout.rowCount()))
 
     def build(self, fields: list[Field], values: dict[str, Any]):
@@ -101,8 +159,8 @@ class ParamForm(QWidget):
         self._loading = False
         n = sum(1 for f in fields if f.advanced)
         self.advanced_button.setText(f"Advanced ({n})")
-        self.advanced_button.setVisible(n > 0)
-        self.show_advanced(self.advanced_button.isChecked())
+        self.advanced_section.setVisible(n > 0)
+        self.show_advanced(self.advanced_section.is_open())
 
     def _emit(self, name: str):
         if not self._loading:
@@ -132,7 +190,7 @@ class ParamForm(QWidget):
             w.currentIndexChanged.connect(lambda _=None, n=f.name: self._emit(n))
         elif f.multiline:
             w = QtWidgets.QPlainTextEdit()
-            w.setMaximumHeight(60)
+            w.setMaximumHeight(2 * w.fontMetrics().lineSpacing() + 12)  # two lines; it scrolls
             w.textChanged.connect(lambda n=f.name: self._emit(n))
         else:
             w = QtWidgets.QLineEdit()
@@ -271,7 +329,7 @@ class VariantStrip(QWidget):
     picked = pyqtSignal(int)
     keep = pyqtSignal(int)
 
-    ICON = 64
+    ICON = 48  # with its two-line label and the scroll bar, the strip fits a docked docker
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -285,10 +343,10 @@ class VariantStrip(QWidget):
         self.list.setMovement(QtWidgets.QListView.Movement.Static)
         self.list.setWordWrap(True)
         self.list.setIconSize(QSize(self.ICON, self.ICON))
-        self.list.setGridSize(QSize(self.ICON + 32, self.ICON + 36))
+        self.list.setGridSize(QSize(self.ICON + 44, self.ICON + 34))
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.list.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.list.setFixedHeight(self.ICON + 36 + 24)
+        self.list.setFixedHeight(self.ICON + 34 + self.list.horizontalScrollBar().sizeHint().height() + 6)
         self.list.setSelectionMode(QtWidgets.QAbstractItemView.SelectionMode.SingleSelection)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         set_tip(self.list, "Click a variant to show it in the result layer; right-click to add "

@@ -1,7 +1,8 @@
 """The docker at Krita's default docker size: the real backend's method schemas, laid out at
 262 × 228 px (what Krita 5 gives a docked docker in its default layout) and at a floating
 300 × 700 px. Generate / Cancel, the progress and the latest message or error are pinned
-(never scrolled away), every label shows its whole text, the parameters a painter touches
+(never scrolled away), every label shows its whole text, the form, the variants and the
+history each show on their own page without scrolling, the parameters a painter touches
 come first and the rest sits under Advanced, titles are human and tooltips readable."""
 from __future__ import annotations
 
@@ -88,14 +89,31 @@ def test_panel_fits_the_docker(kapp, methods, method_id, size):
         pytest.skip(f"the backend has no {method_id}")
     c, panel = panel_for(kapp, methods, method_id, size)
     try:
-        for w in (panel.generate_button, panel.cancel_button, panel.progress, panel.error_label):
-            assert not panel.scroll.isAncestorOf(w), f"{w.objectName()} scrolls away"
+        for w in (panel.generate_button, panel.cancel_button, panel.status_dot, panel.settings_button,
+                  panel.error_label):
+            assert not panel.tabs.isAncestorOf(w), f"{w.objectName()} scrolls away"
             assert inside(panel, w), f"{w.objectName() or w.text()} is not inside the visible panel"
-        # the connection (with the real address) is the first thing in the scrolled part
-        assert panel.scroll.verticalScrollBar().value() == 0
+        assert panel.height() == size[1], "the docker asks Krita for more room than it has"
+        assert panel.progress.isHidden()  # only while a job runs
+        c._set_busy(True)
+        process_events(20)
+        assert inside(panel, panel.progress) and not panel.tabs.isAncestorOf(panel.progress)
+        c._set_busy(False)
+        process_events(20)
+        # connected: the connection is the dot (its tooltip has the real address); the dot
+        # opens the lead at the top of the Edit page
+        assert "127.0.0.1:43215" in panel.status_dot.toolTip() and not panel.lead_box.isVisibleTo(panel)
+        assert panel.tabs.currentWidget() is panel.scroll and panel.scroll.verticalScrollBar().value() == 0
+        panel.status_dot.click()
+        process_events(20)
         top = panel.status_label.mapTo(panel.scroll.viewport(), QPoint(0, 0))
         assert top.y() >= 0 and top.y() + min(panel.status_label.height(), 16) <= panel.scroll.viewport().height()
-        # nothing needs a horizontal scroll bar: the body fits the viewport's width
+        assert panel.status_label.text().startswith("Connected to http://127.0.0.1:43215")
+        panel.status_dot.click()
+        process_events(20)
+        assert not panel.lead_box.isVisibleTo(panel)
+        # the tabs fit the width, nothing needs a horizontal scroll bar
+        assert panel.tabs.tabBar().sizeHint().width() <= panel.tabs.width()
         body = panel.scroll.widget()
         assert body.minimumSizeHint().width() <= panel.scroll.viewport().width()
         assert clipped_labels(panel) == []
@@ -113,9 +131,8 @@ def test_panel_fits_the_docker(kapp, methods, method_id, size):
         process_events(30)
         assert inside(panel, panel.message_label) and clipped_labels(panel) == []
         assert panel.scroll.height() >= 24, "a one-line message leaves room for the rest"
-        # the docker's height is mostly the scroll area's when docked small
-        if size == DOCKED:
-            assert panel.scroll.height() >= 24, "the pinned part leaves no room for the rest"
+        if size == DOCKED:  # the Edit page is most of the docker
+            assert panel.scroll.height() >= 0.6 * size[1], "the pinned part leaves no room for the form"
     finally:
         panel.close()
         panel.deleteLater()
@@ -194,6 +211,86 @@ def test_message_and_preview_in_the_pinned_part(kapp, methods):
         assert panel.preview.pixmap().width() == panel.PREVIEW_SIZE
         c._on_preview(None)
         assert panel.preview.isHidden()
+    finally:
+        panel.close()
+        panel.deleteLater()
+        c.deleteLater()
+
+
+def wholly_above_footer(panel, widget) -> bool:
+    """``widget`` is shown on the current page, inside the panel and above the pinned part."""
+    if not widget.isVisibleTo(panel):
+        return False
+    top = widget.mapTo(panel, QPoint(0, 0)).y()
+    return top >= 0 and top + widget.height() <= panel.footer.mapTo(panel, QPoint(0, 0)).y()
+
+
+@pytest.mark.parametrize("size", [DOCKED], ids=["docked"])
+def test_form_variants_and_history_show_without_scrolling(kapp, methods, size):
+    """At the default docked size each page shows what it is for without scrolling: Edit the
+    model, method and the edited layer's picker; Variants (taking the front when a result
+    brings several) the whole strip and its button; History its newest passes and buttons."""
+    from PyQt6.QtGui import QImage
+
+    from analogon_krita.controller import Pass
+    from analogon_krita.variants import Variant
+
+    c, panel = panel_for(kapp, methods, "pixels", size)
+    try:
+        c.set_error("")
+        process_events(20)
+        assert panel.tabs.currentWidget() is panel.scroll
+        viewport = panel.scroll.viewport()
+        for w in (panel.model_combo, panel.method_combo, panel.pickers[c.target_role()]):
+            top = w.mapTo(viewport, QPoint(0, 0)).y()
+            assert top >= 0 and top + w.height() <= viewport.height(), w.objectName()
+            assert wholly_above_footer(panel, w)
+        # folding the layers brings the parameters up; the fold is remembered
+        panel.roles_box.button.click()
+        process_events(20)
+        basic = [f.name for f in panel.form.fields if not f.advanced][:1]
+        for name in basic:
+            w = panel.form.editors[name]
+            top = w.mapTo(viewport, QPoint(0, 0)).y()
+            assert top >= 0 and top + w.height() <= viewport.height(), name
+        assert c.settings.get_json("folded") == ["layers"]
+        assert AnalogonPanel(c).roles_box.is_open() is False  # a new docker (window) keeps it
+        panel.roles_box.button.click()
+        assert c.settings.get_json("folded") == [] and panel.roles_box.body.isVisibleTo(panel)
+        # the method's description on request
+        assert not panel.method_help.isVisibleTo(panel) and panel.method_help.text()
+        panel.help_button.click()
+        process_events(20)
+        assert panel.method_help.isVisibleTo(panel) and c.settings.get_bool("method_help")
+        assert clipped_labels(panel) == []
+        panel.help_button.click()
+        thumb = QImage(32, 32, QImage.Format.Format_RGBA8888)
+        thumb.fill(0xFF336699)
+        c.variants = [Variant(f"\u03bb={k}, cfg=7.5", thumb, f"s{k}", f"dia seed 5 \u03bb={k}") for k in range(4)]
+        c.picked = 0
+        c.variantsChanged.emit()
+        process_events(20)
+        assert panel.tabs.currentWidget() is panel.variants_page
+        assert panel.tabs.tabText(panel.tabs.currentIndex()) == "Variants (4)"
+        strip = panel.variant_strip
+        assert wholly_above_footer(panel, strip.list) and wholly_above_footer(panel, strip.keep_button)
+        assert clipped_labels(panel) == []
+        for k in range(3):
+            c.history.insert(0, Pass("pixels", "PIXELS", {"steps": 4}, k, "tiny-sd", {}, f"id{k}",
+                                     f"pixels seed {k}", [0, 0, 8, 8], False, thumb))
+        c.historyChanged.emit()
+        panel.tabs.setCurrentWidget(panel.history_page)
+        process_events(20)
+        assert panel.tabs.tabText(panel.tabs.currentIndex()) == "History (3)"
+        listed = panel.history_list
+        assert wholly_above_footer(panel, panel.again_button) and wholly_above_footer(panel, panel.source_button)
+        first = listed.visualItemRect(listed.item(0))
+        assert listed.viewport().rect().contains(first), "the newest pass is not shown whole"
+        assert listed.mapTo(panel, QPoint(0, 0)).y() >= 0
+        # the next job takes the variants away, and their page with them
+        c.variants = []
+        c.variantsChanged.emit()
+        assert not panel.tabs.isTabVisible(panel.tabs.indexOf(panel.variants_page))
     finally:
         panel.close()
         panel.deleteLater()

@@ -303,7 +303,7 @@ def test_panel_strip_shows_variants_and_picks(kapp, runner):
     strip = panel.variant_strip
     assert not panel.variants_box.isVisibleTo(panel)
     run(c, [sweep()])
-    assert panel.variants_box.isVisibleTo(panel) and panel.variants_box.title() == "Variants (4)"
+    assert panel.variants_box.isVisibleTo(panel) and panel.tabs.tabText(panel.tabs.currentIndex()) == "Variants (4)"
     assert strip.list.count() == 4 and strip.labels() == LABELS
     assert all(not strip.list.item(i).icon().isNull() for i in range(4))
     assert strip.current() == 0 and strip.list.item(0).font().bold()
