@@ -285,3 +285,20 @@ def test_tokenizer_is_word_level_and_round_trips(tmp_path):
     assert again(text, padding="max_length", max_length=77).input_ids == \
         tok(text, padding="max_length", max_length=77).input_ids
     assert again.model_max_length == 77
+
+
+def test_score_objects_counts_every_object_and_sees_a_wrong_one():
+    from analogon.toyworld.evaluate import score_objects
+
+    rng = random.Random(11)
+    scenes = [world.random_scene(rng, world="toy128", count=2) for _ in range(4)]
+    images = [world.render(s) for s in scenes]
+    right = score_objects(images, scenes)
+    assert right["objects"] == 8
+    assert all(right[k] == 1.0 for k in ("shape", "colour", "size", "texture", "background",
+                                          "backdrop", "count"))
+    # one scene's back object drawn in another texture: 1 of 8 objects wrong in texture only
+    other = next(t for t in world.WORLD128.textures if t != scenes[0]["texture"])
+    images[0] = world.render(world.change(scenes[0], "texture", other))
+    wrong = score_objects(images, scenes)
+    assert wrong["texture"] == 7 / 8 and wrong["shape"] == 1.0 and wrong["colour"] == 1.0

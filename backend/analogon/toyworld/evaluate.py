@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .reader import read
-from .world import caption, random_scene, render
+from .reader import agreement_all, read
+from .world import caption, random_scene, render, world_of
 
 ATTRS = ("shape", "colour", "size", "texture", "background")
 # Sampler settings used for the numbers in docs/toyworld.md (and the tests' defaults).
@@ -90,6 +90,44 @@ def score(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> dict[str, f
     out["shape_and_colour"] = sum(
         int(read(img)["shape"] == s["shape"] and read(img)["colour"] == s["colour"])
         for img, s in zip(images, scenes)) / n
+    return out
+
+
+OBJECT_ATTRS = ("shape", "colour", "size", "texture")
+
+
+def score_objects(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-object accuracy (every object of every scene counts once) of each object
+    attribute, plus background, backdrop and the object count per scene; for any world."""
+    obj = {k: [] for k in OBJECT_ATTRS}
+    scene_hits = {"background": [], "backdrop": [], "count": []}
+    for img, s in zip(images, scenes):
+        agree = agreement_all(read(img, world_of(s)), s, OBJECT_ATTRS)
+        for o in agree["objects"]:
+            for k in OBJECT_ATTRS:
+                obj[k].append(o[k])
+        for k in scene_hits:
+            scene_hits[k].append(agree[k])
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in obj.items()}
+    out.update({k: float(np.mean(v)) if v else float("nan") for k, v in scene_hits.items()})
+    out["objects"] = len(obj["shape"])
+    return out
+
+
+def vae_round_trip(vae, scenes: list[dict[str, Any]], batch: int = 8) -> list[np.ndarray]:
+    """Each scene's render encoded (distribution mean) and decoded by ``vae``: what any
+    method can show at best."""
+    import torch
+
+    out: list[np.ndarray] = []
+    for i in range(0, len(scenes), batch):
+        x = np.stack([render(s) for s in scenes[i:i + batch]])
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        t = t.to(device=vae.device, dtype=vae.dtype)
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(t).latent_dist.mean).sample
+        rec = rec.float().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1)
+        out += list(rec.cpu().numpy())
     return out
 
 

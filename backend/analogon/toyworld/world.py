@@ -7,7 +7,8 @@ Two worlds share one scene format, one renderer and one caption grammar:
   1/8 of the side, i.e. one latent cell.
 - ``toy128`` (the measuring world, ``toy-sd``): one to three objects that may overlap, each
   with a 2-px dark outline, on a plain, graded or patterned background, rendered at 128x128;
-  textures at 2-4 px periods (fine diagonal stripes, dots, checks, hatching) and a 1-px grain.
+  textures with a 4-px period (fine diagonal stripes, dots, 2-px checks, 1-px hatching) and a
+  1-px grain (a fixed 8x8 tile).
   Every texture repeats within 8 pixels, one latent cell of a factor-8 autoencoder, so
   texture is a local property of the 16x16 latent. Objects in one scene have distinct
   colours and each keeps at least 60 % of its area and 24 latent cells' worth of pixels
