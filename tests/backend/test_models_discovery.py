@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -202,3 +204,270 @@ def test_v1_models_lists_them_for_the_docker(tmp_path):
     assert models["toy-sd"]["label"] == "demo (toy world)" and not models["toy-sd"]["developer"]
     assert body["recommended"]["dia"] == sd15["id"]
     assert body["searched"] == [str(tmp_path / "comfy")]
+
+
+# -- a hostile file system (issue 28) ------------------------------------------------------------
+#
+# Each builder makes one kind of odd thing named after ``stem`` in ``folder`` and returns the
+# path the scan reports it under. The discovery fuzz in test_contract_fuzz.py builds random
+# trees of them.
+
+def raw_safetensors(path: Path, header: str | bytes, claimed: int | None = None, data: bytes = b"") -> Path:
+    """A file with a safetensors length prefix (``claimed``, else the header's length)."""
+    body = header.encode("utf-8") if isinstance(header, str) else header
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((len(body) if claimed is None else claimed).to_bytes(8, "little") + body + data)
+    return path
+
+
+def conv_in_shaped(shape_json: str) -> str:
+    """An SD 1.x header whose UNet input shape is ``shape_json`` (written as given)."""
+    return ('{"%s": {"dtype": "F16", "shape": %s, "data_offsets": [0, 0]}, '
+            '"%s": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}}' % (CONV_IN, shape_json, CLIP_L))
+
+
+def _header(text: str | bytes, claimed: int | None = None):
+    return lambda folder, stem: raw_safetensors(folder / f"{stem}.safetensors", text, claimed)
+
+
+def _symlink(target: str | Path, link: Path) -> Path:
+    os.symlink(target, link)
+    return link
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _diffusers_index(folder: Path, index: str, unet: str = '{"in_channels": 4}') -> Path:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(index)
+    (folder / "unet" / "config.json").write_text(unet)
+    return folder
+
+
+def _link_loop(folder: Path, stem: str) -> Path:
+    _symlink(folder / f"{stem}.safetensors", folder / f"{stem}-b.safetensors")
+    return _symlink(folder / f"{stem}-b.safetensors", folder / f"{stem}.safetensors")
+
+
+def _folder_loop(folder: Path, stem: str) -> Path:
+    (folder / stem).mkdir()
+    return _symlink(folder / stem, folder / stem / "again")
+
+
+def _sd2_with_fifo_yaml(folder: Path, stem: str) -> Path:
+    _fifo(folder / f"{stem}.yaml")
+    return ckpt(folder / f"{stem}.safetensors", OPEN_CLIP)
+
+
+def _fifo_model_index(folder: Path, stem: str) -> Path:
+    (folder / stem / "unet").mkdir(parents=True)
+    _fifo(folder / stem / "model_index.json")
+    return folder / stem
+
+
+def _fifo_unet_config(folder: Path, stem: str) -> Path:
+    (folder / stem / "unet").mkdir(parents=True)
+    (folder / stem / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    _fifo(folder / stem / "unet" / "config.json")
+    return folder / stem
+
+
+def _sparse_header(folder: Path, stem: str) -> Path:
+    """A header that claims 20 MiB (under the old limit of 100 MiB) in a file that has them."""
+    path = raw_safetensors(folder / f"{stem}.safetensors", b"{", claimed=20 * 2**20)
+    with open(path, "r+b") as f:
+        f.truncate(8 + 20 * 2**20)
+    return path
+
+
+def _hf_dangling_snapshot(cache: Path, stem: str) -> Path:
+    snaps = cache / f"models--org--{stem}" / "snapshots"
+    snaps.mkdir(parents=True)
+    return _symlink(cache / "not-there" / "abc", snaps / "abc")
+
+
+def _folder_named_like_a_checkpoint(folder: Path, stem: str) -> Path:
+    (folder / f"{stem}.safetensors").mkdir()
+    return folder / f"{stem}.safetensors"
+
+
+# kind -> (builder, where the scan reports it: "skipped", "entry" or None (not at all), words of the reason)
+ODD_THINGS: dict[str, tuple] = {
+    "dangling link": (lambda d, s: _symlink(d / "unmounted" / "x.safetensors", d / f"{s}.safetensors"),
+                      "skipped", "missing"),
+    "link loop": (_link_loop, "skipped", "link loop"),
+    "folder link loop": (_folder_loop, "skipped", "link loop"),
+    "header nested 100,000 deep": (_header("[" * 100_000 + "]" * 100_000), "entry", "nested too deeply"),
+    "shape [320,null,3,3]": (_header(conv_in_shaped("[320, null, 3, 3]")), "entry", "shape"),
+    "shape [320,[9],3,3]": (_header(conv_in_shaped("[320, [9], 3, 3]")), "entry", "shape"),
+    "shape [320,1e999,3,3]": (_header(conv_in_shaped("[320, 1e999, 3, 3]")), "entry", "1e999"),
+    "shape an object": (_header(conv_in_shaped('{"a": 1, "b": 2}')), "entry", "shape"),
+    "model_index.json a list": (lambda d, s: _diffusers_index(d / s, "[1, 2]"), "entry", "a list, not a JSON object"),
+    "FIFO named *.safetensors": (lambda d, s: _fifo(d / f"{s}.safetensors"), "skipped", "a FIFO"),
+    "FIFO model_index.json": (_fifo_model_index, "entry", "a FIFO"),
+    "FIFO unet/config.json": (_fifo_unet_config, "entry", "a FIFO"),
+    "FIFO yaml beside an SD 2.x file": (_sd2_with_fifo_yaml, "entry", "decided at load"),
+    "link to a device": (lambda d, s: _symlink("/dev/zero", d / f"{s}.safetensors"), "skipped", "a device"),
+    "header of 20 MiB": (_sparse_header, "entry", "are not read"),
+    "header length 2^63": (_header("{}", claimed=2**63), "entry", "not plausible"),
+    "header not UTF-8": (_header(b'{"\xff\xfe": 1}'), "entry", "not valid JSON"),
+    "empty file": (_header(b"", claimed=0), "entry", "not plausible"),
+    "metadata not text": (_header('{"__metadata__": {"a": [1]}}'), "entry", "metadata"),
+    "header a list": (_header("[1]"), "entry", "not a JSON object"),
+    "folder named *.safetensors": (_folder_named_like_a_checkpoint, None, None),
+    "class name not text": (lambda d, s: _diffusers_index(d / s, '{"_class_name": 5}'), "entry", "pipeline class"),
+    "in_channels not a number": (lambda d, s: _diffusers_index(d / s, '{"_class_name": "StableDiffusionPipeline"}',
+                                                               '{"in_channels": "nine"}'), "entry", "nine"),
+    "cut short": (_header(conv_in_shaped("[2, 4, 1, 1]")), "entry", "shorter than its header says"),
+}
+HF_ODD_THINGS = {"HF snapshot a dangling link": (_hf_dangling_snapshot, "skipped", "missing")}
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="FIFOs, devices and symlinks as POSIX has them")
+
+
+def _outcome(result, path: Path) -> tuple[str, str] | None:
+    """("entry" | "skipped", note or reason) for what the scan made of ``path``."""
+    for c in result.checkpoints:
+        if c.id == str(path):
+            return "entry", c.note
+    for s in result.skipped:
+        if s.path == str(path) or s.path.startswith(str(path) + os.sep):
+            return "skipped", s.reason
+    return None
+
+
+def _scan_in_thread(timeout: float, **kwargs):
+    """discovery.run_scan in a thread, or None when it has not ended after ``timeout`` seconds."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(discovery.run_scan(**kwargs)), daemon=True)
+    t.start()
+    t.join(timeout)
+    return out[0] if out else None
+
+
+def unblock_fifos(root: Path) -> None:
+    """Open every FIFO under ``root`` for writing and close it: a reader blocked on one ends."""
+    for p in root.rglob("*"):
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK) if p.is_fifo() else None
+        except OSError:
+            continue
+        if fd is not None:
+            os.close(fd)
+
+
+@posix_only
+def test_every_odd_thing_is_skipped_or_unreadable_with_its_reason(tmp_path):
+    """Item 1 and 2: each of them made every scan fail (a 500) or hang; now each is one entry
+    "cannot be read (reason)" or one skipped path with its reason, and the good model is listed."""
+    models, hf = tmp_path / "models", tmp_path / "hf"
+    models.mkdir(), hf.mkdir()
+    ckpt(models / "good.safetensors", CLIP_L)
+    paths = {kind: build(hf if kind in HF_ODD_THINGS else models, f"odd{i:02d}")
+             for i, (kind, (build, _, _)) in enumerate({**ODD_THINGS, **HF_ODD_THINGS}.items())}
+    try:
+        result = _scan_in_thread(30, extra_dirs=[models], method_ids=METHODS, include_usual=False, hf_cache=hf)
+        assert result is not None, "the scan hung"
+    finally:
+        unblock_fifos(tmp_path)
+    sd2 = paths["FIFO yaml beside an SD 2.x file"].stem  # a model all the same: its yaml is not read
+    assert [c.name for c in result.checkpoints if c.methods] == ["good", sd2]
+    for kind, (_, where, words) in {**ODD_THINGS, **HF_ODD_THINGS}.items():
+        got = _outcome(result, paths[kind])
+        if where is None:
+            assert got is None, (kind, got)
+            continue
+        assert got is not None and got[0] == where and words in got[1], (kind, got)
+        if where == "entry" and "decided at load" not in got[1]:
+            assert got[1].startswith("cannot be read ("), (kind, got)
+    assert result.complete and result.skipped_total == len(result.skipped)
+
+
+@posix_only
+def test_a_fifo_never_blocks_classify_file(tmp_path):
+    os.mkfifo(tmp_path / "f.safetensors")
+    try:
+        assert classify_file(tmp_path / "f.safetensors") == (None, None, "cannot be read (a FIFO, not a file)")
+    finally:
+        unblock_fifos(tmp_path)
+
+
+def test_a_header_over_the_limit_is_not_parsed(tmp_path, monkeypatch):
+    """Item 3: a 90 MiB header took 70 s and 1 GB; one over MAX_HEADER_BYTES is refused before
+    a byte of it is read."""
+    from analogon.models import checkpoint_header
+
+    header = json.dumps({CONV_IN: {"dtype": "F16", "shape": [2, 4, 1, 1], "data_offsets": [0, 0]},
+                         CLIP_L: {"dtype": "F16", "shape": [1], "data_offsets": [0, 0]},
+                         "__metadata__": {"pad": "x" * (checkpoint_header.MAX_HEADER_BYTES + 10)}})
+    path = raw_safetensors(tmp_path / "big.safetensors", header)
+    parsed = []
+    monkeypatch.setattr(checkpoint_header, "parse_json", lambda *a, **k: parsed.append(1))
+    fam, var, note = classify_file(path)
+    limit = checkpoint_header.MAX_HEADER_BYTES // 2**20
+    assert (fam, var) == (None, None) and f"headers over {limit} MiB are not read" in note and not parsed
+
+
+def test_the_scan_keeps_to_its_budget_and_says_so(tmp_path, monkeypatch):
+    """Item 3: a scan of many files ends when its budget does, with what it found and a note."""
+    from analogon.models.discovery import Budget, run_scan
+
+    for i in range(30):
+        ckpt(tmp_path / "a" / f"m{i:02d}.safetensors", CLIP_L)
+    for i in range(150):
+        (tmp_path / "b" / f"{i}.safetensors").parent.mkdir(exist_ok=True)
+        (tmp_path / "b" / f"{i}.safetensors").write_bytes(b"")
+    full = run_scan([tmp_path], METHODS, include_usual=False)
+    assert full.complete and len(full.checkpoints) == 180 and full.notes == []
+    # entries: at most 10 models and 5 unreadable files listed, the rest counted
+    capped = run_scan([tmp_path], METHODS, include_usual=False, budget=Budget(listed=10, unreadable=5))
+    assert len([c for c in capped.checkpoints if c.methods]) == 10 and len(capped.checkpoints) == 15
+    assert any("20 more checkpoints" in n for n in capped.notes)
+    assert any("145 more files that cannot be read" in n for n in capped.notes)
+    # files and folders looked at
+    short = run_scan([tmp_path], METHODS, include_usual=False, budget=Budget(entries=20))
+    assert not short.complete and len(short.checkpoints) < 20 and any("files and folders" in n for n in short.notes)
+    # time: each header read takes 0.05 s here; a budget of 0.3 s ends the scan early
+    real = discovery.read_safetensors_header
+    monkeypatch.setattr(discovery, "_CACHE", discovery.ResultCache())
+
+    def slow_read(path):
+        time.sleep(0.05)
+        return real(path)
+
+    monkeypatch.setattr(discovery, "read_safetensors_header", slow_read)
+    t0 = time.monotonic()
+    timed = run_scan([tmp_path / "a"], METHODS, include_usual=False, budget=Budget(seconds=0.3))
+    assert time.monotonic() - t0 < 1.5
+    assert not timed.complete and 0 < len(timed.checkpoints) < 30
+    assert any("time budget" in n for n in timed.notes)
+
+
+def test_the_result_cache_is_bounded(tmp_path, monkeypatch):
+    """Item 3: the per-file cache only grew; it keeps the most recently used results."""
+    monkeypatch.setattr(discovery, "_CACHE", discovery.ResultCache(8))
+    for i in range(20):
+        ckpt(tmp_path / f"m{i:02d}.safetensors", CLIP_L)
+    assert len(scan([tmp_path], METHODS, include_usual=False)) == 20
+    assert len(discovery._CACHE) == 8
+    classify_file(tmp_path / "m19.safetensors")  # a hit: no parse
+    reads = []
+    monkeypatch.setattr(discovery, "read_safetensors_header", lambda p: reads.append(p))
+    assert classify_file(tmp_path / "m19.safetensors")[1] == "sd1" and reads == []
+
+
+def test_the_scan_and_the_loader_do_not_import_each_other():
+    """Both read checkpoint headers through models.checkpoint_header; neither imports the other."""
+    import ast
+
+    import analogon.models.single_file as single_file
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        return {f"{'.' * n.level}{n.module or ''}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert ".single_file" not in imported(discovery) and ".discovery" not in imported(single_file)
+    assert ".checkpoint_header" in imported(discovery) & imported(single_file)

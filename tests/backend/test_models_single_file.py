@@ -187,10 +187,10 @@ def test_missing_and_broken_models_give_clear_messages(tmp_path):
     with pytest.raises(ModelError) as e:
         load_bundle(str(tmp_path / "lora.safetensors"), CPU)
     assert e.value.code == "unknown_checkpoint"
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty").mkdir()  # a folder that is not a model: not found, as if it were not there
     with pytest.raises(ModelError) as e:
         load_bundle(str(tmp_path / "empty"), CPU)
-    assert e.value.code == "not_a_model_folder"
+    assert e.value.code == "model_not_found"
 
 
 def test_clip_tokenizer_matches_open_clip():

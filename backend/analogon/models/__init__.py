@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -146,8 +147,15 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
 
 # -- family detection --------------------------------------------------------------------
 
+# the configs of a diffusers folder that tell its family and variant (missing ones read as {})
+FOLDER_CONFIGS = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json",
+                  "text_encoder_2/config.json")
+
+
 def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    from .checkpoint_header import read_json_object
+
+    return read_json_object(path) if path.exists() else {}
 
 
 def sdxl_time_id_count(unet_cfg: dict[str, Any], pooled_dim: int | None) -> int | None:
@@ -164,17 +172,21 @@ def sdxl_time_id_count(unet_cfg: dict[str, Any], pooled_dim: int | None) -> int 
 
 
 def variant_from_diffusers_folder(path: Path) -> tuple[Family, str]:
-    """(family, variant) of a diffusers folder from its JSON configs. The refiner: the index's
-    ``requires_aesthetics_score``, or a UNet whose addition embedding expects 5 time ids.
-    ``-inpainting`` variants: a UNet with 9 input channels."""
-    index = _json(path / "model_index.json")
-    cls = index.get("_class_name", "")
-    unet = _json(path / "unet" / "config.json")
-    sched = _json(path / "scheduler" / "scheduler_config.json")
+    """(family, variant) of a diffusers folder from its JSON configs (:func:`variant_from_configs`)."""
+    return variant_from_configs({name: _json(path / name) for name in FOLDER_CONFIGS})
+
+
+def variant_from_configs(configs: dict[str, dict[str, Any]]) -> tuple[Family, str]:
+    """(family, variant) from a diffusers folder's configs (:data:`FOLDER_CONFIGS` -> the parsed
+    JSON object, {} when missing). The refiner: the index's ``requires_aesthetics_score``, or a
+    UNet whose addition embedding expects 5 time ids. ``-inpainting`` variants: a UNet with 9
+    input channels. Raises ValueError or TypeError for configs with values of the wrong type."""
+    index, unet, sched = (configs.get(name) or {} for name in FOLDER_CONFIGS[:3])
+    cls = str(index.get("_class_name", ""))
     te2 = index.get("text_encoder_2")
     if "XL" in cls or (te2 and te2[0] is not None) or unet.get("addition_embed_type") == "text_time":
         family: Family = "sdxl"
-        pooled = _json(path / "text_encoder_2" / "config.json").get("projection_dim")
+        pooled = (configs.get(FOLDER_CONFIGS[3]) or {}).get("projection_dim")
         refiner = bool(index.get("requires_aesthetics_score")) or sdxl_time_id_count(unet, pooled) == 5
         variant = "sdxl-refiner" if refiner else "sdxl"
     elif unet.get("cross_attention_dim") == 1024 or sched.get("prediction_type") == "v_prediction":
@@ -269,6 +281,22 @@ MISSING_MODEL_HELP = (
 )
 
 
+CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def _local_model_kind(path: Path) -> Literal["folder", "file"] | None:
+    """``folder``: a diffusers folder (with a model_index.json file); ``file``: a regular file
+    named like a checkpoint; None for anything else, missing or not (a folder without
+    model_index.json, a FIFO, another file): a model spec never tells what is on the disk."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            return "folder" if stat.S_ISREG(os.stat(path / "model_index.json").st_mode) else None
+    except (OSError, ValueError):  # missing, a link to nothing, a loop, not allowed, a NUL in the name
+        return None
+    return "file" if stat.S_ISREG(mode) and path.suffix.lower() in CHECKPOINT_FILE_SUFFIXES else None
+
+
 def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
     """Resolve and load one model spec. Raises ModelError with a readable message."""
     options = options or LoadOptions()
@@ -292,18 +320,11 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
         source, key = "embedded", "toy-sd:" + _folder_key(path)
     else:
         path = Path(os.path.expanduser(spec))
-        if path.is_dir():
-            if not (path / "model_index.json").exists():
-                raise ModelError(
-                    "not_a_model_folder",
-                    f"{path} is a folder but not a diffusers model (no model_index.json).",
-                    status=400,
-                )
+        local = _local_model_kind(path)
+        if local == "folder":
             pipe, family, variant, prediction = _load_folder(path, dtype)
             source, key = "local", "dir:" + _folder_key(path)
-        elif path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-            if not path.exists():
-                raise ModelError("model_not_found", f"No checkpoint file at {path}. " + MISSING_MODEL_HELP)
+        elif local == "file":
             from .single_file import load_single_file
 
             override = options.predictions.get(spec) or options.predictions.get("*")
@@ -312,7 +333,7 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
         elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
             pipe, family, variant, prediction = _load_hub(spec, dtype)
             source, key = "hub", "hub:" + spec
-        else:
+        else:  # the same answer whether or not something else is at that path
             raise ModelError("model_not_found", f"No model called {spec!r}. " + MISSING_MODEL_HELP)
 
     pipe = _place(pipe, family, device, dtype, options)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from .checkpoint_header import read_safetensors_header, sd2_stated_prediction
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 FAMILY_CONFIG = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl_base", "sdxl-refiner": "sdxl_refiner"}
@@ -80,8 +81,6 @@ def conv_in_channels(path: Path) -> int | None:
     path = Path(path)
     try:
         if path.suffix.lower() == ".safetensors":
-            from .discovery import read_safetensors_header
-
             shape = read_safetensors_header(path)[0].get(CONV_IN_KEY, {}).get("shape")
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -96,35 +95,6 @@ def sd2_prediction_type(path: Path) -> str:
     """From the yaml beside the file: v_prediction, epsilon; v_prediction without a yaml (the
     old rule; the loader and discovery use :func:`sd2_stated_prediction`)."""
     return sd2_stated_prediction(path)[0] or "v_prediction"
-
-
-def sd2_stated_prediction(path: Path | None, meta: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """(epsilon | v_prediction | None, how it is known: metadata | yaml | "") from the file's
-    modelspec metadata (read from its header when ``meta`` is None) or the yaml beside it
-    (``path`` None: the metadata alone)."""
-    path = Path(path) if path is not None else None
-    if meta is None and path is not None:
-        meta = {}
-        if path.suffix.lower() == ".safetensors":
-            try:
-                from .discovery import read_safetensors_header
-
-                meta = read_safetensors_header(path)[1]
-            except (OSError, ValueError, UnicodeDecodeError):
-                meta = {}
-    meta = meta or {}
-    pred = meta.get("modelspec.prediction_type", "").lower()
-    arch = meta.get("modelspec.architecture", "").lower()
-    if pred in ("v", "v_prediction", "v-prediction") or arch.endswith("-v"):
-        return "v_prediction", "metadata"
-    if pred in ("epsilon", "eps") or arch.endswith("-base"):
-        return "epsilon", "metadata"
-    yaml = path.with_suffix(".yaml") if path is not None else None
-    if yaml is not None and yaml.exists():
-        text = yaml.read_text(errors="replace")
-        v = re.search(r"parameterization\s*:\s*['\"]?v['\"]?\s*$", text, re.M)
-        return ("v_prediction" if v else "epsilon"), "yaml"
-    return None, ""
 
 
 PREDICTION_NAMES = {"epsilon": "epsilon", "eps": "epsilon", "base": "epsilon",
