@@ -3,10 +3,15 @@ at it): progress, resume after an interrupted download, a SHA-256 mismatch refus
 nothing half-written in the models folder, and the server's /v1/downloads."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
+from collections import namedtuple
 
 import httpx
 import numpy as np
@@ -14,7 +19,8 @@ import pytest
 
 from analogon.errors import AnalogonError
 from analogon.models import discovery
-from analogon.models.download import STAGING, DownloadCancelled, Recommended, download
+from analogon.models import download as dl
+from analogon.models.download import STAGING, DownloadCancelled, Downloads, Recommended, download
 from fake_hub import FakeHub
 
 REPO = "painters/tiny-checkpoint"
@@ -154,7 +160,7 @@ def test_the_server_downloads_with_progress_and_cancel(hub, tmp_path, monkeypatc
         assert seen[-1]["bytes"] == seen[-1]["total"] == len(data)
         assert (models / FILE).read_bytes() == data
         assert c.get("/v1/downloads/catalog").json()["models"][0]["installed"] is True
-        listed = {m["id"]: m for m in c.get("/v1/models").json()["models"]}
+        listed = {m["id"]: m for m in c.get("/v1/models", params={"wait": 10}).json()["models"]}
         assert listed[str(models / FILE)]["location"] == "Analogon models"
         assert c.post("/v1/downloads", json={"model": "nope"}).status_code == 404
         assert c.get("/v1/downloads/nope").status_code == 404
@@ -189,3 +195,139 @@ def test_analogon_download_command(hub, tmp_path, monkeypatch, capsys):
     assert out.out.strip() == str(tmp_path / FILE) and "done" in out.err
     assert (tmp_path / FILE).read_bytes() == data
     assert cli.main(["download", "nope", "--to", str(tmp_path)]) == 1
+
+
+# -- downloads that survive cancels, other processes and full disks (issue 28) ---------------------
+
+def _until(predicate, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_cancel_then_start_starts_a_new_download(hub, tmp_path, monkeypatch):
+    """Item 4: starting again right after a cancel returned the dying download, which ended
+    cancelled: the restart was lost. Now it is a new download, which resumes the partial file."""
+    data = tiny_checkpoint(2_000_000)
+    hub.files[(REPO, FILE)] = data
+    hub.chunk_delay = 0.02
+    monkeypatch.setattr(dl, "CATALOG", (entry(),))
+    downloads = Downloads(tmp_path, endpoint=hub.url)
+    first = downloads.start("tiny")
+    _until(lambda: first.bytes > 0, what="the first bytes")
+    downloads.cancel(first.id)
+    second = downloads.start("tiny")
+    assert second.id != first.id and second.status in ("queued", "running")
+    assert downloads.start("tiny") is second  # while it runs, starting again is the same download
+    _until(lambda: second.status not in ("queued", "running"), what="the second download")
+    assert (first.status, second.status) == ("cancelled", "done"), second.error
+    assert (tmp_path / FILE).read_bytes() == data
+    gets = [r for m, _, r in hub.requests if m == "GET"]
+    assert len(gets) == 2 and gets[1] is not None  # the second went on from the first one's part
+
+
+def test_two_processes_never_write_the_same_part(hub, tmp_path):
+    """Item 4: two backends sharing a models folder wrote the same .part and both failed. Now
+    the second waits for the first one's lock, then finds the file there."""
+    data = tiny_checkpoint(1_000_000)
+    hub.files[(REPO, FILE)] = data
+    hub.pause_at = len(data) // 2
+    script = ("import sys; import huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = 64 * 1024; "
+              "from analogon.models.download import Recommended, download; "
+              f"e = Recommended('tiny', 'Tiny', {REPO!r}, {FILE!r}, 'sd1', ('dia',), 1); "
+              "print(download(e, sys.argv[1], endpoint=sys.argv[2]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    other = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), hub.url], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        part = tmp_path / STAGING / (FILE + ".part")
+        # it holds at the hub's pause, with all but the chunk being read written
+        _until(lambda: part.exists() and part.stat().st_size >= len(data) // 2 - 64 * 1024,
+               what="the other process")
+        stages, got = [], []
+        mine = threading.Thread(target=lambda: got.append(download(
+            entry(), tmp_path, lambda s, d, t: stages.append(s), endpoint=hub.url)), daemon=True)
+        mine.start()
+        _until(lambda: "waiting" in stages, what="this process to wait")
+        assert len([m for m, _, _ in hub.requests if m == "GET"]) == 1  # only the other one fetches
+        hub.resume.set()
+        out, err = other.communicate(timeout=60)
+        assert other.returncode == 0, err
+        mine.join(60)
+    finally:
+        hub.resume.set()
+        if other.poll() is None:
+            other.kill()
+    assert got == [tmp_path / FILE] and (tmp_path / FILE).read_bytes() == data
+    assert stages[-1] == "done" and "downloading" not in stages
+    assert len([m for m, _, _ in hub.requests if m == "GET"]) == 1
+    assert listing(tmp_path) == [FILE]  # no lock file, no staging folder left
+
+
+def test_the_free_space_is_checked_before_writing(hub, tmp_path, monkeypatch):
+    """Item 4: no free-space check although the size is known. Now a clear message first."""
+    data = tiny_checkpoint()
+    hub.files[(REPO, FILE)] = data
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: Usage(10**12, 10**12 - 500, 500))
+    with pytest.raises(AnalogonError) as e:
+        download(entry(), tmp_path, endpoint=hub.url)
+    assert e.value.code == "not_enough_space"
+    assert re.search(r"needs 6\d\d\.\d kB, 500 B free", e.value.message), e.value.message
+    assert e.value.detail == {"needed_bytes": len(data), "free_bytes": 500}
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing was written
+    assert [m for m, _, _ in hub.requests] == ["HEAD"]
+
+
+def test_a_part_the_disk_will_not_grow_is_removed(hub, tmp_path, monkeypatch):
+    """Item 4: a full disk left the partial file filling it, while the message said "starting it
+    again resumes it". Now the partial file is removed and the message says why."""
+    data = tiny_checkpoint(1_000_000)
+    hub.files[(REPO, FILE)] = data
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, chunk):
+            if self.f.tell() + len(chunk) > 300_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(chunk)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(dl, "open", lambda path, mode="r", *a: FullDisk(open(path, mode, *a)) if mode == "ab"
+                        else open(path, mode, *a), raising=False)
+    with pytest.raises(AnalogonError) as e:
+        download(entry(), tmp_path, endpoint=hub.url)
+    assert e.value.code == "disk_full" and "filled up" in e.value.message
+    assert "removed" in e.value.message and "resumes" not in e.value.message
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_finished_downloads_expire(hub, tmp_path, monkeypatch):
+    """Item 4: the download table only grew. Now a finished download is kept a while, and only
+    so many of them."""
+    hub.files[(REPO, FILE)] = tiny_checkpoint()
+    monkeypatch.setattr(dl, "CATALOG", (entry(),))
+    downloads = Downloads(tmp_path, endpoint=hub.url, keep_finished_s=0.5, keep_finished=2)
+    jobs = []
+    for _ in range(3):  # the first downloads, the next two find the file there
+        jobs.append(downloads.start("tiny"))
+        _until(lambda: jobs[-1].status == "done", what="a download")
+    with pytest.raises(AnalogonError) as e:
+        downloads.get(jobs[0].id)  # beyond the count
+    assert e.value.code == "download_not_found"
+    assert downloads.get(jobs[2].id).status == "done"
+    time.sleep(0.6)
+    for job in jobs[1:]:  # past their time
+        with pytest.raises(AnalogonError):
+            downloads.get(job.id)

@@ -9,13 +9,22 @@ interrupted or cancelled download leaves that file, and the next attempt goes on
 A finished file is checked against the expected SHA-256 (the catalog's when it has one, else
 the hub's) and only then moved into the models folder, in one rename: the models folder never
 holds a half-written or unverified checkpoint. A mismatch deletes the download.
+
+One file is downloaded by one process at a time: a download holds ``<file>.lock`` beside its
+``.part`` (:class:`FileLock`: ``flock`` on POSIX, ``msvcrt.locking`` on Windows), so two
+backends sharing a models folder, or a backend and ``analogon download``, never write the same
+``.part``; the second waits, then finds the file there. Before it writes, a download checks
+that the disk has room for what is missing (``needs N GB, M GB free``); a ``.part`` the disk
+refuses to grow (full, over quota) is removed, not kept as a promise to resume.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -27,6 +36,9 @@ from ..errors import AnalogonError
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 STAGING = ".downloads"
+LOCK_POLL_S = 0.2  # how often a download waiting for another one's file looks again
+KEEP_FINISHED_S = 600.0  # a finished download's state is kept this long for its client
+KEEP_FINISHED = 50  # and at most this many
 
 
 @dataclass(frozen=True)
@@ -113,23 +125,187 @@ def sha256_of(path: Path, progress: ProgressFn | None = None, cancel: threading.
     return h.hexdigest()
 
 
+def size_text(n: int) -> str:
+    """Bytes in the decimal units disks are sold in: 512 B, 600.0 kB, 4.3 GB."""
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} B"
+
+
+# -- one file, one writer ---------------------------------------------------------------------
+
+def _lock_fd(fd: int) -> bool:
+    """Lock an open file exclusively without waiting; False when another holder has it."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _unlock_fd(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path``."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class FileLock:
+    """An exclusive lock on a file that holds across processes and threads (each holder opens
+    the file itself; ``flock`` and ``msvcrt.locking`` locks belong to the open file). The holder
+    removes the file as it lets go, so nothing is left behind; a waiter that then gets the lock
+    of the removed file sees that it is no longer at its path and tries again. (Windows cannot
+    remove an open file: there the lock file stays, empty.)"""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:  # its folder was removed in between: make it again
+                continue
+            try:
+                locked = _lock_fd(fd)
+                if locked and _is_at(fd, self.path):
+                    self._fd = fd
+                    return True
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            if not locked:
+                return False
+
+    def acquire(self, cancel: threading.Event | None = None, waiting: Callable[[], None] | None = None) -> None:
+        """Wait for the lock; ``waiting()`` is called while another holder has it, and a set
+        ``cancel`` ends the wait with :class:`DownloadCancelled`."""
+        while not self.try_acquire():
+            if waiting is not None:
+                waiting()
+            if cancel is not None and cancel.wait(LOCK_POLL_S):
+                raise DownloadCancelled()
+            if cancel is None:
+                time.sleep(LOCK_POLL_S)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        try:
+            _unlock_fd(fd)
+        finally:
+            os.close(fd)
+
+
+# -- one download -------------------------------------------------------------------------------
+
+class _PartFile:
+    """The ``.part`` file as ``http_get`` writes it: each write goes to the disk at once, and a
+    write the disk refuses is remembered (told apart from a network failure)."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self._f = f
+        self.write_error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            n = self._f.write(data)
+            self._f.flush()
+            return n
+        except OSError as e:
+            self.write_error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def _check_space(models_dir: Path, need: int, filename: str) -> None:
+    free = shutil.disk_usage(models_dir).free
+    if need > free:
+        raise AnalogonError("not_enough_space", f"Not enough space: {filename} needs {size_text(need)}, "
+                            f"{size_text(free)} free in {models_dir}. Make room and start it again.",
+                            {"needed_bytes": need, "free_bytes": free}, status=507)
+
+
+def _refused_write(part: Path, models_dir: Path, filename: str, error: OSError) -> AnalogonError:
+    """The error for a ``.part`` the disk would not grow, which is removed (not kept to resume)."""
+    part.unlink(missing_ok=True)
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        free = shutil.disk_usage(models_dir).free
+        return AnalogonError("disk_full", f"The disk filled up while {filename} was downloading "
+                             f"({size_text(free)} free in {models_dir} now); the partial file was removed. "
+                             "Make room and start it again.", {"free_bytes": free}, status=507)
+    return AnalogonError("write_failed", f"{filename} could not be written ({error.strerror or error}); "
+                         "the partial file was removed.", status=507)
+
+
 def download(entry: Recommended, models_dir: Path, progress: ProgressFn | None = None,
              cancel: threading.Event | None = None, endpoint: str | None = None,
              token: str | None = None) -> Path:
     """Download one catalog entry into ``models_dir``; returns the final path. Raises
-    :class:`DownloadCancelled` (the partial file stays for resuming) or AnalogonError."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
-
+    :class:`DownloadCancelled` (the partial file stays for resuming) or AnalogonError. While
+    another process or thread downloads the same file, waits (stage ``waiting``) for it."""
     progress = progress or (lambda stage, done, total: None)
     models_dir = Path(models_dir)
     final = models_dir / entry.filename
-    if final.exists():
-        progress("done", final.stat().st_size, final.stat().st_size)
-        return final
-    staging = models_dir / STAGING
-    staging.mkdir(parents=True, exist_ok=True)
-    part = staging / (entry.filename + ".part")
+    if not final.exists():
+        staging = models_dir / STAGING
+        lock = FileLock(staging / (entry.filename + ".lock"))
+        lock.acquire(cancel, lambda: progress("waiting", 0, 0))
+        try:
+            if not final.exists():  # not finished by the one this waited for
+                _fetch(entry, models_dir, progress, cancel, endpoint, token)
+        finally:
+            lock.release()
+            try:
+                staging.rmdir()
+            except OSError:  # a partial file, or another download's lock
+                pass
+    size = final.stat().st_size
+    progress("done", size, size)
+    return final
+
+
+def _fetch(entry: Recommended, models_dir: Path, progress: ProgressFn, cancel: threading.Event | None,
+           endpoint: str | None, token: str | None) -> None:
+    """The transfer, the check and the rename into ``models_dir``, holding the file's lock."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+
+    part = models_dir / STAGING / (entry.filename + ".part")
     progress("connecting", 0, 0)
     url = hf_hub_url(entry.repo_id, entry.filename, revision=entry.revision, endpoint=endpoint)
     try:
@@ -147,32 +323,34 @@ def download(entry: Recommended, models_dir: Path, progress: ProgressFn | None =
     if total and have > total:  # not the file we started (the hub's changed): start again
         part.unlink()
         have = 0
+    if total:
+        _check_space(models_dir, total - have, entry.filename)
     if not total or have < total:
+        refused: OSError | None = None
         with open(part, "ab") as f:
+            out = _PartFile(f)
             try:
-                http_get(meta.location or url, f, resume_size=have, expected_size=total or None,
+                http_get(meta.location or url, out, resume_size=have, expected_size=total or None,
                          headers={"authorization": f"Bearer {token}"} if token else None,
                          displayed_filename=entry.filename,
                          tqdm_class=_progress_class(progress, cancel, total))
             except DownloadCancelled:
                 raise
             except Exception as e:
-                raise AnalogonError("download_failed", f"The download of {entry.filename} stopped "
-                                    f"({type(e).__name__}: {str(e)[:200]}); starting it again resumes it.",
-                                    status=502) from None
+                if out.write_error is None:
+                    raise AnalogonError("download_failed", f"The download of {entry.filename} stopped "
+                                        f"({type(e).__name__}: {str(e)[:200]}); starting it again resumes it.",
+                                        status=502) from None
+                refused = out.write_error
+        if refused is not None:
+            raise _refused_write(part, models_dir, entry.filename, refused)
     got = sha256_of(part, progress, cancel)
     if got != expected:
         part.unlink(missing_ok=True)
         raise AnalogonError("checksum_mismatch", f"{entry.filename} arrived damaged (SHA-256 {got[:12]}… "
                             f"instead of {expected[:12]}…) and was deleted; download it again.",
                             {"expected": expected, "got": got}, status=502)
-    os.replace(part, final)
-    try:
-        staging.rmdir()
-    except OSError:
-        pass
-    progress("done", total or final.stat().st_size, total or final.stat().st_size)
-    return final
+    os.replace(part, models_dir / entry.filename)
 
 
 # -- running downloads in the server ---------------------------------------------------------------
@@ -188,7 +366,13 @@ class DownloadJob:
     path: str | None = None
     error: dict[str, Any] | None = None
     started: float = field(default_factory=time.time)
+    ended: float | None = None  # time.monotonic() when it ended
     cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def active(self) -> bool:
+        """Queued or running, and not asked to stop."""
+        return self.status in ("queued", "running") and not self.cancel.is_set()
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "model": self.entry.id, "status": self.status, "stage": self.stage,
@@ -196,19 +380,28 @@ class DownloadJob:
 
 
 class Downloads:
-    """Downloads in background threads, one per catalog entry at a time."""
+    """Downloads in background threads, at most one active per file: starting a file that is
+    downloading returns that download, unless it was cancelled; then a new one starts (and waits
+    for the cancelled one to let go of the file). A finished download is kept for
+    ``keep_finished_s`` seconds, at most ``keep_finished`` of them; then its id is unknown.
+    ``on_done()`` is called when a download has put its file in place."""
 
-    def __init__(self, models_dir: Path, endpoint: str | None = None):
+    def __init__(self, models_dir: Path, endpoint: str | None = None, on_done: Callable[[], Any] | None = None,
+                 keep_finished_s: float = KEEP_FINISHED_S, keep_finished: int = KEEP_FINISHED):
         self.models_dir = Path(models_dir)
         self.endpoint = endpoint
+        self.on_done = on_done
+        self.keep_finished_s = keep_finished_s
+        self.keep_finished = keep_finished
         self._jobs: dict[str, DownloadJob] = {}
         self._lock = threading.Lock()
 
     def start(self, entry_id: str) -> DownloadJob:
         entry = find(entry_id)
         with self._lock:
+            self._expire()
             for job in self._jobs.values():
-                if job.entry.id == entry_id and job.status in ("queued", "running"):
+                if job.entry.filename == entry.filename and job.active:
                     return job
             job = DownloadJob(uuid.uuid4().hex[:12], entry)
             self._jobs[job.id] = job
@@ -233,9 +426,23 @@ class Downloads:
         except Exception as e:  # pragma: no cover - reported, not raised in a thread
             job.error = {"code": "download_failed", "message": f"{type(e).__name__}: {e}", "detail": None}
             job.status = "error"
+        finally:
+            job.ended = time.monotonic()
+        if job.status == "done" and self.on_done is not None:
+            self.on_done()
+
+    def _expire(self) -> None:
+        """Forget finished downloads past their time or beyond the count (the lock is held)."""
+        now = time.monotonic()
+        finished = sorted((j for j in self._jobs.values() if j.ended is not None), key=lambda j: j.ended)
+        excess = len(finished) - self.keep_finished
+        for i, job in enumerate(finished):
+            if i < excess or now - job.ended > self.keep_finished_s:
+                del self._jobs[job.id]
 
     def get(self, job_id: str) -> DownloadJob:
         with self._lock:
+            self._expire()
             job = self._jobs.get(job_id)
         if job is None:
             raise AnalogonError("download_not_found", f"No download {job_id!r}.", status=404)
@@ -247,5 +454,7 @@ class Downloads:
         return job
 
     def stop_all(self) -> None:
-        for job in list(self._jobs.values()):
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
             job.cancel.set()
