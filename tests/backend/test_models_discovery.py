@@ -459,6 +459,91 @@ def test_the_result_cache_is_bounded(tmp_path, monkeypatch):
     assert classify_file(tmp_path / "m19.safetensors")[1] == "sd1" and reads == []
 
 
+def _serve_models(tmp_path, folder: Path, **kw):
+    from analogon.server import ServerThread, Settings
+
+    return ServerThread(Settings(port=0, state_dir=tmp_path / "state", cache_dir="", device="cpu",
+                                 model_dirs=[folder], scan_usual_places=False, **kw))
+
+
+def _timed_get(url: str, **kw) -> tuple[float, httpx.Response]:
+    t0 = time.monotonic()
+    r = httpx.get(url, timeout=30, **kw)
+    return time.monotonic() - t0, r
+
+
+@posix_only
+def test_v1_models_answers_200_for_every_odd_thing_in_parallel(tmp_path):
+    """Items 1 and 2 through the server: every odd thing in one models folder; 45 requests at
+    once all answer 200 with the good model, and health stays fast."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = tmp_path / "models"
+    models.mkdir()
+    ckpt(models / "good.safetensors", CLIP_L)
+    for i, (build, _, _) in enumerate(ODD_THINGS.values()):
+        build(models, f"odd{i:02d}")
+    try:
+        with _serve_models(tmp_path, models) as srv:
+            auth = {"Authorization": f"Bearer {srv.token}"}
+            with ThreadPoolExecutor(45) as pool:
+                answers = list(pool.map(lambda _: _timed_get(srv.url + "/v1/models?wait=10", headers=auth),
+                                        range(45)))
+            health = [_timed_get(srv.url + "/v1/health")[0] for _ in range(5)]
+    finally:
+        unblock_fifos(tmp_path)
+    for _, r in answers:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert str(models / "good.safetensors") in {m["id"] for m in body["models"]}
+        assert body["scan"]["complete"] and body["scan"]["skipped_total"] >= 5
+        assert {s["reason"] for s in body["scan"]["skipped"]} >= {"a FIFO, not a file", "a device, not a file"}
+    assert max(health) < 1.0, health
+
+
+def test_v1_models_reads_the_last_scan_and_never_waits_for_one(tmp_path, monkeypatch):
+    """Item 3: the scan ran on the request's time (155 s for 100,000 files); now it runs in the
+    background: at start, when a folder changes and on ?refresh, and a request answers at once."""
+    folder = tmp_path / "comfy"
+    for i in range(20):
+        ckpt(folder / f"m{i:02d}.safetensors", CLIP_L)
+    real = discovery.read_safetensors_header
+
+    def slow_read(path):  # a slow disk: the scan of 20 files takes 4 s
+        time.sleep(0.2)
+        return real(path)
+
+    monkeypatch.setattr(discovery, "_CACHE", discovery.ResultCache())
+    monkeypatch.setattr(discovery, "read_safetensors_header", slow_read)
+    with _serve_models(tmp_path, folder) as srv:
+        auth = {"Authorization": f"Bearer {srv.token}"}
+        took, r = _timed_get(srv.url + "/v1/models?wait=0", headers=auth)
+        assert r.status_code == 200 and took < 1.0, took
+        assert r.json()["scan"]["running_since"] is not None
+        assert not any(m["source"] == "file" for m in r.json()["models"])  # nothing scanned yet
+        health = [_timed_get(srv.url + "/v1/health")[0] for _ in range(5)]
+        assert max(health) < 1.0, health
+        listed = httpx.get(srv.url + "/v1/models?wait=10", headers=auth, timeout=30).json()
+        assert len([m for m in listed["models"] if m["source"] == "file"]) == 20
+        assert listed["scan"]["complete"] and listed["scan"]["running_since"] is None
+        monkeypatch.setattr(discovery, "read_safetensors_header", real)
+        # a new file: the folder changed, and the scanner notices by itself
+        ckpt(folder / "new.safetensors", XL_L, XL_G)
+        deadline = time.monotonic() + 15
+        while str(folder / "new.safetensors") not in {
+                m["id"] for m in httpx.get(srv.url + "/v1/models", headers=auth, timeout=30).json()["models"]}:
+            assert time.monotonic() < deadline, "the change was not noticed"
+            time.sleep(0.2)
+        # and one asked for: ?refresh=true starts a scan, ?wait waits for it
+        os.remove(folder / "new.safetensors")
+        ids = {m["id"] for m in httpx.get(srv.url + "/v1/models?refresh=true&wait=10", headers=auth,
+                                          timeout=30).json()["models"]}
+        assert str(folder / "new.safetensors") not in ids and str(folder / "m00.safetensors") in ids
+        for bad in ("wait=-1", "wait=11", "wait=nan", "refresh=maybe"):
+            r = httpx.get(srv.url + "/v1/models?" + bad, headers=auth, timeout=30)
+            assert r.status_code == 422 and r.json()["code"] == "invalid_params", bad
+
+
 def test_the_scan_and_the_loader_do_not_import_each_other():
     """Both read checkpoint headers through models.checkpoint_header; neither imports the other."""
     import ast

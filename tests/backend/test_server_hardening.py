@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import struct
 import threading
+import time
 import zlib
 from typing import Literal
 
@@ -24,6 +26,7 @@ from analogon.methods.base import Inputs, JobContext, Method, MethodParams, Meth
 from analogon.server import Settings, ServerThread, server_json_state, write_server_json
 from analogon.server.store import ImageStore, Limits, StoreInUse
 from test_engine_methods import EchoMethod
+from test_models_discovery import unblock_fifos
 from test_server import assert_error, assert_healthy, events, image, png_bytes, sha, submit, upload
 
 RAW = "application/x-analogon-rgba"
@@ -70,7 +73,7 @@ def _settings(state_dir, **kw):
 
 @pytest.fixture(scope="module")
 def server(registered, tmp_path_factory):
-    with ServerThread(_settings(tmp_path_factory.mktemp("state"), header_timeout_s=0.5)) as srv:
+    with ServerThread(_settings(tmp_path_factory.mktemp("state"), header_timeout_s=0.5, body_timeout_s=0.5)) as srv:
         yield srv
 
 
@@ -615,7 +618,95 @@ def test_the_openapi_document_is_the_contract(client):
     for body, status in ((client.post("/v1/jobs", json={"method": "test-echo", "images": {}}), 422),
                          (client.post("/v1/jobs", json={"method": "test-echo", "images": {"source": s},
                                                         "params": {"steps": 0}}), 422),
-                         (client.post("/v1/jobs", content=b"{"), 400)):
+                         (_post_raw(client, b"{"), 400)):
         assert body.status_code == status
         error_schema.validate(body.json())
         assert str(status) in post["responses"]
+
+
+# -- 9. model folders and downloads (issue 28) --------------------------------------------------------
+
+def _raw_request(server, head: bytes, body_pieces=(), pause: float = 0.0, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send ``head`` (request line and headers), then each piece of body after ``pause``
+    seconds; (what came back until the server closed, seconds from the last piece to the close)."""
+    host, port = server.url.rsplit("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head)
+        for piece in body_pieces:
+            time.sleep(pause)
+            s.sendall(piece)
+        t0, got = time.monotonic(), b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got, time.monotonic() - t0
+
+
+def test_a_body_that_never_arrives_is_closed(server):
+    """Item 5: a request whose body never arrived after complete headers was held open with no
+    limit. Now the server closes it when no byte came for body_timeout_s (0.5 s here)."""
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
+    got, waited = _raw_request(server, head, [b'{"method": '])
+    assert got == b"" and waited < 5, (got, waited)
+    head_put = (f"PUT /v1/images/{'0' * 64} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                f"{server.token}\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n").encode()
+    got, waited = _raw_request(server, head_put)
+    assert got == b"" and waited < 5
+    # a slow body that keeps coming is not cut: 8 pieces 0.2 s apart take longer than the timeout
+    body = json.dumps({"method": "test-echo", "images": {}}).encode()
+    pieces = [body[i * len(body) // 8:(i + 1) * len(body) // 8] for i in range(8)]
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    got, _ = _raw_request(server, head, pieces, pause=0.2)
+    assert got.startswith(b"HTTP/1.1 422"), got[:200]
+    assert_healthy(server)
+
+
+def test_a_job_body_without_content_type_is_415(client):
+    """Item 5: a job body with no Content-Type got 422 (or ran) where the protocol says 415."""
+    s = upload(client, image(seed=900))
+    body = json.dumps({"method": "test-echo", "images": {"source": s}}).encode()
+    r = client.post("/v1/jobs", content=body)
+    assert "content-type" not in r.request.headers
+    assert_error(r, 415, "unsupported_media_type")
+
+
+def test_download_bodies_are_strict_i_json(server, client):
+    """Item 4: download bodies were not parsed as strict I-JSON like job bodies."""
+    for body in ('{"model": NaN}', '{"model": Infinity}', '{"model": 1e400}', '{"model": 99999999999999999999999}',
+                 '{"model": "\\ud800"}', '{"model": "nope", "model": "sd15"}', '[' * 1000 + ']' * 1000, '{"model": '):
+        r = client.post("/v1/downloads", content=body.encode("utf-8", "surrogatepass"),
+                        headers={"Content-Type": "application/json"})
+        assert_error(r, 400, "bad_json")
+    assert_error(client.post("/v1/downloads", content=b'{"model": "nope"}'), 415, "unsupported_media_type")
+    assert_error(client.post("/v1/downloads", content=b'{"model": "nope"}', headers={"Content-Type": "text/plain"}),
+                 415, "unsupported_media_type")
+    assert_error(client.post("/v1/downloads", json={"model": 5}), 422, "invalid_params")
+    assert_error(client.post("/v1/downloads", json={"model": "nope", "x": 1}), 422, "invalid_params")
+    assert_error(client.post("/v1/downloads", json={"model": "nope"}), 404, "unknown_download")
+    assert_error(client.post("/v1/jobs", content=b'{"method": "test-echo", "method": "x"}',
+                             headers={"Content-Type": "application/json"}), 400, "bad_json")
+    assert_healthy(server)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a FIFO")
+def test_a_model_that_is_not_found_says_nothing_of_the_path(client, tmp_path):
+    """Item 5: a job's model field told whether a local path exists (a folder without
+    model_index.json, a missing checkpoint file). Now each is "not found", in the same words."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "model.safetensors").mkdir()
+    os.mkfifo(tmp_path / "fifo.safetensors")  # it was opened, and the worker hung on it
+    s = upload(client, image(seed=901))
+    answers = set()
+    try:
+        for name in ("folder", "no-folder", "notes.txt", "no-notes.txt", "model.safetensors",
+                     "no-model.safetensors", "fifo.safetensors"):
+            spec = str(tmp_path / name)
+            job = submit(client, method="test-echo", model=spec, images={"source": s})
+            kind, err = events(client, job)[-1]
+            assert kind == "error", (name, err)
+            answers.add((err["code"], err["message"].replace(repr(spec), "<spec>"), json.dumps(err["detail"])))
+    finally:
+        unblock_fifos(tmp_path)
+    assert len(answers) == 1 and next(iter(answers))[0] == "model_not_found", answers

@@ -102,14 +102,20 @@ def remove_server_json(path: Path) -> None:
         pass
 
 
-def _protocol(header_timeout_s: float):
-    """uvicorn's h11 protocol with a deadline for each request's line and headers: a client
-    that opens a connection and never finishes its headers is closed after ``header_timeout_s``
-    (uvicorn only times out idle kept-alive connections)."""
+def _protocol(header_timeout_s: float, body_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers, and one for
+    its body: a client that opens a connection and never finishes its headers is closed after
+    ``header_timeout_s``; one whose body stops arriving (no byte for ``body_timeout_s`` while
+    the server waits for it) is closed too. uvicorn only times out idle kept-alive connections.
+    The body's clock does not run while the server itself holds reading back (the application
+    has not taken what came)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    class TimeoutProtocol(H11Protocol):
         _header_timer = None
+        _body_timer = None
+        _body_cycle = None  # the request whose body is awaited
+        _last_body_data = 0.0
 
         def connection_made(self, transport):
             super().connection_made(transport)
@@ -131,16 +137,50 @@ def _protocol(header_timeout_s: float):
             cycle = self.cycle
             if self._header_timer is None and self._awaiting_request():
                 self._arm_header_timer()  # the first bytes of another request on this connection
+            self._last_body_data = self.loop.time()
             super().data_received(data)
             if self.cycle is not cycle:  # a request's headers arrived
                 self._disarm_header_timer()
+            if self._awaiting_body() and self._body_cycle is not self.cycle:
+                self._body_cycle = self.cycle
+                self._arm_body_timer(body_timeout_s)
+
+        def _awaiting_body(self) -> bool:
+            c = self.cycle
+            return c is not None and c.more_body and not c.response_complete and not c.disconnected
+
+        def _arm_body_timer(self, delay: float) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+            self._body_timer = self.loop.call_later(delay, self._on_body_timeout)
+
+        def _disarm_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+            self._body_cycle = None
+
+        def _on_body_timeout(self) -> None:
+            self._body_timer = None
+            if self.cycle is not self._body_cycle or not self._awaiting_body() or self.transport.is_closing():
+                self._body_cycle = None
+                return
+            if self.flow.read_paused:  # the server's own wait: the client's clock starts again
+                self._last_body_data = self.loop.time()
+            idle = self.loop.time() - self._last_body_data
+            if idle < body_timeout_s:
+                self._arm_body_timer(body_timeout_s - idle)
+                return
+            self.transport.close()  # the application's receive() then answers http.disconnect
 
         def on_response_complete(self) -> None:
             self._disarm_header_timer()  # uvicorn's keep-alive timeout takes over
+            self._disarm_body_timer()
             super().on_response_complete()
 
         def connection_lost(self, exc):
             self._disarm_header_timer()
+            self._disarm_body_timer()
             super().connection_lost(exc)
 
         def _on_header_timeout(self):
@@ -148,7 +188,7 @@ def _protocol(header_timeout_s: float):
             if self._awaiting_request() and not self.transport.is_closing():
                 self.transport.close()
 
-    return HeaderTimeoutProtocol
+    return TimeoutProtocol
 
 
 def _uvicorn_server(app, log_level: str = "warning"):
@@ -168,7 +208,8 @@ def _uvicorn_server(app, log_level: str = "warning"):
     settings = getattr(app.state, "settings", None)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
                             access_log=False, lifespan="on",
-                            http=_protocol(getattr(settings, "header_timeout_s", 10.0)))
+                            http=_protocol(getattr(settings, "header_timeout_s", 10.0),
+                                           getattr(settings, "body_timeout_s", 30.0)))
     return Server(config)
 
 

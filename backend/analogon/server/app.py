@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__, engine
@@ -34,6 +35,8 @@ KEEPALIVE_S = 15.0
 MAX_JSON_BYTES = 1024 * 1024  # a job body is a few hundred bytes
 MAX_JSON_DEPTH = 64
 MAX_JSON_INT = 2**53  # I-JSON (RFC 7493): integers a double holds exactly
+FIRST_SCAN_WAIT_S = 3.0  # GET /v1/models before the first scan of the model folders has ended
+MAX_SCAN_WAIT_S = 10.0
 _HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
 _EVENT_ID_RE = re.compile(r"[0-9]{1,18}")
 _DIGITS_RE = re.compile(r"[0-9]{1,9}")
@@ -72,11 +75,13 @@ class Settings:
     image_store_cap_bytes: int = 8 * 1024**3
     result_max_age_s: float | None = 7 * 24 * 3600.0  # None: results stay until the cap
     header_timeout_s: float = 10.0  # a client must send its request line and headers within this
+    body_timeout_s: float = 30.0  # and, once its headers are in, some of its body at least this often
     job_memory_bytes: int | None = None  # None: what the machine has free when a job is submitted
     max_working_pixels: int | None = None  # caps the high-resolution pass (memory preset)
     memory_preset: str = "none"  # the preset the settings above came from (analogon.memory)
     model_dirs: list[Path] = field(default_factory=list)  # searched for checkpoints (--models-dir)
     scan_usual_places: bool = True  # ComfyUI, A1111/Forge, Krita AI Diffusion, the HF cache
+    scan_budget: Any = None  # one scan's models.discovery.Budget; None: its defaults
     # SD 2.x prediction type per model spec ("*": all): epsilon | v_prediction (--prediction)
     predictions: dict[str, str] = field(default_factory=dict)
 
@@ -171,7 +176,8 @@ class _BadJson(Exception):
 
 def parse_json_body(body: bytes) -> Any:
     """The body as I-JSON (RFC 7493): UTF-8, no NaN/Infinity, numbers a double holds, no lone
-    surrogates, nesting at most 64 deep. Anything else is ``400 bad_json``."""
+    surrogates, no name twice in one object, nesting at most 64 deep. Anything else is
+    ``400 bad_json``."""
     def bad_constant(name: str):
         raise _BadJson(f"{name} is not a JSON number")
 
@@ -186,9 +192,18 @@ def parse_json_body(body: bytes) -> Any:
             raise _BadJson(f"the whole number {text[:40]} is out of range (at most 2^53)")
         return int(text)
 
+    def unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for name, value in pairs:
+            if name in obj:
+                raise _BadJson(f"the name {name[:40]!r} is given twice in one object")
+            obj[name] = value
+        return obj
+
     try:
         text = body.decode("utf-8")
-        value = json.loads(text, parse_constant=bad_constant, parse_float=parse_float, parse_int=parse_int)
+        value = json.loads(text, parse_constant=bad_constant, parse_float=parse_float, parse_int=parse_int,
+                           object_pairs_hook=unique_names)
         _check_json_value(value)
     except UnicodeDecodeError:
         raise AnalogonError("bad_json", "The request body is not UTF-8 text.", status=400) from None
@@ -228,7 +243,7 @@ def _check_text(text: str) -> None:
 class DownloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="A recommended model's id, from /v1/downloads/catalog.")
+    model: StrictStr = Field(description="A recommended model's id, from /v1/downloads/catalog.")
 
 
 def memory_info() -> dict[str, Any]:
@@ -258,7 +273,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from ..core.cache import Cache
     from ..methods import UNAVAILABLE, all_methods
-    from ..models import LoadOptions, ModelManager, pick_device, pick_dtype
+    from ..models import LoadOptions, ModelManager, discovery, pick_device, pick_dtype
+    from ..models.download import Downloads, catalog
     from . import memory, openapi
 
     settings = settings or Settings()
@@ -280,7 +296,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache = Cache(None)
     else:
         cache = Cache(settings.cache_dir or default_cache_dir(), disk_cap_bytes=settings.cache_disk_cap_bytes)
-    models = ModelManager(settings.warm_models, options)
+    from ..core import previews
+
+    # each model's latent-preview fit starts when it loads, in the background (core.previews)
+    models = ModelManager(settings.warm_models, options, on_load=lambda b: previews.prepare(b, cache))
+    scanner = discovery.Scanner(lambda stop: discovery.run_scan(
+        settings.model_dirs, [m.id for m in all_methods()], include_usual=settings.scan_usual_places,
+        budget=settings.scan_budget, stop=stop))
     queue = JobQueue(store, models, cache, device_name=str(device))
     budget = memory.Budget(device, dtype, settings.job_memory_bytes)
 
@@ -295,12 +317,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         queue.start()
+        scanner.start()
         app.state.closing = False
         try:
             yield
         finally:
             app.state.downloads.stop_all()
             await begin_shutdown()
+            await asyncio.to_thread(scanner.stop)
             store.close()
 
     app = FastAPI(
@@ -315,6 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.cache = cache
     app.state.queue = queue
     app.state.budget = budget
+    app.state.scanner = scanner
     app.state.closing = False
     app.state.begin_shutdown = begin_shutdown
     app.add_middleware(GuardMiddleware, token=token, allow_remote=settings.allow_remote)
@@ -378,21 +403,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
 
     # -- recommended models -------------------------------------------------------------
-    from ..models import discovery as _discovery
-    from ..models.download import Downloads, catalog as _catalog
-
-    downloads = Downloads(_discovery.models_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None)
+    downloads = Downloads(discovery.models_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None,
+                          on_done=scanner.refresh)
     app.state.downloads = downloads
 
     @app.get("/v1/downloads/catalog")
     def download_catalog() -> dict[str, Any]:
         return {"models_dir": str(downloads.models_dir),
                 "models": [{**e.to_json(), "installed": (downloads.models_dir / e.filename).exists()}
-                           for e in _catalog()]}
+                           for e in catalog()]}
 
     @app.post("/v1/downloads", status_code=202)
-    def start_download(req: DownloadRequest) -> dict[str, Any]:
-        return downloads.start(req.model).to_json()
+    async def start_download(request: Request):
+        req = await _json_request(request, DownloadRequest, "A download")
+        return SafeJSONResponse((await asyncio.to_thread(downloads.start, req.model)).to_json(), status_code=202)
 
     @app.get("/v1/downloads/{download_id}")
     def download_status(download_id: str) -> dict[str, Any]:
@@ -418,17 +442,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "presets": memory.PRESETS}
 
     @app.get("/v1/models")
-    def list_models() -> dict[str, Any]:
-        from ..models import discovery
-
+    async def list_models(
+            refresh: bool = Query(False, description="Scan the model folders again now."),
+            wait: float | None = Query(None, ge=0, le=MAX_SCAN_WAIT_S, description=(
+                "Seconds to wait at most for a scan that is running or asked for; absent: "
+                f"{FIRST_SCAN_WAIT_S:g} before the first scan has ended, else none."))) -> dict[str, Any]:
+        """The last scan's result: never a scan on the request's own time (see models.discovery)."""
+        scanner.start()
+        ticket = scanner.refresh() if refresh else scanner.ticket()
+        if wait is None:
+            wait = FIRST_SCAN_WAIT_S if scanner.latest()[0] is None else 0.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not scanner.answered(ticket) and loop.time() < deadline:  # no thread waits: the loop polls
+            await asyncio.sleep(0.02)
+        result, running_since = scanner.latest()
         ids = [m.id for m in all_methods()]
-        found = discovery.scan(settings.model_dirs, ids, include_usual=settings.scan_usual_places)
+        found = result.checkpoints if result is not None else []
+        scan = result.to_json() if result is not None else {
+            "complete": False, "notes": ["The first scan of the model folders has not ended yet."],
+            "skipped": [], "skipped_total": 0}
+        scan["running_since"] = running_since
         return {"default": settings.default_model,
                 "models": models.available([c.to_json() for c in found], ids),
                 "models_dir": str(discovery.models_dir()),
-                "searched": [str(d) for d in discovery.configured_dirs(settings.model_dirs)]
-                + ([str(p) for _, p in discovery.usual_places() if p.is_dir()]
-                   + [str(discovery.hf_hub_cache())] if settings.scan_usual_places else []),
+                "searched": list(result.searched) if result is not None else [],
+                "scan": scan,
                 "recommended": {m: (c.id if (c := discovery.recommended_for(m, found)) else None)
                                 for m in ids}}
 
@@ -472,19 +511,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # -- jobs ---------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202)
     async def submit(request: Request):
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            raise AnalogonError("unsupported_media_type", "A job is sent as application/json.",
-                                {"content_type": ctype}, status=415)
-        data = parse_json_body(await _read_body(request, MAX_JSON_BYTES,
-                                                f"A job body is at most {MAX_JSON_BYTES} bytes."))
-        try:
-            req = JobRequest.model_validate(data)
-        except ValidationError as e:
-            errors = json.loads(_json_bytes(e.errors(include_url=False)))
-            for err in errors:
-                err["loc"] = ["body", *err.get("loc", [])]
-            raise AnalogonError("invalid_params", _validation_message(errors), errors, status=422) from None
+        req = await _json_request(request, JobRequest, "A job")
 
         def prepare() -> dict[str, Any]:
             prepared = engine.prepare(req.method, req.params, req.images, req.model, req.seed,
@@ -561,14 +588,39 @@ def _allowed_methods(app: FastAPI, scope) -> list[str]:
 
 async def _read_body(request: Request, limit: int, message: str) -> bytes:
     """The request's body as it streams in, refused (413 ``too_large``, ``message``) as soon as
-    it passes ``limit`` bytes, before the rest is read."""
+    it passes ``limit`` bytes, before the rest is read. A client that goes away or stops sending
+    (the server closes it after ``Settings.body_timeout_s``) gets ``400 incomplete_body``, which
+    nobody reads: the connection is closed."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(message, max_body_bytes=limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(message, max_body_bytes=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise AnalogonError("incomplete_body", "The connection closed before the body arrived.",
+                            status=400) from None
     return b"".join(chunks)
+
+
+async def _json_request(request: Request, model: type[BaseModel], what: str) -> Any:
+    """A JSON body as ``model``: Content-Type application/json (or ``+json``) else ``415``, at
+    most MAX_JSON_BYTES, strict I-JSON (:func:`parse_json_body`), then ``model``'s checks
+    (``422 invalid_params`` with pydantic's errors, located under ``body``)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise AnalogonError("unsupported_media_type", f"{what} is sent as application/json.",
+                            {"content_type": ctype or None}, status=415)
+    data = parse_json_body(await _read_body(request, MAX_JSON_BYTES,
+                                            f"{what} body is at most {MAX_JSON_BYTES} bytes."))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = json.loads(_json_bytes(e.errors(include_url=False)))
+        for err in errors:
+            err["loc"] = ["body", *err.get("loc", [])]
+        raise AnalogonError("invalid_params", _validation_message(errors), errors, status=422) from None
 
 
 def _int_header(request: Request, name: str) -> int | None:

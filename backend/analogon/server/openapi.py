@@ -54,7 +54,13 @@ SCHEMAS: dict[str, Any] = {
         "queue": {"type": "integer", "minimum": 0}, "limits": {"$ref": "#/components/schemas/Limits"},
         "pid": INT}),
     "Model": _obj({"id": STR, "family": _nullable(STR), "source": STR, "loaded": {"type": "boolean"}}),
-    "Models": _obj({"default": STR, "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}),
+    "Models": _obj({"default": STR, "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                    "scan": _obj({"complete": {"type": "boolean"}, "notes": {"type": "array", "items": STR},
+                                  "skipped": {"type": "array", "items": _obj({"path": STR, "reason": STR})},
+                                  "skipped_total": {"type": "integer", "minimum": 0},
+                                  "running_since": _nullable({"type": "number"})})}),
+    "DownloadRequest": _obj({"model": {"type": "string", "description": "A recommended model's id, from "
+                                                                        "/v1/downloads/catalog."}}, extra=False),
     "Role": _obj({"name": STR, "title": STR, "kind": {"type": "string", "enum": ["image", "map", "mask"]},
                   "required": {"type": "boolean"}, "multiple": {"type": "boolean"}, "help": STR,
                   "canvas": _nullable(STR)}),
@@ -93,7 +99,8 @@ SCHEMAS: dict[str, Any] = {
 ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/health", "get"): {},
     ("/v1/health", "head"): {},
-    ("/v1/models", "get"): {},
+    ("/v1/models", "get"): {422: "`invalid_params`: `refresh` is not true or false, or `wait` is not a "
+                                 "number of seconds from 0 to 10."},
     ("/v1/methods", "get"): {},
     ("/v1/images/{sha}", "put"): {
         400: "`bad_sha`, `bad_image` (not a PNG, cut short, wrong length, size headers missing or "
@@ -105,11 +112,11 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/images/{sha}", "get"): {400: "`bad_sha`, `bad_format`.", 404: "`image_not_found`."},
     ("/v1/jobs", "post"): {
         400: "`bad_json`: not JSON, not UTF-8, NaN/Infinity, a number outside ±2^53 or ±1.8e308, "
-             "a lone surrogate, nesting deeper than 64.",
+             "a lone surrogate, a name twice in one object, nesting deeper than 64.",
         404: "`unknown_method`, `image_not_found` (`detail.missing` lists the ids).",
         413: "`too_large`: a body over 1 MiB; `out_of_memory`: the job would need more memory than "
              "there is (`detail` has the estimate).",
-        415: "`unsupported_media_type`: Content-Type is not application/json.",
+        415: "`unsupported_media_type`: Content-Type is missing or not application/json.",
         422: "`invalid_params` (`detail`: pydantic errors), `invalid_images` (`detail.role`).",
         503: "`shutting_down`."},
     ("/v1/jobs/{job_id}", "get"): {404: "`job_not_found`."},
@@ -120,8 +127,10 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/system", "get"): {},
     ("/v1/downloads/catalog", "get"): {},
     ("/v1/downloads", "post"): {
-        400: "`bad_json`: the body is not JSON.",
+        400: "`bad_json`: not I-JSON, as for a job's body.",
         404: "`unknown_download`: not a recommended model's id.",
+        413: "`too_large`: a body over 1 MiB.",
+        415: "`unsupported_media_type`: Content-Type is missing or not application/json.",
         422: "`invalid_params`: the body is not `{model}`.",
         502: "`download_failed`, `no_checksum`: the hub cannot be reached or gives no SHA-256.",
         503: "`shutting_down`."},
@@ -270,10 +279,10 @@ def build(base: dict[str, Any], methods: list) -> dict[str, Any]:
         images["get"]["parameters"] = [PATH_PARAMS["sha"], {
             "name": "format", "in": "query", "required": False,
             "schema": {"type": "string", "enum": ["png", "rgba"], "default": "png"}}]
-    jobs = doc["paths"].get("/v1/jobs", {})
-    if "post" in jobs:
-        jobs["post"]["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}
+    for path, schema in (("/v1/jobs", "JobRequest"), ("/v1/downloads", "DownloadRequest")):
+        if "post" in doc["paths"].get(path, {}):
+            doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
     ev = doc["paths"].get("/v1/jobs/{job_id}/events", {})
     if "get" in ev:
         ev["get"]["parameters"] = [PATH_PARAMS["job_id"], {
