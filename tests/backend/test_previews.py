@@ -2,6 +2,8 @@
 preview path never calls the VAE, and cache hits do not encode B."""
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -102,17 +104,163 @@ def test_projection_reproduces_the_vae_colours_on_a_trained_vae():
 
 def test_fit_is_kept_per_vae_and_in_the_cache(tiny, tmp_path):
     cache = Cache(tmp_path)
-    P._fitted.pop(tiny.vae, None)
+    P.forget(tiny)
     with _Counts(tiny) as c:
         first = P.previewer(tiny, cache)
         assert c.n["decode"] > 0  # fitted from the model's own decodes
         again = P.previewer(tiny, cache)
     assert again is first
-    P._fitted.pop(tiny.vae, None)
+    P.forget(tiny)
     with _Counts(tiny) as c:
         from_disk = P.previewer(tiny, Cache(tmp_path))
     assert c.n == {"encode": 0, "decode": 0}
     assert torch.equal(from_disk.weight, first.weight)
+
+
+# -- the fit at model load ---------------------------------------------------------------------
+
+def _manager(cache, counts=None):
+    """A model manager whose load hook is the server's (core.previews.prepare); ``counts``, a list,
+    receives a _Counts on each loaded VAE before the fit starts."""
+    from analogon.models import LoadOptions, ModelManager
+
+    def on_load(bundle):
+        if counts is not None:
+            counts.append(_Counts(bundle).__enter__())
+        P.prepare(bundle, cache)
+
+    return ModelManager(1, LoadOptions(device="cpu"), on_load=on_load)
+
+
+def _pixels_job(bundle, cache):
+    inputs = Inputs({"source": LayerImage(scene(64, 64, 1), "src"),
+                     "edit_map": [LayerImage(radial_map(64, 64), "m")]})
+    got, _ = _job(bundle, "pixels", inputs, {"steps": 16, "strength": 1.0, "crop_to_edit": False}, cache)
+    return [step for _, step in got if step is not None]  # the loop's previews (the result's: None)
+
+
+def test_the_fit_runs_at_load_in_the_background_and_a_job_does_not_wait_for_it(tmp_path, monkeypatch):
+    release = threading.Event()
+    fit = P.fit
+
+    def held_fit(bundle, *a, **kw):  # a fit that cannot finish until the test says so
+        assert threading.current_thread() is not threading.main_thread()
+        release.wait(60)
+        return fit(bundle, *a, **kw)
+
+    monkeypatch.setattr(P, "fit", held_fit)
+    cache = Cache(tmp_path)
+    bundle = _manager(cache).get("tiny-sd")  # returns while its fit waits
+    state = P.prepare(bundle, cache)  # the one the load started
+    assert state.thread is not None and not state.done.is_set() and P.ready(bundle) is None
+    assert _pixels_job(bundle, Cache(None)) == []  # ran to the end without waiting: progress, no preview
+    release.set()
+    assert state.wait(60) and state.source == "fitted" and state.error is None
+    assert P.ready(bundle) is not None
+    assert len(_pixels_job(bundle, Cache(None))) >= 3  # from then on, previews
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # the fit, on disk
+
+
+def test_a_later_load_reads_the_fit_from_disk_without_a_vae_call(tmp_path):
+    cache = Cache(tmp_path)
+    counts: list[_Counts] = []
+    first = _manager(cache, counts).get("tiny-sd")
+    state = P.prepare(first, cache)
+    assert state.wait(60) and state.source == "fitted"
+    assert counts[0].n["decode"] > 0  # no job ran: the load alone fitted it
+    weight = P.ready(first).weight
+    P.forget()  # what a new process knows
+    second = _manager(Cache(tmp_path), counts).get("tiny-sd")  # a new VAE module, same weights
+    assert second.vae is not first.vae
+    state2 = P.prepare(second, cache)
+    assert state2.wait(60) and state2.source == "disk"
+    assert counts[1].n == {"encode": 0, "decode": 0}
+    assert torch.equal(P.ready(second).weight, weight)
+    for c in counts:
+        c.__exit__()
+
+
+def test_a_different_vae_gets_its_own_fit(tmp_path):
+    cache = Cache(tmp_path)
+    a = load_bundle("tiny-sd", None)
+    b = load_bundle("tiny-sd", None)
+    with torch.no_grad():
+        b.vae.decoder.conv_out.bias += 0.25  # another decoder: brighter pictures
+    assert P.vae_digest(a) != P.vae_digest(b)
+    assert P.vae_digest(a) == P.vae_digest(load_bundle("tiny-sd", None))  # the same weights
+    pa = P.previewer(a, cache)
+    with _Counts(b) as c:
+        pb = P.previewer(b, cache)
+    assert c.n["decode"] > 0  # fitted, not read from a's entry
+    assert float((pb.bias - pa.bias).mean()) > 0.1
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def _saved_tiny(folder):
+    b = load_bundle("tiny-sd", None)
+    b.pipe.save_pretrained(str(folder))
+    return folder
+
+
+def test_the_digest_of_a_folder_model_is_its_vae_file_hashed_once(tmp_path, monkeypatch):
+    import shutil
+
+    one = _saved_tiny(tmp_path / "one")
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    with torch.no_grad():  # another model, the same VAE (a fine-tune sharing its VAE)
+        from safetensors.torch import load_file, save_file
+
+        unet_file = two / "unet" / "diffusion_pytorch_model.safetensors"
+        w = load_file(str(unet_file))
+        save_file({k: v + 0.01 for k, v in w.items()}, str(unet_file))
+    cache = Cache(tmp_path / "cache")
+    a, b = load_bundle(str(one), None), load_bundle(str(two), None)
+    assert a.key != b.key
+    hashed: list[int] = []
+    real = P._hash_files
+    monkeypatch.setattr(P, "_hash_files", lambda paths: (hashed.append(len(paths)), real(paths))[1])
+    da = P.vae_digest(a, cache)
+    assert da.startswith("file:") and da == "file:" + real([one / "vae" / "diffusion_pytorch_model.safetensors"])
+    assert P.vae_digest(b, cache) == da and hashed == [1, 1]  # two files with the same bytes
+    P.forget()
+    assert P.vae_digest(a, cache) == da and hashed == [1, 1]  # remembered on disk: not hashed again
+    P.previewer(a, cache)
+    P.forget()
+    with _Counts(b) as c:  # b's VAE is a's: a's fit serves it
+        assert P.prepare(b, cache, background=False).source == "disk"
+    assert c.n == {"encode": 0, "decode": 0}
+
+
+def test_a_second_process_reads_the_fit_from_disk(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = _saved_tiny(tmp_path / "model")
+    script = f"""
+import json, sys
+from analogon.core import previews as P
+from analogon.core.cache import Cache
+from analogon.models import LoadOptions, ModelManager
+calls = []
+cache = Cache({str(tmp_path / "cache")!r})
+def on_load(b):
+    for name in ("encode", "decode"):
+        orig = getattr(b.vae, name)
+        setattr(b.vae, name, lambda *a, _o=orig, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    P.prepare(b, cache)
+b = ModelManager(1, LoadOptions(device="cpu"), on_load=on_load).get({str(folder)!r})
+s = P.prepare(b, cache)
+s.wait(120)
+print(json.dumps({{"source": s.source, "calls": len(calls), "error": s.error}}))
+"""
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                      env=env, timeout=300, check=True).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0]["source"] == "fitted" and runs[0]["calls"] > 0 and runs[0]["error"] is None
+    assert runs[1] == {"source": "disk", "calls": 0, "error": None}
 
 
 def _job(bundle, method_id, inputs, params, cache=None, listen=True):
@@ -243,3 +391,18 @@ def test_preview_frame_places_the_picture_in_its_box_and_scales_the_map():
     assert (out[:26, :, 3] == 0).all()  # above the band: kept
     whole = P.PreviewFrame((64, 64), None).compose(red)
     assert (whole[..., 3] == 255).all() and whole.shape == (64, 64, 4)
+
+
+def test_the_server_fits_previews_when_it_loads_a_model(tmp_path):
+    from analogon.server.app import Settings, create_app
+
+    app = create_app(Settings(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache",
+                              scan_usual_places=False))
+    bundle = app.state.models.get("tiny-sd")  # what the worker does for a job's model
+    deadline = time.monotonic() + 60
+    while P.ready(bundle) is None and time.monotonic() < deadline:  # nobody asks for it
+        time.sleep(0.02)
+    assert P.ready(bundle) is not None
+    assert P.prepare(bundle, app.state.cache).source == "fitted"  # the one the load started
+    assert any((tmp_path / "cache").glob("*.safetensors"))
+    app.state.store.close()

@@ -5,12 +5,24 @@ each latent pixel's channels, mixed by a 3×C matrix plus a bias, give the colou
 block of the decoded picture (the idea behind the "latent previews" of painters' front ends).
 The matrix is not borrowed from anywhere: it is fitted once per VAE, by least squares, from a few
 decodes of the model's *own* VAE (:func:`fit`; a few small synthetic pictures with flat colour
-patches and gradients, encoded and decoded), kept in memory for the VAE and, with a cache, on
-disk under the model's key. A fine-tuned model or another VAE gets its own fit.
+patches and gradients, encoded and decoded). A fine-tuned model or another VAE gets its own fit.
+
+When the fit happens: when a model loads (:func:`prepare`, the model manager's load hook in the
+server), in a background thread, never inside a job. With a cache folder the fit is kept on disk
+under a digest of the VAE's *content* (:func:`vae_digest`: the VAE's safetensors file when it came
+from one, else its parameters' bytes), so it is done once per VAE, ever: every later load — another
+process, another model with the same VAE — reads it back (a few hundred bytes) and makes no VAE
+call. On a CPU the fit thread runs at a lower priority (:data:`FIT_NICE`, Linux) so that a job
+running beside it keeps the processor.
+
+A job that arrives before the fit is ready **does not wait for it**: it sends progress as usual
+and no preview until the fit is ready (:func:`ready`), then previews as every later job does. The
+first job on a model is therefore as fast as the hundredth (``analogon bench first``); only the
+first job ever on a new VAE starts its previews a little later.
 
 Cost per preview: one (3×C) matrix product over the latent grid and a bilinear resize — tens of
 microseconds at 512², against a VAE decode of ≈ 21 s on one CPU thread (≈ 1.4 guided UNet calls).
-The fit itself costs about as much as one 512² decode, once per VAE (``analogon bench`` reports it).
+The fit itself costs a few small encodes and decodes, once per VAE (``analogon bench`` reports it).
 
 Methods call :func:`preview_latents` every few steps (:func:`every`) with the scheduler's
 prediction of the clean latent (``pred_original_sample``): it does nothing when nobody listens,
@@ -25,19 +37,32 @@ them either).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-FIT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FIT_VERSION = 2  # 2: kept under the VAE's content digest (1: under the model's key)
 PREVIEW_LONG_SIDE = 256
+FIT_NICE = 10  # on a CPU the fit thread runs this much nicer than the process (Linux, per thread)
 _lock = threading.Lock()
+# per VAE module: its projection once ready, and the fit started for it (see prepare)
 _fitted: "weakref.WeakKeyDictionary[torch.nn.Module, LatentPreview]" = weakref.WeakKeyDictionary()
+_fits: "weakref.WeakKeyDictionary[torch.nn.Module, Fit]" = weakref.WeakKeyDictionary()
+# the stat identity of a VAE's source (its file, or a single-file checkpoint) -> its content digest
+_digests: dict[tuple, str] = {}
 # previews made in this process and the seconds they took (projection and the listener's own
 # work, e.g. the server's PNG encode): what ``analogon bench`` reports as a job's preview cost
 STATS = {"previews": 0, "seconds": 0.0}
@@ -131,38 +156,227 @@ def fit(bundle, images: np.ndarray | None = None, size: int | None = None) -> La
     return LatentPreview(weight, bias, f, err, base, time.perf_counter() - t0)
 
 
+# -- the VAE's identity: a digest of its content ----------------------------------------------
+
+def _vae_files(bundle) -> list[Path] | None:
+    """The safetensors file(s) the bundle's VAE was read from: a diffusers folder's
+    ``vae/diffusion_pytorch_model.safetensors`` (or its shards), the file the loader reads (it
+    asks for no variant). None for a VAE built in code or taken from a single-file checkpoint."""
+    if getattr(bundle, "source", None) == "single_file":
+        return None
+    folder = getattr(getattr(bundle.vae, "config", None), "_name_or_path", None)
+    if not folder or not os.path.isdir(folder):
+        return None
+    folder = Path(folder)
+    one = folder / "diffusion_pytorch_model.safetensors"
+    if one.is_file():
+        return [one]
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    paths = [folder / name for name in shards]
+    return paths if paths and all(q.is_file() for q in paths) else None
+
+
+def _stat(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_parameters(vae) -> str:
+    """SHA-256 over the VAE's tensors (names, shapes, values as float32: the same weights read in
+    float16 or float32 give one digest), in name order."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(vae.state_dict().items()):
+            t = t.detach().cpu()
+            t = (t.float() if t.is_floating_point() else t).contiguous()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _digest_entry(cache, identity: tuple) -> str:
+    return cache.key("vae-digest", "stat", identity=list(identity))
+
+
+def vae_digest(bundle, cache=None) -> str:
+    """What the bundle's VAE *is*, as a string: ``file:<sha256>`` of the safetensors file(s) it
+    came from, else ``params:<sha256>`` of its parameters. A file's digest is remembered under
+    the file's path, size, mtime and inode (and a single-file checkpoint's under the model's key
+    and the VAE's dtype) — in this process and, with a cache, on disk — so that hashing happens
+    once per file, not once per load."""
+    files = _vae_files(bundle)
+    if files is not None:
+        identity: tuple | None = ("file", *(_stat(q) for q in files))
+    elif str(getattr(bundle, "key", "")).startswith("file:"):
+        identity = ("model", bundle.key, str(bundle.vae.dtype))
+    else:
+        identity = None  # built in code (its parameters may change with the code): hash them
+    if identity is not None:
+        hit = _digests.get(identity)
+        if hit is None and cache is not None:
+            entry = cache.get(_digest_entry(cache, identity))
+            if entry is not None and "sha256" in entry:
+                hit = entry["sha256"].numpy().tobytes().decode("ascii", "replace")
+        if hit is not None:
+            _digests[identity] = hit
+            return hit
+    digest = "file:" + _hash_files(files) if files is not None else "params:" + _hash_parameters(bundle.vae)
+    if identity is not None:
+        _digests[identity] = digest
+        if cache is not None:
+            cache.put(_digest_entry(cache, identity),
+                      {"sha256": torch.frombuffer(bytearray(digest.encode("ascii")), dtype=torch.uint8)})
+    return digest
+
+
 def _cache_key(cache, bundle) -> str:
     vae = bundle.vae.config
-    return cache.key("latent-preview", bundle.key, version=FIT_VERSION,
-                     latent_channels=int(vae.latent_channels),
-                     scaling=float(vae.scaling_factor), dtype=str(bundle.vae.dtype))
+    return cache.key("latent-preview", vae_digest(bundle, cache), version=FIT_VERSION,
+                     latent_channels=int(vae.latent_channels), scaling=float(vae.scaling_factor),
+                     shift=float(getattr(vae, "shift_factor", None) or 0.0))
+
+
+# -- the fit, at model load ---------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    """A preview fit for one VAE, started by :func:`prepare`: ``wait()`` for it; ``source`` says
+    where the projection came from ("disk": the cache, "fitted": the VAE's own decodes)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    source: str | None = None
+    error: str | None = None
+    seconds: float = 0.0  # from start to ready (wall)
+    digest_seconds: float = 0.0  # of which: the VAE's digest
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+
+def _lower_priority() -> None:
+    """Make the calling thread (and the worker threads it starts) nicer: Linux keeps a niceness
+    per thread. Raising it needs no privilege; elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + FIT_NICE))
+    except (OSError, AttributeError):
+        pass
+
+
+def _obtain(bundle, cache, state: Fit) -> LatentPreview:
+    """The projection from the cache (no VAE call), else fitted now and stored."""
+    key = None
+    if cache is not None:
+        t = time.perf_counter()
+        key = _cache_key(cache, bundle)
+        state.digest_seconds = time.perf_counter() - t
+        entry = cache.get_entry(key)
+        if entry is not None:
+            t_, meta = entry
+            state.source = "disk"
+            return LatentPreview(t_["weight"].float(), t_["bias"].float(), bundle.vae_scale_factor,
+                                 float(meta.get("error", float("nan"))),
+                                 float(meta.get("baseline_error", float("nan"))), 0.0)
+    p = fit(bundle)
+    state.source = "fitted"
+    if key is not None:
+        cache.put(key, p.to_tensors(), {"error": p.error, "baseline_error": p.baseline_error,
+                                        "seconds": p.seconds})
+    return p
+
+
+def _run(bundle, cache, state: Fit, background: bool) -> None:
+    t0 = time.perf_counter()
+    if background and getattr(bundle.device, "type", "cpu") == "cpu":
+        _lower_priority()
+    try:
+        p = _obtain(bundle, cache, state)
+        with _lock:
+            _fitted[bundle.vae] = p
+    except Exception as e:  # a model without previews still runs its jobs
+        state.error = f"{type(e).__name__}: {e}"
+        log.warning("latent previews unavailable for %s: %s", getattr(bundle, "spec", "?"), state.error)
+    finally:
+        state.seconds = time.perf_counter() - t0
+        state.done.set()
+
+
+def prepare(bundle, cache=None, background: bool = True) -> Fit:
+    """At model load: have the VAE's projection ready for the jobs to come — read from the cache
+    or fitted, in a background thread unless ``background`` is False. Returns the fit (one per
+    VAE: a second call returns the first's, running or done)."""
+    vae = bundle.vae
+    with _lock:
+        state = _fits.get(vae)
+        if state is not None and (not state.done.is_set() or vae in _fitted or state.error):
+            return state
+        state = Fit()
+        if vae in _fitted:  # fitted by hand (previewer) before any load hook
+            state.source = "memory"
+            state.done.set()
+            _fits[vae] = state
+            return state
+        _fits[vae] = state
+    if background:
+        state.thread = threading.Thread(target=_run, args=(bundle, cache, state, True),
+                                        name="analogon-preview-fit", daemon=True)
+        state.thread.start()
+    else:
+        _run(bundle, cache, state, False)
+    return state
+
+
+def ready(bundle) -> LatentPreview | None:
+    """The VAE's projection if it is ready; None while its fit runs (never waits)."""
+    return _fitted.get(bundle.vae)
 
 
 def previewer(bundle, cache=None) -> LatentPreview:
-    """The projection for the bundle's VAE: fitted on first use (once per VAE), then kept in
-    memory for the VAE and, when a cache is given, on disk under the model's key."""
-    vae = bundle.vae
+    """The projection for the bundle's VAE, waiting for it: read or fitted now unless a fit is
+    already under way (then its remainder). For the bench and tests; jobs use :func:`ready`."""
+    hit = _fitted.get(bundle.vae)
+    if hit is not None:
+        return hit
+    state = prepare(bundle, cache, background=False)
+    state.wait()
+    hit = _fitted.get(bundle.vae)
+    if hit is None:
+        raise RuntimeError(f"latent preview fit failed: {state.error}")
+    return hit
+
+
+def forget(bundle=None) -> None:
+    """Drop what this process knows (one VAE's projection and fit, or everything including the
+    remembered digests): what a new process starts with. The disk cache is left alone."""
     with _lock:
-        hit = _fitted.get(vae)
-        if hit is not None:
-            return hit
-        key = _cache_key(cache, bundle) if cache is not None else None
-        entry = cache.get_entry(key) if key is not None else None
-        if entry is not None:
-            t, meta = entry
-            p = LatentPreview(t["weight"].float(), t["bias"].float(), bundle.vae_scale_factor,
-                              float(meta.get("error", float("nan"))),
-                              float(meta.get("baseline_error", float("nan"))), 0.0)
+        if bundle is None:
+            _fitted.clear()
+            _fits.clear()
+            _digests.clear()
         else:
-            p = fit(bundle)
-            if key is not None:
-                cache.put(key, p.to_tensors(), {"error": p.error, "baseline_error": p.baseline_error,
-                                                "seconds": p.seconds})
-        _fitted[vae] = p
-        return p
-
-
-prepare = previewer  # at model load: ``previews.prepare(bundle, cache)`` fits before any job
+            _fitted.pop(bundle.vae, None)
+            _fits.pop(bundle.vae, None)
 
 
 KEEP_MARGIN = 2  # preview pixels of alpha 0 around every "keep" pixel of the change map
@@ -245,10 +459,14 @@ def wants(ctx) -> bool:
 
 def preview_latents(ctx, latents: torch.Tensor, step: int | None = None) -> None:
     """Send the projection of ``latents`` (the first of the batch) as the job's preview; nothing
-    when no one listens. Never calls the VAE (beyond the one-time fit)."""
+    when no one listens, nor while the VAE's fit is not ready (it never waits for it). Never calls
+    the VAE: the fit runs in its own thread (:func:`prepare`)."""
     if latents is None or not wants(ctx):
         return
-    p = previewer(ctx.model, ctx.cache)
+    p = ready(ctx.model)
+    if p is None:  # the fit is under way (or the model was loaded without the load hook)
+        prepare(ctx.model, ctx.cache)
+        return
     t = time.perf_counter()
     ctx.preview(p.rgb(latents), step)
     STATS["previews"] += 1

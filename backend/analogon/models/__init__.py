@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -446,11 +447,17 @@ def _place(pipe, family: Family, device: torch.device, dtype: torch.dtype, optio
 
 
 class ModelManager:
-    """Keeps the last ``capacity`` models warm. Thread-safe; loads outside the lock's way."""
+    """Keeps the last ``capacity`` models warm. Thread-safe; loads outside the lock's way.
 
-    def __init__(self, capacity: int = 1, options: LoadOptions | None = None):
+    ``on_load(bundle)`` runs after each load, before the bundle is handed out; it must return at
+    once (the server's starts the latent-preview fit in a background thread:
+    ``core.previews.prepare``). An exception there is logged, never the load's failure."""
+
+    def __init__(self, capacity: int = 1, options: LoadOptions | None = None,
+                 on_load: Callable[[ModelBundle], Any] | None = None):
         self.capacity = max(1, capacity)
         self.options = options or LoadOptions()
+        self.on_load = on_load
         self._models: OrderedDict[str, ModelBundle] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0
@@ -461,6 +468,11 @@ class ModelManager:
                 self._models.move_to_end(spec)
                 return self._models[spec]
         bundle = load_bundle(spec, self.options)
+        if self.on_load is not None:
+            try:
+                self.on_load(bundle)
+            except Exception:
+                logging.getLogger(__name__).exception("model load hook failed for %s", spec)
         with self._lock:
             self.loads += 1
             self._models[spec] = bundle
