@@ -11,12 +11,21 @@
   whole peak (``peak_rss_mb``, weights included);
 - previews: how many the job sent (``previews``), the seconds they took (``preview_s``: the
   projection and the listener's PNG) and their share of the job's wall time (``preview_pct``);
-- model calls: ``unet_calls`` / ``unet_elems`` (batch elements through the UNet), ``vae_enc`` /
+- model calls made by the measured block's own thread (a background preview fit's are not the
+  job's): ``unet_calls`` / ``unet_elems`` (batch elements through the UNet), ``vae_enc`` /
   ``vae_dec`` (calls; elements in ``vae_enc_elems`` / ``vae_dec_elems``), and the seconds spent
-  inside each (``unet_s``, ``vae_enc_s``, ``vae_dec_s``; CPU seconds on CPU, wall on CUDA).
+  inside each (``unet_s``, ``vae_enc_s``, ``vae_dec_s``; CPU seconds on CPU, wall on CUDA);
+- the machine's load: the 1-minute load average when the run started and ended (``load_1m``, their
+  mean): a ratio measured while the machine was busy says so beside it.
+
+:func:`interleaved` runs several cases A B A B … (medians per case, :func:`summary`), so that a
+change of the machine's load during the measurement hits every case alike.
 """
 from __future__ import annotations
 
+import os
+import statistics
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -25,11 +34,13 @@ from ._memory import PeakMemory
 
 
 class Calls:
-    """Counts (and times) calls of the bundle's UNet forward and VAE encode/decode while active."""
+    """Counts (and times) calls of the bundle's UNet forward and VAE encode/decode while active,
+    made by the thread that entered it (other threads' calls, e.g. a preview fit, are not its)."""
 
     def __init__(self, bundle):
         self.bundle = bundle
         self.cuda = bundle.device.type == "cuda"
+        self.thread = threading.get_ident()
         self.n = {"unet_calls": 0, "unet_elems": 0, "vae_enc": 0, "vae_enc_elems": 0,
                   "vae_dec": 0, "vae_dec_elems": 0}
         self.s = {"unet_s": 0.0, "vae_enc_s": 0.0, "vae_dec_s": 0.0}
@@ -49,13 +60,15 @@ class Calls:
         stamp: list[float] = []
 
         def pre(_m, args, kwargs):
+            if threading.get_ident() != self.thread:
+                return
             x = args[0] if args else kwargs.get("sample")
             self.n["unet_calls"] += 1
             self.n["unet_elems"] += int(x.shape[0]) if x is not None else 0
             stamp.append(self._clock())
 
         def post(_m, _args, _kwargs, _out):
-            if stamp:
+            if stamp and threading.get_ident() == self.thread:
                 self.s["unet_s"] += self._clock() - stamp.pop()
 
         h1 = unet.register_forward_pre_hook(pre, with_kwargs=True)
@@ -65,6 +78,8 @@ class Calls:
             orig = getattr(vae, name)
 
             def wrapped(x, *a, _orig=orig, _key=key, **kw):
+                if threading.get_ident() != self.thread:
+                    return _orig(x, *a, **kw)
                 self.n[_key] += 1
                 self.n[_key + "_elems"] += int(x.shape[0])
                 t = self._clock()
@@ -101,6 +116,7 @@ def measure(bundle, fn: Callable[[], Any], memory: bool = True) -> tuple[dict[st
             torch.cuda.synchronize()
 
     mem = PeakMemory(bundle.device, python=False) if memory else None
+    load0 = load_average()
     with Calls(bundle) as calls, preview_cost() as pc:
         if mem is not None:
             mem.__enter__()
@@ -114,12 +130,48 @@ def measure(bundle, fn: Callable[[], Any], memory: bool = True) -> tuple[dict[st
             if mem is not None:
                 mem.__exit__(None, None, None)
     row: dict[str, Any] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
+    if load0 is not None:
+        row["load_1m"] = round((load0 + (load_average() or load0)) / 2, 2)
     if mem is not None:
         row.update({k: round(v, 1) for k, v in mem.as_row().items()})
     row.update(calls.row())
     row.update(previews=pc["previews"], preview_s=pc["preview_s"],
                preview_pct=round(100 * pc["preview_s"] / wall, 3) if wall > 0 else None)
     return row, out
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def interleaved(cases: list[tuple[str, Callable[[], Any]]], repeat: int, run_one,
+                warmup: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Each case ``repeat`` times, interleaved (A B A B …) after one warm-up round: case name ->
+    its rows, ``run_one(fn)`` measuring one run (e.g. ``lambda fn: measure(bundle, fn)[0]``)."""
+    if warmup:
+        for _, fn in cases:
+            fn()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
+    for _ in range(max(1, repeat)):
+        for name, fn in cases:
+            runs[name].append(run_one(fn))
+    return runs
+
+
+def summary(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over the rows that have it."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def load_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The machine's load over a case's runs: ``load_1m`` (median) and ``load_max``."""
+    vals = [r["load_1m"] for r in rows if r.get("load_1m") is not None]
+    return {"load_1m": round(statistics.median(vals), 2), "load_max": round(max(vals), 2)} if vals else {}
 
 
 def ratios(rows: list[dict[str, Any]], base: dict[str, Any], keys=("cpu_s", "wall_s")) -> None:

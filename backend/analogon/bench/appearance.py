@@ -1,31 +1,40 @@
 """Section `appearance`: the transfer loop of Cross-Image Attention, ours against an arrangement
 like the authors' code.
 
-- ``ours``: the ``appearance`` method as shipped: one UNet call per step whose batch holds only
-  what the step needs ([out with swapped K/V, out with its own K/V, the reference]; the output
-  alone on steps without a swap), the references read from their stored inversions, SDPA in
-  every layer but the swapped rows (explicit softmax for the contrast), the model's dtype.
+- ``ours, as shipped``: the ``appearance`` method with its shipped defaults (query preservation
+  γ = 0.75, masked AdaIN with automatic masks, FreeU): one UNet call per step whose batch holds
+  only what the step needs ([out with swapped K/V, out with its own K/V, the reference, and the
+  structure's queries on swapped steps]; the output alone on steps without a swap), the references
+  read from their stored inversions, SDPA in every layer but the swapped rows (explicit softmax
+  for the contrast), the model's dtype. This is what a painter runs.
+- ``ours, paper's settings``: the same method with the paper's attention (γ = 0) and whole-image
+  AdaIN: the mathematics of the authors-like loop, one arrangement against the other.
 - ``authors-like``: two UNet calls per step (swap, no swap) over [out, appearance, structure],
   both references re-denoised, classic attention (diffusers' ``AttnProcessor``: explicit
-  softmax) in every layer, float32 — the arrangement of the published code.
+  softmax) in every layer, float32 — the arrangement of the published code, at the paper's
+  settings (γ = 0, FreeU with the authors' operator, whole-image AdaIN).
 
-Both run the same schedule, ranges, contrast, guidance, structure injection and whole-image
-AdaIN from the same cached inversions (not timed); authors-like decodes its whole batch of three
-(as their code does), ours decodes the result once and sends a preview every few steps to a
-listener that makes the server's PNG (``core.previews``: projections, no VAE decode). A third arm,
-``diffusers img2img``, is the plain pipeline doing the same denoising (the same DDIM steps from the
-same start, one prompt, no guidance): what a step costs without any transfer. Ours includes the
-shared return path (``Method.run``). Reported (``bench._measure``): UNet calls and batch elements
-per step, VAE calls, the median wall and CPU seconds of ``--repeat`` runs and their ratios to
-authors-like, the ratio to the plain pipeline, previews and their share of the job, and the true
-peak memory (CUDA: the allocator's peak above the start; CPU: the resident set's high-water mark
-above the start, and the process's whole peak). ``--appearance-size`` overrides the working size (e.g. 512 on tiny-sd
+All run the same schedule, ranges, contrast, guidance, structure injection and FreeU from the same
+cached inversions (not timed); authors-like decodes its whole batch of three (as their code does),
+ours decodes the result once and sends a preview every few steps to a listener that makes the
+server's PNG (``core.previews``: projections, no VAE decode). A fourth arm, ``diffusers img2img``,
+is the plain pipeline doing the same denoising (the same DDIM steps from the same start, one
+prompt, no guidance): what a step costs without any transfer. Ours includes the shared return
+path (``Method.run``).
+
+Runs are interleaved (A B C D A B C D …, after one warm-up round unless ``--no-warmup``) and the
+medians reported with the machine's load beside them (``bench._measure``): UNet calls and batch
+elements per step, VAE calls, wall and CPU seconds and their ratios to authors-like
+(``speedup_cpu`` = authors-like / this row), the ratio to the plain pipeline, previews and their
+share of the job, and memory: the largest peak of the runs above the start (``peak_mem_mb``; CUDA:
+the allocator's, CPU: the resident set's high-water mark) *and* the process's whole peak
+(``peak_rss_mb`` on CPU, ``peak_alloc_mb`` on CUDA), with ``mem_ratio`` / ``process_mem_ratio``
+against authors-like. ``--appearance-size`` overrides the working size (e.g. 512 on tiny-sd
 puts a 64×64 latent through the swapped layers at their real token counts).
 """
 from __future__ import annotations
 
 import copy
-import statistics
 from typing import Any
 
 import numpy as np
@@ -42,21 +51,25 @@ def _add_arguments(p) -> None:
     p.add_argument("--appearance-steps", type=int, default=None,
                    help="schedule length (default 100 with skip 32; --quick 20 with skip 6)")
     p.add_argument("--appearance-cases", default=",".join(CASES),
-                   help=f"comma-separated cases to run (default: all of {','.join(CASES)}); the "
-                        "ratios need authors-like (and img2img for vs_img2img)")
+                   help=f"comma-separated cases to run (default: all of {','.join(CASES)}: "
+                        "ours = as shipped, paper = ours at the paper's settings); the ratios need "
+                        "authors-like (and img2img for vs_img2img)")
 
 
-CASES = {"authors-like": "authors-like", "ours": "ours", "img2img": "diffusers img2img"}
+CASES = {"authors-like": "authors-like", "paper": "ours, paper's settings", "ours": "ours, as shipped",
+         "img2img": "diffusers img2img"}
 
 
 def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
-    """Two fp32 UNet passes per step over [out, app, struct] with classic attention."""
+    """Two fp32 UNet passes per step over [out, app, struct] with classic attention, FreeU as
+    ``p`` says, whole-image AdaIN of the output towards the appearance."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor
 
     from ..core.adain import adain
     from ..core.attention import SwapController, SwapProcessor, decoder_attention_factors
     from ..core.diffusion import make_scheduler, vae_decode
+    from ..core.freeu import freeu
     from ..methods.appearance import Schedule
 
     class Classic:
@@ -87,22 +100,24 @@ def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
     x = torch.cat([inv_s.x(p.skip_steps), inv_a.x(p.skip_steps), inv_s.x(p.skip_steps)]).float()
     zs = [inv_s, inv_a, inv_s]
     try:
-        for j in range(sch.n):
-            i = p.skip_steps + j
-            t = sched.timesteps[i]
-            swap_f = [f for f, on in ((fine, sch.fine(j)), (coarse, sch.coarse(j))) if on and f]
-            src = 2 if sch.inject(j) else 1
-            with torch.no_grad():
-                ctl.set_step(latent_hw, {f: [(0, src)] for f in swap_f})
-                e_swap = unet32(x, t, **c3.unet_kwargs()).sample
-                ctl.set_step(latent_hw, {})
-                e_self = unet32(x, t, **c3.unet_kwargs()).sample
-            a = sch.alpha(j)
-            e = e_self + a * (e_swap - e_self) if swap_f else e_swap
-            x = torch.cat([sched.step(e[k:k + 1], t, x[k:k + 1], eta=1.0,
-                                      variance_noise=zs[k].z(i)).prev_sample for k in range(3)])
-            if sch.adain(j):
-                x[0:1] = adain(x[0:1], x[1:2])
+        with freeu(unet32, p.freeu_operator if p.freeu else None, p.freeu_s1, p.freeu_s2,
+                   p.freeu_b1, p.freeu_b2):
+            for j in range(sch.n):
+                i = p.skip_steps + j
+                t = sched.timesteps[i]
+                swap_f = [f for f, on in ((fine, sch.fine(j)), (coarse, sch.coarse(j))) if on and f]
+                src = 2 if sch.inject(j) else 1
+                with torch.no_grad():
+                    ctl.set_step(latent_hw, {f: [(0, src)] for f in swap_f})
+                    e_swap = unet32(x, t, **c3.unet_kwargs()).sample
+                    ctl.set_step(latent_hw, {})
+                    e_self = unet32(x, t, **c3.unet_kwargs()).sample
+                a = sch.alpha(j)
+                e = e_self + a * (e_swap - e_self) if swap_f else e_swap
+                x = torch.cat([sched.step(e[k:k + 1], t, x[k:k + 1], eta=1.0,
+                                          variance_noise=zs[k].z(i)).prev_sample for k in range(3)])
+                if sch.adain(j):
+                    x[0:1] = adain(x[0:1], x[1:2])
     finally:
         unet32.set_attn_processor(saved)
     return vae_decode(bundle, x.to(bundle.vae.dtype))  # the authors decode the whole batch
@@ -111,14 +126,16 @@ def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
 def run(opts) -> list[dict[str, Any]]:
     import torch
 
+    from ..core.attention import SwapController, installed
     from ..core.cache import Cache
-    from ..core.diffusion import encode_prompt
+    from ..core.diffusion import encode_prompt, make_scheduler
+    from ..core.freeu import freeu
     from ..core.images import native_size
     from ..methods import get as get_method
     from ..methods.base import Inputs, JobContext, LayerImage
     from ..models import LoadOptions, load_bundle
+    from ._measure import fit_previews, interleaved, listener, load_columns, measure, summary
     from .pixels import _sync, cases_from
-    from ._measure import fit_previews, listener, measure
 
     spec = getattr(opts, "appearance_model", None) or "tiny-sd"
     steps = getattr(opts, "appearance_steps", None) or (20 if opts.quick else 100)
@@ -132,9 +149,10 @@ def run(opts) -> list[dict[str, Any]]:
     size = bundle.native_size
     fit = fit_previews(bundle)  # once per VAE, as at model load
     method = get_method("appearance")
-    # whole-image AdaIN on both sides (the authors-like loop has no self-segmentation here) and
-    # no query preservation (the authors' attention): the same mathematics, two arrangements
-    p = method.Params(steps=steps, skip_steps=skip, adain="whole", freeu=False, query_preservation=0.0)
+    shipped = method.Params(steps=steps, skip_steps=skip)  # every other setting as shipped
+    # the paper's attention (no query preservation) and whole-image AdaIN on both sides (the
+    # authors-like loop has no self-segmentation): the same mathematics, two arrangements
+    paper = method.Params(steps=steps, skip_steps=skip, query_preservation=0.0, adain="whole")
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size]
     s = np.zeros((size, size, 4), np.uint8)
@@ -146,28 +164,33 @@ def run(opts) -> list[dict[str, Any]]:
     cache = Cache(None, memory_items=8)
     inputs = Inputs({"structure": LayerImage(s, "s"), "appearance": LayerImage(a, "a")})
 
-    def ours():
-        method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p)
-        _sync(bundle)
+    def ours(p):
+        def go():
+            method.run(JobContext(bundle, cache, 0, preview=listener), inputs, p)
+            _sync(bundle)
+        return go
 
     w, h = native_size((size, size), size, bundle.vae_scale_factor)
     latent_hw = (h // bundle.vae_scale_factor, w // bundle.vae_scale_factor)
-    # the inversions, cached before any timed run (the method's runs and the authors-like loop
-    # read the same cache entries: hits)
-    from ..core.diffusion import make_scheduler
-
-    prompt = p.prompt.replace("{domain}", p.domain)
+    # the inversions, cached before any timed run with FreeU as the runs have it (both settings
+    # share them: the inversion does not depend on γ or AdaIN); every run reads them (hits)
+    prompt = shipped.prompt.replace("{domain}", shipped.domain)
     cond, uncond = encode_prompt(bundle, prompt, "", image_hw=(h, w))
     ctx = JobContext(bundle, cache, 0)
     sched = make_scheduler(bundle, "ddim", steps)
-    inv_s, _ = method.inversion(ctx, sched, s, (w, h), cond, uncond, p, prompt, "structure")
-    inv_a, _ = method.inversion(ctx, sched, a, (w, h), cond, uncond, p, prompt, "appearance")
+    p = paper
+    ctl = SwapController()
+    ctl.set_step(latent_hw, {})
+    with installed(bundle.unet, ctl), \
+            freeu(bundle.unet, p.freeu_operator if p.freeu else None, p.freeu_s1, p.freeu_s2, p.freeu_b1, p.freeu_b2):
+        inv_s, _ = method.inversion(ctx, sched, s, (w, h), cond, uncond, p, prompt, "structure")
+        inv_a, _ = method.inversion(ctx, sched, a, (w, h), cond, uncond, p, prompt, "appearance")
     unet32 = None
     if "authors-like" in chosen:
         unet32 = copy.deepcopy(bundle.unet).float() if bundle.unet.dtype != torch.float32 else bundle.unet
 
     def authors_like():
-        _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond)
+        _authors_like_loop(bundle, unet32, inv_s, inv_a, paper, latent_hw, cond)
         _sync(bundle)
 
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
@@ -185,43 +208,58 @@ def run(opts) -> list[dict[str, Any]]:
                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="np")
         _sync(bundle)
 
-    fns = {"authors-like": authors_like, "ours": ours, "img2img": img2img}
+    fns = {"authors-like": authors_like, "paper": ours(paper), "ours": ours(shipped), "img2img": img2img}
     cases = [(CASES[c], fns[c]) for c in chosen]
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in cases}
-    if not getattr(opts, "no_warmup", False):
-        for _, fn in cases:  # warm-up
-            fn()
-    for _ in range(max(1, opts.repeat)):
-        for n, fn in cases:
-            runs[n].append(measure(bundle, fn)[0])
+    runs = interleaved(cases, opts.repeat, lambda fn: measure(bundle, fn)[0],
+                       warmup=not getattr(opts, "no_warmup", False))
 
     def med(n, key):
-        return statistics.median(r[key] for r in runs[n])
+        return summary(runs[n], key)
+
+    def peak(n, key):
+        vals = [r[key] for r in runs[n] if r.get(key) is not None]
+        return max(vals) if vals else None
+
+    def ratio(x, y):
+        return round(x / y, 3) if x is not None and y else None
 
     n_run = steps - skip
-    base = "authors-like" in runs
-    plain = "diffusers img2img" in runs
+    base = "authors-like"
     rows = []
     for n, fn in cases:
         last = runs[n][-1]
-        dtype = "float32" if n == "authors-like" else str(bundle.unet.dtype).replace("torch.", "")
+        dtype = "float32" if n == base else str(bundle.unet.dtype).replace("torch.", "")
+        p = {"ours, as shipped": shipped, "ours, paper's settings": paper, "authors-like": paper}.get(n)
         row: dict[str, Any] = {
             "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
             "size": f"{w}x{h}", "latent": f"{latent_hw[1]}x{latent_hw[0]}", "steps_run": n_run,
-            "case": n, "dtype": dtype, "unet_calls_per_step": round(last["unet_calls"] / n_run, 3),
+            "case": n, "dtype": dtype, "runs": len(runs[n]),
+            "query_preservation": p.query_preservation if p else None, "adain": p.adain if p else None,
+            "freeu": p.freeu if p else None,
+            "unet_calls_per_step": round(last["unet_calls"] / n_run, 3),
             "batch_elements_per_step": round(last["unet_elems"] / n_run, 3),
             "seconds": round(med(n, "wall_s"), 3),
-            "ratio": round(med(n, "wall_s") / med("authors-like", "wall_s"), 3) if base else None,
+            "ratio": ratio(med(n, "wall_s"), med(base, "wall_s")) if base in runs else None,
             "cpu_s": round(med(n, "cpu_s"), 3),
-            "cpu_ratio": round(med(n, "cpu_s") / med("authors-like", "cpu_s"), 3) if base else None,
-            "vs_img2img_cpu": round(med(n, "cpu_s") / med("diffusers img2img", "cpu_s"), 3) if plain else None,
+            "cpu_ratio": ratio(med(n, "cpu_s"), med(base, "cpu_s")) if base in runs else None,
+            "speedup_cpu": ratio(med(base, "cpu_s"), med(n, "cpu_s")) if base in runs else None,
+            "vs_img2img_cpu": ratio(med(n, "cpu_s"), med("diffusers img2img", "cpu_s"))
+            if "diffusers img2img" in runs else None,
         }
-        row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s")})
-        if n == "ours":
+        row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s", "load_1m")})
+        for key in ("peak_mem_mb", "peak_rss_mb", "peak_alloc_mb"):
+            if peak(n, key) is not None:
+                row[key] = round(peak(n, key), 1)
+        if base in runs:
+            row["mem_ratio"] = ratio(peak(n, "peak_mem_mb"), peak(base, "peak_mem_mb"))
+            whole = "peak_alloc_mb" if bundle.device.type == "cuda" else "peak_rss_mb"
+            row["process_mem_ratio"] = ratio(peak(n, whole), peak(base, whole))
+        row.update(load_columns(runs[n]))
+        if n == "ours, as shipped":
             row.update(fit)
         rows.append(row)
     return rows
 
 
-register("appearance", run, "Cross-Image Attention: one batched call vs two passes like the authors' code",
+register("appearance", run, "Cross-Image Attention as shipped and at the paper's settings vs two passes like the authors' code",
          _add_arguments)

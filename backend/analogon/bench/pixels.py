@@ -9,7 +9,8 @@ guidance and prompt, and both include the VAE encode and decode:
 
 Reported per case (``bench._measure``): the median wall and CPU seconds of ``--repeat`` runs
 (after one warm-up unless ``--no-warmup``, cases interleaved) and their ratios to img2img (the
-paper reports a small overhead), ``beyond_enc_ratio``: the CPU-time ratio with every VAE encode
+paper reports a small overhead) with the machine's load over the runs (``load_1m``, ``load_max``),
+``beyond_enc_ratio``: the CPU-time ratio with every VAE encode
 taken out on both sides (PIXELS must encode each exemplar as well: what is left is the loop and
 the decode), the ratio of the best runs, UNet and VAE calls (and the seconds inside them), the
 true peak memory of a run (CUDA: the allocator's peak; CPU: the resident set's high-water mark
@@ -85,7 +86,7 @@ def run(opts) -> list[dict[str, Any]]:
     from ..core.images import place
     from PIL import Image
 
-    from ._measure import fit_previews, listener, measure
+    from ._measure import fit_previews, interleaved, listener, load_columns, measure
 
     spec = getattr(opts, "pixels_model", None) or "tiny-sd"
     steps = getattr(opts, "pixels_steps", None) or (8 if opts.quick else 20)
@@ -136,13 +137,8 @@ def run(opts) -> list[dict[str, Any]]:
 
     fns = {"img2img": img2img, "map": pixels(False), "exemplar": pixels(True)}
     cases = [(CASES[c], fns[c]) for c in chosen]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
-    if not getattr(opts, "no_warmup", False):
-        for _, fn in cases:  # warm-up
-            fn()
-    for _ in range(repeat):
-        for name, fn in cases:
-            runs[name].append(measure(bundle, fn)[0])
+    runs = interleaved(cases, repeat, lambda fn: measure(bundle, fn)[0],
+                       warmup=not getattr(opts, "no_warmup", False))
 
     def med(name, key):
         return statistics.median(r[key] for r in runs[name])
@@ -167,7 +163,12 @@ def run(opts) -> list[dict[str, Any]]:
             "beyond_enc_ratio": round((med(name, "cpu_s") - med(name, "vae_enc_s")) / base_noenc, 3)
             if base_noenc > 0 else None,
         }
-        row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s")})
+        row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s", "load_1m")})
+        for key in ("peak_mem_mb", "peak_rss_mb", "peak_alloc_mb"):  # the largest of the runs
+            vals = [r[key] for r in runs[name] if r.get(key) is not None]
+            if vals:
+                row[key] = round(max(vals), 1)
+        row.update(load_columns(runs[name]))
         if name == cases[0][0]:
             row.update(fit)
         if name != "img2img" and hook_ms is not None:
