@@ -1,6 +1,7 @@
 """The one way back into the document (core.compositing) and the high-resolution pass
 (core.hires): maps on grids, carrying only the change up, compositing by value, layers,
-dithering, tiles."""
+dithering, tiles. The rules of what a changed area looks like (ghosts, source lines, the change
+carried, map edges) are in test_return_rules.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_resample_matrix_is_linear_interpolation_when_enlarging():
 
 def test_no_change_gives_back_the_base_exactly():
     base, _ = textured(480, 640)
-    g = C.guided_upsample(down(base, (64, 48)), base)
+    g = C.carry_up(down(base, (64, 48)), base)
     assert np.abs(g - base[..., :3]).max() < 0.01  # grain and 1-px lines come back
 
 
@@ -85,12 +86,19 @@ def test_a_colour_change_keeps_the_detail_a_stretch_loses():
     want = base.copy()
     want[disc, :3] = want[disc][:, [2, 1, 0]]  # the disc turns blue, grain and all
     out = down(want, (64, 48))
-    g = C.guided_upsample(out, base)
+    g = C.carry_up(out, base)
     stretch = torch.nn.functional.interpolate(
         torch.from_numpy(out).permute(2, 0, 1)[None], size=(480, 640), mode="bicubic",
         align_corners=False)[0].permute(1, 2, 0).numpy()
     assert psnr(g, want) > psnr(stretch, want) + 6
     assert lap_var(g) > 0.8 * lap_var(want) > 100 * lap_var(np.clip(stretch, 0, 255))
+
+
+def test_a_working_grid_finer_than_the_document_on_one_axis_comes_back_too():
+    base, _ = textured(40, 64)
+    out = np.full((64, 64, 3), 90, np.uint8)  # a square working size for a 64×40 region
+    g = C.carry_up(out, base)
+    assert g.shape == (40, 64, 3) and np.abs(g - 90).max() < 2
 
 
 # -- compositing by value --------------------------------------------------------------------
@@ -107,7 +115,7 @@ def test_weights_zero_grey_and_one_give_target_blend_and_result():
     assert (layer[:, :32] == 0).all()  # and nothing in the layer
     grey = slice(40, 56)  # inside the grey band, away from the feathered border
     full = slice(80, 128)
-    g = C.guided_upsample(out, target)
+    g = C.carry_up(out, target, weight)
     blend = target[:, grey, :3] + 0.3 * (g[:, grey] - target[:, grey, :3])
     assert np.abs(img[:, grey, :3].astype(np.float32) - blend).max() <= 1.0
     # the grey band keeps the target's detail in proportion (most of its grain)
@@ -124,12 +132,12 @@ def test_no_step_where_the_map_turns_black_on_a_smooth_input():
     out = np.full((8, 32, 3), 230, np.uint8)  # a strong change
     weight = np.zeros((h, w), np.float32)
     weight[:, 128:] = 0.3
-    feather = C.feather_radius((w, h), (32, 8))
-    ret = C.bring_back(out, target, weight=C.change_weight(weight, None, (h, w), feather))
+    radius = C.ramp_radius((w, h), (32, 8))
+    ret = C.bring_back(out, target, weight=C.change_weight(weight, None, (h, w), radius))
     cols = ret.image[..., 0].astype(np.float32).mean(0)
     own = np.abs(np.diff(target[..., 0].astype(np.float32).mean(0))).max()
     assert np.abs(np.diff(cols)).max() <= own + 4  # no seam: at most 4 levels beyond the input's
-    # without the feather the step is the whole 0.3 of the change
+    # without the ramp the step is the whole 0.3 of the change
     hard = C.bring_back(out, target, weight=weight).image[..., 0].astype(np.float32).mean(0)
     assert np.abs(np.diff(hard)).max() > own + 10
     assert np.array_equal(ret.image[:, :128], target[:, :128])
@@ -150,13 +158,21 @@ def test_layer_over_target_is_the_finished_image_and_honours_the_targets_alpha()
     assert (ret.layer[:, :32] == 0).all()
 
 
-def test_feather_stays_inside_the_support_and_reaches_one():
-    support = np.zeros((40, 40), bool)
-    support[10:30, 10:30] = True
-    f = C.feather_inward(support, 4)
-    assert (f[~support] == 0).all() and f[20, 20] == 1.0
-    assert 0 < f[10, 20] < 0.3  # small at the border, never a step to 1
-    assert np.all(np.diff(f[20, 10:21]) >= 0)
+def test_the_weight_follows_the_map_between_any_two_values_and_never_exceeds_it():
+    m = np.zeros((40, 120), np.float32)
+    m[:, 20:60] = 0.3  # black -> grey -> white -> grey -> black
+    m[:, 60:90] = 1.0
+    m[:, 90:100] = 0.3
+    f = C.follow_map(m, 3)
+    assert (f[m == 0] == 0).all() and (f <= m + 1e-7).all()
+    assert (f[:, 26:60] == np.float32(0.3)).all() and (f[:, 66:84] == 1.0).all()  # plateaus: the map
+    row = f[20]
+    assert np.all(np.abs(np.diff(row)) <= 0.7 / 7 + 1e-6)  # every edge a 7-px ramp: no step
+    assert row[20] > 0 and row[23] == pytest.approx(0.3 * 4 / 7)  # into black: inside the grey
+    e = C.erode(np.random.default_rng(0).random((30, 50)).astype(np.float32), 2)
+    ref = torch.nn.functional.max_pool2d(-torch.from_numpy(np.random.default_rng(0).random((30, 50)).astype(
+        np.float32))[None, None], 5, stride=1, padding=2)[0, 0].neg().numpy()
+    assert np.array_equal(e, ref)
 
 
 def test_dither_makes_gradients_without_bands_and_keeps_whole_values():
@@ -188,10 +204,12 @@ def test_tiles_cover_the_region_with_the_overlap_asked():
 
 
 def test_refine_size_follows_mode_and_max_pixels():
-    s = R.HiresSettings(mode="auto", max_pixels=0)
-    assert R.refine_size((3000, 2000), (64, 40), 64, s) == (312, 208)  # 16 × 64² pixels
-    assert R.refine_size((80, 60), (64, 48), 64, s) is None  # under 1.5 × the working size
+    on = R.HiresSettings(mode="on", max_pixels=0)
+    assert R.refine_size((3000, 2000), (64, 40), 64, on) == (312, 208)  # 16 × 64² pixels
     assert R.refine_size((3000, 2000), (64, 40), 64, R.HiresSettings(mode="off")) is None
+    auto = R.HiresSettings(mode="auto")
+    assert R.refine_size((3000, 2000), (512, 336), 512, auto) == (2504, 1672)
+    assert R.refine_size((700, 500), (512, 368), 512, auto) is None  # under 1.5 × the working size
     big = R.refine_size((4096, 4096), (512, 512), 512, R.HiresSettings(max_pixels=1024 * 1024))
     assert big == (1024, 1024)
 
@@ -231,13 +249,15 @@ def test_hires_pass_runs_tiles_keeps_black_pixels_and_can_be_cancelled(tiny_sd, 
         method.run(make_ctx(tiny_sd, cancel_after=n_before + 2), inputs, p)
 
 
-def test_novelty_is_zero_for_a_recolouring_and_one_for_a_new_edge():
+def test_the_fit_tells_a_recolouring_from_new_structure():
     base, disc = textured(480, 640)
     recoloured = base.copy()
     recoloured[disc, :3] = recoloured[disc][:, [2, 1, 0]]
-    assert C.novelty(down(recoloured, (64, 48)), base).max() < 0.05
+    fit = C.fit_change(down(recoloured, (64, 48)), base)
+    assert fit.new.max() < 0.3 and fit.new_share() < 0.1
     drawn = base.copy()
     drawn[40:200, 420:600, :3] = (30, 200, 30)  # a square where the base is flat
-    n = C.novelty(down(drawn, (64, 48)), base)
-    assert n[4:20, 42:60].max() == 1.0  # along the new square's edges
-    assert n[30:, :30].max() < 0.05  # the untouched part
+    fit = C.fit_change(down(drawn, (64, 48)), base)
+    assert fit.new[4:20, 42:60].min() > 0.95  # its edges and, decided by them, its inside
+    assert fit.new[30:, :30].max() == 0  # the untouched part
+    assert fit.new_share() > 0.9

@@ -7,20 +7,28 @@ the change up to the target's resolution and composites it by the weight.
 
 The high-resolution pass (:func:`refine`). A region much larger than the model's native size
 comes back from the model as a small picture; carrying only the change up keeps the target's own
-detail wherever the model kept its structure, but what the model *drew* (a new edge, a new
-texture) stays as soft as the working grid. The pass redraws that at (or towards) the document's
-resolution the way painters' upscalers do: the working result is carried up to a refine size of at
-most ``hires_max_pixels`` (default 16 × the model's native area), cut into tiles of the model's
-native size that overlap by ``hires_overlap``, and each tile is re-noised to ``hires_strength`` and
-denoised with the job's prompt (when the method has one) under the same per-pixel start-time
-schedule as every edit map (``core.editmap.EditSchedule``): a pixel of weight w is redrawn at
-strength w × hires_strength, a pixel of weight 0 not at all. Only what the model *drew* is
-redrawn: the schedule's map is the weight times the result's novelty (``compositing.novelty``,
-where the guided fit cannot explain the result by the base), so a recoloured or kept area keeps
-the base's own grain exactly instead of getting the model's idea of it; tiles without novelty
-are skipped. Tiles are blended with linear ramps
-across their overlaps, so no seam shows; the job can be cancelled between any two denoising
-steps. The refined picture then goes through the same carrying-up as any result.
+detail wherever the model recoloured or kept the base, and brings what the model *drew* (a new
+edge, a new texture) as the model's own picture, upscaled: as sharp as the working grid allows,
+no sharper. The pass redraws that at (or towards) the document's resolution the way painters'
+upscalers do: the working result is carried up to a refine size of at most ``hires_max_pixels``
+(default 16 × the model's native area), cut into tiles of the model's native size that overlap by
+``hires_overlap``, and each tile is re-noised to ``hires_strength`` and denoised with the job's
+prompt (when the method has one) under the same per-pixel start-time schedule as every edit map
+(``core.editmap.EditSchedule``): a pixel of weight w is redrawn at strength w × hires_strength, a
+pixel of weight 0 not at all. Only what the model *drew* is redrawn: the schedule's map is the
+weight times the fit's decision (``compositing.fit_change``: where the base cannot explain the
+result, or the result the base), so a recoloured or kept area keeps the base's own grain exactly
+instead of getting the model's idea of it; tiles with nothing drawn are skipped. Tiles are blended
+with linear ramps across their overlaps, so no seam shows; the job can be cancelled between any
+two denoising steps. The refined picture then goes through the same carrying-up as any result.
+
+When it runs (``hires``): "on" always (where the refine size exceeds the working size), "off"
+never, and "auto" only where it can add detail, decided from what can be measured (:func:`auto`,
+:func:`finish`): the model's native size is at least :data:`AUTO_MIN_NATIVE` px (the toy models,
+64 and 128 px, stay below it: on toy-sd the pass adds no measured detail), the refine size is
+more than :data:`AUTO_FACTOR` × the working size, and the fit decided that the model drew new
+structure in at least :data:`AUTO_MIN_NEW` of the changed area (where it only recoloured, carrying
+up already gives back the base's own detail at full resolution).
 
 Why this design (measured by ``analogon bench resolution``): refining the *carried-up* picture
 rather than re-running the method at a higher resolution keeps every method's own mechanism at
@@ -43,7 +51,9 @@ from .diffusion import vae_decode, vae_encode
 from .editmap import EditSchedule
 from .images import as_rgba, from_tensor
 
-AUTO_FACTOR = 1.5  # "auto" refines when the region is more than this × the working size
+AUTO_FACTOR = 1.5  # "auto" refines when the refine size is more than this × the working size
+AUTO_MIN_NATIVE = 256  # ... for a model of at least this native size (px)
+AUTO_MIN_NEW = 0.02  # ... that drew new structure in at least this part of the changed area
 AUTO_AREA = 16  # automatic max pixels: this × the model's native area
 
 
@@ -89,11 +99,16 @@ def refine_size(region: tuple[int, int], work: tuple[int, int], native: int, s: 
     w = max(multiple, int(rw * scale) // multiple * multiple)
     h = max(multiple, int(rh * scale) // multiple * multiple)
     grow = max(w / max(1, work[0]), h / max(1, work[1]))
-    if s.mode == "auto" and grow <= AUTO_FACTOR:
-        return None
-    if grow <= 1.0:
+    if grow <= 1.0 or (s.mode == "auto" and not auto(native, grow)):
         return None
     return w, h
+
+
+def auto(native: int, grow: float) -> bool:
+    """Whether ``hires: auto`` may run the pass for a model of ``native`` px whose result would
+    be refined at ``grow`` × its working size (:func:`finish` then asks the fit whether the model
+    drew anything: :data:`AUTO_MIN_NEW`)."""
+    return native >= AUTO_MIN_NATIVE and grow > AUTO_FACTOR
 
 
 def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
@@ -138,10 +153,10 @@ def refine(ctx, out: np.ndarray, base: np.ndarray, weight: np.ndarray, size: tup
     # the result carried up to the refine size (unweighted: the weight is applied once, when
     # the refined picture is brought back onto the target)
     base_u8 = np.clip(base_r + 0.5, 0, 255).astype(np.uint8)
-    start = C.guided_upsample(np.asarray(out)[..., :3], base_u8)
-    # redraw only what carrying up cannot explain (a new edge, a new texture): where the model
-    # kept or recoloured the base, its own detail already comes back exactly
-    new = C.novelty(np.asarray(out)[..., :3], base)
+    start = C.carry_up(np.asarray(out)[..., :3], base_u8)
+    # redraw only what the model drew (a new edge, a new texture): where it kept or recoloured
+    # the base, the base's own detail already comes back exactly
+    new = C.fit_change(np.asarray(out)[..., :3], base).new.numpy()
     new_r = C.resample(torch.from_numpy(new), size).clamp(0, 1).numpy()
     w_r = C.map_to_grid(weight, size)[0, 0].numpy() * new_r
     start_u8 = np.clip(np.floor(start + 0.5), 0, 255).astype(np.uint8)
@@ -212,12 +227,15 @@ def finish(ctx, method, inputs, params, result):
         bw, bh = box[2] - box[0], box[3] - box[1]
         out = np.asarray(r.rgba)
         work = (out.shape[1], out.shape[0])
-        weight = C.change_weight(change, None, (H, W), C.feather_radius((bw, bh), work))
+        weight = C.change_weight(change, None, (H, W), C.ramp_radius((bw, bh), work))
         base = as_rgba(r.base) if r.base is not None else target[box[1]:box[3], box[0]:box[2]]
         info: dict[str, Any] = {}
         w_box = np.ones((bh, bw), np.float32) if weight is None else weight[box[1]:box[3], box[0]:box[2]]
         size = refine_size((bw, bh), work, ctx.model.native_size, settings, ctx.model.vae_scale_factor,
                            cap=ctx.model.info.get("max_working_pixels")) if (w_box > 0).any() else None
+        if size is not None and settings.mode == "auto" \
+                and C.fit_change(out, base).new_share() < AUTO_MIN_NEW:
+            size = None  # the model only recoloured: carrying up keeps the base's detail already
         if size is not None:
             out, info["hires"] = refine(ctx, out, base, w_box, size, settings)
         ret = C.bring_back(out, target, box=box, base=base, weight=weight)

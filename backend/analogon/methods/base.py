@@ -74,7 +74,10 @@ class MethodParams(BaseModel):
         "auto", title="High-resolution pass",
         description="After the run at the model's own size, refine the changed area at (or "
                     "towards) the document's resolution, tile by tile, at low strength and graded "
-                    "by the edit map. auto: when the region is more than 1.5× the model's size.",
+                    "by the edit map, where the model drew new structure. auto: only where it "
+                    "adds detail: a model of 256 px or more, a region more than 1.5× its working "
+                    "size, and new structure in at least 2 % of the changed area (never on the "
+                    "toy models).",
         json_schema_extra={"advanced": True})
     hires_strength: float = Field(
         0.3, ge=0.0, le=1.0, title="High-resolution strength",
