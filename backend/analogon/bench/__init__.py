@@ -9,6 +9,9 @@ A section is a module in this package that calls :func:`register` at import time
     register("pixels", run, "PIXELS: seconds per pass at 512 and 1024")
 
 Method engineers add ``bench/<method>.py``; ``analogon bench --list`` shows them all.
+
+A suite (``analogon bench --suite NAME``) is one prepared run across models and methods that
+writes its own JSON and Markdown table (:func:`register_suite`; ``bench/gpu.py``).
 """
 from __future__ import annotations
 
@@ -34,12 +37,19 @@ class Section:
 
 
 SECTIONS: dict[str, Section] = {}
+SUITES: dict[str, Section] = {}
 
 
 def register(name: str, run: Callable[[argparse.Namespace], list[dict[str, Any]]], help: str = "",
              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Section:
     SECTIONS[name] = Section(name, run, help, add_arguments)
     return SECTIONS[name]
+
+
+def register_suite(name: str, run: Callable[[argparse.Namespace], dict[str, Any]], help: str = "",
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Section:
+    SUITES[name] = Section(name, run, help, add_arguments)
+    return SUITES[name]
 
 
 def discover() -> dict[str, Section]:
@@ -107,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warmup", action="store_true",
                    help="no warm-up run before the timed ones (full-size models on a CPU)")
     p.add_argument("--quality", action="store_true", help="run the quality suite instead (analogon.quality)")
-    for s in sections.values():
+    p.add_argument("--suite", choices=sorted(SUITES) or None, default=None,
+                   help="run a prepared suite instead of sections: "
+                        + "; ".join(f"{n}: {s.help}" for n, s in SUITES.items()))
+    for s in list(sections.values()) + list(SUITES.values()):
         if s.add_arguments is not None:
             s.add_arguments(p)
     opts = p.parse_args(argv)
@@ -120,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     if opts.list:
         for s in sections.values():
             print(f"{s.name:12s} {s.help}")
+        for s in SUITES.values():
+            print(f"--suite {s.name:4s} {s.help}")
+        return 0
+    if opts.suite:
+        if opts.sections:
+            print("analogon bench: --suite runs alone (no sections with it)", file=sys.stderr)
+            return 2
+        result = SUITES[opts.suite].run(opts)
+        if opts.json:
+            Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(opts.json).write_text(json.dumps(result, indent=2, default=str))
+            print(f"wrote {opts.json}")
         return 0
     names = opts.sections or list(sections)
     unknown = [n for n in names if n not in sections]

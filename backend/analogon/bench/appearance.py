@@ -123,7 +123,24 @@ def _authors_like_loop(bundle, unet32, inv_s, inv_a, p, latent_hw, cond) -> Any:
     return vae_decode(bundle, x.to(bundle.vae.dtype))  # the authors decode the whole batch
 
 
-def run(opts) -> list[dict[str, Any]]:
+def weights_mb(*modules) -> float:
+    """Megabytes of the modules' parameters and buffers (each tensor once)."""
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        if m is None:
+            continue
+        for t in list(m.parameters()) + list(m.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+def arms(bundle, steps: int, chosen: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The chosen cases (keys of :data:`CASES`) as functions of no argument on ``bundle`` at its
+    working size, with both inversions cached; and what they run (``info``: sizes, the two
+    parameter sets, each case's weights in MB)."""
     import torch
 
     from ..core.attention import SwapController, installed
@@ -133,21 +150,11 @@ def run(opts) -> list[dict[str, Any]]:
     from ..core.images import native_size
     from ..methods import get as get_method
     from ..methods.base import Inputs, JobContext, LayerImage
-    from ..models import LoadOptions, load_bundle
-    from ._measure import fit_previews, interleaved, listener, load_columns, measure, summary
-    from .pixels import _sync, cases_from
+    from ._measure import listener
+    from .pixels import _sync
 
-    spec = getattr(opts, "appearance_model", None) or "tiny-sd"
-    steps = getattr(opts, "appearance_steps", None) or (20 if opts.quick else 100)
     skip = round(steps * 0.32)
-    chosen = cases_from(getattr(opts, "appearance_cases", None), CASES)
-    bundle = load_bundle(spec, LoadOptions(device=opts.device))
-    if getattr(opts, "appearance_size", None):
-        bundle.native_size = int(opts.appearance_size)
-    if bundle.device.type == "cpu":
-        torch.set_num_threads(1)  # a shared CPU: one thread each gives steadier medians
     size = bundle.native_size
-    fit = fit_previews(bundle)  # once per VAE, as at model load
     method = get_method("appearance")
     shipped = method.Params(steps=steps, skip_steps=skip)  # every other setting as shipped
     # the paper's attention (no query preservation) and whole-image AdaIN on both sides (the
@@ -209,9 +216,22 @@ def run(opts) -> list[dict[str, Any]]:
         _sync(bundle)
 
     fns = {"authors-like": authors_like, "paper": ours(paper), "ours": ours(shipped), "img2img": img2img}
-    cases = [(CASES[c], fns[c]) for c in chosen]
-    runs = interleaved(cases, opts.repeat, lambda fn: measure(bundle, fn)[0],
-                       warmup=not getattr(opts, "no_warmup", False))
+    others = (bundle.vae, bundle.text_encoder, bundle.text_encoder_2)
+    own = weights_mb(bundle.unet, *others)
+    info = {"size": (w, h), "latent_hw": latent_hw, "steps_run": steps - skip, "shipped": shipped,
+            "paper": paper,
+            "weights_mb": {"authors-like": weights_mb(unet32, *others) if unet32 is not None else None,
+                           "paper": own, "ours": own, "img2img": own}}
+    return {c: fns[c] for c in chosen}, info
+
+
+def rows_for(bundle, spec: str, runs: dict[str, list[dict[str, Any]]], info: dict[str, Any],
+             names: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per case from its interleaved runs (medians; memory: the largest peak), with the
+    ratios to authors-like and to img2img where those ran. ``names``: case id -> its label."""
+    import torch
+
+    from ._measure import load_columns, summary
 
     def med(n, key):
         return summary(runs[n], key)
@@ -223,13 +243,17 @@ def run(opts) -> list[dict[str, Any]]:
     def ratio(x, y):
         return round(x / y, 3) if x is not None and y else None
 
-    n_run = steps - skip
-    base = "authors-like"
+    ids = {label: cid for cid, label in names.items()}
+    base, plain = CASES["authors-like"], CASES["img2img"]
+    n_run = info["steps_run"]
+    w, h = info["size"]
+    latent_hw = info["latent_hw"]
     rows = []
-    for n, fn in cases:
+    for n in runs:
+        cid = ids[n]
         last = runs[n][-1]
-        dtype = "float32" if n == base else str(bundle.unet.dtype).replace("torch.", "")
-        p = {"ours, as shipped": shipped, "ours, paper's settings": paper, "authors-like": paper}.get(n)
+        dtype = "float32" if cid == "authors-like" else str(bundle.unet.dtype).replace("torch.", "")
+        p = {"ours": info["shipped"], "paper": info["paper"], "authors-like": info["paper"]}.get(cid)
         row: dict[str, Any] = {
             "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
             "size": f"{w}x{h}", "latent": f"{latent_hw[1]}x{latent_hw[0]}", "steps_run": n_run,
@@ -242,22 +266,56 @@ def run(opts) -> list[dict[str, Any]]:
             "ratio": ratio(med(n, "wall_s"), med(base, "wall_s")) if base in runs else None,
             "cpu_s": round(med(n, "cpu_s"), 3),
             "cpu_ratio": ratio(med(n, "cpu_s"), med(base, "cpu_s")) if base in runs else None,
+            "speedup": ratio(med(base, "wall_s"), med(n, "wall_s")) if base in runs else None,
             "speedup_cpu": ratio(med(base, "cpu_s"), med(n, "cpu_s")) if base in runs else None,
-            "vs_img2img_cpu": ratio(med(n, "cpu_s"), med("diffusers img2img", "cpu_s"))
-            if "diffusers img2img" in runs else None,
+            "vs_img2img_cpu": ratio(med(n, "cpu_s"), med(plain, "cpu_s")) if plain in runs else None,
         }
         row.update({k: v for k, v in last.items() if k not in ("wall_s", "cpu_s", "load_1m")})
         for key in ("peak_mem_mb", "peak_rss_mb", "peak_alloc_mb"):
             if peak(n, key) is not None:
                 row[key] = round(peak(n, key), 1)
+        wmb = info["weights_mb"].get(cid)
+        if wmb is not None and row.get("peak_mem_mb") is not None:  # its weights + what it allocated
+            row["weights_mb"] = round(wmb, 1)
+            row["footprint_mb"] = round(wmb + row["peak_mem_mb"], 1)
         if base in runs:
             row["mem_ratio"] = ratio(peak(n, "peak_mem_mb"), peak(base, "peak_mem_mb"))
-            whole = "peak_alloc_mb" if bundle.device.type == "cuda" else "peak_rss_mb"
-            row["process_mem_ratio"] = ratio(peak(n, whole), peak(base, whole))
+            if bundle.device.type == "cuda":
+                bw = info["weights_mb"].get("authors-like")
+                if bw is not None and wmb is not None:
+                    row["process_mem_ratio"] = ratio(wmb + (peak(n, "peak_mem_mb") or 0),
+                                                     bw + (peak(base, "peak_mem_mb") or 0))
+            else:
+                row["process_mem_ratio"] = ratio(peak(n, "peak_rss_mb"), peak(base, "peak_rss_mb"))
         row.update(load_columns(runs[n]))
-        if n == "ours, as shipped":
-            row.update(fit)
         rows.append(row)
+    return rows
+
+
+def run(opts) -> list[dict[str, Any]]:
+    import torch
+
+    from ..models import LoadOptions, load_bundle
+    from ._measure import fit_previews, interleaved, measure
+    from .pixels import cases_from
+
+    spec = getattr(opts, "appearance_model", None) or "tiny-sd"
+    steps = getattr(opts, "appearance_steps", None) or (20 if opts.quick else 100)
+    chosen = cases_from(getattr(opts, "appearance_cases", None), CASES)
+    bundle = load_bundle(spec, LoadOptions(device=opts.device))
+    if getattr(opts, "appearance_size", None):
+        bundle.native_size = int(opts.appearance_size)
+    if bundle.device.type == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: one thread each gives steadier medians
+    fit = fit_previews(bundle)  # once per VAE, as at model load
+    fns, info = arms(bundle, steps, chosen)
+    cases = [(CASES[c], fns[c]) for c in chosen]
+    runs = interleaved(cases, opts.repeat, lambda fn: measure(bundle, fn)[0],
+                       warmup=not getattr(opts, "no_warmup", False))
+    rows = rows_for(bundle, spec, runs, info, {c: CASES[c] for c in chosen})
+    for row in rows:
+        if row["case"] == CASES["ours"]:
+            row.update(fit)
     return rows
 
 
