@@ -339,10 +339,11 @@ def _outcome(result, path: Path) -> tuple[str, str] | None:
     return None
 
 
-def _scan_in_thread(timeout: float, **kwargs):
-    """discovery.run_scan in a thread, or None when it has not ended after ``timeout`` seconds."""
+def in_thread(timeout: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a thread, or None when it has not returned after ``timeout``
+    seconds (a test of something that used to hang fails instead of hanging)."""
     out = []
-    t = threading.Thread(target=lambda: out.append(discovery.run_scan(**kwargs)), daemon=True)
+    t = threading.Thread(target=lambda: out.append(fn(*args, **kwargs)), daemon=True)
     t.start()
     t.join(timeout)
     return out[0] if out else None
@@ -369,7 +370,7 @@ def test_every_odd_thing_is_skipped_or_unreadable_with_its_reason(tmp_path):
     paths = {kind: build(hf if kind in HF_ODD_THINGS else models, f"odd{i:02d}")
              for i, (kind, (build, _, _)) in enumerate({**ODD_THINGS, **HF_ODD_THINGS}.items())}
     try:
-        result = _scan_in_thread(30, extra_dirs=[models], method_ids=METHODS, include_usual=False, hf_cache=hf)
+        result = in_thread(30, discovery.run_scan, [models], METHODS, include_usual=False, hf_cache=hf)
         assert result is not None, "the scan hung"
     finally:
         unblock_fifos(tmp_path)
@@ -390,7 +391,8 @@ def test_every_odd_thing_is_skipped_or_unreadable_with_its_reason(tmp_path):
 def test_a_fifo_never_blocks_classify_file(tmp_path):
     os.mkfifo(tmp_path / "f.safetensors")
     try:
-        assert classify_file(tmp_path / "f.safetensors") == (None, None, "cannot be read (a FIFO, not a file)")
+        assert in_thread(10, classify_file, tmp_path / "f.safetensors") == (
+            None, None, "cannot be read (a FIFO, not a file)")
     finally:
         unblock_fifos(tmp_path)
 
