@@ -112,7 +112,8 @@ def _base_parser() -> argparse.ArgumentParser:
     g.add_argument("--list", action="store_true", help="the recommended checkpoints")
     g.add_argument("--to", help="models folder (default: the backend's models folder)")
 
-    b = sub.add_parser("bench", help="benchmarks (sections: see --list); --quality runs the quality suite",
+    b = sub.add_parser("bench", help="benchmarks (sections: see --list); --quality runs the quality suite; "
+                                      "--suite gpu the GPU comparisons in one run (JSON + Markdown)",
                        add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)
 

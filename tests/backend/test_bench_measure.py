@@ -202,3 +202,5 @@ def test_first_job_section_reports_the_fit_at_load_and_the_steady_state(tmp_path
         # the jobs' own VAE calls: one encode, one decode (the fit's, in its thread, are not theirs)
         assert (r["first_vae_enc"], r["first_vae_dec"], r["steady_vae_enc"], r["steady_vae_dec"]) == (1, 1, 1, 1)
         assert r["first_s"] > 0 and r["steady_s"] > 0 and r["first_ratio"] > 0 and r["load_1m"] >= 0
+        assert r["rounds"] == 1 and r["first_ratios"] == [r["first_ratio"]]
+    assert (tmp_path / "cache" / "round-0").is_dir()

@@ -3,7 +3,9 @@
 The model is loaded the way the server loads it — a ``ModelManager`` whose load hook starts the
 latent-preview fit in a background thread (``core.previews.prepare``) — and a PIXELS job with a
 preview listener (the server's PNG) is run at once, as a painter's first click does; then
-``--first-jobs`` more jobs, the steady state (median). Two loads, one after the other:
+``--first-jobs`` more jobs, the steady state (median). Two loads, one after the other, in each of
+``--repeat`` rounds (each round with an empty cache folder; the rows give the medians over the
+rounds, ``first_ratios`` each round's ratio):
 
 - ``no fit on disk``: the first load of this VAE ever (an empty cache folder): the fit runs beside
   the first job, which does not wait for it and sends previews once it is ready;
@@ -14,7 +16,7 @@ preview listener (the server's PNG) is run at once, as a painter's first click d
 The job is PIXELS with an edit map at the shipped defaults (``--first-steps`` shortens the
 schedule). Reported per load: the first job's wall and CPU seconds and the steady state's (median
 of the later jobs), ``first_ratio`` / ``first_cpu_ratio`` (first / steady), the fit's source and
-wall seconds and whether it was ready when the first job ended, the previews of the first job
+wall seconds and in how many rounds it was ready when the first job ended, the previews of the first job
 and of a steady one, the step of the first job's first preview, the VAE calls of the jobs
 themselves (a background fit's are not the job's), and the machine's load. On a CPU the process
 CPU seconds of the first job include the fit's (another thread); its wall time is what the
@@ -23,6 +25,7 @@ painter waits.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -40,7 +43,8 @@ def _add_arguments(p) -> None:
     p.add_argument("--first-jobs", type=int, default=None,
                    help="jobs after the first, for the steady state (default 3; --quick 2)")
     p.add_argument("--first-cache", default=None, metavar="DIR",
-                   help="cache folder (default: a fresh temporary one, so that the first load fits)")
+                   help="where each round's cache folder is made (default: a temporary folder); "
+                        "each round starts from an empty one, so that its first load fits")
 
 
 def run(opts) -> list[dict[str, Any]]:
@@ -65,6 +69,7 @@ def run(opts) -> list[dict[str, Any]]:
         tmp = tempfile.TemporaryDirectory(prefix="analogon-bench-first-")
         folder = tmp.name
     rows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
     try:
         if not getattr(opts, "no_warmup", False):
             # the process's own one-time costs (lazy imports, thread pools, the allocator's first
@@ -81,9 +86,10 @@ def run(opts) -> list[dict[str, Any]]:
                                "edit_map": [LayerImage(radial_map(n, n), "m")]}), params)
             del warm
             gc.collect()
-        for state in ("no fit on disk", "fit on disk"):
+        for rnd, state in [(r, st) for r in range(max(1, opts.repeat))
+                           for st in ("no fit on disk", "fit on disk")]:
             P.forget()  # what a new process knows: nothing in memory, the disk as it is
-            cache = Cache(folder)
+            cache = Cache(os.path.join(folder, f"round-{rnd}"))
             fits: list[P.Fit] = []
             manager = ModelManager(1, LoadOptions(device=opts.device),
                                    on_load=lambda b: fits.append(P.prepare(b, cache)))
@@ -123,7 +129,7 @@ def run(opts) -> list[dict[str, Any]]:
             def med(key):
                 return statistics.median(r[key] for r in steady)
 
-            rows.append({
+            raw.append({
                 "model": spec, "device": str(bundle.device), "threads": torch.get_num_threads(),
                 "size": f"{size}x{size}", "steps_run": round(steps * params.strength), "load": state,
                 "load_s": round(load_s, 3), "first_s": first["wall_s"], "steady_s": round(med("wall_s"), 3),
@@ -145,6 +151,20 @@ def run(opts) -> list[dict[str, Any]]:
     finally:
         if tmp is not None:
             tmp.cleanup()
+    # one row per load: medians over the rounds (the first job is one sample per round)
+    for state in ("no fit on disk", "fit on disk"):
+        mine = [r for r in raw if r["load"] == state]
+        row = dict(mine[-1])
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                vals = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
+                row[key] = round(statistics.median(vals), 3) if vals else None
+        row["rounds"] = len(mine)
+        row["fit_ready_at_first_end"] = sum(bool(r["fit_ready_at_first_end"]) for r in mine)
+        row["first_ratios"] = [r["first_ratio"] for r in mine]
+        row["first_preview_step"] = statistics.median(
+            [r["first_preview_step"] for r in mine if r["first_preview_step"] is not None] or [0]) or None
+        rows.append(row)
     return rows
 
 

@@ -12,8 +12,9 @@ server), in a background thread, never inside a job. With a cache folder the fit
 under a digest of the VAE's *content* (:func:`vae_digest`: the VAE's safetensors file when it came
 from one, else its parameters' bytes), so it is done once per VAE, ever: every later load — another
 process, another model with the same VAE — reads it back (a few hundred bytes) and makes no VAE
-call. On a CPU the fit thread runs at a lower priority (:data:`FIT_NICE`, Linux) so that a job
-running beside it keeps the processor.
+call. On a CPU the fit itself (the VAE's encodes and decodes, not the digest or the read from
+disk) runs at a lower priority (:data:`FIT_NICE`, Linux) so that a job running beside it keeps
+the processor.
 
 A job that arrives before the fit is ready **does not wait for it**: it sends progress as usual
 and no preview until the fit is ready (:func:`ready`), then previews as every later job does. The
@@ -284,8 +285,9 @@ def _lower_priority() -> None:
         pass
 
 
-def _obtain(bundle, cache, state: Fit) -> LatentPreview:
-    """The projection from the cache (no VAE call), else fitted now and stored."""
+def _obtain(bundle, cache, state: Fit, background: bool = False) -> LatentPreview:
+    """The projection from the cache (no VAE call), else fitted now and stored; in a background
+    thread on a CPU the fit (not the cache's read) runs at a lower priority."""
     key = None
     if cache is not None:
         t = time.perf_counter()
@@ -298,6 +300,8 @@ def _obtain(bundle, cache, state: Fit) -> LatentPreview:
             return LatentPreview(t_["weight"].float(), t_["bias"].float(), bundle.vae_scale_factor,
                                  float(meta.get("error", float("nan"))),
                                  float(meta.get("baseline_error", float("nan"))), 0.0)
+    if background and getattr(bundle.device, "type", "cpu") == "cpu":
+        _lower_priority()
     p = fit(bundle)
     state.source = "fitted"
     if key is not None:
@@ -308,10 +312,8 @@ def _obtain(bundle, cache, state: Fit) -> LatentPreview:
 
 def _run(bundle, cache, state: Fit, background: bool) -> None:
     t0 = time.perf_counter()
-    if background and getattr(bundle.device, "type", "cpu") == "cpu":
-        _lower_priority()
     try:
-        p = _obtain(bundle, cache, state)
+        p = _obtain(bundle, cache, state, background)
         with _lock:
             _fitted[bundle.vae] = p
     except Exception as e:  # a model without previews still runs its jobs
