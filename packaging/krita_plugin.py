@@ -10,7 +10,8 @@ and ``analogon_krita.action``. ``install`` puts the same files into a profile's 
 folder (``pykrita/`` and ``actions/``) and enables the plugin in ``kritarc``.
 
 ``release`` builds the backend wheel (with pip, from this checkout) and a zip that also
-carries it, with the locked requirement files, under ``analogon_krita/backend/``: Krita's
+carries it, with the locked requirement files and the pinned uv (``uv.json``), under
+``analogon_krita/backend/``: Krita's
 importer extracts everything under the package folder, so the docker's installer finds the
 exact backend version that matches the plugin beside its own code
 (``dist/analogon_krita-VERSION.zip``). Standard library only (and pip for the wheel).
@@ -36,6 +37,7 @@ ACTION = ROOT / "manifest" / f"{NAME}.action"
 ICONS = ROOT / "icons"
 MANUAL = ROOT / "docs" / "plugin.md"
 REQUIREMENTS = ROOT / "packaging" / "requirements"
+UV_PINS = ROOT / "packaging" / "uv.json"  # PyPI's uv wheel per platform (uv_pin.py)
 BUNDLE = "backend"  # the folder inside the package that carries the wheel and the lock files
 
 
@@ -108,6 +110,7 @@ def build_zip(out: Path, wheel: Path | None = None) -> Path:
             z.write(wheel, f"{NAME}/{BUNDLE}/{Path(wheel).name}")
             for req in sorted(REQUIREMENTS.glob("*.txt")):
                 z.write(req, f"{NAME}/{BUNDLE}/requirements/{req.name}")
+            z.write(UV_PINS, f"{NAME}/{BUNDLE}/uv.json")
     return out
 
 

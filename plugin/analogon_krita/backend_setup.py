@@ -49,21 +49,56 @@ class InstallPane(QtWidgets.QWidget):
         self.install_progress.setRange(0, 100)
         self.install_progress.setFormat("")
         lay.addWidget(self.install_progress)
+        self.install_step = QtWidgets.QLabel()  # the step, what it downloads, MB and MB/s
+        self.install_step.setObjectName("install_step")
+        self.install_step.setWordWrap(True)
+        lay.addWidget(self.install_step)
         self.install_log = QtWidgets.QPlainTextEdit()
         self.install_log.setObjectName("install_log")
         self.install_log.setReadOnly(True)
         self.install_log.setMaximumBlockCount(2000)
         lay.addWidget(self.install_log, 1)
-        self.install_button.clicked.connect(lambda: self.installer.install(self.variant.currentData()))
+        self.install_button.clicked.connect(self._install)
         self.update_button.clicked.connect(lambda: self.installer.update(self.variant.currentData()))
         self.uninstall_button.clicked.connect(self._uninstall)
         self.cancel_install_button.clicked.connect(self.installer.cancel)
         self.installer.progress.connect(self._on_install_progress)
-        self.installer.logLine.connect(self.install_log.appendPlainText)
+        self.installer.started.connect(self.install_log.clear)  # this run's lines only
+        self.installer.logLine.connect(self._append_log)
         self.installer.finished.connect(lambda ok, msg: self._show_install_state(msg))
+        if self.installer.installed_variant():  # Update keeps the build it was installed with
+            self.variant.setCurrentIndex(max(0, self.variant.findData(self.installer.installed_variant())))
         self._show_install_state()
 
+    def ask(self, title: str, text: str) -> bool:
+        """A yes/no question (tests answer it themselves)."""
+        Buttons = QtWidgets.QMessageBox.StandardButton
+        return QtWidgets.QMessageBox.question(self, title, text, Buttons.Yes | Buttons.No,
+                                              Buttons.No) == Buttons.Yes
+
+    def _append_log(self, line: str):
+        """The log follows its tail, unless the painter scrolled up to read."""
+        bar = self.install_log.verticalScrollBar()
+        at_end = bar.value() >= bar.maximum() - 2
+        self.install_log.appendPlainText(line)
+        if at_end:
+            bar.setValue(bar.maximum())
+
+    def _install(self):
+        if self.installer.installed():
+            size = inst.gigabytes(self.installer.disk_usage())
+            if not self.ask("Install again", f"Install the backend again? The installed one in "
+                            f"{self.installer.venv} ({size}) is removed first and everything is "
+                            "downloaded again. Update installs this plugin's backend into it instead."):
+                return
+        self.installer.install(self.variant.currentData())
+
     def _uninstall(self):
+        size = inst.gigabytes(self.installer.disk_usage())
+        if not self.ask("Uninstall the backend", f"Uninstall the Analogon backend? This frees {size}: the "
+                        f"environment in {self.installer.venv}, its Python and the download cache. "
+                        "Your models are kept."):
+            return
         if self.c.process.running:
             self.c.stop_backend()
         self.installer.uninstall()
@@ -71,7 +106,8 @@ class InstallPane(QtWidgets.QWidget):
 
     def _on_install_progress(self, percent: int, text: str):
         self.install_progress.setValue(percent)
-        self.install_progress.setFormat(text[:80])
+        self.install_progress.setFormat(f"{percent} %")
+        self.install_step.setText(text)
         self._show_install_state()
 
     def _show_install_state(self, message: str = ""):
@@ -80,22 +116,26 @@ class InstallPane(QtWidgets.QWidget):
         have = self.installer.installed_version() if installed else ""
         bundled = inst.wheel_version(self.installer.wheel) if self.installer.wheel else ""
         if running:
-            text = "Installing\u2026"
+            text = f"Installing backend {bundled} into {self.installer.venv}\u2026"
         elif installed:
-            text = f"Backend {have} installed in {self.installer.venv}."
+            built = dict(inst.VARIANTS).get(self.installer.installed_variant(), "")
+            text = f"Backend {have} installed in {self.installer.venv}" + (f" (PyTorch for {built})." if built else ".")
             if bundled and have != bundled:
                 text += f" This plugin carries {bundled}: Update installs it."
         elif bundled:
-            text = (f"No backend installed. Install backend puts backend {bundled} and PyTorch "
-                    f"(3\u20136 GB) into {self.installer.venv}.")
+            text = (f"No backend installed. Install backend puts backend {bundled} with PyTorch into "
+                    f"{self.installer.venv}: a download of several GB for a GPU (less for CPU only), "
+                    "5\u201320 minutes. It needs no Python of yours: a suitable one is downloaded "
+                    "when there is none.")
         else:
             text = ("This copy of the plugin carries no backend: install the release zip, or set the "
                     "backend command under Advanced.")
         self.install_status.setText(text + (f"\n{message}" if message else ""))
         self.install_button.setEnabled(not running and bool(bundled))
         self.update_button.setEnabled(not running and installed and bool(bundled))
-        self.uninstall_button.setEnabled(not running and installed)
+        self.uninstall_button.setEnabled(not running and (installed or bool(self.installer.leftover_dirs())))
         self.cancel_install_button.setEnabled(running)
+        self.variant.setEnabled(not running)
 
 
 class InstallDialog(QtWidgets.QDialog):

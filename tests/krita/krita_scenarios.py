@@ -610,9 +610,11 @@ def sweep(*args):
 # ``kritarunner -f setup``: the settings dialog's backend tabs (``backend_setup.BackendSetup``,
 # built as the dialog builds them) and the docker's controller, as a painter uses them. The
 # test side (test_in_krita.py) sets, through the environment:
-#   ANALOGON_TEST_INSTALL_PYTHON  the Python the installer is offered (install runs when set),
+#   ANALOGON_TEST_INSTALL_PYTHON  the Python uv is asked for (install runs when set),
+#   ANALOGON_TEST_UV              the uv binary to install with (instead of PyPI's pinned wheel),
 #   ANALOGON_TEST_SITE_PACKAGES   the test environment's site-packages (os.pathsep-separated),
 #                                 seen by the new environment (installer's test-only option),
+#   ANALOGON_TEST_INDEX           PyPI's and the PyTorch index's stand-in (a closed port: offline),
 #   ANALOGON_TEST_COMFY           the checkpoint put into the fake ComfyUI's models/checkpoints,
 #   ANALOGON_TEST_HUB             the fake hub (HF_ENDPOINT); it holds the download half-way
 #                                 until GET /_test/resume,
@@ -773,6 +775,7 @@ def setup(*args):
         from analogon_krita import qt
         from analogon_krita.backend_setup import BackendSetup
         from analogon_krita.controller import Controller
+        from analogon_krita import installer as installer_mod
         from analogon_krita.installer import Installer
 
         app = Krita.instance()
@@ -783,9 +786,11 @@ def setup(*args):
         sys.excepthook = lambda *a: REPORT["uncaught"].append("".join(traceback.format_exception(*a)))
         c = Controller(app=app)
         python = os.environ.get("ANALOGON_TEST_INSTALL_PYTHON")
-        if python:  # offline, from the test environment's packages (tests only)
+        if python:  # offline: uv and the packages of the test environment, or an index on 127.0.0.1
             site = [p for p in os.environ.get("ANALOGON_TEST_SITE_PACKAGES", "").split(os.pathsep) if p]
-            installer = Installer(offline=True, candidates=[[python]], test_site_packages=site)
+            index = os.environ.get("ANALOGON_TEST_INDEX") or None
+            installer = Installer(uv=os.environ["ANALOGON_TEST_UV"], python=python, test_site_packages=site,
+                                  index_url=index, pytorch_index=index or installer_mod.PYTORCH_INDEX)
         else:
             installer = Installer()  # the docker's own
         setup_tabs = BackendSetup(c, installer)

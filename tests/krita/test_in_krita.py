@@ -375,15 +375,24 @@ def fresh(request, tmp_path_factory):
                "ANALOGON_NO_REGISTER": "1", "ANALOGON_QT_API": "",
                "ANALOGON_KRITA_REPORT": str(out), "ANALOGON_TEST_TMP": str(tmp / "tmp"),
                "ANALOGON_TEST_COMFY": str(comfy), "ANALOGON_TEST_HUB": hub.url}
+        uv = tmp / "uv" / "uv"  # the test environment's uv, where the Krita 6 root sees it too
+        uv.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(sys.executable).parent / "uv", uv)
+        env["ANALOGON_TEST_UV"] = str(uv)
         if krita.major == 5:
             env["ANALOGON_TEST_INSTALL_PYTHON"] = sys.executable
             env["ANALOGON_TEST_SITE_PACKAGES"] = os.pathsep.join(site.getsitepackages())
             env["ANALOGON_BACKEND_COMMAND"] = None  # Start backend finds the installed one
         else:
-            # Krita 6's Python (3.14, in its root) cannot run the test environment's packages
-            # (built for this Python): the docker there is asked to install with what the root
-            # has, and the backend that is started is this machine's, through the wrapper
+            # Krita 6's Python (3.14, in its root, without ensurepip) cannot run the test
+            # environment's packages (built for this Python): the docker there makes the
+            # environment with the root's Python and stops where the packages would have to be
+            # downloaded (the index is a closed port); the backend that is started is this
+            # machine's, through the wrapper
             env["ANALOGON_TEST_INSTALL_EXPECT_FAIL"] = "1"
+            env["ANALOGON_TEST_INSTALL_PYTHON"] = "/usr/bin/python3"
+            env["ANALOGON_TEST_INDEX"] = "http://127.0.0.1:9/simple/"
+            env["UV_HTTP_RETRIES"] = "0"
             env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, backend_env)
         argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "setup"], env)
         proc = subprocess.run(argv, env=penv, capture_output=True, timeout=1200)
@@ -404,16 +413,15 @@ def test_fresh_krita_installs_the_backend_from_the_release_zip(fresh):
 
     if fresh["krita"].major == 6:
         s = scenario(fresh, "install")
-        # the root's Python 3.14 has no ensurepip (Debian's python3-venv is not installed there)
-        root = kritas.krita6_root.root_dir()
-        if any((root / "usr" / "lib").glob("python3*/ensurepip")):
-            pytest.skip("the Krita 6 root has venv and ensurepip, but the test environment's packages "
-                        "are built for the host's Python: an offline install cannot be tested there")
-        assert s["ends"] and s["ends"][0][0] is False
-        assert s["ends"][0][1].startswith("No Python 3.10 or newer was found") and "python3-venv" in s["ends"][0][1]
+        # the root's Python 3.14 has no ensurepip: uv makes the environment all the same, and
+        # the install stops only where PyTorch would be downloaded (the index is a closed port)
+        assert s["ends"] and s["ends"][0][0] is False, s["log_tail"]
+        assert "Using CPython 3.14" in s["log_tail"] and "Creating virtual environment" in s["log_tail"]
+        assert "The PyTorch download server could not be reached" in s["log_tail"]
+        assert s["ends"][0][1].startswith("Installing PyTorch from PyPI failed: Connection refused")
         assert not s["installed"] and not Path(s["venv"]).exists()
-        pytest.skip("Krita 6: the docker says what to install (no Python with venv/ensurepip in its "
-                    "root); installing there would need PyTorch for Python 3.14 from the network")
+        pytest.skip("Krita 6: the environment is made with the root's Python 3.14 (no ensurepip); "
+                    "installing PyTorch for it would need the network")
     s = scenario(fresh, "install")
     venv = fresh["tmp"] / "data" / "analogon" / "venv"
     wheel_version = installer.wheel_version(next((fresh["tmp"] / "py" / "analogon_krita" / "backend").glob("*.whl")))
@@ -423,11 +431,11 @@ def test_fresh_krita_installs_the_backend_from_the_release_zip(fresh):
     percents = [p for p, _ in s["progress"]]
     assert percents == sorted(percents) and percents[-1] == 100 and max(percents[:-1]) < 100
     titles = " ".join(t for _, t in s["progress"])
-    assert "Installing the dependencies" in titles and "Installing the Analogon backend" in titles
+    assert "Creating the Python environment" in titles and "Installing the Analogon backend" in titles
     assert f"Backend {wheel_version} installed in {venv}" in s["status_after"]
     assert s["update_enabled"] and s["uninstall_enabled"]
     assert s["default_command"] == str(venv / "bin" / "analogon")  # what Start backend runs
-    assert "Successfully installed analogon" in s["log_tail"]
+    assert f"+ analogon=={wheel_version}" in s["log_tail"]  # uv's words
     # the environment runs the wheel's code, not this checkout's
     probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import analogon; print(analogon.__file__)"],
                            capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})

@@ -54,8 +54,22 @@ def test_install_buttons_follow_the_state(kapp, tmp_path):
     assert "0.3.0" in w.install_pane.install_status.text() and str(tmp_path / "venv") in w.install_pane.install_status.text()
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "analogon").write_text("")
+    (tmp_path / "venv" / "lib").mkdir()
+    (tmp_path / "venv" / "lib" / "torch.so").write_bytes(b"x" * 2_500_000)
     w.install_pane._show_install_state()
     assert w.install_pane.update_button.isEnabled() and w.install_pane.uninstall_button.isEnabled()
+    # Uninstall asks first, with what it frees
+    asked = []
+    w.install_pane.ask = lambda title, text: asked.append(text) or False
+    w.install_pane.uninstall_button.click()
+    assert asked == [f"Uninstall the Analogon backend? This frees 2.5 MB: the environment in {tmp_path / 'venv'}, "
+                     "its Python and the download cache. Your models are kept."]
+    assert (tmp_path / "venv").exists()
+    # and so does Install over an installed one
+    w.install_pane.install_button.click()
+    assert asked[-1].startswith(f"Install the backend again? The installed one in {tmp_path / 'venv'} (2.5 MB) "
+                                "is removed first") and not w.installer.running
+    w.install_pane.ask = lambda title, text: True
     w.install_pane.uninstall_button.click()
     assert not (tmp_path / "venv").exists() and not w.install_pane.uninstall_button.isEnabled()
     none = BackendSetup(c, Installer(venv=tmp_path / "v2", wheel=None))
@@ -122,3 +136,33 @@ def test_the_download_bar_never_goes_back_when_the_checksum_starts(kapp, tmp_pat
         seen.append(w.download_progress.value())
     assert seen == sorted(seen) and seen[0] < 950 and seen[1] == 950 and seen[-1] == 1000
     assert w.download_progress.format().startswith("verifying 14 / 14 MB")
+
+
+def test_the_install_pane_shows_this_run_its_steps_and_follows_the_log(kapp, tmp_path):
+    import json
+
+    c = Controller(app=kapp)
+    wheel = tmp_path / "analogon-0.3.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "analogon").write_text("")
+    (tmp_path / "venv" / "analogon-install.json").write_text(json.dumps({"torch": "rocm"}))
+    inst = Installer(venv=tmp_path / "venv", wheel=wheel, log_path=tmp_path / "log")
+    pane = BackendSetup(c, inst).install_pane
+    # Update keeps the build the backend was installed with
+    assert pane.variant.currentData() == "rocm" and "(PyTorch for AMD GPU (ROCm, Linux))" in pane.install_status.text()
+    pane.show()
+    for i in range(300):
+        inst.logLine.emit(f"an earlier run's line {i}")
+    inst.started.emit()  # a new run: its own lines only
+    assert pane.install_log.toPlainText() == ""
+    for i in range(300):
+        inst.logLine.emit(f"Downloading package{i} (1.0MiB)")
+    bar = pane.install_log.verticalScrollBar()
+    assert bar.maximum() > 0 and bar.value() == bar.maximum()  # follows its tail
+    bar.setValue(0)  # the painter scrolls up to read: it stays there
+    inst.logLine.emit("one more")
+    assert bar.value() == 0
+    inst.progress.emit(42, "Installing PyTorch (cpu): downloading torch (887 MB), 40 s")
+    assert pane.install_step.text() == "Installing PyTorch (cpu): downloading torch (887 MB), 40 s"
+    assert pane.install_progress.value() == 42 and pane.install_progress.format() == "42 %"

@@ -1,10 +1,13 @@
-"""Installing the backend from the docker: the plan per platform and PyTorch variant, finding
-Python, a real install of the release's wheel into a private folder (pip offline: the wheel
-without its dependencies), cancel, uninstall, and Start backend finding the result."""
+"""Installing the backend from the docker with uv: the plan per platform and PyTorch variant,
+uv itself from PyPI's pinned wheel (checked), what the progress says while uv downloads, a real
+install from a package index on 127.0.0.1 (PyPI's torch when the PyTorch index cannot be
+reached, the build recorded for Update), cancel, uninstall and the sweep of what a quit Krita
+left half-deleted."""
 from __future__ import annotations
 
+import hashlib
 import os
-import stat
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from analogon_krita import installer
-from analogon_krita.installer import Installer, Step, detect_variant, lock_without_torch, plan
+from analogon_krita.installer import Installer, Meter, Step, detect_variant, lock_without_torch, plan
 from conftest import ROOT, wait_until
+from local_index import LocalIndex, make_wheel
 
 LOCK = (ROOT / "packaging" / "requirements" / "lock.txt").read_text()
+UV = str(Path(sys.executable).parent / "uv")
 
 
 def args_of(steps, title_part):
@@ -32,30 +37,38 @@ def args_of(steps, title_part):
 ])
 def test_plan_per_platform_and_variant(tmp_path, platform, variant, index):
     venv = tmp_path / "venv"
-    steps = plan(["py", "-3.11"] if platform == "win32" else ["python3"], venv, tmp_path / "analogon-0.1.0-py3-none-any.whl",
-                 LOCK, variant, platform=platform)
+    steps = plan("/d/uv", venv, tmp_path / "analogon-0.1.0-py3-none-any.whl", LOCK, variant, platform=platform)
     titles = [s.title for s in steps]
     assert titles[0] == "Creating the Python environment" and titles[-1] == "Checking the installation"
-    assert steps[0].program == ("py" if platform == "win32" else "python3")
-    assert steps[0].args[-3:] == ["-m", "venv", str(venv)]
+    # no Python of the system's is run: uv makes the environment (with a Python it downloads
+    # when there is no suitable one) and installs into it
+    assert steps[0].program == "/d/uv" and steps[0].args == ["venv", "--python", ">=3.10", str(venv)]
     py = str(venv / ("Scripts/python.exe" if platform == "win32" else "bin/python"))
-    assert all(s.program == py for s in steps[1:-1])
+    assert all(s.program == "/d/uv" and s.args[:4] == ["pip", "install", "--python", py] for s in steps[1:-1])
     deps = next(s for s in steps if s.title == "Installing the dependencies")
     req_text = next(iter(deps.files.values()))
     if index is None:
         assert not any(t.startswith("Installing PyTorch") for t in titles)
         assert "torch==" in req_text
     else:
-        torch_args = args_of(steps, "Installing PyTorch")
-        assert torch_args[torch_args.index("--index-url") + 1] == index
+        step = next(s for s in steps if s.title == f"Installing PyTorch ({variant})")
+        assert step.args[step.args.index("--index-url") + 1] == index and step.record == {"torch_from": index}
         pins = installer.lock_pins(LOCK)
-        assert f"torch=={pins['torch']}" in torch_args and f"torchvision=={pins['torchvision']}" in torch_args
+        torch = [f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}"]
+        assert step.args[-2:] == torch
+        # PyPI's torch when the PyTorch index cannot be reached
+        assert step.fallback.title == "Installing PyTorch from PyPI" and step.fallback.args[-2:] == torch
+        assert "--index-url" not in step.fallback.args and step.fallback.record == {"torch_from": "pypi"}
         assert "\ntorch==" not in req_text and "nvidia-" not in req_text and "diffusers==" in req_text
     backend = args_of(steps, "Analogon backend")
-    assert "--no-deps" in backend and backend[-1].endswith(".whl")
+    assert {"--no-deps", "--reinstall", "--no-index"} <= set(backend) and backend[-1].endswith(".whl")
     assert steps[-1].program.endswith("analogon.exe" if platform == "win32" else "bin/analogon")
-    update = plan([], venv, tmp_path / "w.whl", LOCK, variant, platform=platform, update=True)
+    update = plan("/d/uv", venv, tmp_path / "w.whl", LOCK, variant, platform=platform, update=True)
     assert "Creating the Python environment" not in [s.title for s in update]
+    # tests: another PyPI and PyTorch index
+    local = plan("/d/uv", venv, tmp_path / "w.whl", LOCK, variant, platform=platform,
+                 index_url="http://127.0.0.1:1/simple/", pytorch_index="http://127.0.0.1:2/")
+    assert args_of(local, "dependencies")[4:6] == ["--index-url", "http://127.0.0.1:1/simple/"]
 
 
 def test_lock_without_torch_keeps_everything_else():
@@ -81,16 +94,6 @@ def test_detect_variant(platform, machine, tools, paths, expect):
                           exists=lambda p: p in paths) == expect
 
 
-def test_python_candidates_and_help_per_platform(monkeypatch):
-    assert installer.python_candidates("win32")[0] == ["py", "-3.12"]
-    assert all(c[0] == "py" for c in installer.python_candidates("win32")[:5])
-    assert ["python3"] in installer.python_candidates("linux")
-    assert ["/opt/homebrew/bin/python3"] in installer.python_candidates("darwin")
-    assert "py launcher" in installer.no_python_help("win32")
-    assert "python3-venv" in installer.no_python_help("linux")
-    assert "brew" in installer.no_python_help("darwin")
-
-
 @pytest.mark.parametrize("platform,env,expect", [
     ("win32", {"LOCALAPPDATA": "C:/Users/p/AppData/Local"}, "C:/Users/p/AppData/Local/analogon/venv"),
     ("darwin", {}, "{home}/Library/Application Support/analogon/venv"),
@@ -106,6 +109,20 @@ def test_venv_in_the_data_folder(tmp_path, monkeypatch, platform, env, expect):
     assert installer.venv_dir() == Path(expect.format(home=tmp_path))
 
 
+# -- uv from PyPI's wheel --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("platform,machine,key", [
+    ("linux", "x86_64", "linux-x86_64"), ("linux", "aarch64", "linux-aarch64"),
+    ("darwin", "arm64", "macos-arm64"), ("darwin", "x86_64", "macos-x86_64"), ("win32", "AMD64", "windows-x86_64"),
+])
+def test_every_platform_has_a_pinned_uv_wheel(platform, machine, key):
+    pins = installer.uv_pins()  # the checkout's packaging/uv.json (the release: backend/uv.json)
+    assert installer.platform_key(platform, machine) == key
+    pin = pins["wheels"][key]
+    assert re.fullmatch(r"[0-9a-f]{64}", pin["sha256"])
+    assert pin["url"].startswith("https://files.pythonhosted.org/") and f"/uv-{pins['version']}-py3-none-" in pin["url"]
+
+
 def run_installer(inst: Installer, action, timeout=240):
     results, progress, log = [], [], []
     inst.finished.connect(lambda ok, msg: results.append((ok, msg)))
@@ -116,92 +133,207 @@ def run_installer(inst: Installer, action, timeout=240):
     return results[0], progress, log
 
 
+def fake_uv_wheel(folder: Path) -> Path:
+    return make_wheel(folder, "uv", "0.0.1", files={"uv/__init__.py": b""},
+                      data_scripts={"uv": b"#!/bin/sh\necho 'uv 0.0.1 (fake)'\n"})
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["checked", "tampered"])
+def test_uv_comes_from_the_pinned_wheel_and_is_checked(kapp, tmp_path, good):
+    wheel = fake_uv_wheel(tmp_path / "pypi")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest() if good else "0" * 64
+    with LocalIndex(tmp_path / "pypi") as pypi:
+        pins = {"version": "0.0.1", "wheels": {installer.platform_key(): {"url": pypi.file_url(wheel.name), "sha256": sha}}}
+        inst = Installer(venv=tmp_path / "data" / "venv", wheel=tmp_path / "analogon-0.1.0-py3-none-any.whl",
+                         pins=pins)
+        uv, steps = inst._uv_steps()
+        assert uv == str(tmp_path / "data" / "uv" / "0.0.1" / "uv") and len(steps) == 1
+        assert steps[0].title == "Getting uv 0.0.1, the tool that installs the backend"
+        (ok, msg), progress, _ = run_installer(inst, lambda: inst.run_steps(steps), 30)
+    if good:
+        assert ok and subprocess.run([uv], capture_output=True, text=True).stdout.strip() == "uv 0.0.1 (fake)"
+        assert any(re.search(r"Getting uv 0\.0\.1.*: [\d.]+ MB of [\d.]+ MB, [\d.]+ MB/s", t) for _, t in progress), progress
+        assert inst._uv_steps() == (uv, [])  # there now: not fetched again
+    else:
+        assert not ok and "does not match the checksum" in msg and not Path(uv).exists()
+
+
+def test_an_unreachable_pypi_for_uv_says_so(kapp, tmp_path):
+    pins = {"version": "0.0.1", "wheels": {installer.platform_key(): {"url": "http://127.0.0.1:9/uv.whl", "sha256": "0" * 64}}}
+    inst = Installer(venv=tmp_path / "venv", wheel=tmp_path / "analogon-0.1.0-py3-none-any.whl", pins=pins)
+    (ok, msg), _, _ = run_installer(inst, lambda: inst.run_steps(inst._uv_steps()[1]), 30)
+    assert not ok and msg.startswith("Could not download uv, the tool that installs the backend, from PyPI (")
+    assert "Check the internet connection" in msg
+
+
+# -- what the progress says ----------------------------------------------------------------------
+
+def test_the_meter_says_what_is_downloaded_in_mb_and_mb_per_second():
+    m = Meter(100.0)
+    assert m.text(101.0) == "1 s" and m.fraction() == 0
+    assert m.line("Resolved 40 packages in 2.1s", 102.0) is False
+    assert m.line("Downloading torch (800.0MiB)", 102.0) and m.line("Downloading pillow (4.5MiB)", 102.0)
+    assert m.text(142.0) == "downloading torch (839 MB) and 1 more, 40 s"
+    assert m.line(" Downloaded pillow", 103.0)
+    assert m.text(142.0) == "downloading torch (839 MB), 40 s; 4.7 MB downloaded at 0.1 MB/s"
+    f1 = m.fraction()
+    assert m.line(" Downloaded torch", 162.0)
+    assert m.text(162.0) == "844 MB downloaded at 14 MB/s (last: torch 839 MB at 14 MB/s)"
+    f2 = m.fraction()
+    assert m.line("Prepared 2 packages in 60s", 162.0)
+    f3 = m.fraction()
+    assert m.text(170.0) == "844 MB downloaded at 12 MB/s (last: torch 839 MB at 14 MB/s); unpacking into the environment, 70 s"
+    assert m.line("Installed 40 packages in 9s", 171.0)
+    assert 0 < f1 < f2 <= 0.8 < f3 < m.fraction() < 1
+    own = Meter(0.0)  # a download of ours (uv) counts its bytes
+    own.bytes_so_far(30_000_000, 60_000_000)
+    assert own.text(2.0) == "30 MB of 60 MB, 15 MB/s" and own.fraction() == 0.5
+
+
+# -- a real install from a package index on 127.0.0.1 -------------------------------------------
+
+@pytest.fixture
+def pypi(tmp_path):
+    """PyPI on 127.0.0.1 with what a small lock needs: torch and torchvision stand-ins and a
+    dependency."""
+    folder = tmp_path / "pypi"
+    make_wheel(folder, "torch", "2.9.0")
+    make_wheel(folder, "torchvision", "0.24.0")
+    make_wheel(folder, "tinydep", "1.0")
+    with LocalIndex(folder) as index:
+        yield index
+
+
 @pytest.mark.slow
-def test_install_the_release_wheel_then_start_backend_finds_it(kapp, release, tmp_path, monkeypatch):
-    """A real run: find this Python, make a venv, install the zip's wheel (offline, without its
-    dependencies: the backend's command line answers --version without them)."""
+def test_install_with_uv_pypi_torch_when_the_pytorch_index_is_unreachable(kapp, release, tmp_path, pypi,
+                                                                          monkeypatch):
+    """With this Python (no download), uv from the test environment, PyPI on 127.0.0.1 and the
+    PyTorch index on a closed port: PyTorch comes from PyPI, said in plain words; the build is
+    recorded; Start backend finds the result; Update keeps the build; Uninstall asks nothing
+    here (the docker asks) and takes everything but the models."""
+    if not Path(UV).exists():
+        pytest.skip("uv is not installed in the test environment (pip install uv)")
     _, wheel = release
     monkeypatch.setenv("ANALOGON_DATA_DIR", str(tmp_path / "data"))
-    empty_lock = tmp_path / "lock.txt"
-    empty_lock.write_text("# nothing to install\n")
-    inst = Installer(wheel=wheel, lock=empty_lock, offline=True, candidates=[["no-such-python-3"], [sys.executable]])
-    assert not inst.installed()
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")
+    monkeypatch.setattr(installer, "detect_variant", lambda *a, **k: "cuda")  # Update must not ask it
+    lock = tmp_path / "lock.txt"
+    lock.write_text("tinydep==1.0\ntorch==2.9.0\ntorchvision==0.24.0\n")
+    options = dict(wheel=wheel, lock=lock, uv=UV, python=sys.executable, index_url=pypi.url,
+                   pytorch_index="http://127.0.0.1:9/whl/")
+    inst = Installer(**options)
     (ok, msg), progress, log = run_installer(inst, lambda: inst.install("cpu"))
-    assert ok, "\n".join(log[-30:])
     venv = tmp_path / "data" / "venv"
-    assert inst.venv == venv and inst.installed() and inst.installed_version() == installer.wheel_version(wheel)
-    out = subprocess.run([str(venv / "bin" / "analogon"), "--version"], capture_output=True, text=True)
-    assert out.stdout.strip() == f"analogon {installer.wheel_version(wheel)}"
+    assert ok, "\n".join(log[-30:])
+    assert msg == f"Installed the Analogon backend {installer.wheel_version(wheel)} in {venv}."
+    texts = [t for _, t in progress]
+    note = next(t for t in texts if t.startswith("The PyTorch download server could not be reached"))
+    assert "Connection refused" in note and "Installing PyTorch from PyPI instead" in note
+    assert any(t.startswith("Installing PyTorch from PyPI") for t in texts)
     percents = [p for p, _ in progress]
     assert percents == sorted(percents) and percents[-1] == 100 and max(percents[:-1]) < 100
-    assert any("Installing the Analogon backend" in t for _, t in progress)
+    record = installer.read_record(venv)
+    assert record["torch"] == "cpu" and record["torch_from"] == "pypi"
+    assert record["backend"] == installer.wheel_version(wheel) and "CPython" in record["python"]
+    assert inst.installed() and inst.installed_version() == installer.wheel_version(wheel)
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch, tinydep; print(torch.VERSION)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "2.9.0", probe.stderr
+    assert any("/simple/torch/" in r for r in pypi.requests)
     logfile = (tmp_path / "data" / "install.log").read_text()
-    assert f"Python: {sys.executable}" in logfile and "Successfully installed analogon" in logfile
-    # Start backend uses it
+    assert "Using CPython" in logfile and "could not be reached" in logfile
+    assert wait_until(lambda: not (tmp_path / "data" / "uv-cache").exists(), 10)  # its downloads go
     from analogon_krita import backend_process
 
     assert backend_process.default_command() == str(venv / "bin" / "analogon")
-    # Update re-installs the wheel into the same environment
-    inst2 = Installer(wheel=wheel, lock=empty_lock, offline=True)
-    (ok, msg), _, log2 = run_installer(inst2, lambda: inst2.update("cpu"))
-    assert ok and not any("-m venv" in line for line in log2)
-    # Uninstall
-    assert inst2.uninstall() and not venv.exists()
-    assert backend_process.default_command() != str(venv / "bin" / "analogon")
+    # Update: the recorded build (cpu), although this machine now "detects" CUDA
+    inst2 = Installer(**options)
+    assert inst2.installed_variant() == "cpu"
+    (ok, msg), progress2, log2 = run_installer(inst2, lambda: inst2.update())
+    assert ok, "\n".join(log2[-20:])
+    assert any(t.startswith("Installing PyTorch (cpu)") for _, t in progress2)
+    assert not any(" venv " in line for line in log2 if line.startswith("$"))
+    # Uninstall takes the environment and what came with it, not the models
+    (tmp_path / "data" / "models").mkdir()
+    (tmp_path / "data" / "python").mkdir()
+    assert inst2.disk_usage() > 0
+    assert inst2.uninstall() and not venv.exists() and not (tmp_path / "data" / "python").exists()
+    assert (tmp_path / "data" / "models").exists()
+    assert wait_until(lambda: not installer.leftovers(tmp_path / "data"), 20)
 
 
-def test_no_suitable_python_says_what_to_install(kapp, release, tmp_path):
-    old = tmp_path / "python-old"
-    old.write_text("#!/bin/sh\necho 'too old 3.8.10 /usr/bin/python3.8'\n")
-    old.chmod(old.stat().st_mode | stat.S_IEXEC)
-    inst = Installer(venv=tmp_path / "venv", wheel=release[1], candidates=[[str(old)], ["no-such-python"]])
-    (ok, msg), _, _ = run_installer(inst, lambda: inst.install("cpu"))
-    assert not ok and msg.startswith("No Python 3.10 or newer was found") and not (tmp_path / "venv").exists()
+def test_no_suitable_python_names_the_cause(kapp, tmp_path, monkeypatch):
+    if not Path(UV).exists():
+        pytest.skip("uv is not installed in the test environment")
+    monkeypatch.setenv("UV_PYTHON_DOWNLOADS", "never")
+    inst = Installer(venv=tmp_path / "venv", wheel=tmp_path / "analogon-0.1.0-py3-none-any.whl", uv=UV,
+                     python="3.99", log_path=tmp_path / "log")
+    inst._fresh = True
+    steps = plan(UV, inst.venv, inst.wheel, None, "cpu", python="3.99")[:1]
+    (ok, msg), _, _ = run_installer(inst, lambda: inst.run_steps(steps), 60)
+    assert not ok and msg.startswith("Creating the Python environment failed: No interpreter found for Python 3.99")
+    assert not (tmp_path / "venv").exists()
 
 
-def test_cancel_stops_the_step_and_leaves_no_half_made_environment(kapp, release, tmp_path):
+def test_cancel_stops_the_step_and_leaves_no_half_made_environment(kapp, tmp_path):
     venv = tmp_path / "venv"
-    inst = Installer(venv=venv, wheel=release[1], log_path=tmp_path / "log")
+    inst = Installer(venv=venv, wheel=tmp_path / "analogon-0.1.0-py3-none-any.whl", log_path=tmp_path / "log")
     started = tmp_path / "started"
     inst._fresh = True
     steps = [Step("Creating the Python environment", sys.executable, ["-c", f"import pathlib; pathlib.Path({str(venv)!r}).mkdir()"]),
              Step("A long download", sys.executable, ["-c", f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); "
-                                                           "print('Collecting torch', flush=True); time.sleep(120)"], 5, 10)]
-    results = []
+                                                           "print('Downloading torch (846.0MiB)', flush=True); time.sleep(120)"], 5)]
+    results, progress = [], []
     inst.finished.connect(lambda ok, msg: results.append((ok, msg)))
+    inst.progress.connect(lambda p, t: progress.append(t))
     inst.run_steps(steps)
-    assert wait_until(lambda: started.exists(), 30)
+    assert wait_until(lambda: started.exists() and any("downloading torch (887 MB)" in t for t in progress), 30)
     inst.cancel()
     assert wait_until(lambda: results, 30)
     assert results == [(False, "Cancelled.")] and not inst.running
-    assert wait_until(lambda: not venv.exists(), 10)
-    assert "Collecting torch" in (tmp_path / "log").read_text()
+    assert wait_until(lambda: not venv.exists() and not installer.leftovers(tmp_path), 10)
+    assert "Downloading torch" in (tmp_path / "log").read_text()
 
 
-def test_a_failing_step_ends_the_install_with_the_log(kapp, release, tmp_path):
-    inst = Installer(venv=tmp_path / "venv", wheel=release[1], log_path=tmp_path / "log")
+def test_a_failing_step_ends_the_install_with_its_cause_and_the_log(kapp, tmp_path):
+    inst = Installer(venv=tmp_path / "venv", wheel=tmp_path / "analogon-0.1.0-py3-none-any.whl",
+                     log_path=tmp_path / "log")
     results = []
     inst.finished.connect(lambda ok, msg: results.append((ok, msg)))
     inst.run_steps([Step("Installing the dependencies", sys.executable,
-                         ["-c", "import sys; print('ERROR: No matching distribution found for torch==9'); sys.exit(1)"])])
+                         ["-c", "import sys; print('error: No solution found when resolving dependencies:');"
+                                "print('  cause: torch==9 is not available'); sys.exit(1)"])])
     assert wait_until(lambda: results, 30)
     ok, msg = results[0]
-    assert not ok and "Installing the dependencies failed (exit code 1)" in msg and str(tmp_path / "log") in msg
-    assert "No matching distribution" in (tmp_path / "log").read_text()
+    assert not ok and msg == (f"Installing the dependencies failed: torch==9 is not available. "
+                              f"See the log: {tmp_path / 'log'}")
+    assert "No solution found" in (tmp_path / "log").read_text()
+
+
+def test_leftovers_of_a_quit_krita_are_swept_at_the_next_start(kapp, tmp_path):
+    half = tmp_path / f".venv{installer.REMOVING}123-456"
+    (half / "lib").mkdir(parents=True)
+    (half / "lib" / "big.bin").write_bytes(b"x" * 1000)
+    keep = tmp_path / "models"
+    keep.mkdir()
+    assert installer.leftovers(tmp_path) == [half]
+    Installer(venv=tmp_path / "venv", log_path=tmp_path / "log")  # the next start
+    assert wait_until(lambda: not half.exists(), 10) and keep.exists()
 
 
 def test_test_site_packages_step_lets_the_new_environment_see_them(tmp_path):
     """The tests-only option: right after the environment is made, a .pth file in it puts the
-    given folders before its own site-packages; without the option there is no such step."""
+    given folders before its own site-packages; the lock is then left to them."""
     venv, extra = tmp_path / "venv", tmp_path / "extra"
     extra.mkdir()
     (extra / "only_in_extra.py").write_text("WHERE = 'extra'\n")
     (extra / "in_both.py").write_text("WHERE = 'extra'\n")
     wheel = tmp_path / "analogon-0.1.0-py3-none-any.whl"
-    assert not any("tests only" in s.title for s in plan([sys.executable], venv, wheel, LOCK, "cpu", offline=True))
-    steps = plan([sys.executable], venv, wheel, LOCK, "cpu", offline=True, test_site_packages=[str(extra)])
+    assert not any("tests only" in s.title for s in plan(UV, venv, wheel, LOCK, "cpu"))
+    steps = plan(UV, venv, wheel, LOCK, "cpu", test_site_packages=[str(extra)])
     titles = [s.title for s in steps]
-    assert titles[:2] == ["Creating the Python environment", "Seeing the test environment's packages (tests only)"]
+    assert titles == ["Creating the Python environment", "Seeing the test environment's packages (tests only)",
+                      "Installing the Analogon backend", "Checking the installation"]
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     step = steps[1]
     assert step.program == str(venv / "bin" / "python")
@@ -211,3 +343,13 @@ def test_test_site_packages_step_lets_the_new_environment_see_them(tmp_path):
     out = subprocess.run([step.program, "-c", "import only_in_extra, in_both; print(only_in_extra.WHERE, in_both.WHERE)"],
                          capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
     assert out.stdout.split() == ["extra", "extra"], out.stderr
+
+
+def test_the_environment_keeps_krita_python_out_and_uv_in_the_data_folder(kapp, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/krita/lib/python")
+    env = Installer(venv=tmp_path / "venv", log_path=tmp_path / "log").environment()
+    assert not env.contains("PYTHONPATH")
+    assert env.value("UV_CACHE_DIR") == str(tmp_path / "uv-cache")
+    assert env.value("UV_PYTHON_INSTALL_DIR") == str(tmp_path / "python")
+    assert not env.contains("UV_PYTHON_DOWNLOADS")  # a Python is downloaded where none fits
+    assert [d.name for d in installer.owned_dirs(tmp_path)] == ["venv", "python", "uv", "uv-cache"]

@@ -104,6 +104,8 @@ def test_release_zip_carries_the_backend_wheel(release, pk):
     names = zipfile.ZipFile(z).namelist()
     assert f"analogon_krita/backend/{wheel.name}" in names
     assert "analogon_krita/backend/requirements/lock.txt" in names
+    # and the pinned uv the docker's installer downloads (PyPI's wheel, its SHA-256)
+    assert zipfile.ZipFile(z).read("analogon_krita/backend/uv.json") == (pk.ROOT / "packaging" / "uv.json").read_bytes()
     # the wheel in the zip is the wheel that was built, and it is the backend of this checkout
     assert zipfile.ZipFile(z).read(f"analogon_krita/backend/{wheel.name}") == wheel.read_bytes()
     w = zipfile.ZipFile(wheel)
