@@ -64,9 +64,13 @@ bench: $(STAMP)
 	$(BIN)/analogon bench --json out/bench.json
 
 # The release: dist/analogon_krita-VERSION.zip for Krita's Import Python Plugin from File…,
-# carrying the backend wheel (also in dist/) that the docker installs.
-dist: $(STAMP)
-	$(BIN)/python packaging/krita_plugin.py release -o dist
+# carrying the backend wheel (also in dist/) that the docker installs. Built in a small
+# environment of its own (pip and setuptools only, not the backend's gigabytes).
+DIST_VENV ?= .venv-dist
+dist:
+	test -x $(DIST_VENV)/bin/python || $(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install -q --upgrade pip 'setuptools>=77'
+	$(DIST_VENV)/bin/python packaging/krita_plugin.py release -o dist
 
 # The lock file the installs use (README's venv, the docker's installer): every platform and
 # Python >= 3.10 in one file with markers, resolved by uv from pyproject.toml.

@@ -50,9 +50,35 @@ def backend_version() -> str:
     return m.group(1)
 
 
+SETUPTOOLS_MIN = (77,)  # pyproject.toml's [build-system] (its SPDX license field)
+
+
+class BuildToolError(RuntimeError):
+    """The Python that builds the wheel lacks pip or a new enough setuptools: what to do."""
+
+
+def check_build_tools(python: str | None = None) -> str:
+    """The setuptools version of ``python`` (default: this one), or BuildToolError saying what
+    to install; ``make dist`` makes a small environment with them."""
+    python = python or sys.executable
+    probe = subprocess.run([python, "-c", "import importlib.util, setuptools; assert importlib.util.find_spec('pip'); "
+                                          "print(setuptools.__version__)"], capture_output=True, text=True)
+    fix = (f"{python} -m pip install --upgrade pip 'setuptools>={'.'.join(map(str, SETUPTOOLS_MIN))}' "
+           "(or run `make dist`, which makes a small build environment of its own)")
+    if probe.returncode != 0:
+        raise BuildToolError(f"Building the backend wheel needs pip and setuptools in {python}: {fix}.")
+    version = probe.stdout.strip()
+    numbers = tuple(int(p) for p in re.findall(r"\d+", version)[:len(SETUPTOOLS_MIN)])
+    if numbers < SETUPTOOLS_MIN:
+        raise BuildToolError(f"Building the backend wheel needs setuptools "
+                             f"{'.'.join(map(str, SETUPTOOLS_MIN))} or newer; {python} has {version}: {fix}.")
+    return version
+
+
 def build_wheel(out_dir: Path, python: str | None = None) -> Path:
     """The backend wheel, built by pip from this checkout (no dependencies, no build
     isolation: setuptools comes from the running environment, nothing is downloaded)."""
+    check_build_tools(python)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"analogon-{backend_version()}-py3-none-any.whl"
@@ -202,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--config", help=f"folder holding kritarc (default {default_config_dir()})")
     i.add_argument("--no-enable", action="store_true", help="do not enable the plugin in kritarc")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except BuildToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     if args.command == "zip":
         print(build_zip(Path(args.output)))
     elif args.command == "release":

@@ -139,3 +139,24 @@ def test_krita_importer_extracts_the_wheel(release, tmp_path):
     from analogon_krita import installer
 
     assert installer.bundled_wheel(res / "pykrita" / "analogon_krita") == bundled
+
+
+def test_an_old_setuptools_is_named_with_the_fix(pk, tmp_path):
+    """`make dist` with a Python whose setuptools is too old (or missing): a sentence that says
+    what to install, not a traceback."""
+    import subprocess
+    import sys
+
+    old = tmp_path / "old"
+    (old / "setuptools").mkdir(parents=True)
+    (old / "setuptools" / "__init__.py").write_text("__version__ = '59.6.0'\n")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={old} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    with pytest.raises(pk.BuildToolError, match=r"needs setuptools 77 or newer; .* has 59\.6\.0: .*make dist"):
+        pk.build_wheel(tmp_path / "out", str(python))
+    out = subprocess.run([sys.executable, str(ROOT / "packaging" / "krita_plugin.py"), "release", "-o",
+                          str(tmp_path / "out"), "--python", str(python)], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith("error: Building the backend wheel needs setuptools")
+    assert "Traceback" not in out.stderr
+    assert int(pk.check_build_tools().split(".")[0]) >= 77  # this environment builds it
