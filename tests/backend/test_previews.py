@@ -161,6 +161,14 @@ def test_the_fit_runs_at_load_in_the_background_and_a_job_does_not_wait_for_it(t
     assert len(list(tmp_path.glob("*.safetensors"))) == 1  # the fit, on disk
 
 
+def test_with_models_offloaded_between_devices_the_fit_is_made_at_load_not_beside_a_job(tmp_path):
+    bundle = load_bundle("tiny-sd", None)
+    bundle.vae._hf_hook = object()  # what accelerate's cpu offload leaves on a module
+    state = P.prepare(bundle, Cache(tmp_path))  # no thread that could move the UNet mid-step
+    assert state.thread is None and state.done.is_set() and state.source == "fitted"
+    assert P.ready(bundle) is not None
+
+
 def test_a_later_load_reads_the_fit_from_disk_without_a_vae_call(tmp_path):
     cache = Cache(tmp_path)
     counts: list[_Counts] = []

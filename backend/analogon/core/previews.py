@@ -324,10 +324,18 @@ def _run(bundle, cache, state: Fit, background: bool) -> None:
         state.done.set()
 
 
+def _offloaded(bundle) -> bool:
+    """Whether accelerate's offload hooks move the models between devices on each call (the
+    ``cpu_offload`` load option): a VAE call from another thread would then move the UNet away
+    in the middle of a job's step."""
+    return any(hasattr(m, "_hf_hook") for m in (bundle.vae, getattr(bundle, "unet", None)) if m is not None)
+
+
 def prepare(bundle, cache=None, background: bool = True) -> Fit:
     """At model load: have the VAE's projection ready for the jobs to come — read from the cache
-    or fitted, in a background thread unless ``background`` is False. Returns the fit (one per
-    VAE: a second call returns the first's, running or done)."""
+    or fitted, in a background thread unless ``background`` is False (or the models are offloaded
+    between devices: then here and now, a few small VAE calls before the first job). Returns the
+    fit (one per VAE: a second call returns the first's, running or done)."""
     vae = bundle.vae
     with _lock:
         state = _fits.get(vae)
@@ -340,7 +348,7 @@ def prepare(bundle, cache=None, background: bool = True) -> Fit:
             _fits[vae] = state
             return state
         _fits[vae] = state
-    if background:
+    if background and not _offloaded(bundle):
         state.thread = threading.Thread(target=_run, args=(bundle, cache, state, True),
                                         name="analogon-preview-fit", daemon=True)
         state.thread.start()
