@@ -141,9 +141,8 @@ class Controller(QObject):
 
     def _on_models_loaded(self):
         if not self.model:  # never the backend's developer default: a checkpoint or the demo
-            self.model = models_ui.choose(self.models, self.method_id,
-                                          models_ui.remembered(self.settings, self.method_id),
-                                          self.link.models_info.get("recommended"))
+            self.model = models_ui.for_method(self.models, self.method_id, self.settings,
+                                              self.link.models_info, self.health)
         self.modelsChanged.emit()
 
     # what the panel and the tests read (and the tests set), kept by the link
@@ -264,8 +263,9 @@ class Controller(QObject):
             return
         self.method_id = method_id
         self.settings.set("method", method_id)
-        chosen = models_ui.remembered(self.settings, method_id)
-        if chosen and chosen != self.model:  # the model last used with this method
+        # the model last used with this method, else the one for it on this machine (models_ui)
+        chosen = models_ui.for_method(self.models, method_id, self.settings, self.link.models_info, self.health)
+        if chosen and chosen != self.model:
             self.model = chosen
             self.settings.set("model", chosen)
             self.modelsChanged.emit()

@@ -87,18 +87,68 @@ def remember(settings, method_id: str, model: str) -> None:
     settings.set("model_by_method", json.dumps(table, sort_keys=True))
 
 
+SMALL_GPU_BYTES = 6.5e9  # "6 GB" cards report a little less or more
+
+
+def small_machine(health: dict[str, Any] | None) -> str:
+    """Why this machine wants the SD 1.x family ("" when it does not): the backend runs on the
+    CPU, or on a GPU with at most about 6 GB (``GET /v1/health``)."""
+    health = health or {}
+    device = str(health.get("device", ""))
+    if device.startswith("cpu"):
+        return "the backend runs on the CPU"
+    total = (health.get("memory") or {}).get("gpu_total_bytes")
+    if device.startswith(("cuda", "mps")) and total and total <= SMALL_GPU_BYTES:
+        return f"the GPU has {total / 2**30:.0f} GB"
+    return ""
+
+
+def _light(models: list[dict[str, Any]], method_id: str) -> dict[str, Any] | None:
+    """The first checkpoint of the SD 1.x family that the method can use."""
+    return next((m for m in models if m.get("family") == "sd1" and m.get("source") != "embedded"
+                 and not m.get("developer") and m.get("methods") and usable(m, method_id)), None)
+
+
 def choose(models: list[dict[str, Any]], method_id: str, remembered_id: str,
-           recommended: dict[str, str | None] | None = None) -> str:
+           recommended: dict[str, str | None] | None = None, health: dict[str, Any] | None = None) -> str:
     """The model for a method: the remembered one (a path or id the backend may not list,
-    e.g. typed in, is kept as it is), else the recommendation, else the demo, else ""."""
+    e.g. typed in, is kept as it is), else the recommendation — on a small machine (CPU, a GPU
+    of at most 6 GB) a checkpoint of the SD 1.x family when there is one —, else the demo,
+    else ""."""
     if remembered_id:
         return remembered_id
     rec = (recommended or {}).get(method_id)
+    if small_machine(health):
+        light = _light(models, method_id)
+        family = next((m.get("family") for m in models if m.get("id") == rec), None)
+        if light is not None and family != "sd1":
+            return light["id"]
     if rec:
         return rec
     if any(m.get("id") == DEMO for m in models):
         return DEMO
     return ""
+
+
+def for_method(models: list[dict[str, Any]], method_id: str, settings, info: dict[str, Any],
+               health: dict[str, Any] | None) -> str:
+    """What a method gets when the painter switches to it (see :func:`choose`)."""
+    return choose(models, method_id, remembered(settings, method_id), info.get("recommended"), health)
+
+
+def why_chosen(models: list[dict[str, Any]], method_id: str, model_id: str, settings,
+               info: dict[str, Any], health: dict[str, Any] | None) -> str:
+    """A line under the model when the docker chose an SD 1.x checkpoint for this machine
+    instead of the backend's recommendation ("" otherwise)."""
+    why = small_machine(health)
+    rec = (info.get("recommended") or {}).get(method_id)
+    if not why or not rec or rec == model_id or remembered(settings, method_id):
+        return ""
+    chosen = next((m for m in models if m.get("id") == model_id), None)
+    if chosen is None or chosen.get("family") != "sd1":
+        return ""
+    return (f"{chosen.get('name') or model_id} (SD 1.x) is chosen because {why}: larger models (SDXL, "
+            "SD 2.x) would be slow here and may not fit in memory. Pick another to override.")
 
 
 def help_text(models: list[dict[str, Any]], info: dict[str, Any]) -> str:

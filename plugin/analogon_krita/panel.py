@@ -379,10 +379,16 @@ class AnalogonPanel(QWidget):
                              self.c.settings.get_bool("show_developer_models"))
         if self.c.default_model:
             self.model_combo.lineEdit().setPlaceholderText(f"(backend default: {self.c.default_model})")
-        hint = models_ui.help_text(self.c.models, self.c.models_info) if self.c.models else ""
+        self._building = False
+        self._show_model_hint()
+
+    def _show_model_hint(self):
+        """What to do without a checkpoint, or why this one was chosen for this machine."""
+        c = self.c
+        hint = (models_ui.help_text(c.models, c.models_info) or models_ui.why_chosen(
+            c.models, c.method_id, c.model, c.settings, c.models_info, c.health) if c.models else "")
         self.model_hint.setText(hint)
         self.model_hint.setVisible(bool(hint))
-        self._building = False
 
     def _show_method(self):
         desc = self.c.method()
@@ -585,6 +591,7 @@ class AnalogonPanel(QWidget):
         idx = self.model_combo.findText(text)
         model = self.model_combo.itemData(idx) if idx >= 0 else text
         self.c.set_model(model or "")
+        self._show_model_hint()
 
     def _on_method(self, idx: int):
         if self._building or idx < 0:

@@ -117,6 +117,66 @@ def test_the_panel_shows_the_models_and_the_hint(kapp, listing):
     panel.deleteLater()
 
 
+CPU = {"device": "cpu", "memory": {"total_bytes": 24 * 2**30}}
+GPU_6 = {"device": "cuda", "memory": {"gpu_total_bytes": 6 * 2**30}}
+GPU_24 = {"device": "cuda", "memory": {"gpu_total_bytes": 24 * 2**30}}
+
+
+@pytest.mark.parametrize("health,expect", [(CPU, "dreamy"), (GPU_6, "dreamy"), (GPU_24, "juggernaut"),
+                                           ({"device": "cuda"}, "juggernaut"), ({}, "juggernaut")])
+def test_a_small_machine_gets_the_sd1_family(listing, health, expect):
+    """PIXELS' paper model is SDXL: the backend recommends juggernaut; on the CPU or a GPU of
+    6 GB the docker chooses the SD 1.x checkpoint, and says why."""
+    models, rec = listing["models"], listing["recommended"]
+    got = models_ui.choose(models, "pixels", "", rec, health)
+    assert got == next(m["id"] for m in models if m.get("name") == expect)
+    assert models_ui.choose(models, "pixels", "/my/xl.safetensors", rec, health) == "/my/xl.safetensors"
+
+
+def test_why_the_sd1_checkpoint_was_chosen(kapp, listing):
+    from analogon_krita.settings import Settings
+
+    s = Settings(kapp)
+    models, info = listing["models"], listing
+    dreamy = next(m["id"] for m in models if m.get("name") == "dreamy")
+    assert models_ui.small_machine(CPU) == "the backend runs on the CPU"
+    assert models_ui.small_machine(GPU_6) == "the GPU has 6 GB" and models_ui.small_machine(GPU_24) == ""
+    assert models_ui.why_chosen(models, "pixels", dreamy, s, info, CPU) == (
+        "dreamy (SD 1.x) is chosen because the backend runs on the CPU: larger models (SDXL, SD 2.x) "
+        "would be slow here and may not fit in memory. Pick another to override.")
+    assert models_ui.why_chosen(models, "pixels", dreamy, s, info, GPU_24) == ""
+    assert models_ui.why_chosen(models, "dia", dreamy, s, info, CPU) == ""  # the paper's own family
+    models_ui.remember(s, "pixels", dreamy)  # the painter's own choice needs no reason
+    assert models_ui.why_chosen(models, "pixels", dreamy, s, info, CPU) == ""
+
+
+def test_switching_the_method_applies_its_recommendation(kapp, listing):
+    """No model remembered for a method: switching to it takes the backend's recommendation
+    for it (on this machine), not the previous method's model."""
+    from analogon_krita.panel import AnalogonPanel
+
+    c = Controller(app=kapp)
+    c.methods = [dict(m) for m in schemas.METHODS]
+    c.link.models, c.link.models_info, c.link.health = listing["models"], listing, GPU_24
+    by_name = {m.get("name"): m["id"] for m in listing["models"]}
+    c.set_method("dia")
+    assert c.model == by_name["dreamy"]  # DIA's paper model: SD 1.5
+    c.set_method("pixels")
+    assert c.model == by_name["juggernaut"]  # PIXELS': SDXL
+    c.link.health = CPU
+    c.set_method("dia")
+    c.set_method("pixels")
+    assert c.model == by_name["dreamy"]
+    panel = AnalogonPanel(c)
+    assert panel.model_hint.text().startswith("dreamy (SD 1.x) is chosen because the backend runs on the CPU")
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData(by_name["juggernaut"]))  # the painter's choice
+    assert c.model == by_name["juggernaut"] and panel.model_hint.isHidden()
+    c.set_method("dia")
+    c.set_method("pixels")
+    assert c.model == by_name["juggernaut"]  # remembered
+    panel.deleteLater()
+
+
 def test_backend_arguments(kapp):
     from analogon_krita.settings import Settings
 
