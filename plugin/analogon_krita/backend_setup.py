@@ -168,6 +168,21 @@ ADVANCED = (
 )
 
 
+def on_disk(entry: dict[str, Any], models: list[dict[str, Any]]) -> str:
+    """" — already on disk (ComfyUI)" when a checkpoint the backend found elsewhere is this
+    catalogue entry's file (by its name and size), else ""."""
+    from pathlib import PurePath
+
+    for m in models:
+        if m.get("source") == "embedded" or not m.get("id"):
+            continue
+        same_size = not entry.get("size_bytes") or not m.get("size_bytes") or m["size_bytes"] == entry["size_bytes"]
+        if PurePath(str(m["id"])).name == entry.get("filename") and same_size:
+            where = m.get("location") or str(PurePath(str(m["id"])).parent)
+            return f" \u2014 already on disk ({where})"
+    return ""
+
+
 class BackendSetup(QtWidgets.QTabWidget):
     def __init__(self, controller, installer: inst.Installer | None = None, parent=None):
         super().__init__(parent)
@@ -341,7 +356,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         data = resp.json() or {}
         self.catalog.clear()
         for m in data.get("models", []):
-            done = " \u2014 downloaded" if m.get("installed") else ""
+            done = " \u2014 downloaded" if m.get("installed") else on_disk(m, self.c.models)
             item = QtWidgets.QListWidgetItem(f"{m['title']} (about {m['size_bytes'] / 1e9:.1f} GB; for "
                                              f"{', '.join(m['methods']) or 'any method'}){done}")
             item.setToolTip(f"{m['repo_id']}/{m['filename']}\n{m.get('note', '')}")

@@ -166,3 +166,22 @@ def test_the_install_pane_shows_this_run_its_steps_and_follows_the_log(kapp, tmp
     inst.progress.emit(42, "Installing PyTorch (cpu): downloading torch (887 MB), 40 s")
     assert pane.install_step.text() == "Installing PyTorch (cpu): downloading torch (887 MB), 40 s"
     assert pane.install_progress.value() == 42 and pane.install_progress.format() == "42 %"
+
+
+def test_the_catalogue_marks_a_checkpoint_already_on_disk(kapp, tmp_path):
+    from analogon_krita.backend_setup import on_disk
+    from analogon_krita.client import Response
+
+    entry = {"id": "sd15", "title": "Stable Diffusion 1.5", "repo_id": "r/sd15", "filename": "v1-5-pruned-emaonly.safetensors",
+             "methods": ["dia"], "size_bytes": 4_265_380_512}
+    comfy = {"id": "/home/p/ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors", "location": "ComfyUI",
+             "size_bytes": 4_265_380_512, "family": "sd1"}
+    assert on_disk(entry, [comfy]) == " \u2014 already on disk (ComfyUI)"
+    assert on_disk(entry, [dict(comfy, size_bytes=2_000_000_000)]) == ""  # another file of that name
+    assert on_disk(entry, [{"id": "toy-sd", "source": "embedded"}]) == ""
+    c = Controller(app=kapp)
+    c.link.models = [comfy]
+    w = BackendSetup(c, Installer(venv=tmp_path / "venv"))
+    w._show_catalog(Response(200, json.dumps({"models": [entry], "models_dir": "/m"}).encode()))
+    assert w.catalog.item(0).text() == ("Stable Diffusion 1.5 (about 4.3 GB; for dia) \u2014 already on disk "
+                                        "(ComfyUI)")
