@@ -441,6 +441,8 @@ class AnalogonPanel(QWidget):
         self.generate_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
         self.progress.setVisible(busy)
+        if not busy:
+            self._show_preview(None)
         if busy:
             self.progress.setRange(0, 0)
             self.progress.setFormat("starting\u2026")
@@ -460,7 +462,9 @@ class AnalogonPanel(QWidget):
             self.progress.setFormat(stage)
 
     def _show_preview(self, image):
-        if image is None or image.isNull():
+        """The running job's latest preview beside Generate (while it runs: afterwards the
+        canvas has the result, and the row keeps its height for the pages above)."""
+        if image is None or image.isNull() or not self.c.busy:
             self.preview.clear()
             self.preview.hide()
             return

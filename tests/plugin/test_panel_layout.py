@@ -206,9 +206,15 @@ def test_message_and_preview_in_the_pinned_part(kapp, methods):
         img = QImage(64, 32, QImage.Format.Format_RGBA8888)
         img.fill(0xFF336699)
         c._on_preview(img)
+        assert panel.preview.isHidden()  # no job runs: the canvas has the result
+        c._set_busy(True)
+        c._on_preview(img)
         process_events(20)
         assert inside(panel, panel.preview) and not panel.preview.pixmap().isNull()
         assert panel.preview.pixmap().width() == panel.PREVIEW_SIZE
+        c._set_busy(False)  # the job ended: the thumbnail goes, its room goes back to the pages
+        assert panel.preview.isHidden()
+        c._set_busy(True)
         c._on_preview(None)
         assert panel.preview.isHidden()
     finally:
