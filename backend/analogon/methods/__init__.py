@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 
 from .base import Method
 
@@ -10,6 +11,7 @@ _REGISTRY: dict[str, Method] = {}
 # The built-in methods, imported on first use of the registry.
 BUILTIN = ("pixels", "appearance", "dia", "difference")
 _loaded = False
+_loading = threading.RLock()  # the server asks from several threads at its start
 # Built-in modules that could not be imported: name -> reason (shown by `analogon doctor`).
 UNAVAILABLE: dict[str, str] = {}
 
@@ -27,7 +29,13 @@ def _load_builtins() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
+    with _loading:  # a second caller waits for the whole registry, never sees half of it
+        if not _loaded:
+            _import_builtins()
+            _loaded = True
+
+
+def _import_builtins() -> None:
     for name in BUILTIN:
         try:
             importlib.import_module(f"{__name__}.{name}")
