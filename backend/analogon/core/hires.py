@@ -26,10 +26,10 @@ When it runs (``hires``): "on" always (where the refine size exceeds the working
 never, and "auto" only where it can add detail, decided from what can be measured (:func:`auto`,
 :func:`finish`): the model's native size is at least :data:`AUTO_MIN_NATIVE` px (the toy models,
 64 and 128 px, stay below it: on toy-sd the pass moves the result away from the known answer,
-docs/resolution.md), the refine size is
-more than :data:`AUTO_FACTOR` × the working size, and the fit decided that the model drew new
-structure in at least :data:`AUTO_MIN_NEW` of the changed area (where it only recoloured, carrying
-up already gives back the base's own detail at full resolution).
+docs/resolution.md), the refine size is more than :data:`AUTO_FACTOR` × the working size, and the
+fit decided that the model drew new structure in at least :data:`AUTO_MIN_NEW` of the changed area
+(where it only recoloured, carrying up already gives back the base's own detail at full
+resolution).
 
 Why this design (measured by ``analogon bench resolution``): refining the *carried-up* picture
 rather than re-running the method at a higher resolution keeps every method's own mechanism at
