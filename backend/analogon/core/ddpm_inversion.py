@@ -32,7 +32,8 @@ from typing import Callable
 
 import torch
 
-from .diffusion import Conditioning, noised, predict_noise
+from . import diffusion
+from .diffusion import Conditioning, noised
 
 
 @dataclass
@@ -116,7 +117,7 @@ def invert(bundle, scheduler, x0: torch.Tensor, cond: Conditioning,
     for k, t in enumerate(timesteps[start:]):
         x_t = xs[k][None]
         with torch.no_grad():
-            eps = predict_noise(bundle, x_t.to(bundle.unet.dtype), t, cond, uncond, guidance,
+            eps = diffusion.predict_noise(bundle, x_t.to(bundle.unet.dtype), t, cond, uncond, guidance,
                                 scheduler=scheduler).float()
         mu = ddpm_step(scheduler, eps, t, x_t, None, eta)
         s = sigma(scheduler, t, eta)
@@ -148,7 +149,7 @@ def reconstruct(bundle, scheduler, inv: Inversion, cond: Conditioning,
     for i in range(inv.start, inv.steps):
         t = inv.timesteps[i]
         with torch.no_grad():
-            eps = predict_noise(bundle, x.to(bundle.unet.dtype), t, cond, uncond, guidance,
+            eps = diffusion.predict_noise(bundle, x.to(bundle.unet.dtype), t, cond, uncond, guidance,
                                 scheduler=scheduler).float()
         x = ddpm_step(scheduler, eps, t, x, inv.z(i), eta)
     return x
