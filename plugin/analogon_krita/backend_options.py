@@ -86,16 +86,51 @@ def backend_args(settings) -> list[str]:
     return args
 
 
-def preset_summary(preset: str, vram_bytes: int | None = None) -> str:
-    """What a preset means, in words."""
+GB = 1024**3
+LOW_MAX_BYTES, MEDIUM_MAX_BYTES = 6 * GB, 12 * GB  # the backend's (analogon.memory.auto_preset)
+
+
+def effective(preset: str, health: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """The preset and settings the backend described by ``health`` (``GET /v1/health``) uses
+    for ``preset``, as ``analogon.memory.resolve`` does: *auto* from its GPU's memory, a GPU
+    preset on a machine without one in float32 without CPU offload."""
+    health = health or {}
+    device = str(health.get("device", "")).split(":")[0]
     if preset == "auto":
-        return ("The backend picks a preset when it starts, from the memory of its GPU: CPU only, "
-                "\u2264 6 GB, \u2264 12 GB, or more.")
+        if not device:
+            return preset, None
+        vram = (health.get("memory") or {}).get("gpu_total_bytes") or 0
+        if device == "mps":
+            vram = vram * 2 // 3
+        preset = "cpu" if device == "cpu" or not vram else (
+            "low" if vram <= LOW_MAX_BYTES else "medium" if vram <= MEDIUM_MAX_BYTES else "high")
     if preset not in PRESETS:
-        return "The settings below, as they are."
-    p = PRESETS[preset]
-    px = p["max_pixels"]
-    side = int(round(px ** 0.5))
+        return preset, None
+    p = dict(PRESETS[preset])
+    if p["device"] is None and device == "cpu":
+        p.update(device="cpu", dtype="float32", cpu_offload=False)
+    return preset, p
+
+
+def _describe(p: dict[str, Any]) -> str:
+    side = int(round(p["max_pixels"] ** 0.5))
     return (f"{'CPU' if p['device'] == 'cpu' else 'GPU'}, {p['dtype']}, CPU offload "
             f"{'on' if p['cpu_offload'] else 'off'}, VAE tiling {'on' if p['vae_tiling'] else 'off'}, "
             f"at most {side}\u00d7{side} pixels per working image.")
+
+
+def preset_summary(preset: str, health: dict[str, Any] | None = None) -> str:
+    """What a preset means, in words; with the connected backend's ``health``, what it means
+    there (a GPU preset on a machine without a GPU says so)."""
+    name, p = effective(preset, health)
+    if preset == "auto":
+        if p is None:
+            return ("The backend picks a preset when it starts, from the memory of its GPU: CPU only, "
+                    "\u2264 6 GB, \u2264 12 GB, or more.")
+        return f"Automatic: this backend uses {dict(PRESET_CHOICES)[name]}: {_describe(p)}"
+    if p is None:
+        return "The settings below, as they are."
+    if PRESETS[preset]["device"] is None and p["device"] == "cpu":
+        return (f"This backend has no GPU: it runs this preset on the CPU ({_describe(p)[5:-1]}). "
+                "\u201cCPU only\u201d or Automatic say so.")
+    return _describe(p)

@@ -275,7 +275,7 @@ class BackendSetup(QtWidgets.QTabWidget):
 
     def _show_preset(self):
         key = self.preset.currentData()
-        self.preset_summary.setText(bo.preset_summary(key))
+        self.preset_summary.setText(bo.preset_summary(key, self.c.health if self.c.connected else None))
         custom = key == "custom"
         for wdg in (self.device, self.dtype, self.offload, self.tiling, self.max_pixels):
             wdg.setEnabled(custom)

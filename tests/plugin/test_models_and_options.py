@@ -196,6 +196,39 @@ def test_backend_arguments(kapp):
                                                "--no-vae-tiling", "--max-pixels", "786432"]
 
 
+@pytest.mark.parametrize("preset,health,expect", [
+    ("auto", None, "The backend picks a preset when it starts, from the memory of its GPU: CPU only, "
+                   "\u2264 6 GB, \u2264 12 GB, or more."),
+    ("auto", CPU, "Automatic: this backend uses CPU only: CPU, float32, CPU offload off, VAE tiling on, "
+                  "at most 1024\u00d71024 pixels per working image."),
+    ("auto", GPU_6, "Automatic: this backend uses GPU with up to 6 GB: GPU, float16, CPU offload on, "
+                    "VAE tiling on, at most 1024\u00d71024 pixels per working image."),
+    ("auto", GPU_24, "Automatic: this backend uses GPU with more than 12 GB: GPU, float16, CPU offload off, "
+                     "VAE tiling off, at most 2048\u00d72048 pixels per working image."),
+    ("low", CPU, "This backend has no GPU: it runs this preset on the CPU (float32, CPU offload off, VAE "
+                 "tiling on, at most 1024\u00d71024 pixels per working image). \u201cCPU only\u201d or "
+                 "Automatic say so."),
+    ("high", GPU_24, "GPU, float16, CPU offload off, VAE tiling off, at most 2048\u00d72048 pixels per "
+                     "working image."),
+])
+def test_the_preset_summary_says_what_this_backend_uses(preset, health, expect):
+    assert backend_options.preset_summary(preset, health) == expect
+
+
+def test_the_summary_agrees_with_the_backend(kapp):
+    """The plugin's reading of a preset is the backend's own (analogon.memory.resolve)."""
+    from analogon import memory
+
+    for health, info in ((CPU, {"device": "cpu", "vram_bytes": None}),
+                         (GPU_6, {"device": "cuda", "vram_bytes": 6 * 2**30}),
+                         (GPU_24, {"device": "cuda", "vram_bytes": 24 * 2**30})):
+        for preset in memory.PRESET_NAMES:
+            name, p = backend_options.effective(preset, health)
+            got = memory.resolve(preset, info)
+            assert (name, p["dtype"], p["cpu_offload"], p["vae_tiling"], p["max_pixels"]) == (
+                got.preset, got.dtype, got.cpu_offload, got.vae_tiling, got.max_pixels), (preset, health)
+
+
 def test_the_plugin_knows_the_backend_presets():
     from analogon import memory
 
