@@ -630,28 +630,50 @@ def _combo(combo, data):
     combo.setCurrentIndex(i)
 
 
-@_scenario("install")
-def _install(entry, setup):
-    from analogon_krita import backend_process, installer as inst
+def _memory(setup):
+    """The Memory tab, as a painter sets it, saved as the dialog's OK saves it."""
+    _combo(setup.preset, MEMORY["preset"])
+    _combo(setup.device, MEMORY["device"])
+    _combo(setup.dtype, MEMORY["dtype"])
+    setup.offload.setChecked(MEMORY["cpu_offload"])
+    setup.tiling.setChecked(MEMORY["vae_tiling"])
+    setup.max_pixels.setValue(MEMORY["max_pixels"])
+    setup.save()
 
+
+@_scenario("install")
+def _install(entry, c, setup):
+    """Through the docker: its lead offers Install backend, which opens the install window;
+    Install there; a good install starts the backend."""
+    from analogon_krita import backend_process, installer as inst
+    from analogon_krita.panel import AnalogonPanel
+
+    panel = AnalogonPanel(c, installer=setup.installer)
+    entry["lead_before"] = panel.status_label.text()
+    entry["lead_button"] = panel.start_button.text()
     entry["bundled"] = inst.wheel_version(setup.installer.wheel) if setup.installer.wheel else ""
-    entry["status_before"] = setup.install_pane.install_status.text()
-    entry["install_enabled"] = setup.install_pane.install_button.isEnabled()
+    panel.start_button.click()  # Install backend (the docker's lead)
+    pane = panel._install_dialog.pane
+    entry["status_before"] = pane.install_status.text()
+    entry["install_enabled"] = pane.install_button.isEnabled()
     progress, ends = [], []
     setup.installer.progress.connect(lambda p, t: progress.append([p, t]))
     setup.installer.finished.connect(lambda ok, msg: ends.append([ok, msg]))
-    _combo(setup.install_pane.variant, "cpu")
+    _combo(pane.variant, "cpu")
     t0 = time.monotonic()
-    setup.install_pane.install_button.click()  # Install backend
+    pane.install_button.click()  # Install backend (the install window)
     _wait(lambda: ends, 600)
     entry.update(seconds_install=round(time.monotonic() - t0, 1), ends=ends, progress=progress,
-                 status_after=setup.install_pane.install_status.text(), venv=str(setup.installer.venv),
+                 status_after=pane.install_status.text(), venv=str(setup.installer.venv),
                  installed=setup.installer.installed(), version=setup.installer.installed_version(),
                  default_command=backend_process.default_command(),
-                 update_enabled=setup.install_pane.update_button.isEnabled(),
-                 uninstall_enabled=setup.install_pane.uninstall_button.isEnabled())
+                 update_enabled=pane.update_button.isEnabled(),
+                 uninstall_enabled=pane.uninstall_button.isEnabled(),
+                 lead_after=panel.status_label.text(), started_after=c.process.state,
+                 error_after=c.error, record=inst.read_record(setup.installer.venv))
     log = setup.installer.log_path
     entry["log_tail"] = log.read_text(encoding="utf-8")[-3000:] if log.exists() else ""
+    panel._install_dialog.close()
 
 
 def _get_json(c, path, timeout=30):
@@ -664,14 +686,7 @@ def _get_json(c, path, timeout=30):
 
 @_scenario("start")
 def _start(entry, c, setup):
-    # the Memory tab, as a painter sets it, saved as the dialog's OK saves it
-    _combo(setup.preset, MEMORY["preset"])
-    _combo(setup.device, MEMORY["device"])
-    _combo(setup.dtype, MEMORY["dtype"])
-    setup.offload.setChecked(MEMORY["cpu_offload"])
-    setup.tiling.setChecked(MEMORY["vae_tiling"])
-    setup.max_pixels.setValue(MEMORY["max_pixels"])
-    setup.save()
+    _memory(setup)
     c.settings.set("backend_command", os.environ.get("ANALOGON_BACKEND_COMMAND", ""))
     t0 = time.monotonic()
     c.start_backend()  # Start backend
@@ -795,7 +810,8 @@ def setup(*args):
             installer = Installer()  # the docker's own
         setup_tabs = BackendSetup(c, installer)
         if python or os.environ.get("ANALOGON_TEST_INSTALL_EXPECT_FAIL"):
-            _install(setup_tabs)
+            _memory(setup_tabs)  # before the install: a good install starts the backend with them
+            _install(c, setup_tabs)
         _start(c, setup_tabs)
         if c.connection == "connected":
             _models(app, c)

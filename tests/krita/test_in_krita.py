@@ -426,6 +426,12 @@ def test_fresh_krita_installs_the_backend_from_the_release_zip(fresh):
     venv = fresh["tmp"] / "data" / "analogon" / "venv"
     wheel_version = installer.wheel_version(next((fresh["tmp"] / "py" / "analogon_krita" / "backend").glob("*.whl")))
     assert s["bundled"] == wheel_version and s["install_enabled"]
+    # the docker led there: nothing installed, Install backend, never a command to type
+    assert s["lead_before"].startswith("The Analogon backend is not installed yet. Install backend")
+    assert s["lead_button"] == "Install backend" and "command" not in s["lead_before"]
+    # and a good install started the backend (the red text is gone)
+    assert s["started_after"] in ("starting", "ready") and s["error_after"] == "", s["lead_after"]
+    assert s["record"]["torch"] == "cpu"
     assert s["ends"] == [[True, f"Installed the Analogon backend {wheel_version} in {venv}."]], s["log_tail"]
     assert s["installed"] and s["version"] == wheel_version and s["venv"] == str(venv)
     percents = [p for p, _ in s["progress"]]
