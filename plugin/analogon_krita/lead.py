@@ -89,7 +89,7 @@ def refusal(f: Facts) -> str:
     """Why Generate cannot run now, and what to press."""
     lead = decide(f)
     if lead.action == INSTALL:
-        return f"Cannot generate: {NOT_INSTALLED[0].lower()}{NOT_INSTALLED[1:]} Press \u201cInstall backend\u201d above."
+        return "Cannot generate: the Analogon backend is not installed yet. Press \u201cInstall backend\u201d above."
     if lead.action == PROGRESS:
         return "Cannot generate yet: the backend is being installed. Generate works once it has started."
     if lead.tone == "idle" and lead.action == START:
