@@ -627,9 +627,12 @@ class AnalogonPanel(QWidget):
         from .backend_setup import SettingsDialog
 
         dlg = SettingsDialog(self.c, self, self.installer)
-        if dlg.exec_() if hasattr(dlg, "exec_") else dlg.exec():
-            dlg.save()
-            self.c.connect_backend()
+        try:
+            if dlg.exec_() if hasattr(dlg, "exec_") else dlg.exec():
+                dlg.save()
+                self.c.connect_backend()
+        finally:
+            dlg.deleteLater()  # its install pane lets go of the installer (an install goes on)
 
 
 def make_docker_class():
