@@ -117,7 +117,9 @@ def test_adapter_byte_order_depths_and_refusals(report):
 def test_backend_down_gives_the_message_not_a_traceback(report):
     s = scenario(report, "backend_down")
     assert s["ends"] == ["error"] and s["connection"] == "unreachable"
-    assert "not running" in s["error"] and "Start backend" in s["error"]
+    # the address the painter set does not answer: the cause, and where to change it
+    assert "not running at http://127.0.0.1:" in s["error"], s["error"]
+    assert "Start the backend at that address" in s["error"] and "\u2699 \u25b8 Advanced" in s["error"]
     assert s["uncaught"] == [] and s["layers"] == ["Background", "photo"]
 
 
