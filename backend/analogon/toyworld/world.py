@@ -238,13 +238,16 @@ MIN_VISIBLE_SHARE = 0.6  # toy128: the least share of an object's area left unco
 MIN_VISIBLE_CELLS = 24  # toy128: the least visible area, in 8x8-pixel latent cells
 
 
-def visible_masks(scene: dict[str, Any], size: int | None = None) -> list[np.ndarray]:
-    """Per object (back to front), where it is visible: bool (size, size)."""
+def _full_masks(scene: dict[str, Any], side: int) -> list[np.ndarray]:
+    """Per object (back to front), its whole shape: bool (side, side)."""
     w = world_of(scene)
-    side = size or w.size
-    full = [np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side,
+    return [np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side,
                                    w.radius[o["size"]] * side, side)) > 127
             for o in objects(scene)]
+
+
+def _visible(full: list[np.ndarray]) -> list[np.ndarray]:
+    """Each mask less the masks in front of it."""
     out = []
     for i, m in enumerate(full):
         v = m.copy()
@@ -254,16 +257,18 @@ def visible_masks(scene: dict[str, Any], size: int | None = None) -> list[np.nda
     return out
 
 
+def visible_masks(scene: dict[str, Any], size: int | None = None) -> list[np.ndarray]:
+    """Per object (back to front), where it is visible: bool (size, size)."""
+    return _visible(_full_masks(scene, size or world_of(scene).size))
+
+
 def layout_ok(scene: dict[str, Any]) -> bool:
     """toy128's layout rule: every object keeps >= 60 % of its area and >= 24 latent cells'
     worth of pixels visible."""
-    w = world_of(scene)
-    side = w.size
+    side = world_of(scene).size
     cell = (side / 16) ** 2
-    full = [np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side,
-                                   w.radius[o["size"]] * side, side)) > 127
-            for o in objects(scene)]
-    for m, v in zip(full, visible_masks(scene)):
+    full = _full_masks(scene, side)
+    for m, v in zip(full, _visible(full)):
         if v.sum() < MIN_VISIBLE_SHARE * m.sum() or v.sum() < MIN_VISIBLE_CELLS * cell:
             return False
     return True
