@@ -1,4 +1,4 @@
-"""The `analogon` command: serve | run | demo | doctor | bench | train-toy | build-random."""
+"""The `analogon` command: serve | tokens | run | demo | doctor | bench | train-toy | build-random."""
 from __future__ import annotations
 
 import argparse
@@ -80,7 +80,25 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-usual-places", action="store_true",
                    help="list checkpoints from --models-dir only")
     s.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback --host and any Host header (exposes the backend; warns)")
+                   help="allow a non-loopback --host and any Host header (exposes the backend; needs "
+                        "TLS, or --insecure; see docs/studio.md)")
+    s.add_argument("--tls", action="store_true",
+                   help="serve HTTPS with a self-signed certificate made on the first start in the state "
+                        "folder (tls/); its SHA-256 fingerprint is printed at every start")
+    s.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM; with --tls-key)")
+    s.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    s.add_argument("--insecure", action="store_true",
+                   help="with --allow-remote: start without TLS anyway (tokens and images cross the "
+                        "network in clear)")
+    s.add_argument("--devices", metavar="LIST",
+                   help="one worker per device, all drawing from one queue, e.g. cuda:0,cuda:1 "
+                        "(default: one worker on --device)")
+    s.add_argument("--painter-max-queued", type=int, default=16, metavar="N",
+                   help="jobs a painter's token may have queued or running at once, unless the token "
+                        "sets its own (default 16)")
+    s.add_argument("--painter-max-stored", type=_size_arg, default="2G", metavar="SIZE",
+                   help="images a painter's token may keep on the server, unless the token sets its own "
+                        "(default 2G)")
     s.add_argument("--image-store-cap", type=_size_arg, default="8G", metavar="SIZE",
                    help="most disk the image store uses, e.g. 500M or 8G (default 8G); downloaded "
                         "results go first, then results, then uploads, oldest used first")
@@ -91,6 +109,21 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--parent-pid", type=int, default=None,
                    help="stop when this process ends (the Krita plugin passes Krita's pid)")
     _add_model_options(s, "tiny-sd")
+
+    tk = sub.add_parser("tokens", help="painters' tokens for a shared (studio) backend: create, list, revoke")
+    tk.add_argument("--state-dir", help="the backend's state folder (default: as for serve)")
+    tsub = tk.add_subparsers(dest="tokens_command", metavar="ACTION")
+    tc = tsub.add_parser("create", help="make a token for a painter and print it (once: only its hash is kept)")
+    tc.add_argument("name", help="the painter's name (letters, digits, . _ -)")
+    tc.add_argument("--max-queued", type=int, metavar="N",
+                    help="jobs queued or running at once (default: the server's --painter-max-queued)")
+    tc.add_argument("--max-stored", type=_size_arg, metavar="SIZE",
+                    help="images kept on the server, e.g. 500M (default: the server's --painter-max-stored)")
+    tl = tsub.add_parser("list", help="the painters and their tokens' state (never the tokens)")
+    tr = tsub.add_parser("revoke", help="revoke a painter's token (a running backend notices at once)")
+    tr.add_argument("name")
+    for action in (tc, tl, tr):  # after the action too: analogon tokens list --state-dir DIR
+        action.add_argument("--state-dir", default=argparse.SUPPRESS, help="the backend's state folder")
 
     r = sub.add_parser("run", help="run one method on image files: analogon run METHOD --help",
                        add_help=False)
@@ -154,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(rest) if args.command == "bench" else cmd_train_toy(rest)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"serve": cmd_serve, "demo": cmd_demo, "doctor": cmd_doctor,
+        return {"serve": cmd_serve, "tokens": cmd_tokens, "demo": cmd_demo, "doctor": cmd_doctor,
                 "download": cmd_download, "build-random": cmd_build_random}[args.command](args)
     except AnalogonError as e:
         return _die(f"{e.message} [{e.code}]", 1)
@@ -196,12 +229,18 @@ def _memory(args):
 
 def _settings_from_args(args, mem):
     from .server import Settings
+    from .server.workers import parse_devices
 
     age = args.result_max_age_days
+    devices = parse_devices(args.devices) if args.devices else None
+    if devices and args.device:
+        raise AnalogonError("bad_device", "Give --devices or --device, not both.")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise AnalogonError("tls_missing_file", "--tls-cert and --tls-key go together: give both.")
     return Settings(
         host=args.host, port=args.port,
         state_dir=Path(args.state_dir).expanduser() if args.state_dir else None,
-        default_model=args.model, device=mem.device, dtype=mem.dtype,
+        default_model=args.model, device=devices[0] if devices else mem.device, dtype=mem.dtype,
         cpu_offload=mem.cpu_offload, vae_tiling=mem.vae_tiling,
         max_working_pixels=mem.max_pixels, memory_preset=mem.preset,
         cache_dir=_cache_dir_arg(args.cache_dir), allow_remote=args.allow_remote,
@@ -209,6 +248,10 @@ def _settings_from_args(args, mem):
         result_max_age_s=age * 24 * 3600 if age and age > 0 else None,
         model_dirs=[Path(d).expanduser() for d in args.models_dir], predictions=_predictions(args),
         scan_usual_places=not args.no_usual_places,
+        tls_self_signed=bool(args.tls), insecure=bool(args.insecure), devices=devices,
+        tls_certfile=Path(args.tls_cert).expanduser() if args.tls_cert else None,
+        tls_keyfile=Path(args.tls_key).expanduser() if args.tls_key else None,
+        painter_max_queued=args.painter_max_queued, painter_max_stored_bytes=args.painter_max_stored,
     )
 
 
@@ -229,6 +272,58 @@ def cmd_serve(args) -> int:
         return serve(_settings_from_args(args, mem), log_level="debug" if args.verbose else "info")
     finally:
         lifeline.remove_own_state_dir()  # a private folder the plugin made: the token goes too
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+def _tokens_path(args) -> Path:
+    from .server.app import default_state_dir
+    from .server.painters import TOKENS_FILE
+
+    return (Path(args.state_dir).expanduser() if args.state_dir else default_state_dir()) / TOKENS_FILE
+
+
+def _show_size(n: int | None) -> str:
+    if n is None:
+        return "server default"
+    for unit, size in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n}B"
+
+
+def cmd_tokens(args) -> int:
+    """``analogon tokens create NAME | list | revoke NAME``: the painters' tokens file."""
+    from .server import painters
+
+    path = _tokens_path(args)
+    if args.tokens_command == "create":
+        token = painters.create_token(path, args.name, args.max_queued, args.max_stored)
+        print(token)
+        print(f"The token of {args.name}, shown this once (only its hash is kept, in {path}). Give it to "
+              "the painter with the server's address and its TLS fingerprint (docs/studio.md).",
+              file=sys.stderr)
+        return 0
+    if args.tokens_command == "revoke":
+        p = painters.revoke_token(path, args.name)
+        print(f"revoked the token of {p.name}; a running backend refuses it from its next request on")
+        return 0
+    if args.tokens_command == "list":
+        try:
+            found = painters.read_tokens(path)
+        except (OSError, ValueError) as e:
+            return _die(f"cannot read {path}: {e}", 1)
+        if not found:
+            print(f"no painters' tokens (in {path}); analogon tokens create NAME makes one")
+            return 0
+        print(f"{'painter':<24} {'state':<8} {'created':<17} {'max queued':<14} max stored")
+        for p in sorted(found.values(), key=lambda p: p.name):
+            created = time.strftime("%Y-%m-%d %H:%M", time.localtime(p.created))
+            state = "active" if p.active else "revoked"
+            queued = str(p.max_queued) if p.max_queued is not None else "server default"
+            print(f"{p.name:<24} {state:<8} {created:<17} {queued:<14} {_show_size(p.max_stored_bytes)}")
+        return 0
+    return _die("tokens: give an action: create NAME, list or revoke NAME", 2)
 
 
 # -- run -------------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket, host: str) -> str:
+def url_of(sock: socket.socket, host: str, tls: bool = False) -> str:
     port = sock.getsockname()[1]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"
-    return f"http://{shown}:{port}"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 def server_json_state(state_dir: Path) -> str:
@@ -65,10 +65,11 @@ def server_json_state(state_dir: Path) -> str:
     return "live" if ImageStore.folder_in_use(Path(state_dir) / "images") else "stale"
 
 
-def write_server_json(state_dir: Path, url: str, token: str) -> Path:
+def write_server_json(state_dir: Path, url: str, token: str, tls_fingerprint: str | None = None) -> Path:
     """server.json, readable by the user only (created with mode 0600, never world-readable).
     Call it while holding the state folder (after ``create_app``): a server.json already there
-    is then stale, and replaced."""
+    is then stale, and replaced. With TLS it carries the certificate's SHA-256 fingerprint
+    (``tls_fingerprint_sha256``) for a client on this machine to pin."""
     from .. import __version__
 
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,10 @@ def write_server_json(state_dir: Path, url: str, token: str) -> Path:
     tmp = state_dir / f".server.json.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": url, "token": token, "pid": os.getpid(), "version": __version__}, f)
+        data = {"url": url, "token": token, "pid": os.getpid(), "version": __version__}
+        if tls_fingerprint:
+            data["tls_fingerprint_sha256"] = tls_fingerprint
+        json.dump(data, f)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
     return path
@@ -206,23 +210,27 @@ def _uvicorn_server(app, log_level: str = "warning"):
             await super().shutdown(sockets)
 
     settings = getattr(app.state, "settings", None)
+    tls = getattr(app.state, "tls", None)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
                             access_log=False, lifespan="on",
                             http=_protocol(getattr(settings, "header_timeout_s", 10.0),
-                                           getattr(settings, "body_timeout_s", 30.0)))
+                                           getattr(settings, "body_timeout_s", 30.0)),
+                            ssl_certfile=str(tls.certfile) if tls else None,
+                            ssl_keyfile=str(tls.keyfile) if tls else None)
     return Server(config)
 
 
 def serve(settings: Settings, log_level: str = "info") -> int:
-    """Run the server until interrupted; writes and removes server.json."""
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.allow_remote:
-        from ..errors import AnalogonError
+    """Run the server until interrupted; writes and removes server.json. Refuses to listen
+    beyond loopback without ``allow_remote``, and then without TLS unless ``insecure``."""
+    from .tls import check_exposure, is_loopback, wants_tls
 
-        raise AnalogonError("remote_not_allowed", f"Listening on {settings.host} exposes the backend "
-                            "to other machines; add --allow-remote if you mean it.")
+    check_exposure(settings)
     if settings.allow_remote:
         log.warning("--allow-remote: the backend listens on %s and accepts any Host header; anyone "
-                    "with the token can use it from the network", settings.host)
+                    "with a token can use it from the network", settings.host)
+        if not is_loopback(settings.host) and not wants_tls(settings):
+            log.warning("--insecure: no TLS; tokens and images cross the network in clear")
     import signal
 
     def _terminate(signum, frame):  # SIGTERM: stop cleanly (uvicorn re-raises it after shutdown)
@@ -231,10 +239,23 @@ def serve(settings: Settings, log_level: str = "info") -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     app = create_app(settings)
-    sock = bind_socket(settings.host, settings.port)
-    url = url_of(sock, settings.host)
-    path = write_server_json(settings.resolved_state_dir(), url, app.state.token)
+    tls = app.state.tls
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except BaseException:
+        app.state.store.close()
+        raise
+    url = url_of(sock, settings.host, tls is not None)
+    path = write_server_json(settings.resolved_state_dir(), url, app.state.token,
+                             tls.fingerprint_sha256 if tls else None)
     print(f"Analogon backend on {url} (token in {path})", flush=True)
+    if tls is not None:
+        print(f"TLS certificate {tls.certfile}" + (" (self-signed, made by the backend)" if tls.self_signed else ""),
+              flush=True)
+        print(f"TLS certificate SHA-256 fingerprint: {tls.fingerprint_sha256}", flush=True)
+    workers = app.state.queue.workers
+    if len(workers) > 1:
+        print(f"{len(workers)} workers: " + ", ".join(w.device for w in workers), flush=True)
     server = _uvicorn_server(app, log_level="warning" if log_level == "info" else log_level)
     try:
         server.run(sockets=[sock])
@@ -258,10 +279,13 @@ class ServerThread:
         except BaseException:
             self.app.state.store.close()
             raise
-        self.url = url_of(self.sock, settings.host)
+        self.tls = self.app.state.tls
+        self.fingerprint = self.tls.fingerprint_sha256 if self.tls else None
+        self.url = url_of(self.sock, settings.host, self.tls is not None)
         self.token = self.app.state.token
         self.server = _uvicorn_server(self.app)
-        self._json = write_server_json(settings.resolved_state_dir(), self.url, self.token) if write_json else None
+        self._json = write_server_json(settings.resolved_state_dir(), self.url, self.token,
+                                       self.fingerprint) if write_json else None
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="analogon-server", daemon=True)
 

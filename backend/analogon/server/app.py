@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ from starlette.routing import Match
 
 from .. import __version__, engine
 from ..errors import AnalogonError
-from .jobs import TERMINAL, JobQueue
+from .jobs import ANYONE, TERMINAL, JobQueue
 from .store import PNG, RGBA, ImageStore, Limits, check_sha, too_large
 
 log = logging.getLogger(__name__)
@@ -84,6 +83,18 @@ class Settings:
     scan_budget: Any = None  # one scan's models.discovery.Budget; None: its defaults
     # SD 2.x prediction type per model spec ("*": all): epsilon | v_prediction (--prediction)
     predictions: dict[str, str] = field(default_factory=dict)
+    # TLS (server.tls): the user's certificate and key, or a self-signed one made in <state>/tls
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_self_signed: bool = False
+    insecure: bool = False  # listen beyond loopback without TLS (--insecure)
+    # one worker per device, all drawing from one queue; None: one worker on `device`
+    devices: list[str] | None = None
+    # painters' tokens (server.painters): the file, and the limits of a token that sets none
+    tokens_file: Path | None = None  # None: <state>/tokens.json
+    painter_max_queued: int = 16
+    painter_max_stored_bytes: int = 2 * 1024**3
+    painter_keep_s: float = 600.0  # a painter's uploads used this recently are never released
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
@@ -124,12 +135,20 @@ def error_response(status: int, code: str, message: str, detail: Any = None,
                             headers=headers)
 
 
-class GuardMiddleware:
-    """Loopback Host check and bearer-token check, before anything else runs."""
+PRINCIPAL = "analogon.principal"  # the scope key where the guard puts who is asking
 
-    def __init__(self, app, token: str, allow_remote: bool):
+
+class GuardMiddleware:
+    """Loopback Host check and bearer-token check, before anything else runs. The token is
+    the backend's own or a painter's (``tokens``: server.painters.Tokens); who it is goes into
+    the request's scope (``PRINCIPAL``). Health needs no token, but is told who asks when one
+    is given."""
+
+    def __init__(self, app, token: str, allow_remote: bool, tokens=None):
+        from .painters import Tokens
+
         self.app = app
-        self.token = token.encode()
+        self.tokens = tokens if tokens is not None else Tokens(token, None)
         self.allow_remote = allow_remote
 
     async def __call__(self, scope, receive, send):
@@ -140,16 +159,23 @@ class GuardMiddleware:
             resp = error_response(403, "forbidden_host", "This backend only answers requests addressed "
                                   "to 127.0.0.1 or localhost.", {"host": headers.get("host")})
             return await resp(scope, receive, send)
-        if not (scope["path"] == "/v1/health" and scope["method"] in ("GET", "HEAD")):
-            auth = headers.get("authorization", "")
-            given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
-            if not given or not hmac.compare_digest(given, self.token):
-                resp = error_response(
-                    401, "unauthorized",
-                    "Missing or wrong token. The token is in server.json in the backend's state folder."
-                    if given or auth else "This request needs the backend's token (Authorization: Bearer ...).",
-                    headers={"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send)
+        from .painters import Principal
+
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip().encode("latin-1") if auth[:7].lower() == "bearer " else b""
+        who = self.tokens.authenticate(given)
+        if isinstance(who, Principal):
+            scope[PRINCIPAL] = who
+        elif not (scope["path"] == "/v1/health" and scope["method"] in ("GET", "HEAD")):
+            if who is not None:  # a revoked painter's token
+                message = (f"This token (painter {who.name}) was revoked. Ask the server's owner for a "
+                           "new one (analogon tokens create).")
+            elif given or auth:
+                message = "Missing or wrong token. The token is in server.json in the backend's state folder."
+            else:
+                message = "This request needs the backend's token (Authorization: Bearer ...)."
+            resp = error_response(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+            return await resp(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -277,18 +303,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from ..models.download import Downloads, catalog
     from . import memory, openapi
 
+    from . import painters, tls
+    from .workers import ModelPool, check_devices
+
     settings = settings or Settings()
     token = settings.token or secrets.token_urlsafe(32)
     state_dir = settings.resolved_state_dir()
     state_dir.mkdir(parents=True, exist_ok=True)
-    options = LoadOptions(device=settings.device, dtype=settings.dtype,
-                          cpu_offload=bool(settings.cpu_offload), vae_tiling=bool(settings.vae_tiling),
-                          max_working_pixels=settings.max_working_pixels,
-                          predictions=dict(settings.predictions))
-    device = pick_device(settings.device)
+    device_list = [pick_device(d) for d in (check_devices(list(settings.devices)) if settings.devices
+                                            else [settings.device])]
+    options = [LoadOptions(device=str(d) if settings.devices else settings.device, dtype=settings.dtype,
+                           cpu_offload=bool(settings.cpu_offload), vae_tiling=bool(settings.vae_tiling),
+                           max_working_pixels=settings.max_working_pixels,
+                           predictions=dict(settings.predictions)) for d in device_list]
+    device = device_list[0]
     dtype = pick_dtype(device, settings.dtype)
     store = ImageStore(state_dir / "images", settings.limits, disk_cap_bytes=settings.image_store_cap_bytes,
                        result_max_age_s=settings.result_max_age_s)
+    try:  # holding the state folder (the store's lock): a self-signed certificate is made once
+        tls_info = tls.prepare(settings, state_dir)
+    except BaseException:
+        store.close()
+        raise
     if store.removed_at_start["tmp"] or store.removed_at_start["damaged"]:
         log.warning("image store: removed %(tmp)d half-written and %(damaged)d damaged files left by "
                     "a previous run", store.removed_at_start)
@@ -298,12 +334,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cache = Cache(settings.cache_dir or default_cache_dir(), disk_cap_bytes=settings.cache_disk_cap_bytes)
     from ..core import previews
 
-    # each model's latent-preview fit starts when it loads, in the background (core.previews)
-    models = ModelManager(settings.warm_models, options, on_load=lambda b: previews.prepare(b, cache))
+    # each model's latent-preview fit starts when it loads, in the background (core.previews);
+    # one manager per device: a device's modules are its own
+    managers = [ModelManager(settings.warm_models, o, on_load=lambda b: previews.prepare(b, cache))
+                for o in options]
+    models = ModelPool(managers)
+    tokens = painters.Tokens(token, Path(settings.tokens_file) if settings.tokens_file
+                             else state_dir / painters.TOKENS_FILE,
+                             settings.painter_max_queued, settings.painter_max_stored_bytes)
+    claims = painters.Claims(store, settings.painter_keep_s)
     scanner = discovery.Scanner(lambda stop: discovery.run_scan(
         settings.model_dirs, [m.id for m in all_methods()], include_usual=settings.scan_usual_places,
         budget=settings.scan_budget, stop=stop))
-    queue = JobQueue(store, models, cache, device_name=str(device))
+    if len(managers) > 1:
+        import threading
+
+        from .workers import SerialLoads
+
+        loads = threading.Lock()
+        worker_models = [SerialLoads(m, loads) for m in managers]
+    else:
+        worker_models = managers
+    queue = JobQueue(store, models, cache, workers=[(str(d), m) for d, m in zip(device_list, worker_models)],
+                     is_active=tokens.active)
     budget = memory.Budget(device, dtype, settings.job_memory_bytes)
 
     async def begin_shutdown() -> None:
@@ -334,6 +387,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.token = token
+    app.state.tokens = tokens
+    app.state.claims = claims
+    app.state.tls = tls_info
     app.state.store = store
     app.state.models = models
     app.state.cache = cache
@@ -342,7 +398,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scanner = scanner
     app.state.closing = False
     app.state.begin_shutdown = begin_shutdown
-    app.add_middleware(GuardMiddleware, token=token, allow_remote=settings.allow_remote)
+    app.add_middleware(GuardMiddleware, token=token, allow_remote=settings.allow_remote, tokens=tokens)
+
+    def who(request: Request) -> painters.Principal:
+        return request.scope.get(PRINCIPAL) or painters.SERVER
+
+    def owner_filter(request: Request) -> Any:
+        """What the caller may see of the jobs: ANYONE for the backend's own token."""
+        p = who(request)
+        return ANYONE if p.is_server else p.owner
+
+    def image_visible(request: Request, sha: str) -> bool:
+        p = who(request)
+        if p.is_server:
+            return True
+        if claims.claimed(p.owner, sha):
+            claims.touch(p.owner, [sha])
+            return True
+        return queue.results_visible_to(p.owner, sha)
 
     def custom_openapi() -> dict[str, Any]:
         ms = all_methods()
@@ -394,13 +467,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(status_code=200)
 
     @app.get("/v1/health")
-    def health() -> dict[str, Any]:
-        return {
+    def health(request: Request) -> dict[str, Any]:
+        out = {
             "status": "ok", "version": __version__, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "memory": memory_info(),
             "loaded_models": models.loaded(), "default_model": settings.default_model,
             "queue": queue.queue_length(), "limits": settings.limits.to_json(), "pid": os.getpid(),
+            "devices": [str(d) for d in device_list], "workers": queue.workers_json(),
+            "tls": {"enabled": tls_info is not None},
         }
+        p = request.scope.get(PRINCIPAL)
+        out["authenticated"] = p is not None
+        if p is not None:  # told only to a client with a valid token
+            if tls_info is not None:
+                out["tls"] = tls_info.to_json()
+            out["painter"] = None if p.is_server else {
+                "name": p.owner, "max_queued": tokens.max_queued(p.painter),
+                "max_stored_bytes": tokens.max_stored_bytes(p.painter),
+                "active_jobs": queue.active_count(p.owner), "stored_bytes": claims.stored_bytes(p.owner)}
+        return out
 
     # -- recommended models -------------------------------------------------------------
     downloads = Downloads(discovery.models_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None,
@@ -413,8 +498,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "models": [{**e.to_json(), "installed": (downloads.models_dir / e.filename).exists()}
                            for e in catalog()]}
 
+    def owner_only(request: Request, what: str) -> None:
+        if not who(request).is_server:
+            raise AnalogonError("painter_not_allowed", f"{what} is for the server's owner; a painter's token "
+                                "cannot do it. Ask whoever runs the server.", None, status=403)
+
     @app.post("/v1/downloads", status_code=202)
     async def start_download(request: Request):
+        owner_only(request, "Downloading a model into the server's models folder")
         req = await _json_request(request, DownloadRequest, "A download")
         return SafeJSONResponse((await asyncio.to_thread(downloads.start, req.model)).to_json(), status_code=202)
 
@@ -423,7 +514,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return downloads.get(download_id).to_json()
 
     @app.delete("/v1/downloads/{download_id}")
-    def cancel_download(download_id: str) -> dict[str, Any]:
+    def cancel_download(download_id: str, request: Request) -> dict[str, Any]:
+        owner_only(request, "Cancelling a download")
         return downloads.cancel(download_id).to_json()
 
     @app.get("/v1/system")
@@ -479,64 +571,98 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.put("/v1/images/{sha}", status_code=201)
     async def put_image(sha: str, request: Request):
         check_sha(sha)
+        p = who(request)
         limit = settings.limits.max_body_bytes
         length = request.headers.get("content-length", "").strip()
         if length.isascii() and length.isdigit() and int(length) > limit:
             raise too_large(f"The upload is {int(length)} bytes; the limit is {limit}.",
                             max_body_bytes=limit)
+        quota = None if p.is_server else tokens.max_stored_bytes(p.painter)
+
+        def make_room(n: int) -> None:
+            if quota is not None and not claims.claimed(p.owner, sha):
+                claims.make_room(p.owner, n, quota, queue.pinned_images)
+
+        if length.isascii() and length.isdigit():
+            await asyncio.to_thread(make_room, int(length))  # before the body is read
         w, h = _int_header(request, "x-image-width"), _int_header(request, "x-image-height")
         body = await _read_body(request, limit, f"The upload is over the limit of {limit} bytes.")
-        info, created = await asyncio.to_thread(
-            store.put_bytes, sha, body, request.headers.get("content-type", ""), w, h)
+
+        def put():
+            make_room(store.size_of(sha) or len(body))
+            out = store.put_bytes(sha, body, request.headers.get("content-type", ""), w, h)
+            claims.claim(p.owner, sha)
+            return out
+
+        info, created = await asyncio.to_thread(put)
         return SafeJSONResponse(info.to_json(), status_code=201 if created else 200)
 
     @app.head("/v1/images/{sha}")
-    def head_image(sha: str):
+    def head_image(sha: str, request: Request):
         check_sha(sha)
-        info = store.info(sha)
+        info = store.info(sha) if image_visible(request, sha) else None
         if info is None:
             return Response(status_code=404)
         return Response(status_code=200, headers={"X-Image-Width": str(info.width),
                                                   "X-Image-Height": str(info.height)})
 
     @app.get("/v1/images/{sha}", response_class=Response)
-    async def get_image(sha: str, format: str = "png"):
+    async def get_image(sha: str, request: Request, format: str = "png"):
         check_sha(sha)
         if format not in ("png", "rgba"):
             raise AnalogonError("bad_format", "format is png or rgba.", {"format": format}, status=400)
+        if not image_visible(request, sha):
+            raise store._not_found(sha)
         data, info = await asyncio.to_thread(store.get_bytes, sha, format)
         return Response(data, media_type=PNG if format == "png" else RGBA,
                         headers={"X-Image-Width": str(info.width), "X-Image-Height": str(info.height)})
 
     # -- jobs ---------------------------------------------------------------------------
+    class _Visible:
+        """The store as a painter sees it: only their own images (others read as missing)."""
+
+        def __init__(self, request: Request):
+            self.request = request
+
+        def __contains__(self, sha: str) -> bool:
+            return sha in store and image_visible(self.request, sha)
+
     @app.post("/v1/jobs", status_code=202)
     async def submit(request: Request):
         req = await _json_request(request, JobRequest, "A job")
+        p = who(request)
 
         def prepare() -> dict[str, Any]:
             prepared = engine.prepare(req.method, req.params, req.images, req.model, req.seed,
-                                      settings.default_model, source=store)
+                                      settings.default_model, source=store if p.is_server else _Visible(request))
             budget.check(memory.estimate(prepared, store, models))
-            job = queue.submit(prepared)
+            job = queue.submit(prepared, owner=p.owner,
+                               max_active=None if p.is_server else tokens.max_queued(p.painter))
             return {"id": job.id, "status": job.status, "position": queue.position(job),
                     "seed": prepared.seed}
 
         return SafeJSONResponse(await asyncio.to_thread(prepare), status_code=202)
 
+    @app.get("/v1/jobs")
+    def list_jobs(request: Request) -> dict[str, Any]:
+        """The caller's jobs that the server remembers, oldest first (the backend's own token:
+        every painter's)."""
+        return {"jobs": [queue.status_json(j) for j in queue.list(owner_filter(request))]}
+
     @app.get("/v1/jobs/{job_id}")
-    def job_status(job_id: str) -> dict[str, Any]:
-        return queue.status_json(queue.get(job_id))
+    def job_status(job_id: str, request: Request) -> dict[str, Any]:
+        return queue.status_json(queue.get(job_id, owner_filter(request)))
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel(job_id: str) -> dict[str, Any]:
-        job = queue.cancel(job_id)
+    def cancel(job_id: str, request: Request) -> dict[str, Any]:
+        job = queue.cancel(job_id, owner_filter(request))
         # a running job reports "running" until it stops at its next step, then "cancelled"
         return {"id": job.id, "status": job.status, "cancel_requested": job.cancel_requested.is_set()
                 or job.status == "cancelled"}
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse)
     async def events(job_id: str, request: Request):
-        job = queue.get(job_id)
+        job = queue.get(job_id, owner_filter(request))
         last = request.headers.get("last-event-id", "").strip()
         if last and _EVENT_ID_RE.fullmatch(last) is None:
             raise AnalogonError("bad_event_id", "Last-Event-ID is the id of an event of this job: a "

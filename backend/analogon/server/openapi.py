@@ -52,7 +52,19 @@ SCHEMAS: dict[str, Any] = {
         "memory": {"type": "object", "additionalProperties": {"type": "integer"}},
         "loaded_models": {"type": "array", "items": STR}, "default_model": STR,
         "queue": {"type": "integer", "minimum": 0}, "limits": {"$ref": "#/components/schemas/Limits"},
-        "pid": INT}),
+        "pid": INT,
+        "devices": {"type": "array", "items": STR, "description": "One worker per device."},
+        "workers": {"type": "array", "items": _obj({"id": INT, "device": STR, "busy": {"type": "boolean"},
+                                                    "jobs_run": INT})},
+        "tls": _obj({"enabled": {"type": "boolean"},
+                     "fingerprint_sha256": {"type": "string", "pattern": "^([0-9A-F]{2}:){31}[0-9A-F]{2}$",
+                                            "description": "With a valid token only."},
+                     "self_signed": {"type": "boolean"}}, ["enabled"]),
+        "authenticated": {"type": "boolean", "description": "Whether the request carried a valid token."},
+        "painter": _nullable(_obj({"name": STR, "max_queued": INT, "max_stored_bytes": INT,
+                                   "active_jobs": INT, "stored_bytes": INT})),
+    }, ["status", "version", "device", "dtype", "memory", "loaded_models", "default_model", "queue",
+        "limits", "pid"]),
     "Model": _obj({"id": STR, "family": _nullable(STR), "source": STR, "loaded": {"type": "boolean"}}),
     "Models": _obj({"default": STR, "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
                     "scan": _obj({"complete": {"type": "boolean"}, "notes": {"type": "array", "items": STR},
@@ -87,9 +99,11 @@ SCHEMAS: dict[str, Any] = {
                        "timings": {"type": "object"}}, ["images", "seed", "params", "model"]),
     "JobStatus": _obj({"id": {"type": "string", "pattern": JOB_ID_PATTERN}, "method": STR,
                        "status": {"type": "string", "enum": JOB_STATUSES}, "model": STR, "seed": INT,
-                       "position": {"type": "integer", "minimum": 0},
+                       "owner": _nullable(STR), "position": {"type": "integer", "minimum": 0},
+                       "worker": {"type": "integer", "minimum": 0}, "device": STR,
                        "result": {"$ref": "#/components/schemas/JobResult"}, "error": ERROR},
                       ["id", "method", "status", "model", "seed"]),
+    "JobList": _obj({"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobStatus"}}}),
     "CancelAnswer": _obj({"id": {"type": "string", "pattern": JOB_ID_PATTERN},
                           "status": {"type": "string", "enum": JOB_STATUSES},
                           "cancel_requested": {"type": "boolean"}}),
@@ -105,7 +119,9 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/images/{sha}", "put"): {
         400: "`bad_sha`, `bad_image` (not a PNG, cut short, wrong length, size headers missing or "
              "not whole numbers), `hash_mismatch`.",
-        413: "`too_large`: the body or the pixel count is over the limits (`detail` has them).",
+        413: "`too_large`: the body or the pixel count is over the limits (`detail` has them); "
+             "`storage_quota`: a painter's token would pass its limit of stored images (`detail`: "
+             "`stored_bytes`, `upload_bytes`, `max_stored_bytes`).",
         415: "`unsupported_media_type`: Content-Type is neither image/png nor "
              "application/x-analogon-rgba (or is missing)."},
     ("/v1/images/{sha}", "head"): {400: "`bad_sha` (no body: HEAD).", 404: "Not stored (no body: HEAD)."},
@@ -118,7 +134,10 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
              "there is (`detail` has the estimate).",
         415: "`unsupported_media_type`: Content-Type is missing or not application/json.",
         422: "`invalid_params` (`detail`: pydantic errors), `invalid_images` (`detail.role`).",
+        429: "`too_many_jobs`: a painter's token has as many jobs queued or running as it may "
+             "(`detail`: `active`, `max_queued`).",
         503: "`shutting_down`."},
+    ("/v1/jobs", "get"): {},
     ("/v1/jobs/{job_id}", "get"): {404: "`job_not_found`."},
     ("/v1/jobs/{job_id}", "delete"): {404: "`job_not_found`."},
     ("/v1/jobs/{job_id}/events", "get"): {
@@ -128,6 +147,7 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/downloads/catalog", "get"): {},
     ("/v1/downloads", "post"): {
         400: "`bad_json`: not I-JSON, as for a job's body.",
+        403: "`painter_not_allowed`: a painter's token cannot download models (or `forbidden_host`).",
         404: "`unknown_download`: not a recommended model's id.",
         413: "`too_large`: a body over 1 MiB.",
         415: "`unsupported_media_type`: Content-Type is missing or not application/json.",
@@ -135,7 +155,9 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
         502: "`download_failed`, `no_checksum`: the hub cannot be reached or gives no SHA-256.",
         503: "`shutting_down`."},
     ("/v1/downloads/{download_id}", "get"): {404: "`download_not_found`."},
-    ("/v1/downloads/{download_id}", "delete"): {404: "`download_not_found`."},
+    ("/v1/downloads/{download_id}", "delete"): {
+        403: "`painter_not_allowed`: a painter's token cannot cancel downloads (or `forbidden_host`).",
+        404: "`download_not_found`."},
 }
 
 _OBJECT = {"application/json": {"schema": {"type": "object"}}}
@@ -172,6 +194,9 @@ SUCCESS: dict[tuple[str, str], dict[int, dict[str, Any]]] = {
                                                     RGBA: {"schema": {"type": "string", "format": "binary"}}}}},
     ("/v1/jobs", "post"): {202: {"description": "Queued.", "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/JobSubmitted"}}}}},
+    ("/v1/jobs", "get"): {200: {"description": "The caller's jobs the server remembers, oldest first "
+                                               "(the backend's own token: every painter's).", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}}}},
     ("/v1/jobs/{job_id}", "get"): {200: {"description": "The job.", "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/JobStatus"}}}}},
     ("/v1/jobs/{job_id}", "delete"): {200: {"description": "Cancel requested (a finished job is left as it is).",
@@ -255,8 +280,8 @@ def build(base: dict[str, Any], methods: list) -> dict[str, Any]:
             if path == "/v1/health":
                 op["security"] = []
             else:
-                errors[401] = "`unauthorized`: the token is missing or wrong."
-            errors[403] = "`forbidden_host`: the Host header is not a loopback name."
+                errors[401] = "`unauthorized`: the token is missing, wrong or revoked."
+            errors.setdefault(403, "`forbidden_host`: the Host header is not a loopback name.")
             errors[500] = "`internal_error`: a fault of the backend (never the caller's input)."
             for status, text in sorted(errors.items()):
                 r: dict[str, Any] = {"description": text}

@@ -449,6 +449,21 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self._index)
 
+    def size_of(self, sha: str) -> int | None:
+        """The stored file's size in bytes, from the index (nothing is read); None when not stored."""
+        with self._lock:
+            e = self._index.get(sha)
+            return None if e is None else e.size
+
+    def discard_upload(self, sha: str) -> bool:
+        """Remove an upload (never a result) from the store; whether it was there."""
+        with self._lock:
+            e = self._index.get(sha)
+            if e is None or e.kind != "up":
+                return False
+        self._drop(e)
+        return True
+
     # -- writing ----------------------------------------------------------------------------
     def put_bytes(self, sha: str, body: bytes, content_type: str,
                   width: int | None = None, height: int | None = None) -> tuple[StoredImage, bool]:
