@@ -126,6 +126,22 @@ def _three() -> dict:
         third=_obj("star", "yellow", "small", "hatched", 0.3, 0.72))
 
 
+def test_toy128_textures_differ_between_neighbouring_latent_cells():
+    """A pattern that repeats within one 8-px cell is the same in every cell, so a factor-8
+    autoencoder can only paint it flat; toy128's textures and backdrop lines must not."""
+    for tex in world.WORLD128.textures[1:]:
+        s = world.make_scene("square", "red", "large", tex, "grey", world="toy128")
+        img = world.render(s)[40:88, 40:88].astype(int)  # inside the square: 6x6 cells
+        cells = {img[y:y + 8, x:x + 8].tobytes() for y in range(0, 48, 8)
+                 for x in range(0, 48, 8)}
+        assert len(cells) >= 3, tex
+        assert read(world.render(s), world="toy128")["objects"][0]["texture"] == tex
+    bg = world.render(world.make_scene(background="grey", world="toy128",
+                                       backdrop="patterned"))
+    cells = {bg[y:y + 8, x:x + 8].tobytes() for y in range(0, 128, 8) for x in range(0, 128, 8)}
+    assert len(cells) >= 3
+
+
 def test_toy128_renders_deterministically_at_its_own_size():
     for s in _scenes128(5, 6, two=1.0):
         a = world.render(s)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .world import (BACKDROP_PERIOD, BACKGROUNDS, COLOURS, GRAIN_TILE, RADIUS, SHADE, SHAPES,
+from .world import (BACKGROUNDS, COLOURS, RADIUS, SHADE, SHAPES,
                     SIZES, SUPERSAMPLE, TEXTURE_CELLS, WORLD64, World, _erode_by, _polygon,
                     _shape_mask, _texture_ink, objects as scene_objects, world_of)
 
@@ -327,8 +327,8 @@ def _comb(profile: np.ndarray, period: int) -> float:
     return float(np.abs(p - (p.sum() - p) / (period - 1)).max())
 
 
-def _read_backdrop(rows: np.ndarray, cols: np.ndarray, scale: float) -> str:
-    period = int(round(BACKDROP_PERIOD * scale))
+def _read_backdrop(rows: np.ndarray, cols: np.ndarray, scale: float, world: World) -> str:
+    period = int(round(world.backdrop_period * scale))
     if period >= 2 and max(_comb(rows.mean(-1), period),
                            _comb(cols.mean(-1), period)) > PATTERN_LEVELS:
         return "patterned"
@@ -421,7 +421,7 @@ def _peak_offset(left: float, mid: float, right: float) -> float:
 def _texture_tiles(world: World, side: int) -> dict[str, np.ndarray]:
     """Each texture's ink as it shows at ``side`` (more than half a pixel inked), one tile
     of its repeat."""
-    period = int(round(GRAIN_TILE * side / world.size))  # every texture repeats within it
+    period = int(round(world.repeat * side / world.size))  # every texture repeats within it
     tiles = {}
     for tex in world.textures:
         if tex == "plain":
@@ -457,7 +457,7 @@ def _read_layered(a: np.ndarray, world: World) -> dict[str, Any]:
     f = a.astype(np.float64)
     base, rows, cols = _background(f, max(1, int(round(BORDER * scale))))
     background = _BG_NAMES[int(((_BG_RGB - base) ** 2).sum(-1).argmin())]
-    backdrop = _read_backdrop(rows, cols, scale)
+    backdrop = _read_backdrop(rows, cols, scale, world)
     label = _classify(f, _background_image(base, rows, cols))
     masks = {i: _open(label == i + 1) for i in range(len(_COL_NAMES))}
     masks = {i: m for i, m in masks.items() if m.sum() >= MIN_OBJECT_SHARE * side * side}

@@ -7,10 +7,12 @@ Two worlds share one scene format, one renderer and one caption grammar:
   1/8 of the side, i.e. one latent cell.
 - ``toy128`` (the measuring world, ``toy-sd``): one to three objects that may overlap, each
   with a 2-px dark outline, on a plain, graded or patterned background, rendered at 128x128;
-  textures with a 4-px period (fine diagonal stripes, dots, 2-px checks, 1-px hatching) and a
-  1-px grain (a fixed 8x8 tile).
-  Every texture repeats within 8 pixels, one latent cell of a factor-8 autoencoder, so
-  texture is a local property of the 16x16 latent. Objects in one scene have distinct
+  textures with a 6-px period (diagonal stripes, dots, 3-px checks, a 1-px grain from a fixed
+  6x6 tile) and 1-px hatching every 3 px; a patterned background has 1-px lines every 12 px.
+  No period divides the 8-px latent cell of a factor-8 autoencoder: a pattern that repeats
+  within one cell looks the same from every cell, a convolutional encoder gives all its cells
+  one latent and the decoder can only paint it flat. These repeat every 24 px, three cells,
+  so neighbouring cells differ and the pattern can be drawn back. Objects in one scene have distinct
   colours and each keeps at least 60 % of its area and 24 latent cells' worth of pixels
   visible, so every attribute of every object can be read back.
 
@@ -75,9 +77,12 @@ class World:
     radius: dict[str, float] = field(hash=False)  # half-extent as a fraction of the side
     max_objects: int
     outline: float  # outline width in native pixels (0: none)
-    # Texture periods in native pixels; every one divides the 8-pixel latent cell.
+    # Texture periods in native pixels (see _texture_ink_uncached).
     periods: dict[str, float] = field(hash=False)
+    # The side of a square that every texture repeats within, in native pixels.
+    repeat: int = 8
     margin: float = 0.04  # the least gap between an object's box and the image border
+    backdrop_period: int = 8  # patterned: a 1-px line every this many native pixels
 
     @property
     def attributes(self) -> dict[str, tuple[str, ...]]:
@@ -104,7 +109,12 @@ WORLD128 = World(
     backdrops=("plain", "graded", "patterned"),
     # A small star of radius 0.25 covers 26 cells of the 16x16 latent (24 is the least).
     radius={"small": 0.25, "large": 0.34}, max_objects=3, outline=2.0,
-    periods={"striped": 4.0, "dotted": 4.0, "checked": 4.0, "hatched": 4.0, "grainy": 8.0},
+    # No period divides the 8-px latent cell: a pattern that repeats within one cell is the
+    # same in every cell, so a convolutional encoder gives every cell of it the same latent
+    # and the decoder can only paint it flat (see docs/toyworld.md). At 3 and 6 px every
+    # texture repeats in 24 px, three cells, and neighbouring cells differ.
+    periods={"striped": 6.0, "dotted": 6.0, "checked": 6.0, "hatched": 3.0, "grainy": 6.0},
+    repeat=6, backdrop_period=12,
 )
 WORLDS: dict[str, World] = {w.name: w for w in (WORLD64, WORLD128)}
 
@@ -415,13 +425,15 @@ def _texture_ink(texture: str, side: int, world: str = "toy64") -> np.ndarray:
     return ink
 
 
-GRAIN_TILE = 8  # grain: a fixed random 8x8 pattern of 1-px grains (30 % ink), tiled
-GRAIN_SHARE = 0.30
+GRAIN_SHARE = 0.30  # grain: a fixed random tile of 1-px grains (30 % ink), tiled
 
 
-def _grain_tile() -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _grain_tile(n: int) -> np.ndarray:
     rng = np.random.default_rng(20261207)
-    return rng.random((GRAIN_TILE, GRAIN_TILE)) < GRAIN_SHARE
+    tile = rng.random((n, n)) < GRAIN_SHARE
+    tile.setflags(write=False)
+    return tile
 
 
 def _texture_ink_uncached(texture: str, side: int, world: World = WORLD64) -> np.ndarray:
@@ -443,12 +455,13 @@ def _texture_ink_uncached(texture: str, side: int, world: World = WORLD64) -> np
         # Squares of half a period: a checkerboard.
         return (np.floor(xx / (period / 2)) + np.floor(yy / (period / 2))) % 2 == 1
     if texture == "hatched":
-        # Horizontal lines a quarter of a period thick (1 px at toy128).
-        return (yy / period) % 1.0 < 0.25
+        # Horizontal lines one native pixel thick.
+        return (yy / period) % 1.0 < scale / period
     if texture == "grainy":
-        tile = _grain_tile()
-        iy = np.floor(yy / scale).astype(int) % GRAIN_TILE
-        ix = np.floor(xx / scale).astype(int) % GRAIN_TILE
+        n = int(world.periods["grainy"])
+        tile = _grain_tile(n)
+        iy = np.floor(yy / scale).astype(int) % n
+        ix = np.floor(xx / scale).astype(int) % n
         return tile[iy, ix]
     raise ValueError(texture)
 
@@ -480,8 +493,7 @@ def _paint_object(canvas: np.ndarray, o: dict[str, Any], side: int, world: World
 
 
 BACKDROP_GRADE = 22.0  # graded: from +22 levels at the top to -22 at the bottom
-BACKDROP_LINE = 20.0  # patterned: 1-px lines every 8 px, this much darker (lighter on black)
-BACKDROP_PERIOD = 8
+BACKDROP_LINE = 20.0  # patterned: 1-px lines this much darker (lighter on black)
 
 
 def _paint_background(canvas: np.ndarray, scene: dict[str, Any], side: int,
@@ -494,7 +506,7 @@ def _paint_background(canvas: np.ndarray, scene: dict[str, Any], side: int,
         canvas += (BACKDROP_GRADE * (1.0 - 2.0 * t))[:, None, None]
     elif backdrop == "patterned":
         scale = side / world.size
-        i = np.floor((np.arange(side) + 0.5) / scale).astype(int) % BACKDROP_PERIOD == 0
+        i = np.floor((np.arange(side) + 0.5) / scale).astype(int) % world.backdrop_period == 0
         line = i[:, None] | i[None, :]
         sign = 1.0 if rgb.mean() < 64 else -1.0
         canvas[line] += sign * BACKDROP_LINE
