@@ -123,3 +123,64 @@ def test_v1_system_and_the_out_of_memory_message(tmp_path):
             assert "Memory" in err["message"] and "memory preset" in err["message"]
     finally:
         methods.unregister(m.id)
+
+
+def _estimate(family="sdxl", weights=True, w=1024, h=1024, method="pixels"):
+    from analogon.server import memory
+
+    return memory.Estimate(method, family, w, h, 1, w * h * 64,
+                           memory.MODEL_WORK_BYTES[family],
+                           memory.WEIGHT_BYTES[family] if weights else 0, "sd_xl_base_1.0")
+
+
+def test_a_model_too_large_for_the_machine_is_named_not_the_region():
+    from analogon.errors import AnalogonError
+    from analogon.server.memory import GiB, Budget
+
+    cpu = Budget("cpu", None, host_bytes=16 * GiB)  # fp32 on the CPU: SDXL needs 23 GiB
+    with pytest.raises(AnalogonError) as e:
+        cpu.check(_estimate(w=64, h=64))
+    msg = e.value.message
+    assert e.value.detail["cause"] == "model" and "“sd_xl_base_1.0”" in msg
+    assert "SDXL" in msg and "weights included" in msg and "smaller model" in msg
+    assert "smaller region" not in msg
+    # An SD 1.x model fits the same machine at a small size.
+    cpu.check(_estimate("sd1", w=64, h=64))
+    # The same model already loaded: its weights are no longer counted.
+    Budget("cpu", None, host_bytes=11 * GiB).check(_estimate(weights=False, w=64, h=64))
+
+
+def test_a_region_too_large_asks_for_a_smaller_region():
+    from analogon.errors import AnalogonError
+    from analogon.server.memory import GiB, Budget
+
+    cpu = Budget("cpu", None, host_bytes=8 * GiB)
+    with pytest.raises(AnalogonError) as e:
+        cpu.check(_estimate("sd1", w=8192, h=8192))
+    assert e.value.detail["cause"] == "region" and "smaller region" in e.value.message
+    assert "8192×8192" in e.value.message
+
+
+def test_fits_tells_which_families_can_run_here():
+    from analogon.server.memory import GiB, Budget
+
+    cpu = Budget("cpu", None, host_bytes=16 * GiB)
+    assert cpu.fits("sd1", "pixels") and cpu.fits("sd2-v", "dia")
+    assert not cpu.fits("sdxl", "pixels") and not cpu.fits("sdxl-inpainting")
+    assert Budget("cpu", None, host_bytes=64 * GiB).fits("sdxl", "pixels")
+
+
+def test_recommended_checkpoint_follows_what_fits():
+    from analogon.models import discovery
+
+    def ck(name, family):
+        return discovery.Checkpoint(id=name, name=name, family=family, variant=family, label=family,
+                                    size_bytes=1, source="file", location="configured",
+                                    methods=["pixels", "appearance", "dia", "difference"])
+
+    found = [ck("xl", "sdxl"), ck("one-five", "sd1")]
+    assert discovery.recommended_for("pixels", found).name == "xl"  # the paper's family
+    small = discovery.recommended_for("pixels", found, lambda f: not f.startswith("sdxl"))
+    assert small.name == "one-five"
+    # Nothing fits: still the paper's order, the refusal will say why.
+    assert discovery.recommended_for("pixels", found, lambda f: False).name == "xl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from pathlib import Path
 import os
 import re
 import subprocess
@@ -118,9 +119,13 @@ def test_a_checksum_mismatch_is_refused_and_nothing_is_left(hub, tmp_path):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
     # a pinned SHA-256 in the catalog wins over the hub's
     hub.claimed_sha.clear()
+    hub.requests.clear()
     with pytest.raises(AnalogonError) as e:
         download(entry(sha="0" * 64), tmp_path, endpoint=hub.url)
     assert e.value.code == "checksum_mismatch" and not (tmp_path / FILE).exists()
+    # the hub says which file it serves: refused before any byte is fetched
+    assert "not the file the publisher released" in e.value.message
+    assert not [r for r in hub.requests if r[0] == "GET"]
     assert download(entry(sha=hashlib.sha256(data).hexdigest()), tmp_path, endpoint=hub.url).read_bytes() == data
 
 
@@ -331,3 +336,57 @@ def test_finished_downloads_expire(hub, tmp_path, monkeypatch):
     for job in jobs[1:]:  # past their time
         with pytest.raises(AnalogonError):
             downloads.get(job.id)
+
+
+def test_every_recommended_model_pins_the_publishers_sha256():
+    for e in dl.catalog():
+        assert dl.SHA256_RE.match(e.sha256 or ""), e.id
+    assert len({e.sha256 for e in dl.catalog()}) == len(dl.catalog())
+
+
+def test_verify_compares_a_file_with_the_pinned_sha256(tmp_path):
+    data = tiny_checkpoint(100_000)
+    f = tmp_path / FILE
+    f.write_bytes(data)
+    good = dl.verify(entry(sha=hashlib.sha256(data).hexdigest()), f)
+    assert good["ok"] is True and good["sha256"] == good["expected"] and good["size_bytes"] == len(data)
+    bad = dl.verify(entry(sha="0" * 64), f)
+    assert bad["ok"] is False and bad["sha256"] == hashlib.sha256(data).hexdigest()
+    with pytest.raises(AnalogonError) as e:
+        dl.verify(entry(), f)
+    assert e.value.code == "no_checksum"
+    with pytest.raises(AnalogonError) as e:
+        dl.verify(entry(sha="0" * 64), tmp_path / "missing.safetensors")
+    assert e.value.code == "model_not_found"
+
+
+def test_the_catalog_tells_what_is_on_disk_and_verifies_it(tmp_path, monkeypatch):
+    from analogon.server import ServerThread, Settings
+
+    data = tiny_checkpoint(200_000)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / FILE).write_bytes(data)
+    other = tmp_path / "elsewhere" / "mine.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(tiny_checkpoint(300_000))
+    pinned = Recommended("tiny", "Tiny", REPO, FILE, "sd1", ("dia",), len(data),
+                         sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(dl, "CATALOG", (pinned,))
+    monkeypatch.setenv("ANALOGON_MODELS_DIR", str(models))
+    settings = Settings(port=0, state_dir=tmp_path / "state", cache_dir="", device="cpu",
+                        scan_usual_places=True, model_dirs=[other.parent])
+    with ServerThread(settings) as srv, httpx.Client(
+            base_url=srv.url, headers={"Authorization": f"Bearer {srv.token}"}, timeout=30) as c:
+        c.get("/v1/models", params={"wait": 10})
+        cat = c.get("/v1/downloads/catalog").json()["models"][0]
+        found = {Path(d["id"]).name: d for d in cat["on_disk"]}
+        assert set(found) == {FILE, "mine.safetensors"}
+        assert found[FILE]["same_file"] is True and found["mine.safetensors"]["same_file"] is False
+        v = c.post("/v1/downloads/verify", json={"model": "tiny"}).json()
+        assert v["ok"] is True and v["sha256"] == pinned.sha256
+        v = c.post("/v1/downloads/verify", json={"model": "tiny", "path": str(other)}).json()
+        assert v["ok"] is False
+        r = c.post("/v1/downloads/verify", json={"model": "tiny", "path": "/etc/passwd"})
+        assert r.status_code == 404 and r.json()["code"] == "model_not_found"
+        assert c.post("/v1/downloads/verify", json={"model": "nope"}).status_code == 404

@@ -725,12 +725,20 @@ class Scanner:
                 self._cond.notify_all()
 
 
-def recommended_for(method_id: str, checkpoints: list[Checkpoint]) -> Checkpoint | None:
+def recommended_for(method_id: str, checkpoints: list[Checkpoint],
+                    fits: Callable[[str | None], bool] | None = None) -> Checkpoint | None:
     """The checkpoint to pre-select for a method: one of the paper's family if there is one,
-    else the first usable one."""
+    else the first usable one. ``fits(family)`` tells whether a family can run here at all
+    (memory): checkpoints that fit come first, so a CPU machine is not offered SDXL when it
+    has an SD 1.5 checkpoint."""
     usable = [c for c in checkpoints if method_id in c.methods]
+    if fits is not None:
+        usable = [c for c in usable if fits(c.family)] + [c for c in usable if not fits(c.family)]
+        fitting = [c for c in usable if fits(c.family)]
+    else:
+        fitting = usable
     paper = PAPER_FAMILY.get(method_id)
-    for c in usable:
+    for c in fitting:
         if c.family == paper:
             return c
     return usable[0] if usable else None

@@ -6,8 +6,8 @@ huggingface_hub does the hub's part: the file's address (:func:`hf_hub_url`, hon
 the hub is the SHA-256 of its content) and the transfer (:func:`http_get`, which asks for the
 missing range when it resumes). The bytes go to ``<models>/.downloads/<file>.part``; an
 interrupted or cancelled download leaves that file, and the next attempt goes on from its end.
-A finished file is checked against the expected SHA-256 (the catalog's when it has one, else
-the hub's) and only then moved into the models folder, in one rename: the models folder never
+A finished file is checked against the expected SHA-256 (the catalog's, the publisher's
+file as released, pinned here; else the hub's) and only then moved into the models folder, in one rename: the models folder never
 holds a half-written or unverified checkpoint. A mismatch deletes the download.
 
 One file is downloaded by one process at a time: a download holds ``<file>.lock`` beside its
@@ -60,13 +60,16 @@ class Recommended:
 
 CATALOG: tuple[Recommended, ...] = (
     Recommended("sd15", "Stable Diffusion 1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                "v1-5-pruned-emaonly.safetensors", "sd1", ("appearance", "dia"), 4_300_000_000,
+                "v1-5-pruned-emaonly.safetensors", "sd1", ("appearance", "dia"), 4_265_146_304,
+                sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
                 note="Cross-Image Attention and Diffusion Image Analogies were published on SD 1.5."),
     Recommended("sd21", "Stable Diffusion 2.1 (768, v-prediction)", "stabilityai/stable-diffusion-2-1",
                 "v2-1_768-ema-pruned.safetensors", "sd2", ("difference",), 5_200_000_000,
+                sha256="dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
                 note="Difference Inversion was published on SD 2.1."),
     Recommended("sdxl-base", "Stable Diffusion XL 1.0 base", "stabilityai/stable-diffusion-xl-base-1.0",
-                "sd_xl_base_1.0.safetensors", "sdxl", ("pixels",), 6_900_000_000,
+                "sd_xl_base_1.0.safetensors", "sdxl", ("pixels",), 6_938_078_334,
+                sha256="31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
                 note="PIXELS was published on SDXL (needs a GPU with 8 GB or more)."),
 )
 
@@ -85,6 +88,20 @@ def find(entry_id: str) -> Recommended:
 
 class DownloadCancelled(Exception):
     pass
+
+
+def verify(entry: Recommended, path: Path, progress: "ProgressFn | None" = None,
+           cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Whether the file at ``path`` is the publisher's ``entry`` (its SHA-256 against the pinned
+    one): {ok, sha256, expected, path, size_bytes}."""
+    if not entry.sha256:
+        raise AnalogonError("no_checksum", f"No SHA-256 is pinned for {entry.title}; there is nothing "
+                            "to verify it against.", status=409)
+    if not path.is_file():
+        raise AnalogonError("model_not_found", f"{path} is not a file.", status=404)
+    got = sha256_of(path, progress, cancel)
+    return {"id": entry.id, "path": str(path), "size_bytes": path.stat().st_size, "sha256": got,
+            "expected": entry.sha256, "ok": got == entry.sha256}
 
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, bytes done, total)
@@ -319,6 +336,12 @@ def _fetch(entry: Recommended, models_dir: Path, progress: ProgressFn, cancel: t
     if not expected:
         raise AnalogonError("no_checksum", f"The hub gives no SHA-256 for {entry.filename}; it is not "
                             "downloaded unverified.", status=502)
+    if entry.sha256 and SHA256_RE.match(hub_sha) and hub_sha != expected:
+        # The hub serves another file than the one the publisher released: say so before
+        # gigabytes arrive only to be deleted.
+        raise AnalogonError("checksum_mismatch", f"The hub's {entry.filename} is not the file the "
+                            f"publisher released (SHA-256 {hub_sha[:12]}… instead of {expected[:12]}…); "
+                            "it is not downloaded.", {"expected": expected, "hub": hub_sha}, status=502)
     have = part.stat().st_size if part.exists() else 0
     if total and have > total:  # not the file we started (the hub's changed): start again
         part.unlink()

@@ -272,6 +272,13 @@ class DownloadRequest(BaseModel):
     model: StrictStr = Field(description="A recommended model's id, from /v1/downloads/catalog.")
 
 
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr = Field(description="A recommended model's id, from /v1/downloads/catalog.")
+    path: StrictStr | None = Field(None, description="A checkpoint the scan found of its family "
+                                   "(its id in on_disk); absent: the file in the models folder.")
+
+
 def memory_info() -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
@@ -492,11 +499,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                           on_done=scanner.refresh)
     app.state.downloads = downloads
 
+    def on_disk(entry) -> list[dict[str, Any]]:
+        """Checkpoints the scan found of the entry's family; ``same_file``: its name and size
+        are the publisher's file's (Verify tells for sure)."""
+        result, _ = scanner.latest()
+        out = []
+        for c in (result.checkpoints if result is not None else []):
+            if (c.family or "").split("-")[0] != entry.family or c.variant and c.variant.endswith(
+                    ("inpainting", "refiner")):
+                continue
+            same = Path(c.id).name == entry.filename and c.size_bytes == entry.size_bytes
+            out.append({"id": c.id, "name": c.name, "location": c.location, "same_file": same})
+        return out
+
     @app.get("/v1/downloads/catalog")
     def download_catalog() -> dict[str, Any]:
         return {"models_dir": str(downloads.models_dir),
-                "models": [{**e.to_json(), "installed": (downloads.models_dir / e.filename).exists()}
+                "models": [{**e.to_json(), "installed": (downloads.models_dir / e.filename).exists(),
+                            "on_disk": on_disk(e)}
                            for e in catalog()]}
+
+    @app.post("/v1/downloads/verify")
+    async def verify_download(request: Request) -> dict[str, Any]:
+        """The SHA-256 of a recommended model's file on disk against the publisher's."""
+        owner_only(request, "Verifying a model file")
+        req = await _json_request(request, VerifyRequest, "A verification")
+        from ..models.download import find, verify
+
+        entry = find(req.model)
+        path = Path(req.path) if req.path else downloads.models_dir / entry.filename
+        if req.path and not any(Path(c["id"]) == path for c in on_disk(entry)):
+            raise AnalogonError("model_not_found", f"{path} is not a checkpoint the backend found for "
+                                f"{entry.title}.", status=404)
+        return await asyncio.to_thread(verify, entry, path)
 
     def owner_only(request: Request, what: str) -> None:
         if not who(request).is_server:
@@ -560,7 +595,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "models_dir": str(discovery.models_dir()),
                 "searched": list(result.searched) if result is not None else [],
                 "scan": scan,
-                "recommended": {m: (c.id if (c := discovery.recommended_for(m, found)) else None)
+                "recommended": {m: (c.id if (c := discovery.recommended_for(
+                                    m, found, lambda f, m=m: budget.fits(f, m))) else None)
                                 for m in ids}}
 
     @app.get("/v1/methods")

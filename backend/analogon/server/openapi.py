@@ -158,6 +158,16 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
     ("/v1/downloads/{download_id}", "delete"): {
         403: "`painter_not_allowed`: a painter's token cannot cancel downloads (or `forbidden_host`).",
         404: "`download_not_found`."},
+    ("/v1/downloads/verify", "post"): {
+        400: "`bad_json`: not I-JSON, as for a job's body.",
+        403: "`painter_not_allowed`: a painter's token cannot verify models (or `forbidden_host`).",
+        404: "`unknown_download`: not a recommended model's id; `model_not_found`: no such file, or "
+             "a path that is not one of the entry's `on_disk` checkpoints.",
+        409: "`no_checksum`: no SHA-256 is pinned for that model.",
+        413: "`too_large`: a body over 1 MiB.",
+        415: "`unsupported_media_type`: Content-Type is missing or not application/json.",
+        422: "`invalid_params`: the body is not `{model, path?}`.",
+        503: "`shutting_down`."},
 }
 
 _OBJECT = {"application/json": {"schema": {"type": "object"}}}
@@ -173,6 +183,10 @@ SUCCESS: dict[tuple[str, str], dict[int, dict[str, Any]]] = {
                                                    "content": _OBJECT}},
     ("/v1/downloads/{download_id}", "delete"): {200: {"description": "Cancel requested.",
                                                       "content": _OBJECT}},
+    ("/v1/downloads/verify", "post"): {200: {"description": "The file's SHA-256 against the "
+                                                            "publisher's: {id, path, size_bytes, "
+                                                            "sha256, expected, ok}.",
+                                             "content": _OBJECT}},
     ("/v1/health", "get"): {200: {"description": "The backend's state (no token needed).",
                                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}}},
     ("/v1/health", "head"): {200: {"description": "The backend answers (no token needed)."}},
