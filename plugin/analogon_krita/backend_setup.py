@@ -180,7 +180,38 @@ def on_disk(entry: dict[str, Any], models: list[dict[str, Any]]) -> str:
         if PurePath(str(m["id"])).name == entry.get("filename") and same_size:
             where = m.get("location") or str(PurePath(str(m["id"])).parent)
             return f" \u2014 already on disk ({where})"
+    # The backend lists checkpoints of the entry's family it found (newer backends).
+    same = [d for d in entry.get("on_disk") or [] if d.get("same_file")]
+    if same:
+        return f" \u2014 already on disk ({same[0].get('location') or same[0].get('id')})"
+    kin = entry.get("on_disk") or []
+    if kin:
+        more = f" and {len(kin) - 1} more" if len(kin) > 1 else ""
+        return (f" \u2014 you already have a checkpoint of this family: {kin[0].get('name')}"
+                f" ({kin[0].get('location')}){more}")
     return ""
+
+
+def verifiable(entry: dict[str, Any]) -> str | None:
+    """The file the Verify button checks for a catalogue entry: "" for the one in the models
+    folder, a found checkpoint's id when it is the publisher's file by name and size, None
+    when there is nothing to verify."""
+    if not entry.get("sha256"):
+        return None
+    if entry.get("installed"):
+        return ""
+    same = [d for d in entry.get("on_disk") or [] if d.get("same_file")]
+    return str(same[0]["id"]) if same else None
+
+
+def verdict(result: dict[str, Any]) -> str:
+    """The Verify button's answer in words."""
+    got, want = str(result.get("sha256", "")), str(result.get("expected", ""))
+    if result.get("ok"):
+        return f"Verified: {result.get('path')} is the publisher's file (SHA-256 {got[:12]}\u2026)."
+    return (f"{result.get('path')} is not the publisher's file: its SHA-256 is {got[:12]}\u2026, the "
+            f"publisher's is {want[:12]}\u2026. It may be damaged or another release; download it again "
+            "if the methods misbehave.")
 
 
 class BackendSetup(QtWidgets.QTabWidget):
@@ -320,8 +351,13 @@ class BackendSetup(QtWidgets.QTabWidget):
         self.download_button = QtWidgets.QPushButton("Download")
         self.cancel_download_button = QtWidgets.QPushButton("Cancel")
         self.cancel_download_button.setEnabled(False)
+        self.verify_button = QtWidgets.QPushButton("Verify")
+        self.verify_button.setToolTip("Check the file on disk against the publisher's SHA-256 "
+                                      "(reads the whole file: a few seconds per GB).")
+        self.verify_button.setEnabled(False)
         row.addWidget(self.download_button)
         row.addWidget(self.cancel_download_button)
+        row.addWidget(self.verify_button)
         bl.addLayout(row)
         self.download_progress = QtWidgets.QProgressBar()
         self.download_progress.setRange(0, 1000)
@@ -333,6 +369,8 @@ class BackendSetup(QtWidgets.QTabWidget):
         lay.addWidget(box)
         self.download_button.clicked.connect(self.start_download)
         self.cancel_download_button.clicked.connect(self.cancel_download)
+        self.verify_button.clicked.connect(self.verify_model)
+        self.catalog.currentItemChanged.connect(lambda *_: self._update_verify())
         self.refresh_catalog()
         return w
 
@@ -361,11 +399,36 @@ class BackendSetup(QtWidgets.QTabWidget):
                                              f"{', '.join(m['methods']) or 'any method'}){done}")
             item.setToolTip(f"{m['repo_id']}/{m['filename']}\n{m.get('note', '')}")
             item.setData(256, m["id"])  # Qt.UserRole
+            item.setData(257, verifiable(m))  # the file Verify checks ("": the models folder's)
             self.catalog.addItem(item)
         if self.catalog.count():
             self.catalog.setCurrentRow(0)
         self.download_button.setEnabled(self.catalog.count() > 0 and not self._download_id)
         self.catalog_dir.setText(f"Into {data.get('models_dir', '')}")
+        self._update_verify()
+
+    def _update_verify(self):
+        item = self.catalog.currentItem()
+        self.verify_button.setEnabled(item is not None and item.data(257) is not None
+                                      and not self._download_id)
+
+    def verify_model(self):
+        item = self.catalog.currentItem()
+        if item is None or item.data(257) is None or self.c.client is None:
+            return
+        payload = {"model": item.data(256)}
+        if item.data(257):
+            payload["path"] = item.data(257)
+        self.verify_button.setEnabled(False)
+        self.download_status.setText("Verifying\u2026 (reads the whole file)")
+        self._send("POST", "/v1/downloads/verify", self._verified, payload)
+
+    def _verified(self, resp):
+        self._update_verify()
+        if not resp.ok:
+            self.download_status.setText(resp.error.message if resp.error else "Verifying failed.")
+            return
+        self.download_status.setText(verdict(resp.json() or {}))
 
     def start_download(self):
         item = self.catalog.currentItem()

@@ -91,8 +91,11 @@ def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):
     monkeypatch.setattr(hc, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     data = save({"model.diffusion_model.input_blocks.0.0.weight": np.zeros((2, 4, 1, 1), np.float16),
                  "cond_stage_model.transformer.text_model.pad": np.zeros(200_000, np.float32)})
+    import hashlib
+
     monkeypatch.setattr(dl, "CATALOG", (dl.Recommended("tiny", "Tiny SD", "p/tiny", "tiny.safetensors", "sd1",
-                                                        ("dia",), 800_000),))
+                                                        ("dia",), 800_000,
+                                                        sha256=hashlib.sha256(data).hexdigest()),))
     models = tmp_path / "models"
     monkeypatch.setenv("ANALOGON_MODELS_DIR", str(models))
     with FakeHub() as hub:
@@ -120,6 +123,15 @@ def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):
             assert wait_until(lambda: any(m.get("name") == "tiny" for m in c.models), 20)
             assert wait_until(lambda: "downloaded" in w.catalog.item(0).text(), 10)
             assert w.download_status.text().startswith("Downloaded")  # the catalog's refresh keeps it
+            # Verify reads the file back against the publisher's SHA-256
+            assert wait_until(lambda: w.verify_button.isEnabled(), 10)
+            w.verify_button.click()
+            assert wait_until(lambda: w.download_status.text().startswith("Verified"), 20), \
+                w.download_status.text()
+            (models / "tiny.safetensors").write_bytes(data[:-1] + b"x")  # damaged on disk
+            w.verify_button.click()
+            assert wait_until(lambda: "is not the publisher's file" in w.download_status.text(), 20), \
+                w.download_status.text()
 
 
 def test_the_download_bar_never_goes_back_when_the_checksum_starts(kapp, tmp_path):
@@ -169,7 +181,7 @@ def test_the_install_pane_shows_this_run_its_steps_and_follows_the_log(kapp, tmp
 
 
 def test_the_catalogue_marks_a_checkpoint_already_on_disk(kapp, tmp_path):
-    from analogon_krita.backend_setup import on_disk
+    from analogon_krita.backend_setup import on_disk, verdict, verifiable
     from analogon_krita.client import Response
 
     entry = {"id": "sd15", "title": "Stable Diffusion 1.5", "repo_id": "r/sd15", "filename": "v1-5-pruned-emaonly.safetensors",
@@ -179,6 +191,20 @@ def test_the_catalogue_marks_a_checkpoint_already_on_disk(kapp, tmp_path):
     assert on_disk(entry, [comfy]) == " \u2014 already on disk (ComfyUI)"
     assert on_disk(entry, [dict(comfy, size_bytes=2_000_000_000)]) == ""  # another file of that name
     assert on_disk(entry, [{"id": "toy-sd", "source": "embedded"}]) == ""
+    # the backend's own list of the family's checkpoints on disk
+    kin = {"id": "/a/dreamy.safetensors", "name": "dreamy", "location": "Automatic1111 / Forge",
+           "same_file": False}
+    assert on_disk(dict(entry, on_disk=[kin]), []) == (
+        " \u2014 you already have a checkpoint of this family: dreamy (Automatic1111 / Forge)")
+    assert on_disk(dict(entry, on_disk=[kin, dict(kin, same_file=True, location="ComfyUI")]), []) == (
+        " \u2014 already on disk (ComfyUI)")
+    assert verifiable(dict(entry, sha256="ab" * 32, installed=True)) == ""
+    assert verifiable(dict(entry, sha256="ab" * 32, on_disk=[dict(kin, same_file=True)])) == kin["id"]
+    assert verifiable(dict(entry, sha256="ab" * 32, on_disk=[kin])) is None
+    assert verifiable(dict(entry, installed=True)) is None  # nothing pinned to compare with
+    assert verdict({"ok": True, "path": "/m/x", "sha256": "ab" * 32}).startswith("Verified: /m/x")
+    assert "not the publisher's file" in verdict({"ok": False, "path": "/m/x", "sha256": "ab" * 32,
+                                                  "expected": "cd" * 32})
     c = Controller(app=kapp)
     c.link.models = [comfy]
     w = BackendSetup(c, Installer(venv=tmp_path / "venv"))
