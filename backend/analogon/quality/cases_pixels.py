@@ -42,11 +42,11 @@ def _ramp_map(silhouette: np.ndarray, halo: int = HALO) -> np.ndarray:
 
 
 @register_kind("exemplar_soft")
-def exemplar_soft_cases(n: int, seed: int) -> list[Case]:
+def exemplar_soft_cases(n: int, seed: int, world: str = "toy64") -> list[Case]:
     return exemplar_case_list(
         "exemplar_soft", n, seed, edit_map_for=_ramp_map,
         keep_region_for=lambda src, edit_map: edit_map == 0,
-        extra_info=lambda edit_map: {"halo": (edit_map > 0) & (edit_map < 255)})
+        extra_info=lambda edit_map: {"halo": (edit_map > 0) & (edit_map < 255)}, world=world)
 
 
 def _laplacian(img: np.ndarray) -> np.ndarray:
