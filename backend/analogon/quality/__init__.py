@@ -6,11 +6,19 @@ table shows
 - change: share of the changed attributes the result shows (e.g. the new colour),
 - keep: share of the other attributes that stayed as in the truth,
 - all: share of cases where every attribute is right,
+- adopt: share of cases where the result, inside the white part of the edit map, has the
+  exemplar's colour and texture (cases with an edit map: PIXELS' exemplar kinds),
 - dist: mean absolute pixel difference to the ground-truth render (0..1, lower is better),
 - outside: mean absolute difference to the target outside the edit region (exemplar cases),
 next to baselines that need no model (the target returned unchanged, the example returned)
-and the ground truth itself (the reader's ceiling). Methods that are not installed are skipped
-with a note. Jobs run through the same engine as the server (``analogon.engine``).
+and the ground truth itself (the reader's ceiling); under each kind, the change rate of each
+attribute. Methods that are not installed are skipped with a note. Jobs run through the same
+engine as the server (``analogon.engine``).
+
+The cases are drawn in the world of the model (``models.toy.model_world``: toy128 for a model
+trained on it, toy64 for any other) unless ``world`` says which; on toy128 the reader reads
+every object and matches them to the truth's (``reader.match_objects``), so that a change is
+checked on the object that should show it and a distractor must keep its look.
 """
 from __future__ import annotations
 
@@ -24,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from ..toyworld.reader import read
+from ..toyworld.reader import match_objects, read
+from ..toyworld.world import WORLD64, background_image, world_of
 from . import cases as cases_mod
-from .cases import KINDS, METHODS, SIZE, Case
+from .cases import KINDS, METHODS, OBJECT_ATTRS, SIZE, Case, value_of
 
 
 def _load_method_cases() -> None:
@@ -44,32 +53,92 @@ _load_method_cases()
 __all__ = ["main", "run_quality", "score_case", "format_table"]
 
 
-def _rgb(img: np.ndarray) -> np.ndarray:
+def _rgb(img: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """An RGB(A) result as RGB uint8 at ``size`` (the case's world size)."""
     a = np.asarray(img)
     if a.ndim == 3 and a.shape[2] == 4:
         a = a[..., :3]
-    if a.shape[0] != SIZE or a.shape[1] != SIZE:
+    if a.shape[0] != size or a.shape[1] != size:
         from PIL import Image
 
-        a = np.asarray(Image.fromarray(a).resize((SIZE, SIZE), Image.Resampling.LANCZOS))
+        a = np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS))
     return a
 
 
+READ_KEYS = ("shape", "colour", "size", "texture", "background")
+
+
+def _checks(case: Case, r: dict[str, Any]) -> tuple[dict[str, bool], dict[str, Any]]:
+    """Per attribute key of the case (changed and kept), whether the reading ``r`` shows the
+    truth's value; and what was read of the first object and the scene.
+
+    toy64: the first object read and the background, as always. Other worlds: the read
+    objects are matched to the truth's (by colour, then the nearest centre), so that an
+    object key (``colour``, ``second.shape``) is checked on the object it names."""
+    want = {**{k: value_of(case.truth, k) for k in case.kept}, **case.changed}
+    if world_of(case.world) is WORLD64:
+        return {k: r.get(k) == v for k, v in want.items()}, {k: r.get(k) for k in READ_KEYS}
+    slots = ["", *cases_mod.distractors(case.truth)]
+    pairs = match_objects(r, case.truth)
+    out = {}
+    for k, v in want.items():
+        slot, _, name = k.rpartition(".")
+        if name in ("background", "backdrop"):
+            out[k] = r.get(name, "plain") == v
+        else:
+            found = pairs[slots.index(slot)][1]
+            out[k] = found is not None and found.get(name) == v
+    first = pairs[0][1] or {}
+    seen = {k: first.get(k) for k in OBJECT_ATTRS}
+    seen.update(background=r.get("background"), backdrop=r.get("backdrop"),
+                objects=len(r["objects"]))
+    return out, seen
+
+
+def adopts(case: Case, result: np.ndarray) -> float | None:
+    """1.0 when the result, inside the white part of the case's edit map, shows the truth's
+    (the exemplar's) colour and texture, else 0.0; None for a case without an edit map.
+    The white part of the result is pasted on the truth's bare background and read; the
+    largest object found there is compared."""
+    m = case.slots.get("edit_map")
+    if m is None:
+        return None
+    white = np.asarray(m) >= 255
+    if white.ndim == 3:
+        white = white.all(-1)
+    if not white.any():
+        return None
+    w = world_of(case.world)
+    region = background_image(case.truth, w.size).copy()
+    region[white] = _rgb(result, w.size)[white]
+    found = read(region, w)["objects"]
+    if not found:
+        return 0.0
+    got = found[0]
+    return float(got["colour"] == case.truth["colour"] and got["texture"] == case.truth["texture"])
+
+
 def score_case(case: Case, result: np.ndarray) -> dict[str, Any]:
-    """Reader-based scores of one result image against the case's truth."""
-    res = _rgb(result)
-    r = read(res)
-    change_ok = [r.get(k) == v for k, v in case.changed.items()]
-    keep_ok = [r.get(k) == case.truth[k] for k in case.kept]
+    """Reader-based scores of one result image against the case's truth, in the case's
+    world."""
+    w = world_of(case.world)
+    res = _rgb(result, w.size)
+    ok, seen = _checks(case, read(res, w))
+    change_ok = [ok[k] for k in case.changed]
+    keep_ok = [ok[k] for k in case.kept]
     out: dict[str, Any] = {
         "change": float(np.mean(change_ok)) if change_ok else 1.0,
-        "change_by": {k: float(ok) for k, ok in zip(case.changed, change_ok)},
+        "change_by": {k: float(ok[k]) for k in case.changed},
         "keep": float(np.mean(keep_ok)) if keep_ok else 1.0,
+        "keep_by": {k: float(ok[k]) for k in case.kept},
         "all": float(all(change_ok) and all(keep_ok)),
         "dist": float(np.abs(res.astype(np.float32) - case.truth_image.astype(np.float32)).mean()
                       / 255.0),
-        "read": {k: r.get(k) for k in ("shape", "colour", "size", "texture", "background")},
+        "read": seen,
     }
+    adopt = adopts(case, res)
+    if adopt is not None:
+        out["adopt"] = adopt
     if case.keep_region is not None and case.keep_region.any():
         tgt = case.slots[case.target].astype(np.float32)
         out["outside"] = float(np.abs(res.astype(np.float32) - tgt)[case.keep_region].mean() / 255.0)
@@ -80,16 +149,18 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
     if not scores:
         return {"cases": 0}
     out: dict[str, Any] = {"cases": len(scores)}
-    for k in ("change", "keep", "all", "dist", "outside"):
+    for k in ("change", "keep", "adopt", "all", "dist", "outside"):
         vals = [s[k] for s in scores if k in s]
         if vals:
             out[k] = float(np.mean(vals))
-    # adoption rate of each changed attribute (an appearance case changes two)
-    by: dict[str, list[float]] = {}
-    for s in scores:
-        for k, v in s.get("change_by", {}).items():
-            by.setdefault(k, []).append(v)
-    out["change_by"] = {k: float(np.mean(v)) for k, v in by.items()}
+    # adoption rate of each changed attribute (an appearance case changes two), and how
+    # often each kept attribute was kept
+    for key in ("change_by", "keep_by"):
+        by: dict[str, list[float]] = {}
+        for s in scores:
+            for k, v in s.get(key, {}).items():
+                by.setdefault(k, []).append(v)
+        out[key] = {k: float(np.mean(v)) for k, v in by.items()}
     return out
 
 
@@ -136,13 +207,18 @@ def case_images(method_id: str, roles: dict[str, str], case: Case):
     return images, source
 
 
-def demo_case(method_id: str, seed: int = 0):
+def demo_case(method_id: str, seed: int = 0, world: str | None = None):
     """One toy-world case for ``analogon demo`` on toy-sd: (refs by role, image source), or
-    None when the method registered no cases."""
+    None when the method registered no cases. ``world``: toy-sd's own unless told."""
     spec = METHODS.get(method_id)
     if spec is None or not spec.kinds:
         return None
-    return case_images(method_id, spec.roles, cases_mod.build(spec.kinds[0], 1, seed)[0])
+    if world is None:
+        from ..models.toy import model_world
+
+        world = model_world("toy-sd")
+    return case_images(method_id, spec.roles,
+                       cases_mod.build(spec.kinds[0], 1, seed, world=world)[0])
 
 
 def _method_params(method_id: str, spec_params: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -163,16 +239,32 @@ def method_note(method_id: str, why: str, params: dict[str, Any]) -> str:
     return f"{method_id}: {why + ' ' if why else ''}Settings: {settings}."
 
 
+def _truth_summary(case: Case) -> dict[str, Any]:
+    """The truth's values of what the reader reads (toy128: the backdrop and the
+    distractors' too)."""
+    out = {k: case.truth[k] for k in READ_KEYS}
+    if world_of(case.world) is not WORLD64:
+        out["backdrop"] = case.truth.get("backdrop", "plain")
+        for slot in cases_mod.distractors(case.truth):
+            out[slot] = {k: case.truth[slot][k] for k in OBJECT_ATTRS}
+    return out
+
+
 def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None, n: int = 10,
                 seed: int = 0, model: str = "toy-sd", device: str | None = None,
                 params_mode: str = "default", baselines: bool = True,
                 log=print, overrides: dict[str, Any] | None = None,
-                variants: bool = True) -> dict[str, Any]:
+                variants: bool = True, world: str | None = None) -> dict[str, Any]:
     """Run the suite; returns the JSON-able report (rows, per-case details, notes).
     ``overrides`` are set on top of every measured method's parameters (not the baselines');
-    ``variants`` adds each method's variant rows (the same parameters, more inputs)."""
+    ``variants`` adds each method's variant rows (the same parameters, more inputs);
+    ``world``: the toy world the cases are drawn in (default: the model's,
+    :func:`analogon.models.toy.model_world`)."""
     from ..errors import AnalogonError
     from ..methods import UNAVAILABLE, all_methods
+    from ..models.toy import model_world
+
+    world = world_of(world or model_world(model)).name
 
     registered = {m.id for m in all_methods()}
     wanted = methods or list(METHODS)
@@ -181,7 +273,12 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
     notes: list[str] = []
     used_kinds = kinds or sorted({k for m in wanted if m in METHODS for k in METHODS[m].kinds},
                                  key=list(KINDS).index)
-    built: dict[str, list[Case]] = {k: cases_mod.build(k, n, seed) for k in used_kinds}
+    built: dict[str, list[Case]] = {}
+    for k in used_kinds:
+        try:
+            built[k] = cases_mod.build(k, n, seed, world=world)
+        except ValueError as e:  # a kind that has no cases in this world
+            notes.append(f"{k}: skipped ({e})")
 
     if baselines:
         for kind, cs in built.items():
@@ -218,9 +315,9 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
             s = score_case(c, out)
             scores.append(s)
             details.append({"method": name, "kind": kind, "case": c.name, "changed": c.changed,
-                            "truth": {k: c.truth[k] for k in
-                                      ("shape", "colour", "size", "texture", "background")},
-                            **s})
+                            "truth": _truth_summary(c), **s,
+                            **({"transition": list(c.info["transition"])}
+                               if "transition" in c.info else {})})
         secs = time.time() - t0
         row = {"method": name, "kind": kind, **_aggregate(scores),
                "seconds_per_case": round(secs / max(1, len(built[kind])), 2), **extra}
@@ -231,7 +328,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
         log(format_row(row))
 
     def result() -> dict[str, Any]:
-        return {"model": model, "seed": seed, "n": n, "params_mode": params_mode,
+        return {"model": model, "world": world, "seed": seed, "n": n, "params_mode": params_mode,
                 "overrides": overrides or {}, "rows": rows, "notes": notes, "cases": details}
 
     try:
@@ -278,7 +375,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
 
 # -- output -------------------------------------------------------------------------------
 
-COLUMNS = ("cases", "change", "keep", "all", "dist", "outside")
+COLUMNS = ("cases", "change", "keep", "adopt", "all", "dist", "outside")
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -296,14 +393,31 @@ def format_row(row: dict[str, Any]) -> str:
     return " ".join(cells)
 
 
+def format_change_by(rows: list[dict[str, Any]]) -> list[str]:
+    """The change rate of each attribute, one line per row, for a kind whose cases change
+    more than one attribute in all; [] otherwise."""
+    attrs = list(dict.fromkeys(k for r in rows for k in r.get("change_by", {})))
+    if len(attrs) < 2:
+        return []
+    width = max(8, *(len(a) + 1 for a in attrs))
+    head = f"{'  change by attribute':<36s}" + "".join(f"{a:>{width}s}" for a in attrs)
+    lines = [head]
+    for r in rows:
+        by = r.get("change_by", {})
+        lines.append(f"{'  ' + r['method']:<36s}" + "".join(
+            f"{by[a]:>{width}.3f}" if a in by else f"{'-':>{width}s}" for a in attrs))
+    return lines
+
+
 def format_table(report: dict[str, Any]) -> str:
     head = f"{'method':<24s} {'kind':<11s} " + " ".join(f"{c:>8s}" for c in COLUMNS) + "  per case"
-    lines = [f"quality on {report['model']} (seed {report['seed']}, {report['n']} cases per kind)",
-             head, "-" * len(head)]
+    world = f", world {report['world']}" if report.get("world") else ""
+    lines = [f"quality on {report['model']}{world} (seed {report['seed']}, {report['n']} cases "
+             "per kind)", head, "-" * len(head)]
     for kind in dict.fromkeys(r["kind"] for r in report["rows"]):
-        for r in report["rows"]:
-            if r["kind"] == kind:
-                lines.append(format_row(r))
+        rows = [r for r in report["rows"] if r["kind"] == kind]
+        lines += [format_row(r) for r in rows]
+        lines += format_change_by(rows)
         lines.append("")
     for n in report.get("notes", []):
         lines.append("note: " + n)
@@ -338,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--cases", type=int, default=10, help="cases per kind (default 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="toy-sd", help="model spec (default toy-sd)")
+    ap.add_argument("--world", choices=cases_mod.WORLD_NAMES, default=None,
+                    help="the toy world the cases are drawn in (default: the model's; toy128 "
+                         "for a model trained on it, else toy64)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--params", choices=("default", "demo"), default="default",
                     help="start from each method's defaults or its fast demo settings")
@@ -375,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     report = run_quality(methods, kinds, args.cases, args.seed, args.model, args.device,
                          args.params, not args.no_baselines, log=lambda s: print(s, flush=True),
-                         overrides=overrides, variants=not args.no_variants)
+                         overrides=overrides, variants=not args.no_variants, world=args.world)
     if args.model_quality:
         from ..models import LoadOptions, load_bundle
         from ..toyworld.evaluate import measure
