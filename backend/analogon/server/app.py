@@ -23,7 +23,7 @@ from starlette.routing import Match
 from .. import __version__, engine
 from ..errors import AnalogonError
 from .jobs import ANYONE, TERMINAL, JobQueue
-from .store import PNG, RGBA, ImageStore, Limits, check_sha, too_large
+from .store import PNG, RGBA, ImageStore, Limits, check_encoding, check_sha, check_size, too_large
 
 log = logging.getLogger(__name__)
 
@@ -614,19 +614,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise too_large(f"The upload is {int(length)} bytes; the limit is {limit}.",
                             max_body_bytes=limit)
         quota = None if p.is_server else tokens.max_stored_bytes(p.painter)
+        ctype = request.headers.get("content-type", "")
+        encoding = check_encoding(request.headers.get("content-encoding", ""), ctype)
 
         def make_room(n: int) -> None:
             if quota is not None and not claims.claimed(p.owner, sha):
                 claims.make_room(p.owner, n, quota, queue.pinned_images)
 
-        if length.isascii() and length.isdigit():
-            await asyncio.to_thread(make_room, int(length))  # before the body is read
         w, h = _int_header(request, "x-image-width"), _int_header(request, "x-image-height")
+        # what is kept: the body, or for a deflate-encoded raw upload the pixels it inflates to
+        inflated = None
+        if encoding and w is not None and h is not None:
+            check_size(w, h, settings.limits)  # before room is made for it
+            inflated = w * h * 4
+        if inflated is not None or (length.isascii() and length.isdigit()):
+            await asyncio.to_thread(make_room, inflated or int(length))  # before the body is read
         body = await _read_body(request, limit, f"The upload is over the limit of {limit} bytes.")
 
         def put():
-            make_room(store.size_of(sha) or len(body))
-            out = store.put_bytes(sha, body, request.headers.get("content-type", ""), w, h)
+            make_room(store.size_of(sha) or inflated or len(body))
+            out = store.put_bytes(sha, body, ctype, w, h, encoding)
             claims.claim(p.owner, sha)
             return out
 

@@ -123,7 +123,8 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
              "`storage_quota`: a painter's token would pass its limit of stored images (`detail`: "
              "`stored_bytes`, `upload_bytes`, `max_stored_bytes`).",
         415: "`unsupported_media_type`: Content-Type is neither image/png nor "
-             "application/x-analogon-rgba (or is missing)."},
+             "application/x-analogon-rgba (or is missing), or a Content-Encoding other than "
+             "deflate (raw RGBA only)."},
     ("/v1/images/{sha}", "head"): {400: "`bad_sha` (no body: HEAD).", 404: "Not stored (no body: HEAD)."},
     ("/v1/images/{sha}", "get"): {400: "`bad_sha`, `bad_format`.", 404: "`image_not_found`."},
     ("/v1/jobs", "post"): {
@@ -313,7 +314,11 @@ def build(base: dict[str, Any], methods: list) -> dict[str, Any]:
         images["put"]["parameters"] = [PATH_PARAMS["sha"]] + [
             {"name": h, "in": "header", "required": False,
              "description": "Raw RGBA uploads: the image's size in pixels.",
-             "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}} for h in ("X-Image-Width", "X-Image-Height")]
+             "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"}} for h in ("X-Image-Width", "X-Image-Height")] + [
+            {"name": "Content-Encoding", "in": "header", "required": False,
+             "description": "`deflate`: a raw RGBA body compressed as a zlib stream (RFC 1950), "
+                            "exactly width*height*4 bytes once inflated. PNG bodies take none.",
+             "schema": {"type": "string", "enum": ["deflate", "identity"]}}]
     if "get" in images:
         images["get"]["parameters"] = [PATH_PARAMS["sha"], {
             "name": "format", "in": "query", "required": False,

@@ -28,6 +28,7 @@ import re
 import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,45 @@ def decode_raw(data: bytes, width: int, height: int, limits: Limits) -> np.ndarr
             f"Raw RGBA for {width}×{height} pixels is {width * height * 4} bytes, got {len(data)}.",
             expected=width * height * 4, got=len(data))
     return np.frombuffer(data, np.uint8).reshape(height, width, 4)
+
+
+DEFLATE = "deflate"
+ENCODINGS = ("", "identity", DEFLATE)  # Content-Encoding of an upload: none, or zlib (RFC 9110)
+
+
+def inflate_raw(data: bytes, width: int, height: int, limits: Limits) -> bytes:
+    """A raw RGBA upload sent with ``Content-Encoding: deflate`` (a zlib stream, RFC 1950, as
+    HTTP's "deflate" is): exactly ``width*height*4`` bytes once inflated, never more (the size
+    is checked against the limits first and the stream is read no further than that)."""
+    check_size(width, height, limits)
+    expected = width * height * 4
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, expected + 1)
+    except zlib.error as e:
+        raise bad_image(f"The deflate-encoded body is not a zlib stream ({e}).") from None
+    if len(out) != expected or not d.eof or d.unconsumed_tail or d.unused_data:
+        got = "more" if len(out) > expected or d.unconsumed_tail else (
+            f"{len(out)} bytes" + ("" if d.eof else " and is cut short"))
+        raise bad_image(f"Raw RGBA for {width}\u00d7{height} pixels is {expected} bytes; the "
+                        f"deflate-encoded body inflates to {got}.", expected=expected)
+    return out
+
+
+def check_encoding(encoding: str | None, content_type: str | None) -> str:
+    """An upload's Content-Encoding, normalised: "" (none) or ``deflate`` (raw RGBA only);
+    anything else is ``415``."""
+    enc = (encoding or "").strip().lower()
+    if enc == "identity":
+        enc = ""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if enc not in ENCODINGS or (enc == DEFLATE and ctype != RGBA):
+        raise AnalogonError(
+            "unsupported_media_type", f"Content-Encoding {enc} is not accepted"
+            + (f" for {ctype}" if enc == DEFLATE else "") + f": raw RGBA ({RGBA}) may be sent "
+            "with Content-Encoding: deflate (a zlib stream), everything else without one.",
+            {"content_encoding": enc, "content_type": ctype or None}, status=415)
+    return enc
 
 
 def _content_id(data: bytes, fmt: str, width: int, height: int) -> str:
@@ -466,9 +506,12 @@ class ImageStore:
 
     # -- writing ----------------------------------------------------------------------------
     def put_bytes(self, sha: str, body: bytes, content_type: str,
-                  width: int | None = None, height: int | None = None) -> tuple[StoredImage, bool]:
-        """Store an upload. Returns (image, created). Checks the format, the limits and the hash."""
+                  width: int | None = None, height: int | None = None,
+                  encoding: str = "") -> tuple[StoredImage, bool]:
+        """Store an upload. Returns (image, created). Checks the format, the limits and the hash.
+        ``encoding``: the upload's Content-Encoding (``deflate`` for raw RGBA, else none)."""
         check_sha(sha)
+        encoding = check_encoding(encoding, content_type)
         existing = self._check(sha)
         if existing is not None:
             self._use(existing)
@@ -480,6 +523,8 @@ class ImageStore:
         if ctype == RGBA:
             if width is None or height is None:
                 raise bad_image("Raw RGBA uploads need the X-Image-Width and X-Image-Height headers.")
+            if encoding == DEFLATE:
+                body = inflate_raw(body, width, height, self.limits)
             rgba = decode_raw(body, width, height, self.limits)
             fmt = "rgba"
         elif ctype == PNG:
