@@ -1,5 +1,6 @@
-"""The settings dialog and its tabs: the backend (install, update, uninstall), memory, models
-(folders and *Get a model*), and Advanced (the developer's and connection fields). The
+"""The settings dialog and its tabs: the backend (install, update, uninstall), the connection
+(this computer's backend or one on another machine: remote.py), memory, models (folders and
+*Get a model*), and Advanced (the developer's and connection fields). The
 install pane is also the docker's install window. The work is done by ``installer``,
 ``backend_options`` and the backend's ``/v1/downloads``."""
 from __future__ import annotations
@@ -8,6 +9,7 @@ from typing import Any
 
 from . import backend_options as bo
 from . import installer as inst
+from . import remote
 from .qt import QTimer, QtWidgets
 from .widgets import set_tip
 
@@ -223,7 +225,12 @@ class BackendSetup(QtWidgets.QTabWidget):
         self.settings = controller.settings
         self.installer = installer if installer is not None else inst.shared()
         self.addTab(self._install_tab(), "Backend")
+        self.connection = remote.RemotePage(controller)
+        self.addTab(self.connection, "Connection")
         self.addTab(self._memory_tab(), "Memory")
+        # what the docker passes to a backend it starts: nothing to say about a remote one
+        self.connection.modeChanged.connect(lambda far: self.setTabEnabled(2, not far))
+        self.setTabEnabled(2, not self.connection.remote())
         self.addTab(self._models_tab(), "Models")
         self.addTab(self._advanced_tab(), "Advanced")
         self._poll = QTimer(self)
@@ -258,7 +265,9 @@ class BackendSetup(QtWidgets.QTabWidget):
             form.addRow(label, e)
             self.edits[key] = e
         self.format = QtWidgets.QComboBox()
+        self.format.addItem("Automatic (raw here; the smallest encoding to another machine)", "auto")
         self.format.addItem("Raw RGBA (fast)", "rgba")
+        self.format.addItem("Compressed raw RGBA (deflate)", "deflate")
         self.format.addItem("PNG (smaller)", "png")
         self.format.setCurrentIndex(max(0, self.format.findData(self.settings.get("image_format"))))
         form.addRow("Upload format", self.format)
@@ -494,6 +503,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         for key, e in self.edits.items():
             s.set(key, e.text().strip())
         s.set("autostart", self.autostart.isChecked())
+        self.connection.save()
         s.set("image_format", self.format.currentData())
         s.set("memory_preset", self.preset.currentData())
         if self.preset.currentData() == "custom":

@@ -1,7 +1,9 @@
 """The link to the backend, one per Krita: where the backend is, whether it answers, what it
 offers, and the backend process the docker starts.
 
-Where: a backend this link started (its real address), else the address in the settings, else
+Where: in remote mode (``remote.py``: a backend on another machine) the address and token the
+painter entered, and nothing is ever started or installed for it; otherwise a backend this link
+started (its real address), else the address in the settings, else
 the ``server.json`` a running backend wrote (one whose process is gone is ignored), else the
 one started last (gone: named in every message), else the default address. Connecting is health, then the methods, then the models;
 ``methodsLoaded`` and ``modelsLoaded`` hand those to whoever keeps the panel's choices (the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import remote
 from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
                               pid_alive, read_server_info)
 from .client import Client, Response
@@ -22,6 +25,7 @@ class Connection(QObject):
     stateChanged = pyqtSignal(str, str)  # state, message
     methodsLoaded = pyqtSignal()  # ``methods`` is new
     modelsLoaded = pyqtSignal()  # ``models``, ``models_info`` and ``default_model`` are new
+    certificateProblem = pyqtSignal(object)  # ``certificate``: a TLS certificate not trusted (remote.py)
 
     def __init__(self, settings, parent: QObject | None = None,
                  idle: Callable[[], bool] = lambda: True):
@@ -37,6 +41,7 @@ class Connection(QObject):
         self.process.stateChanged.connect(self._on_process_state)
         self.process.ready.connect(lambda info: self.connect())
         self.reason = ""  # why the last health check failed (the client's error code)
+        self.certificate: dict[str, Any] | None = None  # what a refused certificate's handshake saw
         self.health: dict[str, Any] = {}
         self.methods: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
@@ -60,8 +65,15 @@ class Connection(QObject):
     def _state_dir(self) -> str | None:
         return self.settings.get("state_dir").strip() or None
 
+    @property
+    def remote(self) -> bool:
+        """A backend on another machine (remote.py): never started or installed here."""
+        return remote.is_remote(self.settings)
+
     def address(self) -> ServerInfo:
         """Where to find the backend (see the module's docstring)."""
+        if self.remote:
+            return ServerInfo(remote.remote_url(self.settings), remote.remote_token(self.settings) or None)
         if self.process.state == "ready" and self.process.info is not None:
             return self.process.info
         info = read_server_info(self._state_dir() or str(default_state_dir()))
@@ -81,10 +93,16 @@ class Connection(QObject):
             return
         self.connecting = True
         info = self.address()
-        if self.client is None or self.client.base_url != info.url or self.client.token != info.token:
-            if self.client is not None:
-                self.client.deleteLater()
-            self.client = Client(info.url, info.token, self)
+        if self.remote and not info.url:
+            self.set_state("unreachable", "Enter the address of the backend on the other machine "
+                           f"under {remote.WHERE}.")
+            return self._done(False)
+        if (self.client is None or self.client.base_url != info.url or self.client.token != info.token
+                or self.client.remote != self.remote):
+            self._drop_client()
+            url, settings = info.url, self.settings
+            self.client = Client(info.url, info.token, self, remote=self.remote,
+                                 pinned=lambda: remote.pinned(settings, url) if remote.is_remote(settings) else "")
         self.server = info
         if self.state != "connected" and self.process.state != "starting":
             self.set_state("connecting", f"Connecting to {info.url}\u2026")
@@ -93,10 +111,15 @@ class Connection(QObject):
     def _after_health(self, resp: Response):
         if not resp.ok:
             self.reason = resp.error.code if resp.error else "no_answer"
+            is_cert = self.reason in (remote.UNKNOWN, remote.CHANGED)
+            self.certificate = dict(resp.error.detail, kind=self.reason) if is_cert else None
             if self.process.state != "starting":
                 self.set_state("unreachable", resp.error.message if resp.error else "no answer")
+            if is_cert:
+                self.certificateProblem.emit(self.certificate)
             return self._done(False)
         self.reason = ""
+        self.certificate = None
         self.health = resp.json() or {}
         self.client.methods(self._after_methods)
 
@@ -117,9 +140,36 @@ class Connection(QObject):
             self.modelsLoaded.emit()
         version, device = self.health.get("version", ""), self.health.get("device", "")
         where = self.server.url if self.server else ""
-        self.set_state("connected", f"Connected to {where}"
-                       + (f" (v{version}, {device})" if version or device else ""))
+        painter = self.health.get("painter") if self.remote else None
+        who = f" as {painter.get('name')}" if isinstance(painter, dict) and painter.get("name") else ""
+        clear = (" \u2014 not encrypted: your token and images cross the network in clear"
+                 if self.remote and where.startswith("http://") and not remote.is_loopback(where) else "")
+        self.set_state("connected", f"Connected to {where}{who}"
+                       + (f" (v{version}, {device})" if version or device else "") + clear)
         self._done(True)
+
+    # -- a backend on another machine: its certificate (remote.py) ---------------------------
+    def _drop_client(self):
+        """A new client (and a new QNetworkAccessManager) on the next connect: no kept-alive
+        connection or TLS session of the old one is used again."""
+        if self.client is not None:
+            self.client.deleteLater()
+            self.client = None
+
+    def trust(self, fp: str):
+        """Pin ``fp`` for the remote address and connect again."""
+        remote.pin(self.settings, remote.remote_url(self.settings), fp)
+        self.certificate = None
+        self._drop_client()
+        self.connect()
+
+    def forget_certificate(self):
+        """Forget the certificate trusted for the remote address; connecting again shows the
+        fingerprint the backend presents now and asks."""
+        remote.forget(self.settings, remote.remote_url(self.settings))
+        self.certificate = None
+        self._drop_client()
+        self.connect()
 
     def _done(self, ok: bool):
         self.connecting = False
@@ -129,7 +179,10 @@ class Connection(QObject):
 
     # -- the backend process ------------------------------------------------------------------
     def start(self, model: str | None, extra_args: list[str]):
-        """Start a local backend (the configured command) and connect to it when ready."""
+        """Start a local backend (the configured command) and connect to it when ready; in remote
+        mode nothing is started (the link connects to the remote backend instead)."""
+        if self.remote:
+            return self.connect()
         if self.process.running:
             return self.connect()
         from .lead import NOT_INSTALLED, find_command
@@ -165,7 +218,7 @@ class Connection(QObject):
         if self._timer.isActive():
             return
         self._timer.start()
-        if start is not None:
+        if start is not None and not self.remote:
             start()
         else:
             self.connect()

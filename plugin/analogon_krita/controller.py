@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import backend_options, models_ui
+from . import backend_options, models_ui, remote
 from . import document as kdoc
 from . import imaging
 from . import roles as roles_mod
@@ -441,7 +441,7 @@ class Controller(QObject):
         feather = self.settings.get_int("feather")
         roi, from_sel = kdoc.region_of_interest(doc, padding)
         target_name = self.target_role(desc)
-        fmt = self.settings.get("image_format") or "rgba"
+        fmt = remote.upload_format(self.settings)
         images: dict[str, Any] = {}
         target_node = None
         anchor, source, stack, used, maps = None, None, [], [], []
@@ -583,7 +583,7 @@ class Controller(QObject):
                 rgba = kdoc.read_stack([prepared.source] + prepared.stack + self._chain, prepared.roi)
             except AdapterError as e:
                 return self._on_failed(e.message)
-            fmt = self.settings.get("image_format") or "rgba"
+            fmt = remote.upload_format(self.settings)
             spec.images[self.target_role(self.method(spec.method))] = ImageRef(
                 ImagePayload.from_rgba(rgba, prepared.roi.w, prepared.roi.h, fmt))
         last = prepared.index == prepared.count - 1
@@ -596,6 +596,7 @@ class Controller(QObject):
         prefix = f"pass {prepared.index + 1}/{prepared.count}: " if prepared.count > 1 else ""
         runner.stage.connect(lambda s: self._on_stage(prefix + s))
         runner.progress.connect(lambda s, a, b: self._on_progress(prefix + s, a, b))
+        runner.uploading.connect(lambda s, a, b: self._on_progress(prefix + s, a, b))
         runner.preview.connect(self._on_preview)
         runner.done.connect(self._on_done)
         runner.failed.connect(self._on_failed)

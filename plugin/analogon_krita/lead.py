@@ -5,7 +5,9 @@ whether this plugin carries one to install, an install in progress) into one :cl
 a sentence that names the real cause and the next step, and the one action that takes it
 (*Install backend*, *Start backend*, *Stop backend*). A painter with nothing installed is
 offered the install, never a command to type; a painter who set a command or an address
-(⚙ ▸ Advanced) is told about them. :func:`refusal` says the same when Generate cannot reach
+(⚙ ▸ Advanced) is told about them. A painter who chose a backend on another machine (⚙ ▸
+Connection, remote.py) is never offered an install or a start: only *Trust certificate…* on
+first contact with a self-signed certificate, *Forget the old certificate* when it changed. :func:`refusal` says the same when Generate cannot reach
 a backend. No Qt here: the panel shows a Lead, the tests read it.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INSTALL, START, STOP, PROGRESS = "install", "start", "stop", "progress"
+TRUST, FORGET = "trust", "forget"  # a remote backend's certificate (remote.py)
 
 # the dot's colour per tone
 TONES = {"ok": "#3a9a3a", "busy": "#c08a00", "idle": "#808080", "problem": "#c0392b"}
@@ -31,6 +34,7 @@ class Facts:
     bundled: str = ""  # the backend version this plugin carries ("" none: nothing to install)
     installing: bool = False
     install_status: str = ""  # the installer's latest progress text
+    remote: bool = False  # a backend on another machine (``address`` is its address)
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,32 @@ NO_WHEEL = ("The Analogon backend is not installed, and this copy of the plugin 
 NOT_RUNNING = "The Analogon backend is installed but not running."
 
 
+TRUST_TIP = "Show the certificate's fingerprint and trust it for this address."
+FORGET_TIP = ("Forget the certificate trusted for this address; the docker then shows the new one's "
+              "fingerprint and asks.")
+REMOTE_HINT = ("Check the address and your token under \u2699 \u25b8 Connection, and that the backend "
+               "runs on that machine.")
+
+
+def _remote(f: Facts) -> Lead:
+    """A backend on another machine: nothing to install or start here."""
+    if f.state == "connected":
+        return Lead("ok", f.message, open=False)
+    if f.reason == "certificate_unknown":
+        return Lead("problem", f.message, TRUST, "Trust certificate\u2026", TRUST_TIP)
+    if f.reason == "certificate_changed":
+        return Lead("problem", f.message, FORGET, "Forget the old certificate", FORGET_TIP)
+    if f.state == "connecting":
+        return Lead("busy", f.message)
+    if not f.address or "\u2699" in f.message:  # the message says where to look already
+        return Lead("problem", f.message)
+    return Lead("problem", f"{f.message} {REMOTE_HINT}")
+
+
 def decide(f: Facts) -> Lead:
     """The lead for these facts (see the module's docstring)."""
+    if f.remote:
+        return _remote(f)
     if f.installing:
         return Lead("busy", f"Installing the backend: {f.install_status or 'starting'}", PROGRESS,
                     "Show progress", "The installation's steps, downloads and log.")
@@ -88,6 +116,8 @@ def decide(f: Facts) -> Lead:
 def refusal(f: Facts) -> str:
     """Why Generate cannot run now, and what to press."""
     lead = decide(f)
+    if f.remote:
+        return f"Cannot generate: {lead.text}"
     if lead.action == INSTALL:
         return "Cannot generate: the Analogon backend is not installed yet. Press \u201cInstall backend\u201d above."
     if lead.action == PROGRESS:
@@ -119,11 +149,14 @@ def facts(link, installer=None) -> Facts:
     """The facts of a :class:`connection.Connection` (and the installer, when there is one)."""
     command, configured = find_command(link.settings)
     from . import installer as inst
+    from . import remote
 
     wheel = installer.wheel if installer is not None else inst.bundled_wheel()
+    far = bool(getattr(link, "remote", False))
+    address = (remote.remote_url(link.settings) if far else link.settings.get("backend_url").strip())
     return Facts(state=link.state, message=link.message, reason=getattr(link, "reason", ""),
                  process=link.process.state, ours=link.process.running, command=command,
-                 configured=configured, address=link.settings.get("backend_url").strip(),
+                 configured=configured, address=address, remote=far,
                  bundled=inst.wheel_version(wheel) if wheel else "",
                  installing=bool(installer is not None and installer.running),
                  install_status=getattr(installer, "status", "") if installer is not None else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import installer as inst
 from . import lead as lead_mod
 from . import models_ui
+from . import remote
 from .controller import Controller
 from .forms import fields_from_schema, for_model, wrap_tooltip
 from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
@@ -40,6 +41,7 @@ class AnalogonPanel(QWidget):
         self.c = controller
         self.installer = installer if installer is not None else inst.shared()
         self._install_dialog = None
+        self.trust = remote.TrustPrompt(controller.link, self)  # a remote backend's certificate
         self._lead_asked = False  # the painter opened the lead with the dot (it folds when connected)
         self._building = False
         self.pickers: dict[str, LayerPicker] = {}
@@ -456,7 +458,8 @@ class AnalogonPanel(QWidget):
         if total and total > 0 and step >= 0:
             self.progress.setRange(0, total)
             self.progress.setValue(min(step, total))
-            self.progress.setFormat(f"{stage} {step}/{total}")
+            # an upload names its bytes itself (client.JobRunner): the step counts KiB
+            self.progress.setFormat(stage if stage.endswith((" MB", " kB")) else f"{stage} {step}/{total}")
         else:
             self.progress.setRange(0, 0)
             self.progress.setFormat(stage)
@@ -564,6 +567,10 @@ class AnalogonPanel(QWidget):
             self.c.start_backend()
         elif action == lead_mod.STOP:
             self.c.stop_backend()
+        elif action == lead_mod.TRUST:
+            self.trust.offer()
+        elif action == lead_mod.FORGET:
+            self.trust.forget()
 
     def open_install(self):
         """The install window (what is installed where, PyTorch's build, progress, the log);

@@ -75,6 +75,8 @@ QCoreApplication = QtCore.QCoreApplication
 QElapsedTimer = QtCore.QElapsedTimer
 pyqtSignal = QtCore.pyqtSignal
 pyqtSlot = QtCore.pyqtSlot
+QCryptographicHash = QtCore.QCryptographicHash
+qCompress = QtCore.qCompress
 
 QImage = QtGui.QImage
 QPixmap = QtGui.QPixmap
@@ -87,6 +89,7 @@ QAction = getattr(QtGui, "QAction", None) or getattr(QtWidgets, "QAction")
 QNetworkAccessManager = QtNetwork.QNetworkAccessManager
 QNetworkRequest = QtNetwork.QNetworkRequest
 QNetworkReply = QtNetwork.QNetworkReply
+QSslCertificate = QtNetwork.QSslCertificate
 
 
 def scoped_enum(owner, scope: str, name: str):
@@ -113,12 +116,12 @@ def to_bytes(data) -> bytes:
     return bytes(data.data()) if hasattr(data, "data") else bytes(data)
 
 
-def image_to_bytes(image, fmt: str = "PNG") -> bytes:
-    """Encode a QImage (PNG by default)."""
+def image_to_bytes(image, fmt: str = "PNG", quality: int = -1) -> bytes:
+    """Encode a QImage (PNG by default; ``quality`` 0..100, for PNG the speed: -1 Qt's default)."""
     ba = QByteArray()
     buf = QBuffer(ba)
     buf.open(QIODevice.OpenModeFlag.WriteOnly)
-    image.save(buf, fmt)
+    image.save(buf, fmt, quality)
     buf.close()
     return to_bytes(ba)
 

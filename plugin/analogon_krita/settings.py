@@ -11,13 +11,19 @@ DEFAULTS = {
     "backend_url": "",  # empty: the url in server.json, else http://127.0.0.1:7871
     "state_dir": "",  # where an external backend writes server.json (empty: the default)
     "autostart": "false",
+    # a backend on another machine (remote.py): the address, the painter's token, and the TLS
+    # certificate trusted for each address (JSON: {"https://host:port": "AB:CD:..."})
+    "connection": "local",  # or "remote"
+    "remote_url": "",
+    "remote_token": "",
+    "pinned_certificates": "{}",
     "model": "",
     "method": "",
     "seed": "0",
     "random_seed": "true",
     "padding": "32",
     "feather": "8",
-    "image_format": "rgba",
+    "image_format": "auto",  # auto: raw here, the smallest of raw/deflate/PNG remotely (remote.upload_format)
     "progressive": "false",
     "model_by_method": "{}",  # the model last chosen for each method (models_ui)
     "folded": "[]",  # the docker's sections the painter folded (layers, parameters)

@@ -257,9 +257,10 @@ def test_settings_keep_the_developer_fields_under_advanced(kapp, bare):
     c = offline(kapp)
     dlg = SettingsDialog(c, installer=bare)
     tabs = dlg.setup
-    assert [tabs.tabText(i) for i in range(tabs.count())] == ["Backend", "Memory", "Models", "Advanced"]
+    assert [tabs.tabText(i) for i in range(tabs.count())] == ["Backend", "Connection", "Memory", "Models",
+                                                              "Advanced"]
     assert tabs.currentIndex() == 0 and not tabs.widget(0).findChildren(QtWidgets.QLineEdit)
-    advanced = tabs.widget(3)
+    advanced = tabs.widget(4)
     assert set(tabs.edits) == {k for k, *_ in ADVANCED} == {"backend_command", "backend_url", "state_dir",
                                                              "padding", "feather"}
     assert all(advanced.isAncestorOf(e) for e in tabs.edits.values()) and advanced.isAncestorOf(tabs.format)
