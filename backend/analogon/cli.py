@@ -138,7 +138,16 @@ def _base_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     _add_model_options(d, None)
 
-    sub.add_parser("doctor", help="what is installed: versions, device, memory, Krita, the plugin")
+    dr = sub.add_parser("doctor", help="what is installed: versions, device, memory, Krita, the plugin, "
+                                       "and whether a backend answers (also one with TLS: --fingerprint)")
+    dr.add_argument("--url", help="the backend to check, e.g. https://gpu-box:7871 (default: the one in "
+                                  "server.json)")
+    dr.add_argument("--token", help="a token to send it (default: server.json's, for the backend it names)")
+    dr.add_argument("--fingerprint", type=_fingerprint_arg, metavar="SHA256",
+                    help="the SHA-256 fingerprint of its TLS certificate (as the backend prints it): a "
+                         "self-signed certificate is accepted only when it is exactly this one (default: "
+                         "server.json's tls_fingerprint_sha256)")
+    dr.add_argument("--state-dir", help="the backend's state folder, where server.json is (default: as for serve)")
 
     g = sub.add_parser("download", help="download a recommended checkpoint into the models folder")
     g.add_argument("model", nargs="?", help="its id (see --list)")
@@ -704,6 +713,79 @@ def cmd_demo(args) -> int:
 
 # -- doctor ----------------------------------------------------------------------------------
 
+def _fingerprint_arg(value: str) -> str:
+    """A SHA-256 fingerprint as openssl writes it (``AB:CD:...``); colons and case are free."""
+    hexits = value.strip().replace(":", "").upper()
+    if len(hexits) != 64 or any(c not in "0123456789ABCDEF" for c in hexits):
+        raise argparse.ArgumentTypeError("a SHA-256 fingerprint is 32 pairs of hex digits, e.g. 14:B9:FF:...")
+    return ":".join(hexits[i:i + 2] for i in range(0, 64, 2))
+
+
+def probe_backend(url: str, token: str | None = None, fingerprint: str | None = None,
+                  timeout: float = 5.0) -> dict[str, Any]:
+    """``GET /v1/health`` of the backend at ``url`` (http or https). Over https the certificate is
+    checked before anything is sent (the token included): with ``fingerprint``, it must be
+    exactly that certificate (a self-signed one is trusted so, as the docker pins it); without,
+    it must be one the system's authorities vouch for."""
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    from .server import tls
+
+    out: dict[str, Any] = {"url": url, "running": False}
+    try:
+        u = urlsplit(url)
+        host, port = u.hostname or "", u.port
+    except ValueError as e:
+        out.update(code="bad_url", error=f"{url} is not an address ({e})")
+        return out
+    https = u.scheme == "https"
+    if u.scheme not in ("http", "https") or not host:
+        out.update(code="bad_url", error=f"{url} is not an http:// or https:// address")
+        return out
+    if https:
+        if fingerprint:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # the fingerprint is the check, below
+        else:
+            ctx = ssl.create_default_context()
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.connect()
+        if https:
+            presented = tls.fingerprint(conn.sock.getpeercert(binary_form=True))
+            out["tls_fingerprint_sha256"] = presented
+            if fingerprint and presented != fingerprint:
+                out.update(code="certificate_mismatch", error=(
+                    f"its TLS certificate's SHA-256 fingerprint is {presented}, not the expected "
+                    f"{fingerprint}: nothing was sent (a new certificate, or someone in between)"))
+                return out
+        conn.request("GET", "/v1/health", headers={"Authorization": f"Bearer {token}"} if token else {})
+        r = conn.getresponse()
+        body = r.read()
+        out["status"] = r.status
+        try:
+            out["health"] = json.loads(body)
+        except ValueError:
+            out["health"] = None
+        out["running"] = r.status == 200 and isinstance(out["health"], dict)
+        if not out["running"]:
+            out.update(code=f"http_{r.status}", error=f"it answered {r.status}")
+    except ssl.SSLCertVerificationError as e:
+        out.update(code="certificate_untrusted", error=(
+            f"its TLS certificate is not vouched for by an authority this system knows ({e.verify_message}); "
+            "for a self-signed one, give its fingerprint: --fingerprint AB:CD:..."))
+    except (OSError, http.client.HTTPException) as e:
+        out.update(code="unreachable", error=f"{type(e).__name__}: {e}")
+    finally:
+        conn.close()
+    return out
+
+
 def krita_plugin_dir() -> Path:
     """Krita's pykrita folder in the user's profile: Linux XDG_DATA_HOME/krita, Windows
     %APPDATA%\\krita, macOS ~/Library/Application Support/krita."""
@@ -712,7 +794,8 @@ def krita_plugin_dir() -> Path:
     return krita_data_dir() / "pykrita"
 
 
-def doctor_report() -> dict[str, Any]:
+def doctor_report(url: str | None = None, token: str | None = None, fingerprint: str | None = None,
+                  state_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     import importlib.metadata as md
     import platform
     import shutil
@@ -755,24 +838,28 @@ def doctor_report() -> dict[str, Any]:
         rep["methods"] = f"failed: {e}"
     from .server.app import default_state_dir
 
-    sj = default_state_dir() / "server.json"
+    sj = (Path(state_dir).expanduser() if state_dir else default_state_dir()) / "server.json"
     rep["server"] = {"server_json": str(sj), "running": False}
+    info: dict[str, Any] = {}
     if sj.exists():
         try:
             info = json.loads(sj.read_text())
-            url = info.get("url", "")
-            if url.startswith(("http://127.0.0.1:", "http://localhost:", "http://[::1]:")):
-                import urllib.request
-
-                with urllib.request.urlopen(url + "/v1/health", timeout=2) as r:
-                    rep["server"].update(running=True, url=url, health=json.loads(r.read()))
-        except Exception as e:
-            rep["server"]["error"] = f"{type(e).__name__}"
+        except (OSError, ValueError) as e:
+            rep["server"]["error"] = f"{sj} cannot be read ({type(e).__name__})"
+    target = (url or info.get("url") or "").rstrip("/")
+    if target:
+        same = target == str(info.get("url", "")).rstrip("/")  # server.json speaks of this backend
+        rep["server"].update(probe_backend(
+            target, token or (info.get("token") if same else None),
+            fingerprint or (info.get("tls_fingerprint_sha256") if same else None),
+            timeout=5.0 if url else 2.0))
+        rep["server"]["fingerprint_from"] = ("--fingerprint" if fingerprint else "server.json"
+                                             if same and info.get("tls_fingerprint_sha256") else None)
     return rep
 
 
 def cmd_doctor(args) -> int:
-    rep = doctor_report()
+    rep = doctor_report(args.url, args.token, args.fingerprint, args.state_dir)
     ok = lambda b: "yes" if b else "no"  # noqa: E731
     print(f"analogon {rep['analogon']}  python {rep['python']}  {rep['platform']}")
     for k, v in rep["packages"].items():
@@ -791,7 +878,22 @@ def cmd_doctor(args) -> int:
         print(f"  {name}: unavailable ({why})")
     srv = rep["server"]
     print(f"backend server running: {ok(srv['running'])}" + (f" at {srv['url']}" if srv.get("url") else ""))
-    return 0
+    if srv.get("tls_fingerprint_sha256"):
+        how = {"--fingerprint": "the one given", "server.json": "the one in server.json"}.get(
+            srv.get("fingerprint_from") or "", "")
+        print(f"  TLS certificate SHA-256 fingerprint: {srv['tls_fingerprint_sha256']}"
+              + (f" ({'matches' if srv.get('code') != 'certificate_mismatch' else 'differs from'} {how})"
+                 if how else ""))
+    health = srv.get("health") if isinstance(srv.get("health"), dict) else {}
+    if srv["running"]:
+        painter = health.get("painter")
+        who = (f"painter {painter.get('name')}" if isinstance(painter, dict) else "the server's own token")
+        print(f"  version {health.get('version', '?')}, device {health.get('device', '?')}; token: "
+              + (who + " accepted" if health.get("authenticated") else "none sent (or not accepted)"))
+    if srv.get("error"):
+        print(f"  {srv['url'] if srv.get('url') else 'backend'}: {srv['error']} [{srv.get('code', 'error')}]")
+    # asked about a backend explicitly: its check decides the exit code
+    return 1 if (args.url or args.fingerprint) and not srv["running"] else 0
 
 
 # -- download --------------------------------------------------------------------------------
