@@ -269,7 +269,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         self.format.addItem("Raw RGBA (fast)", "rgba")
         self.format.addItem("Compressed raw RGBA (deflate)", "deflate")
         self.format.addItem("PNG (smaller)", "png")
-        self.format.setCurrentIndex(max(0, self.format.findData(self.settings.get("image_format"))))
+        self.format.setCurrentIndex(max(0, self.format.findData(remote.chosen_upload_format(self.settings))))
         form.addRow("Upload format", self.format)
         return w
 
@@ -504,7 +504,7 @@ class BackendSetup(QtWidgets.QTabWidget):
             s.set(key, e.text().strip())
         s.set("autostart", self.autostart.isChecked())
         self.connection.save()
-        s.set("image_format", self.format.currentData())
+        s.set("upload_format", self.format.currentData())
         s.set("memory_preset", self.preset.currentData())
         if self.preset.currentData() == "custom":
             s.set("device", self.device.currentData())

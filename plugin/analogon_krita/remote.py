@@ -97,13 +97,22 @@ def forget(settings, url: str) -> bool:
     return had
 
 
+def chosen_upload_format(settings) -> str:
+    """The upload format setting as the painter left it (see :func:`upload_format`)."""
+    fmt = settings.get("upload_format").strip().lower()
+    if not fmt:
+        fmt = "png" if settings.get("image_format").strip().lower() == "png" else "auto"
+    return fmt
+
+
 def upload_format(settings) -> str:
-    """How the docker sends images (``image_format``): ``auto`` (the default) sends raw RGBA to
+    """How the docker sends images (``upload_format``): ``auto`` (the default) sends raw RGBA to
     a backend on this computer (the fastest there: nothing to encode) and, to a backend on
     another machine, whichever of raw, compressed raw (deflate) and PNG measures smallest for
     each image (:meth:`client.ImagePayload.from_rgba`); ``rgba``, ``deflate`` and ``png`` are
-    used as they are."""
-    fmt = settings.get("image_format").strip().lower() or "auto"
+    used as they are. Not set yet: PNG if the painter chose it in the earlier setting
+    (``image_format``, whose ``rgba`` every saved settings dialog wrote), else ``auto``."""
+    fmt = chosen_upload_format(settings)
     if fmt == "auto":
         return "auto" if is_remote(settings) else "rgba"
     return fmt if fmt in ("rgba", "deflate", "png") else "rgba"

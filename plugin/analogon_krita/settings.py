@@ -23,7 +23,8 @@ DEFAULTS = {
     "random_seed": "true",
     "padding": "32",
     "feather": "8",
-    "image_format": "auto",  # auto: raw here, the smallest of raw/deflate/PNG remotely (remote.upload_format)
+    "image_format": "rgba",  # before upload_format: only its "png" is still read (remote.upload_format)
+    "upload_format": "",  # auto, rgba, deflate, png; empty: auto (raw here, the smallest remotely)
     "progressive": "false",
     "model_by_method": "{}",  # the model last chosen for each method (models_ui)
     "folded": "[]",  # the docker's sections the painter folded (layers, parameters)

@@ -268,5 +268,5 @@ def test_settings_keep_the_developer_fields_under_advanced(kapp, bare):
     tabs.format.setCurrentIndex(tabs.format.findData("png"))
     tabs.autostart.setChecked(True)
     dlg.save()
-    assert c.settings.get("backend_url") == "http://127.0.0.1:7871" and c.settings.get("image_format") == "png"
+    assert c.settings.get("backend_url") == "http://127.0.0.1:7871" and c.settings.get("upload_format") == "png"
     assert c.settings.get_bool("autostart")

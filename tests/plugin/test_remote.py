@@ -235,10 +235,16 @@ def test_the_upload_format_setting(kapp):
     assert remote.upload_format(s) == "rgba"  # auto, on this computer: raw
     s.set("connection", "remote")
     assert remote.upload_format(s) == "auto"
-    for fmt in ("rgba", "deflate", "png"):
-        s.set("image_format", fmt)
+    s.set("image_format", "rgba")  # the earlier setting, as every saved dialog wrote it: still auto
+    assert remote.upload_format(s) == "auto"
+    s.set("image_format", "png")  # a painter who chose PNG keeps it
+    assert remote.upload_format(s) == "png"
+    for fmt in ("rgba", "deflate", "png", "auto"):
+        s.set("upload_format", fmt)
         assert remote.upload_format(s) == fmt
     s.set("connection", "local")
+    assert remote.upload_format(s) == "rgba"  # auto here: raw
+    s.set("upload_format", "png")
     assert remote.upload_format(s) == "png"
 
 
