@@ -50,7 +50,7 @@ def _load_method_cases() -> None:
 
 _load_method_cases()
 
-__all__ = ["main", "run_quality", "score_case", "format_table"]
+__all__ = ["main", "run_quality", "score_case", "adopts", "format_table"]
 
 
 def _rgb(img: np.ndarray, size: int = SIZE) -> np.ndarray:
