@@ -26,9 +26,9 @@ def _ckpt(path: Path, *keys: str, in_ch: int = 4) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def listing(tmp_path_factory):
-    """/v1/models of a real server that found an SD 1.5, an SDXL and an inpainting checkpoint."""
+def _listing(tmp_path_factory, memory_bytes: int) -> dict:
+    """/v1/models of a real server that found an SD 1.5, an SDXL and an inpainting checkpoint,
+    on a machine with ``memory_bytes`` free."""
     import httpx
 
     from analogon.server import ServerThread, Settings
@@ -38,9 +38,21 @@ def listing(tmp_path_factory):
     _ckpt(d / "juggernaut.safetensors", "conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x")
     _ckpt(d / "fill.safetensors", "cond_stage_model.transformer.text_model.x", in_ch=9)
     settings = Settings(port=0, state_dir=tmp_path_factory.mktemp("state"), cache_dir="", device="cpu",
-                        model_dirs=[d], scan_usual_places=False)
+                        model_dirs=[d], scan_usual_places=False, job_memory_bytes=memory_bytes)
     with ServerThread(settings) as srv:
         return httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {srv.token}"}).json()
+
+
+@pytest.fixture(scope="module")
+def listing(tmp_path_factory):
+    return _listing(tmp_path_factory, 64 * 1024**3)  # a machine where SDXL runs on the CPU
+
+
+def test_a_machine_too_small_for_sdxl_is_recommended_sd15_for_pixels(tmp_path_factory):
+    small = _listing(tmp_path_factory, 12 * 1024**3)  # SDXL in fp32 needs about 23 GiB
+    names = {m["id"]: m.get("name") for m in small["models"]}
+    assert names[small["recommended"]["pixels"]] == "dreamy"
+    assert names[small["recommended"]["dia"]] == "dreamy"
 
 
 def test_a_painter_is_offered_checkpoints_and_the_demo_never_tiny(listing):
