@@ -30,6 +30,7 @@ def image(rgba):
 class PreviewRunner(QObject):
     stage = pyqtSignal(str)
     progress = pyqtSignal(str, int, int)
+    uploading = pyqtSignal(str, int, int)
     preview = pyqtSignal(object)
     done = pyqtSignal(object)
     failed = pyqtSignal(str)

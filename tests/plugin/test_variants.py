@@ -29,6 +29,7 @@ class ScriptedRunner(QObject):
 
     stage = pyqtSignal(str)
     progress = pyqtSignal(str, int, int)
+    uploading = pyqtSignal(str, int, int)
     preview = pyqtSignal(object)
     done = pyqtSignal(object)
     failed = pyqtSignal(str)
