@@ -589,13 +589,17 @@ class Installer(QObject):
 
     def environment(self) -> "QProcessEnvironment":
         """What each step runs with: Krita's own Python settings left out, uv's Python
-        downloads and cache in the data folder."""
+        downloads and cache in the data folder, and the system's certificates trusted (a
+        company proxy that re-signs HTTPS with its own authority is trusted by the system,
+        not by uv's built-in list)."""
         env = QProcessEnvironment.systemEnvironment()
         for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # Krita's own Python must not leak in
             env.remove(k)
         for k, v in (("PYTHONUNBUFFERED", "1"), ("NO_COLOR", "1"), ("UV_CACHE_DIR", str(self.root / "uv-cache")),
                      ("UV_PYTHON_INSTALL_DIR", str(self.root / "python")), ("UV_PYTHON_INSTALL_BIN", "0")):
             env.insert(k, v)
+        if not env.contains("UV_SYSTEM_CERTS") and not env.contains("UV_NATIVE_TLS"):
+            env.insert("UV_SYSTEM_CERTS", "1")
         return env
 
     def _process(self) -> QProcess:

@@ -352,4 +352,6 @@ def test_the_environment_keeps_krita_python_out_and_uv_in_the_data_folder(kapp, 
     assert env.value("UV_CACHE_DIR") == str(tmp_path / "uv-cache")
     assert env.value("UV_PYTHON_INSTALL_DIR") == str(tmp_path / "python")
     assert not env.contains("UV_PYTHON_DOWNLOADS")  # a Python is downloaded where none fits
+    # the system's certificate store, as behind a proxy with its own authority
+    assert env.value("UV_SYSTEM_CERTS") == "1"
     assert [d.name for d in installer.owned_dirs(tmp_path)] == ["venv", "python", "uv", "uv-cache"]
