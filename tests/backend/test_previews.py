@@ -188,6 +188,19 @@ def test_a_later_load_reads_the_fit_from_disk_without_a_vae_call(tmp_path):
         c.__exit__()
 
 
+def test_a_fit_on_disk_is_ready_when_the_load_returns(tmp_path):
+    """A known VAE's projection is read at load, not in a thread: the first job, even one that
+    arrives at once and lasts a moment, has its previews."""
+    cache = Cache(tmp_path)
+    P.previewer(load_bundle("tiny-sd", None), cache)  # an earlier session fitted it
+    P.forget()
+    bundle = _manager(Cache(tmp_path)).get("tiny-sd")
+    state = P.prepare(bundle, cache)
+    assert state.thread is None and state.done.is_set() and state.source == "disk"
+    assert P.ready(bundle) is not None
+    assert len(_pixels_job(bundle, Cache(None))) >= 3
+
+
 def test_a_different_vae_gets_its_own_fit(tmp_path):
     cache = Cache(tmp_path)
     a = load_bundle("tiny-sd", None)

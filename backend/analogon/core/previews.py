@@ -16,7 +16,9 @@ call. On a CPU the fit itself (the VAE's encodes and decodes, not the digest or 
 disk) runs at a lower priority (:data:`FIT_NICE`, Linux) so that a job running beside it keeps
 the processor.
 
-A job that arrives before the fit is ready **does not wait for it**: it sends progress as usual
+A VAE whose projection is on disk and whose digest is known without hashing a file (a stat,
+or a VAE small enough to hash in milliseconds) is read at load, before the first job; otherwise
+a job that arrives before the fit is ready **does not wait for it**: it sends progress as usual
 and no preview until the fit is ready (:func:`ready`), then previews as every later job does. The
 first job on a model is therefore as fast as the hundredth (``analogon bench first``); only the
 first job ever on a new VAE starts its previews a little later.
@@ -213,6 +215,28 @@ def _digest_entry(cache, identity: tuple) -> str:
     return cache.key("vae-digest", "stat", identity=list(identity))
 
 
+def _identity(bundle) -> tuple | None:
+    """What a VAE's digest is remembered under (None: a VAE built in code, always hashed)."""
+    files = _vae_files(bundle)
+    if files is not None:
+        return ("file", *(_stat(q) for q in files))
+    if str(getattr(bundle, "key", "")).startswith("file:"):
+        return ("model", bundle.key, str(bundle.vae.dtype))
+    return None
+
+
+QUICK_HASH_PARAMETERS = 20_000_000  # a VAE built in code this small is hashed in milliseconds
+
+
+def _digest_is_cheap(bundle, cache) -> bool:
+    """Whether :func:`vae_digest` answers without reading a file or hashing large tensors."""
+    identity = _identity(bundle)
+    if identity is None:
+        return sum(t.numel() for t in bundle.vae.parameters()) <= QUICK_HASH_PARAMETERS
+    return identity in _digests or (cache is not None
+                                    and cache.get(_digest_entry(cache, identity)) is not None)
+
+
 def vae_digest(bundle, cache=None) -> str:
     """What the bundle's VAE *is*, as a string: ``file:<sha256>`` of the safetensors file(s) it
     came from, else ``params:<sha256>`` of its parameters. A file's digest is remembered under
@@ -220,12 +244,7 @@ def vae_digest(bundle, cache=None) -> str:
     and the VAE's dtype) — in this process and, with a cache, on disk — so that hashing happens
     once per file, not once per load."""
     files = _vae_files(bundle)
-    if files is not None:
-        identity: tuple | None = ("file", *(_stat(q) for q in files))
-    elif str(getattr(bundle, "key", "")).startswith("file:"):
-        identity = ("model", bundle.key, str(bundle.vae.dtype))
-    else:
-        identity = None  # built in code (its parameters may change with the code): hash them
+    identity = _identity(bundle)  # None: built in code (its parameters may change with the code)
     if identity is not None:
         hit = _digests.get(identity)
         if hit is None and cache is not None:
@@ -285,21 +304,29 @@ def _lower_priority() -> None:
         pass
 
 
+def _from_disk(bundle, cache, state: Fit) -> tuple[str, LatentPreview | None]:
+    """The cache's key for the bundle's VAE and the projection stored under it, if any."""
+    t = time.perf_counter()
+    key = _cache_key(cache, bundle)
+    state.digest_seconds = time.perf_counter() - t
+    entry = cache.get_entry(key)
+    if entry is None:
+        return key, None
+    t_, meta = entry
+    state.source = "disk"
+    return key, LatentPreview(t_["weight"].float(), t_["bias"].float(), bundle.vae_scale_factor,
+                              float(meta.get("error", float("nan"))),
+                              float(meta.get("baseline_error", float("nan"))), 0.0)
+
+
 def _obtain(bundle, cache, state: Fit, background: bool = False) -> LatentPreview:
     """The projection from the cache (no VAE call), else fitted now and stored; in a background
     thread on a CPU the fit (not the cache's read) runs at a lower priority."""
     key = None
     if cache is not None:
-        t = time.perf_counter()
-        key = _cache_key(cache, bundle)
-        state.digest_seconds = time.perf_counter() - t
-        entry = cache.get_entry(key)
-        if entry is not None:
-            t_, meta = entry
-            state.source = "disk"
-            return LatentPreview(t_["weight"].float(), t_["bias"].float(), bundle.vae_scale_factor,
-                                 float(meta.get("error", float("nan"))),
-                                 float(meta.get("baseline_error", float("nan"))), 0.0)
+        key, stored = _from_disk(bundle, cache, state)
+        if stored is not None:
+            return stored
     if background and getattr(bundle.device, "type", "cpu") == "cpu":
         _lower_priority()
     p = fit(bundle)
@@ -348,6 +375,20 @@ def prepare(bundle, cache=None, background: bool = True) -> Fit:
             _fits[vae] = state
             return state
         _fits[vae] = state
+    if background and cache is not None and _digest_is_cheap(bundle, cache):
+        # Known VAE: read its projection now (a stat and a small file), so that even the
+        # first job, arriving at once, has previews; only hashing and fitting go to a thread.
+        t0 = time.perf_counter()
+        try:
+            _, stored = _from_disk(bundle, cache, state)
+        except Exception:  # a damaged entry: the background path fits again
+            stored = None
+        if stored is not None:
+            with _lock:
+                _fitted[vae] = stored
+            state.seconds = time.perf_counter() - t0
+            state.done.set()
+            return state
     if background and not _offloaded(bundle):
         state.thread = threading.Thread(target=_run, args=(bundle, cache, state, True),
                                         name="analogon-preview-fit", daemon=True)
