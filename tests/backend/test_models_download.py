@@ -390,3 +390,20 @@ def test_the_catalog_tells_what_is_on_disk_and_verifies_it(tmp_path, monkeypatch
         r = c.post("/v1/downloads/verify", json={"model": "tiny", "path": "/etc/passwd"})
         assert r.status_code == 404 and r.json()["code"] == "model_not_found"
         assert c.post("/v1/downloads/verify", json={"model": "nope"}).status_code == 404
+
+
+def test_a_catalogue_file_replaces_the_recommended_models(tmp_path, monkeypatch):
+    import json
+
+    rows = [{"id": "house", "title": "House model", "repo_id": "studio/house", "filename": "house.safetensors",
+             "family": "sd1", "methods": ["dia"], "size_bytes": 10, "sha256": "ab" * 32}]
+    (tmp_path / "catalog.json").write_text(json.dumps(rows))
+    monkeypatch.setenv(dl.CATALOG_ENV, str(tmp_path / "catalog.json"))
+    assert [e.id for e in dl.catalog()] == ["house"] and dl.find("house").methods == ("dia",)
+    with pytest.raises(AnalogonError) as e:
+        dl.find("sd15")
+    assert e.value.code == "unknown_download" and "house" in e.value.message
+    (tmp_path / "catalog.json").write_text("[{")
+    with pytest.raises(AnalogonError) as e:
+        dl.catalog()
+    assert e.value.code == "bad_catalog" and "ANALOGON_CATALOG" in e.value.message

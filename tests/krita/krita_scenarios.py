@@ -662,7 +662,7 @@ def _install(entry, c, setup):
     _combo(pane.variant, "cpu")
     t0 = time.monotonic()
     pane.install_button.click()  # Install backend (the install window)
-    _wait(lambda: ends, 600)
+    _wait(lambda: ends, float(os.environ.get("ANALOGON_TEST_INSTALL_WAIT", "600")))
     entry.update(seconds_install=round(time.monotonic() - t0, 1), ends=ends, progress=progress,
                  status_after=pane.install_status.text(), venv=str(setup.installer.venv),
                  installed=setup.installer.installed(), version=setup.installer.installed_version(),

@@ -78,7 +78,7 @@ def report(request, tmp_path_factory):
         private = {k: env[k] for k in ("HOME", "XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "TMPDIR")}
         env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, {**private, **offline})
         argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "main"], env)
-        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=1200)
+        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=5400 if REAL_INSTALL else 1200)
     if not out.exists():
         pytest.fail(f"{krita.name} wrote no report (exit code {proc.returncode}). stderr:\n"
                     + proc.stderr.decode(errors="replace")[-3000:])
@@ -327,6 +327,10 @@ def _comfy_checkpoint(home: Path) -> Path:
                             home / "ComfyUI" / "models" / "checkpoints" / "tiny-comfy.safetensors")
 
 
+# ANALOGON_REAL_INSTALL=1 (by hand, needs PyPI): Krita 6 installs the backend for real.
+REAL_INSTALL = os.environ.get("ANALOGON_REAL_INSTALL") == "1"
+
+
 def _hub_file(size: int) -> bytes:
     """An SD-1.x-shaped safetensors file of about ``size`` bytes (never loaded: listed only)."""
     import numpy as np
@@ -366,10 +370,21 @@ def fresh(request, tmp_path_factory):
                "HF_HOME": str(tmp / "cache" / "huggingface")}
     unset = dict.fromkeys(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
                            "ANALOGON_DATA_DIR", "ANALOGON_MODELS_DIR", "ANALOGON_MODEL_DIRS", "VIRTUAL_ENV"))
+    # The stand-in hub serves a stand-in file: the catalogue (ANALOGON_CATALOG) pins its
+    # SHA-256 instead of the publisher's, which the backend would refuse before downloading.
+    import dataclasses
+    import hashlib
+
+    from analogon.models import download as dl
+
+    catalogue = tmp / "catalog.json"
+    catalogue.write_text(json.dumps([
+        {**dataclasses.asdict(e), "sha256": hashlib.sha256(hub_data).hexdigest(), "size_bytes": len(hub_data)}
+        if (e.repo_id, e.filename) == SD15 else dataclasses.asdict(e) for e in dl.CATALOG]))
     with FakeHub() as hub, krita.session(tmp):
         hub.files[SD15] = hub_data
         hub.pause_at = HUB_PAUSE
-        backend_env = {**private, **unset, "HF_ENDPOINT": hub.url}
+        backend_env = {**private, **unset, "HF_ENDPOINT": hub.url, "ANALOGON_CATALOG": str(catalogue)}
         env = {"QT_QPA_PLATFORM": "offscreen", **backend_env,
                # Krita's Python sees the unpacked zip and the scenarios, and nothing of this
                # checkout: the backend that Krita 5 starts runs the installed wheel
@@ -381,7 +396,18 @@ def fresh(request, tmp_path_factory):
         uv.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(sys.executable).parent / "uv", uv)
         env["ANALOGON_TEST_UV"] = str(uv)
-        if krita.major == 5:
+        if krita.major == 6 and REAL_INSTALL:
+            # By hand only: the real install with the root's Python 3.14, from PyPI and the
+            # PyTorch index (or PyPI's PyTorch where that index is unreachable); its time and
+            # size go into docs/plugin.md.
+            env["ANALOGON_TEST_INSTALL_PYTHON"] = "/usr/bin/python3"
+            env["ANALOGON_TEST_INSTALL_WAIT"] = "5000"
+            host_certs = Path(os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt")
+            if host_certs.is_file():  # this machine's authorities (a proxy's too), seen in the root
+                shutil.copy2(host_certs, tmp / "certs.pem")
+                env["SSL_CERT_FILE"] = str(tmp / "certs.pem")
+            env["ANALOGON_BACKEND_COMMAND"] = None
+        elif krita.major == 5:
             env["ANALOGON_TEST_INSTALL_PYTHON"] = sys.executable
             env["ANALOGON_TEST_SITE_PACKAGES"] = os.pathsep.join(site.getsitepackages())
             env["ANALOGON_BACKEND_COMMAND"] = None  # Start backend finds the installed one
@@ -397,7 +423,7 @@ def fresh(request, tmp_path_factory):
             env["UV_HTTP_RETRIES"] = "0"
             env["ANALOGON_BACKEND_COMMAND"] = krita.backend_command(tmp, cmd, backend_env)
         argv, penv = krita.command(["kritarunner", "-s", "krita_scenarios", "-f", "setup"], env)
-        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=1200)
+        proc = subprocess.run(argv, env=penv, capture_output=True, timeout=5400 if REAL_INSTALL else 1200)
         requests = list(hub.requests)
     if not out.exists():
         pytest.fail(f"{krita.name} wrote no report (exit code {proc.returncode}). stderr:\n"
@@ -413,6 +439,14 @@ def fresh(request, tmp_path_factory):
 def test_fresh_krita_installs_the_backend_from_the_release_zip(fresh):
     from analogon_krita import installer
 
+    if fresh["krita"].major == 6 and REAL_INSTALL:
+        s = scenario(fresh, "install")
+        venv = fresh["tmp"] / "data" / "analogon" / "venv"
+        assert s["ends"] and s["ends"][0][0] is True, s["log_tail"]
+        print(f"real install in the Krita 6 root: {s.get('seconds_install')} s, "
+              f"{installer.size_on_disk(venv) / 1e9:.2f} GB in {venv}, PyTorch from "
+              f"{s['record'].get('torch_from')}: {s['record']}")
+        return
     if fresh["krita"].major == 6:
         s = scenario(fresh, "install")
         # the root's Python 3.14 has no ensurepip: uv makes the environment all the same, and

@@ -74,16 +74,34 @@ CATALOG: tuple[Recommended, ...] = (
 )
 
 
+CATALOG_ENV = "ANALOGON_CATALOG"  # a JSON file of entries that replaces CATALOG
+
+
 def catalog() -> list[Recommended]:
-    return list(CATALOG)
+    """The recommended models: :data:`CATALOG`, or the entries of the JSON file that
+    ``$ANALOGON_CATALOG`` names (a studio's mirror of them, or its own checkpoints; with
+    ``HF_ENDPOINT`` for where they are served). Each entry has the fields of
+    :class:`Recommended`; one without a ``sha256`` is checked against the hub's."""
+    path = os.environ.get(CATALOG_ENV)
+    if not path:
+        return list(CATALOG)
+    import json
+
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        return [Recommended(**{**r, "methods": tuple(r.get("methods", ()))}) for r in rows]
+    except (OSError, ValueError, TypeError) as e:
+        raise AnalogonError("bad_catalog", f"The catalogue {path} (${CATALOG_ENV}) cannot be read: "
+                            f"{type(e).__name__}: {str(e)[:200]}.", status=500) from None
 
 
 def find(entry_id: str) -> Recommended:
-    for e in CATALOG:
+    entries = catalog()
+    for e in entries:
         if e.id == entry_id:
             return e
     raise AnalogonError("unknown_download", f"No recommended model called {entry_id!r} "
-                        f"(one of {', '.join(e.id for e in CATALOG)}).", status=404)
+                        f"(one of {', '.join(e.id for e in entries)}).", status=404)
 
 
 class DownloadCancelled(Exception):
