@@ -43,7 +43,7 @@ STAGES = ("data", "vae", "clip", "unet", "decoder", "export")
 DEFAULTS = {
     "toy64": dict(pool=6000, vae_steps=1878, vae_batch=16, clip_steps=957, unet_steps=6203,
                   unet_batch=64, decoder_steps=1616, decoder_batch=8, vae_edge=0.0, two=0.0),
-    "toy128": dict(pool=10000, vae_steps=6000, vae_batch=12, clip_steps=1500, unet_steps=6000,
+    "toy128": dict(pool=10000, vae_steps=9000, vae_batch=12, clip_steps=2000, unet_steps=6000,
                    unet_batch=64, decoder_steps=3000, decoder_batch=6, vae_edge=0.5, two=0.5),
 }
 
