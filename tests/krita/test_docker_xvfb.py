@@ -72,15 +72,17 @@ def _start_xvfb():
 
 
 def _fit_previews_ahead(cache_dir: Path) -> None:
-    """Put tiny-sd's latent-preview fit in the backend's cache folder, as an earlier session
-    would have: the backend then reads it when the model loads instead of fitting it in the
-    background, and the DIA sweep's previews do not depend on how busy the machine is (a job
-    that starts before the fit sends none, by design)."""
+    """Put the latent-preview fits of the models the docker may choose (toy-sd, its demo
+    model, and tiny-sd) in the backend's cache folder, as an earlier session would have: the
+    backend then reads them when a model loads instead of fitting in the background, and the
+    DIA sweep's previews do not depend on how busy the machine is (a job that starts before
+    the fit sends none, by design)."""
     from analogon.core import previews
     from analogon.core.cache import Cache
     from analogon.models import LoadOptions, load_bundle
 
-    previews.previewer(load_bundle("tiny-sd", LoadOptions(device="cpu")), Cache(cache_dir))
+    for spec in ("toy-sd", "tiny-sd"):
+        previews.previewer(load_bundle(spec, LoadOptions(device="cpu")), Cache(cache_dir))
 
 
 @pytest.mark.skipif(XVFB is None or XWD is None, reason="Xvfb and xwd (x11-apps) are not installed")
