@@ -99,6 +99,9 @@ def _base_parser() -> argparse.ArgumentParser:
     s.add_argument("--painter-max-stored", type=_size_arg, default="2G", metavar="SIZE",
                    help="images a painter's token may keep on the server, unless the token sets its own "
                         "(default 2G)")
+    s.add_argument("--compress-downloads", choices=("auto", "always", "never"), default="auto",
+                   help="raw RGBA results sent gzip-compressed to clients that accept it: auto = to "
+                        "clients beyond loopback only (default), always, never")
     s.add_argument("--image-store-cap", type=_size_arg, default="8G", metavar="SIZE",
                    help="most disk the image store uses, e.g. 500M or 8G (default 8G); downloaded "
                         "results go first, then results, then uploads, oldest used first")
@@ -261,6 +264,7 @@ def _settings_from_args(args, mem):
         tls_certfile=Path(args.tls_cert).expanduser() if args.tls_cert else None,
         tls_keyfile=Path(args.tls_key).expanduser() if args.tls_key else None,
         painter_max_queued=args.painter_max_queued, painter_max_stored_bytes=args.painter_max_stored,
+        compress_downloads=args.compress_downloads,
     )
 
 

@@ -156,3 +156,30 @@ def test_a_painters_stored_bytes_count_the_inflated_pixels(server):
         r = dora.put(f"/v1/images/{raw_image_id(big, 32, 24)}", content=body, headers=headers(32, 24))
         assert r.status_code == 413 and r.json()["code"] == "storage_quota"
         assert r.json()["detail"]["upload_bytes"] == 32 * 24 * 4
+
+
+def test_raw_downloads_are_gzip_compressed_beyond_loopback_or_when_told(client, tmp_path):
+    w, h = 120, 80
+    raw = pixels(w, h, seed=5)
+    sha = raw_image_id(raw, w, h)
+    assert client.put(f"/v1/images/{sha}", content=raw, headers={
+        "Content-Type": RGBA, "X-Image-Width": str(w), "X-Image-Height": str(h)}).status_code in (200, 201)
+    # "auto" on loopback: the pixels as they are
+    with client.stream("GET", f"/v1/images/{sha}?format=rgba") as r:
+        assert "content-encoding" not in r.headers and len(r.read()) == len(raw)
+    settings = Settings(port=0, state_dir=tmp_path / "state", cache_dir="", device="cpu",
+                        compress_downloads="always")
+    with ServerThread(settings) as srv, httpx.Client(
+            base_url=srv.url, headers={"Authorization": f"Bearer {srv.token}"}, timeout=30) as c:
+        assert c.put(f"/v1/images/{sha}", content=raw, headers={
+            "Content-Type": RGBA, "X-Image-Width": str(w), "X-Image-Height": str(h)}).status_code == 201
+        with c.stream("GET", f"/v1/images/{sha}?format=rgba") as r:
+            sent = b"".join(r.iter_raw())
+            assert r.headers["content-encoding"] == "gzip" and r.headers["x-image-width"] == str(w)
+        assert len(sent) < len(raw) // 2 and zlib.decompress(sent, 31) == raw
+        # a client that does not accept gzip gets the pixels
+        r = c.get(f"/v1/images/{sha}?format=rgba", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in r.headers and r.content == raw
+        # PNG is compressed already
+        r = c.get(f"/v1/images/{sha}")
+        assert "content-encoding" not in r.headers

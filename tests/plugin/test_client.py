@@ -390,3 +390,23 @@ def test_sse_parser_handles_chunks_crlf_comments_multiline_ids():
         # an event without an id line keeps the stream's last id (the HTML standard's rule)
         assert out == [("progress", '{"a":\n1}', "7"), ("preview", "{}", "7"), ("done", "{}", "9")]
     process_events(1)
+
+
+def test_a_gzip_compressed_raw_download_arrives_as_its_pixels(tmp_path):
+    """A backend on another machine compresses raw results (``--compress-downloads``); Qt asks
+    for gzip and inflates it: the client sees the pixels, byte for byte."""
+    from analogon.server import ServerThread, Settings
+
+    data = bytes((i * 7) % 251 for i in range(64 * 48 * 4))
+    p = ImagePayload.from_rgba(data, 64, 48)
+    settings = Settings(port=0, state_dir=tmp_path / "state", cache_dir="", device="cpu",
+                        compress_downloads="always")
+    with ServerThread(settings) as srv:
+        c = Client(srv.url, srv.token)
+        try:
+            assert call(c.put_image, p).status == 201
+            back = call(c.get_image_rgba, p.sha)
+            assert back.ok and back.body == data and back.headers["x-image-width"] == "64"
+            assert back.headers.get("content-encoding") == "gzip"  # it did travel compressed
+        finally:
+            c.deleteLater()
