@@ -42,9 +42,11 @@ STAGES = ("data", "vae", "clip", "unet", "decoder", "export")
 # for (toy128, measured in docs/toyworld.md); explicit options override them.
 DEFAULTS = {
     "toy64": dict(pool=6000, vae_steps=1878, vae_batch=16, clip_steps=957, unet_steps=6203,
-                  unet_batch=64, decoder_steps=1616, decoder_batch=8, vae_edge=0.0, two=0.0),
+                  unet_batch=64, decoder_steps=1616, decoder_batch=8, vae_edge=0.0, two=0.0,
+                  decoder_object_weight=5.0),
     "toy128": dict(pool=10000, vae_steps=9000, vae_batch=12, clip_steps=2000, unet_steps=6000,
-                   unet_batch=64, decoder_steps=3000, decoder_batch=6, vae_edge=0.5, two=0.5),
+                   unet_batch=64, decoder_steps=3000, decoder_batch=6, vae_edge=0.5, two=0.5,
+                   decoder_object_weight=1.0),
 }
 
 
@@ -562,7 +564,9 @@ def stage_decoder(args, log: Log) -> None:
         rng, gen = _step_rngs(args.seed, 4, step)
         idx = rng.integers(0, len(images), args.decoder_batch)
         x = _to_tensor(images[idx]).to(args.device)
-        w = _object_weight(masks[idx], args.object_weight, args.device)
+        # Objects and background alike by default (toy128): the VAE stage weighted objects
+        # five times, and left the backdrop's fine lines for this stage.
+        w = _object_weight(masks[idx], args.decoder_object_weight, args.device)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(args.device)
@@ -689,6 +693,8 @@ def parse_args(argv):
                     help="weight of the image-gradient L1 (VAE, decoder)")
     ap.add_argument("--object-weight", type=float, default=5.0,
                     help="loss weight of object pixels relative to background (VAE, decoder)")
+    ap.add_argument("--decoder-object-weight", type=float, default=None,
+                    help="the decoder stage's object weight (default: the world's)")
     ap.add_argument("--clip-steps", type=int, default=None)
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
