@@ -318,3 +318,21 @@ def test_score_objects_counts_every_object_and_sees_a_wrong_one():
     images[0] = world.render(world.change(scenes[0], "texture", other))
     wrong = score_objects(images, scenes)
     assert wrong["texture"] == 7 / 8 and wrong["shape"] == 1.0 and wrong["colour"] == 1.0
+
+
+def test_toy128_heldout_scenes_put_every_held_out_pair_on_the_first_object():
+    from analogon.toyworld.evaluate import heldout_scenes, score
+
+    scenes = heldout_scenes(12, seed=3, world="toy128")
+    assert [(s["shape"], s["colour"]) for s in scenes[:5]] == list(world.HELD_OUT_PAIRS)
+    assert any(len(world.objects(s)) > 1 for s in scenes)
+    for s in scenes:
+        colours = [o["colour"] for o in world.objects(s)]
+        assert len(set(colours)) == len(colours) and world.layout_ok(s)
+    perfect = score([world.render(s) for s in scenes], scenes)
+    assert perfect["shape_and_colour"] == 1.0 and perfect["shape"] == 1.0
+    # the first object drawn as another shape: the held-out pair is missed
+    other = next(sh for sh in world.SHAPES if sh != scenes[0]["shape"])
+    moved = world.change(scenes[0], "shape", other)
+    images = [world.render(moved)] + [world.render(s) for s in scenes[1:]]
+    assert score(images, scenes)["shape_and_colour"] == 11 / 12

@@ -26,16 +26,31 @@ DEFAULT_GUIDANCE = 5.0
 DEFAULT_STRENGTH = 0.5
 
 
-def heldout_scenes(n: int, seed: int = 1234) -> list[dict[str, Any]]:
-    """``n`` held-out scenes, cycling through every held-out pair."""
-    from .world import HELD_OUT_PAIRS
+# toy128: the share of held-out scenes with two or three objects, as in training.
+HELDOUT_TWO = 0.5
+
+
+def heldout_scenes(n: int, seed: int = 1234, world: str = "toy64") -> list[dict[str, Any]]:
+    """``n`` held-out scenes, cycling through every held-out pair (toy128: the pair is the
+    first object's; the others are any, as in training, in other colours)."""
+    from .world import HELD_OUT_PAIRS, WORLD64, layout_ok, objects
 
     rng = random.Random(seed)
-    scenes = []
-    for i in range(n):
-        s = random_scene(rng, split="any")
-        s["shape"], s["colour"] = HELD_OUT_PAIRS[i % len(HELD_OUT_PAIRS)]
-        scenes.append(s)
+    layered = world_of(world) is not WORLD64
+    scenes: list[dict[str, Any]] = []
+    while len(scenes) < n:
+        shape, colour = HELD_OUT_PAIRS[len(scenes) % len(HELD_OUT_PAIRS)]
+        if not layered:
+            s = random_scene(rng, split="any")
+            s["shape"], s["colour"] = shape, colour
+            scenes.append(s)
+            continue
+        s = random_scene(rng, split="any", world=world, two=HELDOUT_TWO)
+        if any(o["colour"] == colour for o in objects(s)[1:]):
+            continue
+        s["shape"], s["colour"] = shape, colour
+        if layout_ok(s):
+            scenes.append(s)
     return scenes
 
 
@@ -80,6 +95,15 @@ def img2img(pipe, images: list[np.ndarray], prompts: list[str], seed: int = 0,
 
 
 def score(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> dict[str, float]:
+    """toy64: per scene; toy128: per object (:func:`score_objects`), with the held-out
+    (first) object's shape and colour together as ``shape_and_colour``."""
+    if scenes and world_of(scenes[0]).name != "toy64":
+        out = score_objects(images, scenes)
+        both = [a["objects"][0]["shape"] and a["objects"][0]["colour"]
+                for a in (agreement_all(read(img, world_of(s)), s) for img, s in
+                          zip(images, scenes))]
+        out["shape_and_colour"] = float(np.mean(both)) if both else float("nan")
+        return out
     hits = {k: 0 for k in ATTRS}
     for img, s in zip(images, scenes):
         r = read(img)
@@ -131,30 +155,39 @@ def vae_round_trip(vae, scenes: list[dict[str, Any]], batch: int = 8) -> list[np
     return out
 
 
+def model_world_of(pipe) -> str:
+    """The world a loaded toy pipeline draws: toy128 where its VAE makes 128-px images
+    from the 16x16 latent its UNet was built for."""
+    size = int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return "toy128" if size >= 128 else "toy64"
+
+
 def measure(pipe, n: int = 60, seed: int = 0, steps: int = DEFAULT_STEPS,
             guidance: float = DEFAULT_GUIDANCE, strength: float = DEFAULT_STRENGTH,
             train_prompts: bool = True) -> dict[str, Any]:
     """The quality table of the model: held-out generation and img2img (and, for
     comparison, generation on training combinations)."""
-    scenes = heldout_scenes(n, seed=1234 + seed)
+    world = model_world_of(pipe)
+    scenes = heldout_scenes(n, seed=1234 + seed, world=world)
     prompts = [caption(s) for s in scenes]
     t = time.time()
     gen = generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance)
     t_gen = time.time() - t
-    sources = [render(s, 64) for s in scenes]
+    sources = [render(s) for s in scenes]
     t = time.time()
     i2i = img2img(pipe, sources, prompts, seed=seed, strength=strength, steps=steps,
                   guidance=guidance)
     t_i2i = time.time() - t
     out: dict[str, Any] = {
-        "n": n, "steps": steps, "guidance": guidance, "strength": strength,
+        "world": world, "n": n, "steps": steps, "guidance": guidance, "strength": strength,
         "generation_heldout": score(gen, scenes),
         "img2img_heldout": score(i2i, scenes),
         "seconds": {"generation": round(t_gen, 1), "img2img": round(t_i2i, 1)},
     }
     if train_prompts:
         rng = random.Random(99 + seed)
-        tr = [random_scene(rng, split="train") for _ in range(n)]
+        tr = [random_scene(rng, split="train", world=world,
+                           two=0.0 if world == "toy64" else HELDOUT_TWO) for _ in range(n)]
         out["generation_train"] = score(
             generate(pipe, [caption(s) for s in tr], seed=seed, steps=steps, guidance=guidance),
             tr)
@@ -164,7 +197,10 @@ def measure(pipe, n: int = 60, seed: int = 0, steps: int = DEFAULT_STEPS,
 def format_table(m: dict[str, Any]) -> str:
     rows = [k for k in ("generation_heldout", "img2img_heldout", "generation_train") if k in m]
     cols = ("shape", "colour", "shape_and_colour", "size", "texture", "background")
-    lines = [f"{'toy-sd (n=' + str(m['n']) + ')':24s}" + "".join(f"{c:>18s}" for c in cols)]
+    if m.get("world", "toy64") != "toy64":
+        cols += ("backdrop", "count")
+    head = f"toy-sd, {m.get('world', 'toy64')} (n={m['n']})"
+    lines = [f"{head:24s}" + "".join(f"{c:>17s}" for c in cols)]
     for r in rows:
-        lines.append(f"{r:24s}" + "".join(f"{m[r][c]:>18.2f}" for c in cols))
+        lines.append(f"{r:24s}" + "".join(f"{m[r][c]:>17.2f}" for c in cols))
     return "\n".join(lines)
