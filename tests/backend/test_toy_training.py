@@ -76,3 +76,50 @@ def test_a_stage_resumes_from_its_fp16_snapshot_when_the_work_folder_is_gone(tmp
     assert train.main(_args(work, out, "export", 3) + common) == 0
     info = json.loads((out / "toyworld.json").read_text())
     assert (info["vae_steps"], info["clip_steps"], info["unet_steps"]) == (2, 2, 3)
+
+
+def test_word_positions_point_at_each_objects_attribute_words():
+    import random
+
+    from analogon.toyworld import world
+    from analogon.toyworld.vocab import build_tokenizer
+
+    tok = build_tokenizer()
+    scene = world.random_scene(random.Random(4), world="toy128", count=3)
+    ids = tok(world.caption(scene)).input_ids
+    for o, pos in zip(world.objects(scene), train.word_positions(scene), strict=True):
+        for k, i in pos.items():
+            assert tok.convert_ids_to_tokens(ids[i]) == o[k] + "</w>", (k, i)
+
+
+def test_the_words_stage_changes_the_text_tower_the_unet_reads_and_nothing_else(tmp_path):
+    work, out = tmp_path / "w", tmp_path / "toy"
+    extra = ["--words-steps", "3", "--words-batch", "8"]
+    assert train.main(_args(work, out, "data,vae,clip,words,unet,export", 1) + extra) == 0
+    log = (work / "train.log").read_text()
+    assert "stage words" in log
+    args = train.parse_args(_args(work, out, "export", 1) + extra)
+    before = train._load_clip(args, words=False)
+    after = train._load_clip(args)
+    text = [not torch.equal(p, q) for p, q in zip(before.text_model.parameters(),
+                                                  after.text_model.parameters())]
+    assert any(text)
+    for p, q in zip(before.vision_model.parameters(), after.vision_model.parameters()):
+        assert torch.equal(p, q)
+    info = json.loads((out / "toyworld.json").read_text())
+    assert info["words_steps"] == 3 and "--words-steps 3" in info["reproduce"]
+    from analogon.models import LoadOptions, load_bundle
+
+    te = load_bundle(str(out), LoadOptions(device="cpu")).pipe.text_encoder
+    w = after.text_model.embeddings.token_embedding.weight
+    assert torch.allclose(te.get_input_embeddings().weight.float(),
+                          w.half().float())
+    # without the stage (toy64's plan), the clip stage's text tower is the one used
+    none = train.parse_args(_args(work, out, "export", 1) + ["--words-steps", "0"])
+    assert torch.equal(train._load_clip(none).text_model.embeddings.token_embedding.weight,
+                       before.text_model.embeddings.token_embedding.weight)
+    # a STOP file ends the run before the next stage starts
+    (work / train.STOP_FILE).touch()
+    assert train.main(_args(work, out, "decoder,export", 1) + extra) == 0
+    assert "stopping before stage decoder" in (work / "train.log").read_text()
+    assert not (work / "decoder.pt").exists()

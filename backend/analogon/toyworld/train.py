@@ -36,17 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("data", "vae", "clip", "unet", "decoder", "export")
+STAGES = ("data", "vae", "clip", "words", "unet", "decoder", "export")
 
 # Each world's step counts: what its shipped model was trained with (toy64) or is planned
 # for (toy128, measured in docs/toyworld.md); explicit options override them.
 DEFAULTS = {
     "toy64": dict(pool=6000, vae_steps=1878, vae_batch=16, clip_steps=957, unet_steps=6203,
                   unet_batch=64, decoder_steps=1616, decoder_batch=8, vae_edge=0.0, two=0.0,
-                  decoder_object_weight=5.0),
+                  decoder_object_weight=5.0, words_steps=0),
     "toy128": dict(pool=10000, vae_steps=9000, vae_batch=12, clip_steps=2000, unet_steps=6000,
                    unet_batch=64, decoder_steps=3000, decoder_batch=6, vae_edge=0.5, two=0.5,
-                   decoder_object_weight=1.0),
+                   decoder_object_weight=1.0, words_steps=300),
 }
 
 
@@ -412,13 +412,118 @@ def stage_clip(args, log: Log) -> None:
         loop.report(step, f"loss {avg[0]:.3f} batch-acc {avg[1]:.3f}")
 
 
-def _load_clip(args):
+def _load_clip(args, words: bool = True):
+    """The trained CLIP: after the words stage where it has run (and ``words``), else the
+    clip stage's."""
     from .models import build_clip
 
     clip = build_clip(args.world)
+    if words and args.words_steps and _load_stage(args, "words", _words_modules(args, clip)):
+        return clip.to(args.device).eval().requires_grad_(False)
     if _load_stage(args, "clip", {"model": clip}) is None:
         raise SystemExit("train-toy: the clip stage has not run (no clip.pt, no snapshot)")
     return clip.to(args.device).eval().requires_grad_(False)
+
+
+# -- words: the text tower's per-word states ----------------------------------------------
+#
+# Contrastive training shapes only the pooled (end-of-text) feature. The per-word states,
+# which the UNet's cross-attention reads, came out dominated by the colour: the state of
+# "circle" in "a small purple plain circle" (a pair no training caption has) was nearest to
+# "square" after "purple" (cosine 0.978), and the UNet drew a purple square. This stage
+# fine-tunes the text tower so that each attribute word's state names its own object's
+# attribute (a linear probe per attribute, trained with it), while the pooled feature stays
+# where CLIP put it (cosine distance to the clip stage's, weighted 10).
+
+WORD_ORDER = ("size", "colour", "texture", "shape")  # an object's words, as caption() says them
+
+
+def _word_values(world: str) -> dict[str, tuple[str, ...]]:
+    from .world import COLOURS, SHAPES, SIZES, world_of
+
+    return {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES,
+            "texture": world_of(world).textures}
+
+
+def _words_modules(args, clip) -> dict:
+    """The words stage's modules: the CLIP and its per-attribute probes."""
+    import torch
+
+    hidden = clip.config.text_config.hidden_size
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, len(v))
+                                 for k, v in _word_values(args.world).items()})
+    return {"model": clip, "heads": heads}
+
+
+def word_positions(scene) -> list[dict[str, int]]:
+    """Per object (back to front), the token index of each attribute word in the scene's
+    full caption (index 0 is the start-of-text token; each word is one token)."""
+    from .world import objects
+
+    out, pos = [], 1
+    for o in objects(scene):
+        pos += 1  # "a"
+        out.append({})
+        for k in WORD_ORDER:
+            out[-1][k] = pos
+            pos += 1
+        pos += 1  # "and" / "on"
+    return out
+
+
+def stage_words(args, log: Log) -> None:
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from .vocab import build_tokenizer
+    from .world import caption, objects
+
+    if not args.words_steps:
+        return
+    _, scenes = _load_pool(args)
+    clip = _load_clip(args, words=False).requires_grad_(True).train()
+    modules = _words_modules(args, clip)
+    heads, values = modules["heads"].to(args.device), _word_values(args.world)
+    ref = copy.deepcopy(clip).eval().requires_grad_(False)
+    tok = build_tokenizer()
+    torch.manual_seed(args.seed + 5)
+    opt = torch.optim.AdamW(list(clip.text_model.parameters()) + list(heads.parameters()),
+                            lr=args.words_lr, weight_decay=0.01)
+    loop = _Loop("words", args, log, modules, opt, args.words_steps, args.words_lr, 20, 0)
+    if not loop.resume():
+        return
+    avg = None
+    for step in loop:
+        rng, _ = _step_rngs(args.seed, 5, step)
+        batch = [scenes[i] for i in rng.integers(0, len(scenes), args.words_batch)]
+        ids = tok([caption(s) for s in batch], padding="longest",
+                  return_tensors="pt").input_ids.to(args.device)
+        out = clip.text_model(input_ids=ids)
+        pooled = F.normalize(clip.text_projection(out.pooler_output), dim=-1)
+        with torch.no_grad():
+            r = ref.text_model(input_ids=ids)
+            pooled_ref = F.normalize(ref.text_projection(r.pooler_output), dim=-1)
+        keep = (1 - (pooled * pooled_ref).sum(-1)).mean()
+        probe = 0.0
+        for k in WORD_ORDER:
+            rows, cols, labels = [], [], []
+            for b, s in enumerate(batch):
+                for o, pos in zip(objects(s), word_positions(s)):
+                    rows.append(b)
+                    cols.append(pos[k])
+                    labels.append(values[k].index(o[k]))
+            states = out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]
+            probe = probe + F.cross_entropy(heads[k](states),
+                                            torch.tensor(labels, device=args.device))
+        loss = probe + 10.0 * keep
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        cur = np.array([float(probe), keep.item()])
+        avg = cur if avg is None else 0.9 * avg + 0.1 * cur
+        loop.report(step, f"probe {avg[0]:.3f} pooled-drift {avg[1]:.4f}")
 
 
 def _text_encoder_from_clip(clip):
@@ -622,6 +727,8 @@ def stage_export(args, log: Log, quiet: bool = False) -> Path:
         "seed": args.seed, "unet_steps": unet_steps,
         "vae_steps": _load_stage(args, "vae", {"model": build_vae(args.world)}),
         "clip_steps": _load_stage(args, "clip", {"model": build_clip(args.world)}),
+        "words_steps": (_load_stage(args, "words", _words_modules(args, build_clip(args.world)))
+                        or 0) if args.words_steps else 0,
         "decoder_steps": decoder_steps,
         "pool": args.pool, "image_size": sizes(args.world).image, "world": args.world,
         "held_out_pairs": [list(p) for p in __import__(
@@ -631,6 +738,7 @@ def stage_export(args, log: Log, quiet: bool = False) -> Path:
     info["reproduce"] = (
         f"analogon train-toy --world {args.world} --seed {args.seed} --pool {args.pool} "
         f"--vae-steps {info['vae_steps']} --clip-steps {info['clip_steps']} "
+        f"--words-steps {info['words_steps']} "
         f"--unet-steps {info['unet_steps']} --decoder-steps {decoder_steps}")
     (tmp / "toyworld.json").write_text(json.dumps(info, indent=2))
     # Swap in place of the old folder's contents.
@@ -699,6 +807,11 @@ def parse_args(argv):
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=1e-3)
     ap.add_argument("--clip-minutes", type=float, default=0, help="time limit (0: none)")
+    ap.add_argument("--words-steps", type=int, default=None,
+                    help="text-tower fine-tune so that each word's state names its attribute "
+                         "(0: none)")
+    ap.add_argument("--words-batch", type=int, default=128)
+    ap.add_argument("--words-lr", type=float, default=3e-4)
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--unet-batch", type=int, default=None)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
@@ -745,6 +858,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for s in STAGES:
         if s in stages:
+            if (args.work / STOP_FILE).exists():
+                log(f"train-toy: {args.work / STOP_FILE} exists; stopping before stage {s}")
+                break
             ts = time.time()
             globals()[f"stage_{s}"](args, log)
             log(f"stage {s}: {time.time() - ts:.0f}s")
