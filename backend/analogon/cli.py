@@ -23,7 +23,7 @@ def _die(message: str, code: int = 2) -> int:
 
 def _add_model_options(p: argparse.ArgumentParser, model_default: str | None) -> None:
     p.add_argument("--model", default=model_default,
-                   help="model: tiny-sd, tiny-sdxl, toy-sd, a local diffusers folder, a single "
+                   help="model: toy-sd, toy-sd-64, tiny-sd, tiny-sdxl, a local diffusers folder, a single "
                         ".safetensors checkpoint, or a Hugging Face repo id already in the local cache")
     p.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
@@ -665,13 +665,14 @@ def cmd_demo(args) -> int:
     print(f"demo: model {model} ({bundle.family}, {bundle.device}, loaded in {load_s:.2f} s), "
           f"images {size}x{size}, output {out}")
     rows, table = [], []
-    toy_cases = bundle.spec == "toy-sd"
+    toy_cases = bundle.spec in ("toy-sd", "toy-sd-64")
     if toy_cases:
+        from .models.toy import model_world
         from .quality import demo_case
     for m in ms:
         # On toy-sd, a scene from the world it was trained on (the quality suite's first case);
         # elsewhere, the procedural samples.
-        case = demo_case(m.id) if toy_cases else None
+        case = demo_case(m.id, world=model_world(bundle.spec)) if toy_cases else None
         images, source = case if case is not None else demo_inputs(m, size)
         cells = []
         for role, ref in images.items():

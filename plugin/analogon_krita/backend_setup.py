@@ -346,7 +346,7 @@ class BackendSetup(QtWidgets.QTabWidget):
         row.addWidget(remove)
         row.addStretch(1)
         lay.addLayout(row)
-        self.show_dev = QtWidgets.QCheckBox("Show developer models (tiny-sd, tiny-sdxl: random weights)")
+        self.show_dev = QtWidgets.QCheckBox("Show developer models (tiny-sd, tiny-sdxl: random weights; toy-sd-64)")
         self.show_dev.setChecked(self.settings.get_bool("show_developer_models"))
         lay.addWidget(self.show_dev)
         box = QtWidgets.QGroupBox("Get a model")

@@ -207,12 +207,12 @@ def test_the_probe_tells_eps_from_v(kind, expected):
 
 
 def test_the_probe_on_a_trained_epsilon_model_says_epsilon():
-    """toy-sd is a trained epsilon model: its slope at the last timestep is near 1."""
-    from analogon.models.toy import toy_sd_available
+    """toy-sd-64 is a trained epsilon model: its slope at the last timestep is near 1."""
+    from analogon.models.toy import toy_available
 
-    if not toy_sd_available():
-        pytest.skip("toy-sd weights not installed")
-    toy = load_bundle("toy-sd", CPU)
+    if not toy_available("toy-sd-64"):
+        pytest.skip("toy-sd-64 weights not installed")
+    toy = load_bundle("toy-sd-64", CPU)
     r = pred.probe(toy)
     assert r["type"] == "epsilon" and r["decisive"] and r["slope"] > 0.7
 

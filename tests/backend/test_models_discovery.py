@@ -202,6 +202,8 @@ def test_v1_models_lists_them_for_the_docker(tmp_path):
     assert models[str(tmp_path / "comfy" / "inpaint.safetensors")]["methods"] == []
     assert models["tiny-sd"]["developer"] and models["tiny-sdxl"]["developer"]
     assert models["toy-sd"]["label"] == "demo (toy world)" and not models["toy-sd"]["developer"]
+    # the 64-px model is there for speed, under a name that says so, never offered first
+    assert models["toy-sd-64"]["developer"] and "64-px" in models["toy-sd-64"]["label"]
     assert body["recommended"]["dia"] == sd15["id"]
     assert body["searched"] == [str(tmp_path / "comfy")]
 

@@ -79,11 +79,11 @@ def test_fit_recovers_an_exactly_linear_decoder():
 
 
 def test_projection_reproduces_the_vae_colours_on_a_trained_vae():
-    from analogon.models.toy import toy_sd_available
+    from analogon.models.toy import toy_available
 
-    if not toy_sd_available():
-        pytest.skip("toy-sd is not in this installation")
-    bundle = load_bundle("toy-sd", None)
+    if not toy_available("toy-sd-64"):
+        pytest.skip("toy-sd-64 is not in this installation")
+    bundle = load_bundle("toy-sd-64", None)
     p = P.fit(bundle)
     from analogon.core.diffusion import vae_decode, vae_encode
     from analogon.core.images import to_tensor

@@ -302,6 +302,7 @@ def test_the_world_of_a_model_spec(tmp_path):
         assert model_world(spec) == "toy64"
     expected = folder_world(toy_sd_path()) if toy_sd_available() else "toy64"
     assert model_world("toy-sd") == expected
+    assert model_world("toy-sd-64") == "toy64"  # whatever toy-sd is, the fast one is 64-px
 
 
 def test_run_quality_measures_in_the_models_world(tmp_path):

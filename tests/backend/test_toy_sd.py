@@ -1,4 +1,4 @@
-"""toy-sd, the trained toy-world model shipped in the package: it loads offline through the
+"""toy-sd-64, the first world's trained model shipped in the package: it loads offline through the
 model resolver, its text and image towers mean something, and it draws held-out prompts
 (shape/colour pairs it never saw) in a way the attribute reader confirms."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analogon.models.toy import TOY_NATIVE_SIZE, toy_sd_available, toy_sd_path
+from analogon.models.toy import TOY_NATIVE_SIZE, toy_available, toy_path
 from analogon.toyworld import evaluate, world
 from analogon.toyworld.reader import read
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 def toy():
     from analogon.models import LoadOptions, load_bundle
 
-    assert toy_sd_available(), "toy-sd is not shipped in backend/analogon/models/toy_sd"
-    return load_bundle("toy-sd", LoadOptions(device="cpu"))
+    assert toy_available("toy-sd-64"), "toy-sd-64 is not shipped in backend/analogon/models"
+    return load_bundle("toy-sd-64", LoadOptions(device="cpu"))
 
 
 def test_loads_offline_as_sd1_in_fp32(toy):
@@ -43,11 +43,11 @@ def test_clip_space_reads_colour_and_shape():
 
     from analogon.toyworld.models import images_to_clip_pixels
 
-    clip = CLIPModel.from_pretrained(toy_sd_path() / "clip", local_files_only=True,
+    clip = CLIPModel.from_pretrained(toy_path("toy-sd-64") / "clip", local_files_only=True,
                                      dtype=torch.float32).eval()
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(toy_sd_path() / "tokenizer", local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(toy_path("toy-sd-64") / "tokenizer", local_files_only=True)
     scenes = evaluate.heldout_scenes(10, seed=5)
     hits = 0
     with torch.no_grad():

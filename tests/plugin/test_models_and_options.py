@@ -59,9 +59,9 @@ def test_a_painter_is_offered_checkpoints_and_the_demo_never_tiny(listing):
     models = listing["models"]
     names = [m.get("name") for m in models_ui.offered(models, "pixels")]
     assert names[:2] == ["dreamy", "juggernaut"] and names[2] == "toy-sd" and names[3] == "fill"
-    assert not {"tiny-sd", "tiny-sdxl"} & set(names)
+    assert not {"tiny-sd", "tiny-sdxl", "toy-sd-64"} & set(names)
     dev = [m["id"] for m in models_ui.offered(models, "pixels", show_developer=True)]
-    assert dev[-2:] == ["tiny-sd", "tiny-sdxl"]
+    assert dev[-3:] == ["tiny-sd", "tiny-sdxl", "toy-sd-64"]
     juggernaut = next(m for m in models if m.get("name") == "juggernaut")
     assert models_ui.label(juggernaut).startswith("juggernaut \u2014 SDXL, ") and "configured" in models_ui.label(juggernaut)
     demo = next(m for m in models if m["id"] == "toy-sd")

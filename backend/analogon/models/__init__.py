@@ -34,7 +34,7 @@ from ..errors import ModelError
 Family = Literal["sd1", "sd2", "sdxl"]
 
 NATIVE_SIZE: dict[str, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-EMBEDDED = ("tiny-sd", "tiny-sdxl", "toy-sd")
+EMBEDDED = ("tiny-sd", "tiny-sdxl", "toy-sd", "toy-sd-64")
 DEFAULT_MODEL = "tiny-sd"
 
 
@@ -313,11 +313,12 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
         builder, family = TINY_BUILDERS[spec]
         pipe = builder(torch.float32)
         source, key, variant, prediction = "embedded", spec, family, {}
-    elif spec == "toy-sd":
-        from .toy import toy_sd_path
+    elif spec in ("toy-sd", "toy-sd-64"):
+        from .toy import toy_path
 
-        path = toy_sd_path()
+        path = toy_path(spec)
         pipe, family, variant, prediction = _load_folder(path, dtype)
+        # keyed by the folder's content: both names of one folder are one loaded model
         source, key = "embedded", "toy-sd:" + _folder_key(path)
     else:
         path = Path(os.path.expanduser(spec))
@@ -497,18 +498,22 @@ class ModelManager:
         out = []
         for name in EMBEDDED:
             fam = "sdxl" if name == "tiny-sdxl" else "sd1"
-            if name == "toy-sd":
-                from .toy import toy_sd_available
+            if name.startswith("toy-sd"):
+                from .toy import toy_available
 
-                if not toy_sd_available():
+                if not toy_available(name):
                     continue
             developer = name != "toy-sd"
+            label, note = {
+                "toy-sd": ("demo (toy world)", "a small model trained on the toy world: shapes "
+                           "and colours, not photographs"),
+                "toy-sd-64": (f"{name} (developer: the first, 64-px toy world)",
+                              "the small, fast toy model the test suite uses"),
+            }.get(name, (f"{name} (developer: random weights, output is noise)",
+                         "random weights: proves the machinery, not quality"))
             out.append({"id": name, "family": fam, "source": "embedded", "loaded": name in loaded,
                         "name": name, "developer": developer, "methods": methods,
-                        "label": f"{name} (developer: random weights, output is noise)" if developer
-                        else "demo (toy world)",
-                        "note": "random weights: proves the machinery, not quality" if developer else
-                        "a small model trained on the toy world: shapes and colours, not photographs"})
+                        "label": label, "note": note})
         listed = set(EMBEDDED)
         for entry in discovered or []:
             entry = {**entry, "loaded": entry["id"] in loaded, "developer": False}

@@ -13,7 +13,13 @@ from ..errors import ModelError
 
 TOY_NATIVE_SIZE = 64
 _ROOT = Path(__file__).parent
-_HERE = _ROOT / "toy_sd"
+
+# The embedded toy models and their folders in the package. ``toy-sd`` is the model the
+# project measures on and the docker's demo; ``toy-sd-64`` is always the first, 64x64
+# world's model (the fast one the test suite uses where it needs speed, never offered to a
+# painter).
+TOY_FOLDERS = {"toy-sd": "toy_sd", "toy-sd-64": "toy_sd"}
+_HERE = _ROOT / TOY_FOLDERS["toy-sd"]
 
 
 def model_dir(world: str) -> Path:
@@ -21,18 +27,26 @@ def model_dir(world: str) -> Path:
     return _ROOT / {"toy64": "toy_sd", "toy128": "toy_sd_128"}[world]
 
 
+def toy_available(name: str = "toy-sd") -> bool:
+    return (_ROOT / TOY_FOLDERS[name] / "model_index.json").exists()
+
+
+def toy_path(name: str = "toy-sd") -> Path:
+    if not toy_available(name):
+        raise ModelError(
+            "model_not_available",
+            f"The {name} model is not in this installation; train it with "
+            "`analogon train-toy` or use tiny-sd.",
+        )
+    return _ROOT / TOY_FOLDERS[name]
+
+
 def toy_sd_available() -> bool:
-    return (_HERE / "model_index.json").exists()
+    return toy_available("toy-sd")
 
 
 def toy_sd_path() -> Path:
-    if not toy_sd_available():
-        raise ModelError(
-            "model_not_available",
-            "The toy-sd model is not in this installation; train it with "
-            "`analogon train-toy` or use tiny-sd.",
-        )
-    return _HERE
+    return toy_path("toy-sd")
 
 
 # -- which toy world a model was trained on ----------------------------------------------
@@ -74,12 +88,13 @@ def folder_world(folder: str | Path) -> str:
 
 
 def model_world(spec: str) -> str:
-    """The toy world of a model spec, without loading it: ``toy-sd`` is its shipped folder's
-    world, a local diffusers folder its own (:func:`folder_world`); anything else (the
-    random-weight models, single files, hub ids, a toy-sd not installed) is toy64."""
+    """The toy world of a model spec, without loading it: ``toy-sd`` and ``toy-sd-64`` are
+    their shipped folders' worlds, a local diffusers folder its own (:func:`folder_world`);
+    anything else (the random-weight models, single files, hub ids, a toy model not
+    installed) is toy64."""
     spec = (spec or "").strip()
-    if spec == "toy-sd":
-        return folder_world(toy_sd_path()) if toy_sd_available() else DEFAULT_WORLD
+    if spec in TOY_FOLDERS:
+        return folder_world(toy_path(spec)) if toy_available(spec) else DEFAULT_WORLD
     if not spec or spec in ("tiny-sd", "tiny-sdxl"):
         return DEFAULT_WORLD
     import os
