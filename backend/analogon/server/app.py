@@ -8,6 +8,7 @@ import math
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from starlette.routing import Match
 from .. import __version__, engine
 from ..errors import AnalogonError
 from .jobs import ANYONE, TERMINAL, JobQueue
-from .store import PNG, RGBA, ImageStore, Limits, check_encoding, check_sha, check_size, too_large
+from .store import (
+    PNG, RGBA, ImageStore, Limits, bad_image, check_encoding, check_sha, check_size, too_large,
+)
+from .uploads import UploadSessions, not_found
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ MAX_SCAN_WAIT_S = 10.0
 _HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
 _EVENT_ID_RE = re.compile(r"[0-9]{1,18}")
 _DIGITS_RE = re.compile(r"[0-9]{1,9}")
+_OFFSET_RE = re.compile(r"[0-9]{1,18}")
 
 
 def default_state_dir() -> Path:
@@ -98,6 +103,11 @@ class Settings:
     # raw RGBA downloads gzip-compressed for a client that accepts it: "auto" (clients beyond
     # loopback: a network, where 4 bytes a pixel cost time), "always" or "never"
     compress_downloads: str = "auto"
+    # resumable uploads (server.uploads): the largest chunk one PUT takes, how long an unfinished
+    # upload is kept after its last chunk, and how often expired ones are looked for
+    upload_chunk_max_bytes: int = 16 * 1024**2
+    upload_max_age_s: float = 24 * 3600.0
+    upload_sweep_s: float = 600.0
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else default_state_dir()
@@ -269,6 +279,18 @@ def _check_text(text: str) -> None:
         raise _BadJson("a string holds a lone surrogate (not Unicode text)") from None
 
 
+class UploadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: StrictStr = Field(description="The image's id, as for PUT /v1/images/{sha}.")
+    content_type: StrictStr = Field(description=f"{PNG} or {RGBA}.")
+    length: StrictInt = Field(ge=1, le=MAX_JSON_INT, description="The body's bytes in all, as sent.")
+    width: StrictInt | None = Field(None, ge=1, le=10**9, description="Raw RGBA: the width in pixels.")
+    height: StrictInt | None = Field(None, ge=1, le=10**9, description="Raw RGBA: the height in pixels.")
+    encoding: StrictStr | None = Field(None, description="deflate: a raw RGBA body compressed as a zlib "
+                                                         "stream; absent: none.")
+
+
 class DownloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -332,6 +354,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        result_max_age_s=settings.result_max_age_s)
     try:  # holding the state folder (the store's lock): a self-signed certificate is made once
         tls_info = tls.prepare(settings, state_dir)
+        uploads = UploadSessions(store.folder / "uploads", settings.upload_max_age_s,
+                                 min(settings.upload_chunk_max_bytes, settings.limits.max_body_bytes),
+                                 cap_bytes=settings.image_store_cap_bytes)
     except BaseException:
         store.close()
         raise
@@ -377,14 +402,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.closing = True
         await asyncio.to_thread(queue.stop)
 
+    async def sweep_uploads() -> None:
+        while True:
+            await asyncio.sleep(settings.upload_sweep_s)
+            try:
+                uploads.sweep()
+            except OSError as e:  # pragma: no cover - the folder went away
+                log.warning("uploads: the sweep failed: %s", e)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         queue.start()
         scanner.start()
         app.state.closing = False
+        sweeper = asyncio.create_task(sweep_uploads())
         try:
             yield
         finally:
+            sweeper.cancel()
             app.state.downloads.stop_all()
             await begin_shutdown()
             await asyncio.to_thread(scanner.stop)
@@ -401,6 +436,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.claims = claims
     app.state.tls = tls_info
     app.state.store = store
+    app.state.uploads = uploads
     app.state.models = models
     app.state.cache = cache
     app.state.queue = queue
@@ -482,7 +518,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "status": "ok", "version": __version__, "device": str(device),
             "dtype": str(dtype).replace("torch.", ""), "memory": memory_info(),
             "loaded_models": models.loaded(), "default_model": settings.default_model,
-            "queue": queue.queue_length(), "limits": settings.limits.to_json(), "pid": os.getpid(),
+            "queue": queue.queue_length(), "pid": os.getpid(),
+            "limits": {**settings.limits.to_json(), "upload_chunk_max_bytes": uploads.chunk_max,
+                       "upload_max_age_s": uploads.max_age_s},
             "devices": [str(d) for d in device_list], "workers": queue.workers_json(),
             "tls": {"enabled": tls_info is not None},
         }
@@ -679,6 +717,174 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         host = request.client.host if request.client is not None else ""
         return host not in ("127.0.0.1", "::1", "localhost")
 
+    # -- resumable uploads (server.uploads; docs/protocol.md, "Resumable uploads") ----------
+    def upload_json(s) -> dict[str, Any]:
+        out = {"id": s.id, "sha256": s.sha, "offset": s.offset, "length": s.length,
+               "chunk_max": uploads.chunk_max, "complete": s.done, "expires": round(uploads.expires(s), 3)}
+        if s.done:
+            out.update(s.result[0].to_json())
+        return out
+
+    def upload_answer(s, status: int = 200) -> Response:
+        return SafeJSONResponse(upload_json(s), status_code=status, headers={
+            "Upload-Offset": str(s.offset), "Upload-Length": str(s.length), "Cache-Control": "no-store"})
+
+    def offset_mismatch(s) -> AnalogonError:
+        return AnalogonError("offset_mismatch", f"This upload holds {s.offset} bytes: send the next chunk "
+                             f"at Upload-Offset {s.offset}.", {"offset": s.offset, "length": s.length},
+                             status=409)
+
+    @app.post("/v1/uploads", status_code=201)
+    async def open_upload(request: Request):
+        """Open a resumable upload (or find this token's open one for the same image)."""
+        req = await _json_request(request, UploadRequest, "An upload")
+        p = who(request)
+        sha = check_sha(req.sha256)
+        ctype = req.content_type.split(";")[0].strip().lower()
+        encoding = check_encoding(req.encoding or "", ctype)
+        if ctype not in (PNG, RGBA):
+            raise AnalogonError("unsupported_media_type", f"Images are uploaded as {PNG} or {RGBA}, "
+                                f"not {ctype or 'nothing'}.", {"content_type": ctype or None}, status=415)
+        limit = settings.limits.max_body_bytes
+        if req.length > limit:
+            raise too_large(f"The upload is {req.length} bytes; the limit is {limit}.", max_body_bytes=limit)
+        w, h, kept = None, None, req.length  # a PNG's size is read from the PNG itself
+        if ctype == RGBA:
+            if req.width is None or req.height is None:
+                raise bad_image("Raw RGBA uploads need the width and height.")
+            w, h = req.width, req.height
+            check_size(w, h, settings.limits)
+            kept = w * h * 4
+            if not encoding and req.length != kept:
+                raise bad_image(f"Raw RGBA for {w}\u00d7{h} pixels is {kept} bytes, not {req.length}.",
+                                expected=kept, got=req.length)
+        found = uploads.find(p.owner, sha, ctype, w, h, encoding, req.length)
+        if found is not None:
+            return upload_answer(found, 200)
+        quota = None if p.is_server else tokens.max_stored_bytes(p.painter)
+        if quota is not None:
+            def make_room() -> None:
+                if not claims.claimed(p.owner, sha):
+                    claims.make_room(p.owner, kept, quota, queue.pinned_images, reserved=uploads.reserved(p.owner))
+
+            await asyncio.to_thread(make_room)
+        s = uploads.create(p.owner, sha, ctype, w, h, encoding, req.length, kept)
+        answer = upload_answer(s, 201)
+        answer.headers["Location"] = f"/v1/uploads/{s.id}"
+        return answer
+
+    @app.head("/v1/uploads/{upload_id}")
+    async def upload_offset(upload_id: str, request: Request):
+        try:
+            s = uploads.get(upload_id, who(request).owner)
+        except AnalogonError:
+            return Response(status_code=404)
+        return Response(status_code=200, headers={"Upload-Offset": str(s.offset), "Upload-Length": str(s.length),
+                                                  "Cache-Control": "no-store"})
+
+    @app.get("/v1/uploads/{upload_id}")
+    async def upload_status(upload_id: str, request: Request):
+        return upload_answer(uploads.get(upload_id, who(request).owner))
+
+    @app.delete("/v1/uploads/{upload_id}", status_code=204)
+    async def abandon_upload(upload_id: str, request: Request):
+        uploads.remove(uploads.get(upload_id, who(request).owner))
+        return Response(status_code=204)
+
+    @app.put("/v1/uploads/{upload_id}")
+    async def put_chunk(upload_id: str, request: Request):
+        """Append a chunk at ``Upload-Offset``; the last one stores the image."""
+        p = who(request)
+        s = uploads.get(upload_id, p.owner)
+        offset = _upload_offset(request)
+        if s.finishing is not None or s.done:  # a client whose last answer was lost asks again
+            if offset != s.length:
+                raise offset_mismatch(s)
+            if s.finishing is not None:
+                await asyncio.shield(s.finishing)
+            return upload_answer(s, 200)
+        if offset != s.offset:
+            raise offset_mismatch(s)
+        room = min(uploads.chunk_max, s.length - s.offset)
+        declared = request.headers.get("content-length", "").strip()
+        if declared.isascii() and declared.isdigit() and int(declared) > room:
+            raise too_large(f"This chunk is {int(declared)} bytes; the upload takes at most {room} more "
+                            f"at offset {s.offset} (chunks of at most {uploads.chunk_max} bytes, "
+                            f"{s.length} in all).", offset=s.offset, length=s.length, chunk_max=uploads.chunk_max)
+        await write_chunk(s, request, room)
+        if s.offset < s.length:
+            return upload_answer(s, 200)
+        return upload_answer(s, 201 if (await finish_upload(s, p))[1] else 200)
+
+    async def write_chunk(s, request: Request, room: int) -> None:
+        """The request's body appended to the session's file as it arrives (nothing held in
+        memory). A newer PUT at the right offset takes over from one still open (a client that
+        gave up on it): this one then writes nothing more. What arrived before a connection
+        drops is kept: the client asks for the offset and goes on from there."""
+        s.writer += 1
+        me, start = s.writer, s.offset
+        s.busy += 1
+        try:
+            fd = os.open(uploads.part(s), os.O_WRONLY | os.O_APPEND)
+            try:
+                async for piece in request.stream():
+                    if s.writer != me:
+                        raise offset_mismatch(s) if uploads.is_open(s) else not_found(s.id)
+                    if s.offset + len(piece) - start > room:
+                        os.ftruncate(fd, start)
+                        s.offset = start
+                        raise too_large(f"This chunk is over the {room} bytes the upload takes at offset "
+                                        f"{start}.", offset=start, length=s.length, chunk_max=uploads.chunk_max)
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    s.offset += len(piece)
+            except ClientDisconnect:
+                raise AnalogonError("incomplete_body", "The connection closed before the chunk arrived; "
+                                    f"the upload keeps the {s.offset} bytes that did.",
+                                    {"offset": s.offset, "length": s.length}, status=400) from None
+            finally:
+                os.close(fd)
+        finally:
+            s.busy -= 1
+            s.used = time.time()
+
+    async def finish_upload(s, p):
+        """Every byte is in: check and store the body as PUT /v1/images does. (image, created);
+        a body that fails a check is dropped with its session."""
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # waiters are optional
+        s.finishing = fut
+        s.busy += 1
+        quota = None if p.is_server else tokens.max_stored_bytes(p.painter)
+        try:
+            f = open(uploads.part(s), "rb")  # opened here: an abandon meanwhile cannot take it away
+
+            def store_it():
+                with f:
+                    body = f.read()
+                if quota is not None and not claims.claimed(p.owner, s.sha):
+                    claims.make_room(p.owner, store.size_of(s.sha) or s.kept, quota, queue.pinned_images,
+                                     reserved=uploads.reserved(p.owner, exclude=s))
+                out = store.put_bytes(s.sha, body, s.content_type, s.width, s.height, s.encoding)
+                claims.claim(p.owner, s.sha)
+                return out
+
+            result = await asyncio.to_thread(store_it)
+        except BaseException as e:
+            uploads.remove(s)
+            if isinstance(e, Exception):
+                fut.set_exception(e)
+            else:
+                fut.cancel()
+            raise
+        finally:
+            s.busy -= 1
+            s.finishing = None
+        uploads.complete(s, result)
+        fut.set_result(result)
+        return result
+
     # -- jobs ---------------------------------------------------------------------------
     class _Visible:
         """The store as a painter sees it: only their own images (others read as missing)."""
@@ -818,4 +1024,15 @@ def _int_header(request: Request, name: str) -> int | None:
     if _DIGITS_RE.fullmatch(v) is None:
         raise AnalogonError("bad_image", f"The {name} header must be a whole number written with the "
                             "digits 0-9 only (at most 9 of them).", {name: v[:40]}, status=400)
+    return int(v)
+
+
+def _upload_offset(request: Request) -> int:
+    """A chunk's ``Upload-Offset``: where in the body its first byte goes (``400 bad_offset``
+    when it is missing or not a whole number of at most 18 ASCII digits)."""
+    v = request.headers.get("upload-offset", "").strip()
+    if _OFFSET_RE.fullmatch(v) is None:
+        raise AnalogonError("bad_offset", "A chunk carries the Upload-Offset header: where its first byte "
+                            "goes in the body, a whole number (HEAD /v1/uploads/{id} tells the offset).",
+                            {"upload_offset": v[:40] or None}, status=400)
     return int(v)

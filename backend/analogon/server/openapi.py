@@ -14,9 +14,12 @@ from typing import Any
 
 from .. import engine
 from .store import PNG, RGBA, SHA_PATTERN
+from .uploads import UPLOAD_ID_PATTERN
 
 JOB_ID_PATTERN = "^[0-9a-f]{32}$"
 EVENT_ID_PATTERN = "^[0-9]{0,18}$"
+OFFSET_PATTERN = "^[0-9]{1,18}$"
+CHUNK = "application/octet-stream"  # a chunk: bytes of the body as they are
 JOB_STATUSES = ["queued", "running", "done", "error", "cancelled"]
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -46,7 +49,12 @@ SCHEMAS: dict[str, Any] = {
                 "detail": {"description": "What the code needs: pydantic errors, the role, the limits, ..."}}),
         "description": "Every error the server answers with.",
     },
-    "Limits": _obj({"max_body_bytes": INT, "max_side": INT, "max_pixels": INT}),
+    "Limits": _obj({"max_body_bytes": INT, "max_side": INT, "max_pixels": INT,
+                    "upload_chunk_max_bytes": {"type": "integer", "description": "Resumable uploads: the "
+                                               "largest chunk one PUT /v1/uploads/{id} takes."},
+                    "upload_max_age_s": {"type": "number", "description": "Resumable uploads: how long an "
+                                         "unfinished one is kept after its last chunk."}},
+                   ["max_body_bytes", "max_side", "max_pixels"]),
     "Health": _obj({
         "status": {"type": "string", "enum": ["ok"]}, "version": STR, "device": STR, "dtype": STR,
         "memory": {"type": "object", "additionalProperties": {"type": "integer"}},
@@ -71,6 +79,26 @@ SCHEMAS: dict[str, Any] = {
                                   "skipped": {"type": "array", "items": _obj({"path": STR, "reason": STR})},
                                   "skipped_total": {"type": "integer", "minimum": 0},
                                   "running_since": _nullable({"type": "number"})})}),
+    "UploadRequest": _obj({
+        "sha256": {"type": "string", "pattern": SHA_PATTERN, "description": "The image's id, as for "
+                                                                            "PUT /v1/images/{sha}."},
+        "content_type": {"type": "string", "enum": [PNG, RGBA]},
+        "length": {"type": "integer", "minimum": 1, "description": "The body's bytes in all, as sent."},
+        "width": _nullable({"type": "integer", "minimum": 1, "description": "Raw RGBA: the width."}),
+        "height": _nullable({"type": "integer", "minimum": 1, "description": "Raw RGBA: the height."}),
+        "encoding": _nullable({"type": "string", "enum": ["deflate", "identity"],
+                               "description": "deflate: raw RGBA sent as a zlib stream."}),
+    }, ["sha256", "content_type", "length"], extra=False),
+    "Upload": _obj({
+        "id": {"type": "string", "pattern": UPLOAD_ID_PATTERN}, "sha256": {"type": "string", "pattern": SHA_PATTERN},
+        "offset": {"type": "integer", "minimum": 0, "description": "The bytes the server holds: the next "
+                                                                   "chunk's Upload-Offset."},
+        "length": {"type": "integer", "minimum": 1}, "chunk_max": {"type": "integer", "minimum": 1},
+        "complete": {"type": "boolean", "description": "The image is stored (then sha, width and height "
+                                                       "are given)."},
+        "expires": {"type": "number", "description": "When the server drops it unless a chunk comes (Unix time)."},
+        "sha": {"type": "string", "pattern": SHA_PATTERN}, "width": INT, "height": INT,
+    }, ["id", "sha256", "offset", "length", "chunk_max", "complete", "expires"]),
     "DownloadRequest": _obj({"model": {"type": "string", "description": "A recommended model's id, from "
                                                                         "/v1/downloads/catalog."}}, extra=False),
     "Role": _obj({"name": STR, "title": STR, "kind": {"type": "string", "enum": ["image", "map", "mask"]},
@@ -127,6 +155,28 @@ ERRORS: dict[tuple[str, str], dict[int, str]] = {
              "deflate (raw RGBA only)."},
     ("/v1/images/{sha}", "head"): {400: "`bad_sha` (no body: HEAD).", 404: "Not stored (no body: HEAD)."},
     ("/v1/images/{sha}", "get"): {400: "`bad_sha`, `bad_format`.", 404: "`image_not_found`."},
+    ("/v1/uploads", "post"): {
+        400: "`bad_json` (as for a job's body), `bad_sha`, `bad_image` (raw RGBA without a width and "
+             "height, or whose length is not width*height*4).",
+        413: "`too_large`: the declared length or pixel count is over the limits; `storage_quota`: a "
+             "painter's token would pass its limit of stored images (open uploads count).",
+        415: "`unsupported_media_type`: a content type other than image/png or "
+             "application/x-analogon-rgba, or an encoding other than deflate (raw RGBA only); "
+             "the request's own Content-Type is not application/json.",
+        422: "`invalid_params`: the body is not `{sha256, content_type, length, width?, height?, encoding?}`."},
+    ("/v1/uploads/{upload_id}", "put"): {
+        400: "`bad_offset`: no Upload-Offset, or not a whole number; `incomplete_body`: the connection "
+             "closed (the bytes that arrived are kept); when the last byte is in, `hash_mismatch` or "
+             "`bad_image` (the upload is dropped).",
+        404: "`upload_not_found`: expired, finished long ago, abandoned, or another token's.",
+        409: "`offset_mismatch`: Upload-Offset is not the offset the server holds (`detail`: `offset`, "
+             "`length`).",
+        413: "`too_large`: the chunk passes the declared length or `chunk_max` (`detail`); "
+             "`storage_quota` when the image is stored.",
+        415: "`unsupported_media_type`: when the last byte is in, as for PUT /v1/images."},
+    ("/v1/uploads/{upload_id}", "head"): {404: "Not open for this token (no body: HEAD)."},
+    ("/v1/uploads/{upload_id}", "get"): {404: "`upload_not_found`."},
+    ("/v1/uploads/{upload_id}", "delete"): {404: "`upload_not_found`."},
     ("/v1/jobs", "post"): {
         400: "`bad_json`: not JSON, not UTF-8, NaN/Infinity, a number outside ±2^53 or ±1.8e308, "
              "a lone surrogate, a name twice in one object, nesting deeper than 64.",
@@ -207,6 +257,25 @@ SUCCESS: dict[tuple[str, str], dict[int, dict[str, Any]]] = {
                                                     "X-Image-Height": {"schema": {"type": "string"}}},
                                         "content": {PNG: {"schema": {"type": "string", "format": "binary"}},
                                                     RGBA: {"schema": {"type": "string", "format": "binary"}}}}},
+    ("/v1/uploads", "post"): {
+        201: {"description": "Opened: send the chunks to /v1/uploads/{id} (Location).",
+              "headers": {"Location": {"schema": {"type": "string"}}},
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}},
+        200: {"description": "This token's open upload of the same image (go on at its offset).",
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}}},
+    ("/v1/uploads/{upload_id}", "put"): {
+        200: {"description": "The chunk is in (`complete` false), or the image was stored already.",
+              "headers": {"Upload-Offset": {"schema": {"type": "string", "pattern": OFFSET_PATTERN}}},
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}},
+        201: {"description": "The last chunk: the image is stored (`complete` true, `sha`, `width`, `height`).",
+              "headers": {"Upload-Offset": {"schema": {"type": "string", "pattern": OFFSET_PATTERN}}},
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}}},
+    ("/v1/uploads/{upload_id}", "head"): {200: {"description": "Open.", "headers": {
+        "Upload-Offset": {"schema": {"type": "string", "pattern": OFFSET_PATTERN}},
+        "Upload-Length": {"schema": {"type": "string", "pattern": OFFSET_PATTERN}}}}},
+    ("/v1/uploads/{upload_id}", "get"): {200: {"description": "The upload's offset and state.", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Upload"}}}}},
+    ("/v1/uploads/{upload_id}", "delete"): {204: {"description": "Abandoned: the bytes received are removed."}},
     ("/v1/jobs", "post"): {202: {"description": "Queued.", "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/JobSubmitted"}}}}},
     ("/v1/jobs", "get"): {200: {"description": "The caller's jobs the server remembers, oldest first "
@@ -225,6 +294,9 @@ SUCCESS: dict[tuple[str, str], dict[int, dict[str, Any]]] = {
 PATH_PARAMS = {
     "sha": {"name": "sha", "in": "path", "required": True, "description": "The image's id (docs/protocol.md).",
             "schema": {"type": "string", "pattern": SHA_PATTERN}},
+    "upload_id": {"name": "upload_id", "in": "path", "required": True,
+                  "description": "An upload id from POST /v1/uploads.",
+                  "schema": {"type": "string", "pattern": UPLOAD_ID_PATTERN}},
     "job_id": {"name": "job_id", "in": "path", "required": True, "description": "A job id from POST /v1/jobs.",
                "schema": {"type": "string", "pattern": JOB_ID_PATTERN}},
 }
@@ -323,7 +395,16 @@ def build(base: dict[str, Any], methods: list) -> dict[str, Any]:
         images["get"]["parameters"] = [PATH_PARAMS["sha"], {
             "name": "format", "in": "query", "required": False,
             "schema": {"type": "string", "enum": ["png", "rgba"], "default": "png"}}]
-    for path, schema in (("/v1/jobs", "JobRequest"), ("/v1/downloads", "DownloadRequest")):
+    chunk = doc["paths"].get("/v1/uploads/{upload_id}", {})
+    if "put" in chunk:
+        chunk["put"]["requestBody"] = {"required": True, "content": {
+            CHUNK: {"schema": {"type": "string", "format": "binary"}}}}
+        chunk["put"]["parameters"] = [PATH_PARAMS["upload_id"], {
+            "name": "Upload-Offset", "in": "header", "required": True,
+            "description": "Where the chunk's first byte goes in the body: the offset the server holds.",
+            "schema": {"type": "string", "pattern": OFFSET_PATTERN}}]
+    for path, schema in (("/v1/jobs", "JobRequest"), ("/v1/downloads", "DownloadRequest"),
+                         ("/v1/uploads", "UploadRequest")):
         if "post" in doc["paths"].get(path, {}):
             doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}

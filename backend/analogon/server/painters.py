@@ -313,10 +313,12 @@ class Claims:
                     total += size
             return total
 
-    def make_room(self, owner: str, need: int, limit: int, pinned: Callable[[], set[str]]) -> None:
+    def make_room(self, owner: str, need: int, limit: int, pinned: Callable[[], set[str]],
+                  reserved: int = 0) -> None:
         """Release ``owner``'s old claims until ``need`` more bytes fit under ``limit``; raise
-        ``413 storage_quota`` when they cannot."""
-        have = self.stored_bytes(owner)
+        ``413 storage_quota`` when they cannot. ``reserved``: bytes already promised to the
+        owner's open resumable uploads (server.uploads), counted as stored."""
+        have = self.stored_bytes(owner) + reserved
         if have + need <= limit:
             return
         keep = pinned()
@@ -344,6 +346,8 @@ class Claims:
                 "storage_quota",
                 f"This upload ({need / MiB:.1f} MiB) would pass your limit of {limit / MiB:.1f} MiB of images "
                 f"on this server: you keep {have / MiB:.1f} MiB that your queued or running jobs need or that "
-                f"you used in the last {self.keep_s / 60:g} minutes. Wait for your jobs to finish, use a "
-                "smaller region, or ask the server's owner for a higher limit.",
+                f"you used in the last {self.keep_s / 60:g} minutes"
+                + (f" (with {reserved / MiB:.1f} MiB of unfinished uploads)" if reserved else "")
+                + ". Wait for your jobs to finish, use a smaller region, or ask the server's owner for a "
+                "higher limit.",
                 {"stored_bytes": have, "upload_bytes": need, "max_stored_bytes": limit}, status=413)
