@@ -19,6 +19,9 @@ from .qt import (
 
 RGBA_CONTENT_TYPE = "application/x-analogon-rgba"
 DEFAULT_TIMEOUT_MS = 15_000
+MiB = 1024 * 1024
+RESUMABLE_MIN_BYTES = 8 * MiB  # to a backend on another machine, bodies this large go in chunks
+CHUNK_BYTES = 4 * MiB  # (uploads.py)
 
 
 class ApiError(Exception):
@@ -179,7 +182,8 @@ class Client(QObject):
     certificate that no authority vouches for is accepted only when it is exactly that one;
     otherwise the handshake fails before anything is sent, and ``tls_problem`` says what was
     presented (the request's error is ``certificate_unknown`` or ``certificate_changed``).
-    ``remote``: a backend on another machine (its messages name the Connection settings)."""
+    ``remote``: a backend on another machine (its messages name the Connection settings, and
+    large images go to it in resumable chunks: :meth:`upload_image`)."""
 
     def __init__(self, base_url: str, token: str | None = None, parent: QObject | None = None,
                  timeout_ms: int = DEFAULT_TIMEOUT_MS, pinned: Callable[[], str] | None = None,
@@ -191,6 +195,10 @@ class Client(QObject):
         self.pinned = pinned
         self.remote = remote
         self.tls_problem: dict[str, Any] | None = None
+        # resumable uploads (uploads.py): None until the backend is asked; False: it has none
+        self.resumable: bool | None = None
+        self.resumable_min_bytes = RESUMABLE_MIN_BYTES
+        self.chunk_bytes = CHUNK_BYTES
         self.nam = QNetworkAccessManager(self)
         self.nam.sslErrors.connect(self._on_ssl_errors)
 
@@ -277,6 +285,15 @@ class Client(QObject):
     def put_image(self, payload: "ImagePayload", callback, timeout_ms: int | None = None) -> Call:
         return self.send("PUT", f"/v1/images/{payload.sha}", payload.body, payload.headers(),
                          callback, timeout_ms)
+
+    def upload_image(self, payload: "ImagePayload", callback, timeout_ms: int | None = None):
+        """Send an image: one PUT, or to a backend on another machine, for a large body, a
+        resumable upload in chunks that goes on after a dropped connection. An
+        :class:`uploads.Upload` (``progress(sent, total)``, ``abort()``); ``callback(Response)``
+        once at the end."""
+        from .uploads import Upload
+
+        return Upload(self, payload, callback, timeout_ms).start()
 
     def get_image_rgba(self, sha: str, callback) -> Call:
         return self.send("GET", f"/v1/images/{sha}?format=rgba", callback=callback, timeout_ms=60_000)
@@ -568,8 +585,9 @@ class JobResult:
 
 
 class JobRunner(QObject):
-    """Runs one job: uploads (skipping images the server has), submits, follows the events,
-    downloads the results. ``cancel()`` works in every phase, uploads included."""
+    """Runs one job: uploads (skipping images the server has; large ones to a backend on
+    another machine in resumable chunks, uploads.py), submits, follows the events, downloads
+    the results. ``cancel()`` works in every phase, uploads included."""
 
     stage = pyqtSignal(str)
     progress = pyqtSignal(str, int, int)  # stage, step, total (-1 when unknown)
@@ -622,23 +640,35 @@ class JobRunner(QObject):
         if resp.status != 404 and resp.error is not None:
             return self._fail(resp.error.message)
         self._shown = -1
-        self._call = self.client.put_image(payload, lambda r, p=payload: self._after_put(p, r),
-                                           timeout_ms=self.upload_timeout_ms)
-        self._call.reply.uploadProgress.connect(self._on_upload)  # the body as it goes out
+        self._sent = (0, len(payload.body))
+        self._call = self.client.upload_image(payload, lambda r, p=payload: self._after_put(p, r),
+                                              timeout_ms=self.upload_timeout_ms)
+        self._call.progress.connect(self._on_upload)  # the body as it goes out
+        self._call.retrying.connect(self._on_retrying)
 
     def _on_upload(self, sent: int, total: int):
         """``uploading("uploading image 1 of 3: 2.1 of 8.0 MB", KiB sent, KiB in all)`` (kB
         below a megabyte), at most once per per-mille."""
         if total <= 0 or self.state != "uploading":
             return
+        self._sent = (sent, total)
         permille = sent * 1000 // total
         if permille == self._shown:
             return
         self._shown = permille
-        count = len(self.uploaded) + len(self.skipped) + len(self._pending)
-        index = len(self.uploaded) + len(self.skipped) + 1
-        self.uploading.emit(f"uploading image {index} of {count}: {_amount(sent, total)}",
+        self.uploading.emit(f"{self._image_label()}: {_amount(sent, total)}",
                             -(-sent // 1024), max(1, -(-total // 1024)))
+
+    def _image_label(self) -> str:
+        count = len(self.uploaded) + len(self.skipped) + len(self._pending)
+        return f"uploading image {len(self.uploaded) + len(self.skipped) + 1} of {count}"
+
+    def _on_retrying(self, what: str):
+        """A chunk of a resumable upload did not get through: say so while it waits."""
+        if self.state == "uploading":
+            sent, total = self._sent
+            self._shown = -1
+            self.uploading.emit(f"{self._image_label()}: {what}", -(-sent // 1024), max(1, -(-total // 1024)))
 
     def _after_put(self, payload: ImagePayload, resp: Response):
         self._call = None
