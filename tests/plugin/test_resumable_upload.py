@@ -178,6 +178,17 @@ def test_a_large_image_to_a_remote_backend_goes_in_chunks(server, proxy):
     assert len(progress) >= 4  # from 0 to the end, chunk by chunk
     assert stored(server, payload.sha) == data
     assert open_uploads(server) == []
+    # compressed raw and PNG go in chunks too, and are stored as a single PUT stores them
+    noisy = pixels(10)
+    for fmt in ("deflate", "png"):
+        p = ImagePayload.from_rgba(noisy, W, H, fmt)
+        assert len(p.body) >= c.resumable_min_bytes  # noise: nothing to compress
+        u, resp, _ = upload(c, p)
+        assert resp.ok, resp.error
+        assert u.mode == "resumable" and u.chunks == 3 and resp.json()["sha"] == p.sha
+        assert stored(server, p.sha) == noisy
+        assert server.app.state.store.get_bytes(p.sha, fmt if fmt == "png" else "rgba")[0] == (
+            p.body if fmt == "png" else noisy)
     # the same size to a backend on this computer, and a small image to a remote one: one PUT
     for client, rgba, w, h in ((Client(proxy.url, server.token), pixels(2), W, H),
                                (c, pixels(3, 64, 64), 64, 64)):
@@ -185,7 +196,7 @@ def test_a_large_image_to_a_remote_backend_goes_in_chunks(server, proxy):
         u, resp, _ = upload(client, p)
         assert resp.ok and u.mode == "single"
         assert proxy.requests().count(("PUT", f"/v1/images/{p.sha}")) == 1
-        assert proxy.requests().count(("POST", "/v1/uploads")) == 1  # the large one's, only
+        assert proxy.requests().count(("POST", "/v1/uploads")) == 3  # the large ones', only
         assert stored(server, p.sha) == rgba
         client.deleteLater()
 
