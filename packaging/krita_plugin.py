@@ -123,12 +123,16 @@ def build_zip(out: Path, wheel: Path | None = None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        # Krita's importer looks for the folder entries themselves ("analogon_krita/").
+        # Krita's importer looks for the folder entries themselves ("analogon_krita/"); the
+        # package's sub-packages (ui/, document/, link/, install/) and icons/ get theirs too.
+        files = _package_files()
+        folders = sorted({Path(rel).parent.as_posix() for _, rel in files} - {"."})
         z.writestr(zipfile.ZipInfo(f"{NAME}/"), b"")
-        z.writestr(zipfile.ZipInfo(f"{NAME}/icons/"), b"")
+        for folder in folders:
+            z.writestr(zipfile.ZipInfo(f"{NAME}/{folder}/"), b"")
         z.write(DESKTOP, f"{NAME}.desktop")
         z.write(ACTION, f"{NAME}.action")
-        for src, rel in _package_files():
+        for src, rel in files:
             z.write(src, f"{NAME}/{rel}")
         z.writestr(f"{NAME}/manual.html", manual_html())
         if wheel is not None:

@@ -1,8 +1,8 @@
 """The panel's brain, without widgets: observable state plus the work (read layers, run jobs,
 insert results, variants, history, sequences). The link to the backend (where it is, starting
-it, what it offers) is its own room, :mod:`connection`; history is :mod:`session`; which layers
-play which role by default is :mod:`roles`; which variant a result group shows is
-:mod:`variants`.
+it, what it offers) is :mod:`link.connection`; history is :mod:`document.session`; which
+layers play which role by default is :mod:`document.roles`; which variant a result group shows
+is :mod:`document.variants`.
 
 The docker binds widgets to this object; the tests drive it directly, in a fake Krita and in
 the real one.
@@ -13,22 +13,23 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import backend_options, models_ui, remote
-from . import document as kdoc
-from . import imaging
-from . import roles as roles_mod
-from .canvas_preview import CanvasPreview
-from .backend_process import ServerInfo
-from .client import ImagePayload, ImageRef, JobResult, JobRunner, JobSpec
-from .connection import Connection
-from .document import AdapterError, Rect
-from .map_visibility import MapHider
-from .forms import Field, FormError, coerce_all, fields_from_schema
+from .document import document as kdoc
+from .document import imaging
+from .document import roles as roles_mod
+from .document.canvas_preview import CanvasPreview
+from .document.document import AdapterError, Rect
+from .document.map_visibility import MapHider
+from .document.roles import SELECTION
+from .document.session import Pass, Session
+from .document.variants import Variant, VariantResult, follow_name, shown
+from .link import backend_options, remote
+from .link.backend_process import ServerInfo
+from .link.client import ImagePayload, ImageRef, JobResult, JobRunner, JobSpec
+from .link.connection import Connection
 from .qt import QObject, pyqtSignal
-from .roles import SELECTION
-from .session import Pass, Session
 from .settings import Settings
-from .variants import Variant, VariantResult, follow_name, shown
+from .ui import models_ui
+from .ui.forms import Field, FormError, coerce_all, fields_from_schema
 
 MAX_SEED = 2**31 - 1
 
@@ -130,7 +131,7 @@ class Controller(QObject):
         self.last_result_had_layer = False  # whether the backend sent a result layer
         self._cancelling = False
 
-    # == connection (the link to the backend: connection.py) ==================================
+    # == connection (the link to the backend: link/connection.py) =============================
     def _on_methods_loaded(self):
         ids = [m["id"] for m in self.methods]
         if self.method_id not in ids:
@@ -548,7 +549,8 @@ class Controller(QObject):
 
     def _generate_connected(self, ok: bool, method_id: str | None) -> bool:
         if not ok:
-            from . import installer, lead  # what is missing and what to press (lead.py)
+            from .install import installer  # what is missing and what to press (ui/lead.py)
+            from .ui import lead
 
             self.set_error(lead.refusal(lead.facts(self.link, installer.shared())))
             self.finished.emit("error")

@@ -8,7 +8,7 @@ def register():
     import krita
 
     from .controller import Controller
-    from .panel import make_docker_class
+    from .ui.panel import make_docker_class
     from .qt import scoped_enum
 
     app = krita.Krita.instance()

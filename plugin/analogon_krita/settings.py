@@ -11,7 +11,7 @@ DEFAULTS = {
     "backend_url": "",  # empty: the url in server.json, else http://127.0.0.1:7871
     "state_dir": "",  # where an external backend writes server.json (empty: the default)
     "autostart": "false",
-    # a backend on another machine (remote.py): the address, the painter's token, and the TLS
+    # a backend on another machine (link/remote.py): the address, the painter's token, and the TLS
     # certificate trusted for each address (JSON: {"https://host:port": "AB:CD:..."})
     "connection": "local",  # or "remote"
     "remote_url": "",

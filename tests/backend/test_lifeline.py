@@ -277,7 +277,7 @@ def test_a_backend_stuck_in_a_c_call_that_holds_the_gil_ends_with_krita(tmp_path
 def test_the_windows_job_limits_have_the_layout_of_winnt_h():
     """The plugin's kill-on-close job (Windows only) passes JOBOBJECT_EXTENDED_LIMIT_INFORMATION;
     its layout is checked here against winnt.h's size (144 bytes on 64 bits, 112 on 32)."""
-    code = ("import ctypes, sys; from analogon_krita import backend_process as bp; "
+    code = ("import ctypes, sys; from analogon_krita.link import backend_process as bp; "
             "print(ctypes.sizeof(bp._job_limit_struct()), ctypes.sizeof(ctypes.c_void_p), "
             "bp.kill_on_close_job(12345) if sys.platform != 'win32' else None)")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"), ANALOGON_QT_API="pyqt6",

@@ -14,7 +14,7 @@ def main(*a):
 
 def run():
     from krita import Krita, Selection
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
     app = Krita.instance()
     W, H = 4000, 3000
     for depth in ("U8", "U16"):

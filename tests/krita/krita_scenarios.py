@@ -83,8 +83,8 @@ def _alpha_stats(node, rect):
 
 @_scenario("adapter")
 def adapter(entry, app):
-    from analogon_krita import document as kd
-    from analogon_krita.document import Rect
+    from analogon_krita.document import document as kd
+    from analogon_krita.document.document import Rect
 
     doc = _doc(app, 32, 16)
     node = _layer(doc, "L", (10, 20, 30, 255), 0, 0, 32, 16)
@@ -164,7 +164,7 @@ def backend_down(entry, app, controller_cls):
 def live(entry, app, controller_cls):
     from krita import Selection
 
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     c = controller_cls(app=app)
     c.settings.set("backend_command", os.environ["ANALOGON_BACKEND_COMMAND"])
@@ -317,7 +317,7 @@ def _colour(rgba, depth):
 def _pass_on(c, doc, method, photo, rect):
     """Set up a pass of ``method`` on ``photo`` (no exemplars) with a new edit map painted
     white over ``rect`` = (x, y, w, h); returns the map."""
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     doc.setActiveNode(photo)
     c.set_document(doc)
@@ -334,7 +334,7 @@ def _pass_on(c, doc, method, photo, rect):
 def _exact_case(app, c, method, case, run):
     """A pass whose edit map is white in a square and black elsewhere: the composite
     (what the painter sees) is byte-identical outside the square, and changes inside."""
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     depth = "U16" if case == "sixteen_bit" else "U8"
     w, h = 64, 48
@@ -447,7 +447,7 @@ def _appearance_object_layers(app, c, run):
     """Appearance from an object on its own layer to another object on its own layer, over an
     opaque background: the result is an object too (transparent around it), so the composite
     changes only where the structure's object is."""
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     w, h = 96, 64
     made = _appearance_doc(app, c, w, h)
@@ -597,7 +597,7 @@ def sweep(*args):
     (as the docker does) and the report says which private folders are left."""
     import tempfile
 
-    from analogon_krita import backend_process as bp
+    from analogon_krita.link import backend_process as bp
 
     bp.BackendProcess()
     left = sorted(str(p) for p in __import__("pathlib").Path(tempfile.gettempdir()).glob(bp.STATE_PREFIX + "*"))
@@ -645,8 +645,9 @@ def _memory(setup):
 def _install(entry, c, setup):
     """Through the docker: its lead offers Install backend, which opens the install window;
     Install there; a good install starts the backend."""
-    from analogon_krita import backend_process, installer as inst
-    from analogon_krita.panel import AnalogonPanel
+    from analogon_krita.install import installer as inst
+    from analogon_krita.link import backend_process
+    from analogon_krita.ui.panel import AnalogonPanel
 
     panel = AnalogonPanel(c, installer=setup.installer)
     entry["lead_before"] = panel.status_label.text()
@@ -706,7 +707,7 @@ def _start(entry, c, setup):
 
 @_scenario("models")
 def _models(entry, app, c):
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     comfy = os.environ["ANALOGON_TEST_COMFY"]
     entry["chosen"] = c.model  # what the docker picked for PIXELS with no choice remembered
@@ -788,10 +789,10 @@ def setup(*args):
         from krita import Krita
 
         from analogon_krita import qt
-        from analogon_krita.backend_setup import BackendSetup
         from analogon_krita.controller import Controller
-        from analogon_krita import installer as installer_mod
-        from analogon_krita.installer import Installer
+        from analogon_krita.install import installer as installer_mod
+        from analogon_krita.install.installer import Installer
+        from analogon_krita.ui.backend_setup import BackendSetup
 
         app = Krita.instance()
         REPORT["krita_version"] = str(app.version())

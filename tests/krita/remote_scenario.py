@@ -44,9 +44,11 @@ def _alpha(node, x, y, w, h):
 def _run(report):
     from krita import Krita
 
-    from analogon_krita import document as kd
-    from analogon_krita import lead, qt, remote
+    from analogon_krita import qt
     from analogon_krita.controller import Controller
+    from analogon_krita.document import document as kd
+    from analogon_krita.link import remote
+    from analogon_krita.ui import lead
 
     app = Krita.instance()
     report["krita_version"] = str(app.version())

@@ -437,7 +437,7 @@ def fresh(request, tmp_path_factory):
 
 
 def test_fresh_krita_installs_the_backend_from_the_release_zip(fresh):
-    from analogon_krita import installer
+    from analogon_krita.install import installer
 
     if fresh["krita"].major == 6 and REAL_INSTALL:
         s = scenario(fresh, "install")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import analogon_command, wait_until
 
-from analogon_krita import backend_process as bp
 from analogon_krita.controller import Controller
-from analogon_krita.panel import AnalogonPanel
+from analogon_krita.link import backend_process as bp
+from analogon_krita.ui.panel import AnalogonPanel
 
 TQDM = "".join(f"\rdenoise:  {k * 10}%|{'#' * k}{' ' * (10 - k)}| {k}/10 [00:0{k}<00:01, 7.1it/s]"
                for k in range(11))

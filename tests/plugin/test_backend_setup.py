@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from analogon_krita import backend_options
-from analogon_krita.backend_setup import BackendSetup
 from analogon_krita.controller import Controller
-from analogon_krita.installer import Installer
+from analogon_krita.install.installer import Installer
+from analogon_krita.link import backend_options
+from analogon_krita.ui.backend_setup import BackendSetup
 from conftest import ROOT, wait_until
 
 sys.path.insert(0, str(ROOT / "tests" / "backend"))
@@ -137,7 +137,7 @@ def test_get_a_model_from_the_docker(kapp, tmp_path, monkeypatch):
 def test_the_download_bar_never_goes_back_when_the_checksum_starts(kapp, tmp_path):
     """Downloading fills the bar to 95 %, checking the SHA-256 the rest: the bytes counter
     starts again for the check, the bar does not."""
-    from analogon_krita.client import Response
+    from analogon_krita.link.client import Response
 
     w = BackendSetup(Controller(app=kapp), Installer(venv=tmp_path / "venv"))
     w._download_id = "d1"
@@ -181,8 +181,8 @@ def test_the_install_pane_shows_this_run_its_steps_and_follows_the_log(kapp, tmp
 
 
 def test_the_catalogue_marks_a_checkpoint_already_on_disk(kapp, tmp_path):
-    from analogon_krita.backend_setup import on_disk, verdict, verifiable
-    from analogon_krita.client import Response
+    from analogon_krita.link.client import Response
+    from analogon_krita.ui.backend_setup import on_disk, verdict, verifiable
 
     entry = {"id": "sd15", "title": "Stable Diffusion 1.5", "repo_id": "r/sd15", "filename": "v1-5-pruned-emaonly.safetensors",
              "methods": ["dia"], "size_bytes": 4_265_380_512}

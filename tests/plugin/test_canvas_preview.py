@@ -13,9 +13,9 @@ from PyQt6.QtCore import QObject, QTimer, pyqtSignal
 from PyQt6.QtGui import QImage
 
 import analogon_krita.controller as controller_mod
-from analogon_krita import document as kd
-from analogon_krita.client import JobResult
 from analogon_krita.controller import Controller
+from analogon_krita.document import document as kd
+from analogon_krita.link.client import JobResult
 
 W, H = 32, 24
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import process_events, wait_until
 from PyQt6.QtCore import QTimer
 
-from analogon_krita.client import (
+from analogon_krita.link.client import (
     Client, EventStream, ImagePayload, ImageRef, JobRunner, JobSpec, SseParser, raw_image_id, sha256_hex,
 )
 

@@ -10,9 +10,9 @@ import schemas
 from conftest import wait_until
 from fake_krita import Selection
 
-from analogon_krita import document as kd
 from analogon_krita.controller import SELECTION, Controller
-from analogon_krita.document import Rect
+from analogon_krita.document import document as kd
+from analogon_krita.document.document import Rect
 
 
 def make_doc(kapp, w=64, h=64):

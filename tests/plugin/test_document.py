@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fake_krita import Selection
 
-from analogon_krita import document as kd
-from analogon_krita import imaging
-from analogon_krita.document import AdapterError, Rect
+from analogon_krita.document import document as kd
+from analogon_krita.document import imaging
+from analogon_krita.document.document import AdapterError, Rect
 
 
 def new_doc(kapp, w=32, h=24, model="RGBA", depth="U8"):

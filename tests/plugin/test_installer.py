@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from analogon_krita import installer
-from analogon_krita.installer import Installer, Meter, Step, detect_variant, lock_without_torch, plan
+from analogon_krita.install import installer
+from analogon_krita.install.installer import Installer, Meter, Step, detect_variant, lock_without_torch, plan
 from conftest import ROOT, wait_until
 from local_index import LocalIndex, make_wheel
 
@@ -243,7 +243,7 @@ def test_install_with_uv_pypi_torch_when_the_pytorch_index_is_unreachable(kapp, 
     logfile = (tmp_path / "data" / "install.log").read_text()
     assert "Using CPython" in logfile and "could not be reached" in logfile
     assert wait_until(lambda: not (tmp_path / "data" / "uv-cache").exists(), 10)  # its downloads go
-    from analogon_krita import backend_process
+    from analogon_krita.link import backend_process
 
     assert backend_process.default_command() == str(venv / "bin" / "analogon")
     # Update: the recorded build (cpu), although this machine now "detects" CUDA

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from analogon_krita import lead
-from analogon_krita.lead import INSTALL, PROGRESS, START, STOP, Facts, decide, refusal
+from analogon_krita.ui import lead
+from analogon_krita.ui.lead import INSTALL, PROGRESS, START, STOP, Facts, decide, refusal
 
 REFUSED = "The Analogon backend is not running at http://127.0.0.1:7871 (connection refused)."
 FOUND = "/home/p/.local/share/analogon/venv/bin/analogon"
@@ -146,7 +146,7 @@ def test_start_with_nothing_installed_says_install_not_command(kapp, bare):
 
 def test_facts_of_a_link_and_an_installer(kapp, bare):
     from analogon_krita.controller import Controller
-    from analogon_krita.installer import Installer
+    from analogon_krita.install.installer import Installer
 
     wheel = bare / "analogon-0.4.0-py3-none-any.whl"
     wheel.write_bytes(b"")

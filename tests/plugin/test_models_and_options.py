@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analogon_krita import backend_options, models_ui
 from analogon_krita.controller import Controller
+from analogon_krita.link import backend_options
+from analogon_krita.ui import models_ui
 from conftest import wait_until
 
 import schemas
@@ -109,7 +110,7 @@ def test_the_choice_is_remembered_per_method(kapp):
 
 
 def test_the_panel_shows_the_models_and_the_hint(kapp, listing):
-    from analogon_krita.panel import AnalogonPanel
+    from analogon_krita.ui.panel import AnalogonPanel
 
     c = Controller(app=kapp)
     c.methods = [dict(m) for m in schemas.METHODS]
@@ -165,7 +166,7 @@ def test_why_the_sd1_checkpoint_was_chosen(kapp, listing):
 def test_switching_the_method_applies_its_recommendation(kapp, listing):
     """No model remembered for a method: switching to it takes the backend's recommendation
     for it (on this machine), not the previous method's model."""
-    from analogon_krita.panel import AnalogonPanel
+    from analogon_krita.ui.panel import AnalogonPanel
 
     c = Controller(app=kapp)
     c.methods = [dict(m) for m in schemas.METHODS]

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 IMPORTER = Path("/usr/share/krita/pykrita/plugin_importer/plugin_importer.py")
+ROOMS = ("ui", "document", "link", "install")  # the plugin's sub-packages (docs/plugin.md, "Layout")
 
 
 def load(name, path):
@@ -30,6 +31,10 @@ def test_zip_layout(pk, tmp_path):
     assert "analogon_krita/" in names and "analogon_krita/__init__.py" in names
     assert "analogon_krita.desktop" in names and "analogon_krita.action" in names
     assert "analogon_krita/icons/analogon.svg" in names and "analogon_krita/manual.html" in names
+    # the plugin's rooms (sub-packages), each with its folder entry and its __init__.py
+    for room in ROOMS:
+        assert f"analogon_krita/{room}/" in names and f"analogon_krita/{room}/__init__.py" in names
+    assert "analogon_krita/ui/panel.py" in names and "analogon_krita/install/installer.py" in names
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
     desktop = zipfile.ZipFile(z).read("analogon_krita.desktop").decode()
     assert "X-KDE-Library=analogon_krita" in desktop and "ServiceTypes=Krita/PythonPlugin" in desktop
@@ -44,6 +49,9 @@ def test_krita_importer_accepts_the_zip(pk, tmp_path):
     imported = importer.PluginImporter(str(z), str(res), lambda plugin: True).import_all()
     assert [p["name"] for p in imported] == ["analogon_krita"]
     assert (res / "pykrita" / "analogon_krita" / "controller.py").exists()
+    for room in ROOMS:
+        assert (res / "pykrita" / "analogon_krita" / room / "__init__.py").exists()
+    assert (res / "pykrita" / "analogon_krita" / "document" / "document.py").exists()
     assert (res / "pykrita" / "analogon_krita.desktop").exists()
     assert (res / "actions" / "analogon_krita.action").exists()
 
@@ -53,7 +61,8 @@ def test_install_into_a_profile_and_enable(pk, tmp_path):
     kritarc.parent.mkdir()
     kritarc.write_text("[General]\nfoo=1\n\n[python]\nenable_other=true\nenable_analogon_krita=false\n\n[X]\ny=2\n")
     dest = pk.install(tmp_path / "res", tmp_path / "config")
-    assert (dest / "panel.py").exists() and (dest / "icons" / "generate.svg").exists()
+    assert (dest / "ui" / "panel.py").exists() and (dest / "icons" / "generate.svg").exists()
+    assert all((dest / room / "__init__.py").exists() for room in ROOMS)
     assert (tmp_path / "res" / "pykrita" / "analogon_krita.desktop").exists()
     text = kritarc.read_text()
     assert "enable_analogon_krita=true" in text and "enable_analogon_krita=false" not in text
@@ -136,7 +145,7 @@ def test_krita_importer_extracts_the_wheel(release, tmp_path):
     assert [p["name"] for p in imported] == ["analogon_krita"]
     bundled = res / "pykrita" / "analogon_krita" / "backend" / wheel.name
     assert bundled.read_bytes() == wheel.read_bytes()
-    from analogon_krita import installer
+    from analogon_krita.install import installer
 
     assert installer.bundled_wheel(res / "pykrita" / "analogon_krita") == bundled
 

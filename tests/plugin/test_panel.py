@@ -6,9 +6,9 @@ import schemas
 from PyQt6 import QtWidgets
 
 from analogon_krita.controller import Controller, Pass
-from analogon_krita.forms import FormError, coerce, coerce_all, fields_from_schema
-from analogon_krita.panel import AnalogonPanel, make_docker_class
-from analogon_krita.widgets import ParamForm
+from analogon_krita.ui.forms import FormError, coerce, coerce_all, fields_from_schema
+from analogon_krita.ui.panel import AnalogonPanel, make_docker_class
+from analogon_krita.ui.widgets import ParamForm
 
 
 def by_name(fields):
@@ -165,7 +165,7 @@ def test_docker_registration_and_canvas_following(kapp):
 def bare(monkeypatch, tmp_path):
     """A fresh profile on a computer with no backend anywhere the docker looks, and a plugin
     that carries the backend wheel (the release zip)."""
-    from analogon_krita.installer import Installer
+    from analogon_krita.install.installer import Installer
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ANALOGON_DATA_DIR", str(tmp_path / "data"))
@@ -252,7 +252,7 @@ def test_an_install_in_progress_shows_in_the_docker(kapp, bare):
 
 
 def test_settings_keep_the_developer_fields_under_advanced(kapp, bare):
-    from analogon_krita.backend_setup import ADVANCED, SettingsDialog
+    from analogon_krita.ui.backend_setup import ADVANCED, SettingsDialog
 
     c = offline(kapp)
     dlg = SettingsDialog(c, installer=bare)

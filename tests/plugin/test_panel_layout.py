@@ -12,8 +12,8 @@ from PyQt6 import QtWidgets
 from PyQt6.QtCore import QPoint, QRect
 
 from analogon_krita.controller import Controller
-from analogon_krita.forms import TOOLTIP_WIDTH, wrap_tooltip
-from analogon_krita.panel import AnalogonPanel
+from analogon_krita.ui.forms import TOOLTIP_WIDTH, wrap_tooltip
+from analogon_krita.ui.panel import AnalogonPanel
 
 DOCKED = (262, 228)  # the measure of a docked docker
 DOCKED_SMALL = (262, 140)  # its contents in Krita 5.1 under Xvfb, a 1066 × 693 window
@@ -239,7 +239,7 @@ def test_form_variants_and_history_show_without_scrolling(kapp, methods, size):
     from PyQt6.QtGui import QImage
 
     from analogon_krita.controller import Pass
-    from analogon_krita.variants import Variant
+    from analogon_krita.document.variants import Variant
 
     c, panel = panel_for(kapp, methods, "pixels", size)
     try:

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 
-from analogon_krita import backend_process as bp
+from analogon_krita.link import backend_process as bp
 
 
 def test_force_kill_without_sigkill(monkeypatch):

@@ -12,14 +12,15 @@ import pytest
 from conftest import wait_until
 
 import tls_backend
-from analogon_krita import backend_process as bp
-from analogon_krita import lead, remote
-from analogon_krita.client import Client, ImagePayload, raw_image_id
 from analogon_krita.controller import Controller
-from analogon_krita.document import Rect
-from analogon_krita.installer import Installer
-from analogon_krita.panel import AnalogonPanel
+from analogon_krita.document.document import Rect
+from analogon_krita.install.installer import Installer
+from analogon_krita.link import backend_process as bp
+from analogon_krita.link import remote
+from analogon_krita.link.client import Client, ImagePayload, raw_image_id
 from analogon_krita.settings import Settings
+from analogon_krita.ui import lead
+from analogon_krita.ui.panel import AnalogonPanel
 
 GROUP = "analogon"
 
@@ -139,7 +140,7 @@ def painted_doc(kapp):
 def test_a_pass_on_the_remote_backend_with_the_painters_token(kapp, server, no_local_start):
     """Generate through the pinned TLS connection: the images go in the measured format, the
     job is alice's on the server, and the result layer appears."""
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     remote_settings(kapp, server.url, server.alice, pin=server.fingerprint)
     c = Controller(app=kapp)
@@ -278,7 +279,7 @@ def test_remote_mode_never_starts_or_installs_a_local_backend(kapp, tmp_path, no
 
 
 def test_the_connection_tab_saves_the_remote_backend_and_forgets_its_certificate(kapp, tmp_path):
-    from analogon_krita.backend_setup import BackendSetup
+    from analogon_krita.ui.backend_setup import BackendSetup
 
     c = Controller(app=kapp)
     remote.pin(c.settings, "https://gpu-box:7871", "AA:BB")

@@ -1,5 +1,5 @@
 """Large images to a backend on another machine go in resumable chunks (docs/protocol.md,
-"Resumable uploads"; plugin/analogon_krita/uploads.py): the real server in this process, on
+"Resumable uploads"; plugin/analogon_krita/link/uploads.py): the real server in this process, on
 127.0.0.1, behind a small proxy (also on 127.0.0.1) that records what the docker sends and can
 cut a connection halfway through a chunk, or every connection that carries one. Nothing
 leaves 127.0.0.1."""
@@ -14,8 +14,8 @@ import time
 import pytest
 from conftest import wait_until
 
-from analogon_krita.client import Client, ImagePayload, ImageRef, JobRunner, JobSpec
-from analogon_krita.uploads import Upload
+from analogon_krita.link.client import Client, ImagePayload, ImageRef, JobRunner, JobSpec
+from analogon_krita.link.uploads import Upload
 
 MiB = 1024 * 1024
 W = H = 1536  # 9.4 MB of raw RGBA: over the 8 MiB from which a remote upload goes in chunks

@@ -13,11 +13,11 @@ from fake_krita import Selection
 from PyQt6.QtCore import QObject, QTimer, pyqtSignal
 
 import analogon_krita.controller as controller_mod
-from analogon_krita import document as kd
-from analogon_krita.client import JobResult
 from analogon_krita.controller import Controller
-from analogon_krita.document import Rect
-from analogon_krita.panel import AnalogonPanel
+from analogon_krita.document import document as kd
+from analogon_krita.document.document import Rect
+from analogon_krita.link.client import JobResult
+from analogon_krita.ui.panel import AnalogonPanel
 
 LABELS = ["\u03bb=0, cfg=7.5", "\u03bb=0.5, cfg=7.5", "\u03bb=1, cfg=7.5", "\u03bb=1.5, cfg=7.5"]
 COLOURS = [(200, 0, 0, 255), (0, 200, 0, 255), (0, 0, 200, 255), (90, 90, 10, 255)]

@@ -291,7 +291,7 @@ def _count_colour(win, rgb, tol=6):
 def _map_pass_and_cancel(app, win, doc, c, w, h, rep, undo, redo):
     """A PIXELS pass through a new edit map (white square, the rest black at the map's
     opacity), then a cancelled one; the canvas read at each moment."""
-    from analogon_krita import document as kd
+    from analogon_krita.document import document as kd
 
     m = rep["map"] = {}
     photo = doc.nodeByName("photo")

@@ -1,14 +1,14 @@
 """The "Analogon" docker: widgets bound to the :class:`Controller` (which does the work)."""
 from __future__ import annotations
 
-from . import installer as inst
+from ..controller import Controller
+from ..document.roles import SELECTION
+from ..install import installer as inst
+from ..link import remote
+from ..qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
 from . import lead as lead_mod
 from . import models_ui
-from . import remote
-from .controller import Controller
 from .forms import fields_from_schema, for_model, wrap_tooltip
-from .qt import QIcon, QPixmap, Qt, QTimer, QtGui, QtWidgets, QUrl
-from .roles import SELECTION
 from .widgets import (LayerPicker, ParamForm, Section, VariantStrip, form_layout, narrow_combo,
                       scroll_area, set_tip, wrapped_label)
 
@@ -19,7 +19,7 @@ def plugin_icon(name: str) -> QIcon:
     """An SVG icon shipped in the package (icons/), or the repository's icons/ folder."""
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the package folder (analogon_krita/)
     for folder in (here / "icons", here.parent.parent / "icons"):
         path = folder / f"{name}.svg"
         if path.exists():

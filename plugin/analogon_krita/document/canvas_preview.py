@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..qt import QTimer, image_rgba_bytes
 from . import document as kdoc
 from .document import Rect
-from .qt import QTimer, image_rgba_bytes
 
 UNDO_TRIES = 5  # Krita drops an Undo press that comes while the image is busy: press again
 UNDO_WAIT_MS = 400  # between checks that the press landed

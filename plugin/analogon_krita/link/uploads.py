@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from ..qt import QObject, QTimer, pyqtSignal
 from .client import ApiError, Response
-from .qt import QObject, QTimer, pyqtSignal
 
 MIN_CHUNK_BYTES = 256 * 1024
 RETRYABLE = ("connection_lost", "timeout", "network_error", "incomplete_body")

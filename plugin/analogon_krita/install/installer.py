@@ -4,8 +4,9 @@
 release's ``backend/uv.json``, unpacked into the data folder), lets it make a virtual
 environment in the user's data folder (:func:`venv_dir`) with a Python of the system's when
 one is suitable, else a Python it downloads (kept in the data folder too), and installs into
-it the backend wheel that came in the release zip (``backend/`` beside this module) with its
-locked dependencies (``backend/requirements/lock.txt``) and the PyTorch build for the machine:
+it the backend wheel that came in the release zip (``backend/`` in the plugin's package folder)
+with its locked dependencies (``backend/requirements/lock.txt``) and the PyTorch build for the
+machine:
 
 | variant | PyTorch from |
 |---|---|
@@ -43,7 +44,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the plugin's package folder (analogon_krita/)
 WHEEL_RE = re.compile(r"^analogon-(?P<version>[^-]+)-py3-none-any\.whl$")
 PYTHON_REQUEST = ">=3.10"  # what `uv venv --python` is asked for
 TORCH_PACKAGES = ("torch", "torchvision")
@@ -112,8 +113,8 @@ def _version_key(version: str) -> tuple:
 
 
 def bundled_wheel(package_dir: Path = HERE) -> Path | None:
-    """The backend wheel that came in the release zip (``backend/`` beside this module), the
-    newest when there are several."""
+    """The backend wheel that came in the release zip (``backend/`` in the plugin's package
+    folder), the newest when there are several."""
     folder = Path(package_dir) / "backend"
     found = [(m.group("version"), p) for p in folder.glob("analogon-*.whl") if (m := WHEEL_RE.match(p.name))]
     if not found:
@@ -411,7 +412,7 @@ class Meter:
 
 # -- running it ------------------------------------------------------------------------------
 
-from .qt import (QNetworkAccessManager, QNetworkReply, QNetworkRequest, QObject, QProcess,  # noqa: E402
+from ..qt import (QNetworkAccessManager, QNetworkReply, QNetworkRequest, QObject, QProcess,  # noqa: E402
                  QProcessEnvironment, QTimer, QUrl, pyqtSignal, to_bytes)
 
 

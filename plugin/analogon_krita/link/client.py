@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .qt import (
+from ..qt import (
     QByteArray, QImage, QNetworkAccessManager, QNetworkReply, QNetworkRequest, QObject,
     QTimer, QUrl, pyqtSignal, qCompress, to_bytes,
 )
@@ -343,7 +343,7 @@ class ImagePayload:
             best.measured = {p.format: len(p.body) for p in made}
             return best
         if fmt == "png":
-            from .qt import image_to_bytes, rgba_image
+            from ..qt import image_to_bytes, rgba_image
 
             return cls(image_to_bytes(rgba_image(rgba, width, height), quality=PNG_QUALITY), width,
                        height, "png")

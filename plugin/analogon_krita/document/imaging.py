@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 
-from .qt import QImage, QPainter, Qt
+from ..qt import QImage, QPainter, Qt
 
 F = QImage.Format
 

@@ -6,7 +6,7 @@ a sentence that names the real cause and the next step, and the one action that 
 (*Install backend*, *Start backend*, *Stop backend*). A painter with nothing installed is
 offered the install, never a command to type; a painter who set a command or an address
 (⚙ ▸ Advanced) is told about them. A painter who chose a backend on another machine (⚙ ▸
-Connection, remote.py) is never offered an install or a start: only *Trust certificate…* on
+Connection, link/remote.py) is never offered an install or a start: only *Trust certificate…* on
 first contact with a self-signed certificate, *Forget the old certificate* when it changed. :func:`refusal` says the same when Generate cannot reach
 a backend. No Qt here: the panel shows a Lead, the tests read it.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INSTALL, START, STOP, PROGRESS = "install", "start", "stop", "progress"
-TRUST, FORGET = "trust", "forget"  # a remote backend's certificate (remote.py)
+TRUST, FORGET = "trust", "forget"  # a remote backend's certificate (link/remote.py)
 
 # the dot's colour per tone
 TONES = {"ok": "#3a9a3a", "busy": "#c08a00", "idle": "#808080", "problem": "#c0392b"}
@@ -139,7 +139,7 @@ def find_command(settings) -> tuple[str | None, bool]:
     configured = settings.get("backend_command").strip()
     if configured:
         return configured, True
-    from .backend_process import default_command
+    from ..link.backend_process import default_command
 
     found = default_command()
     return (None if found == "analogon" else found), False
@@ -148,8 +148,8 @@ def find_command(settings) -> tuple[str | None, bool]:
 def facts(link, installer=None) -> Facts:
     """The facts of a :class:`connection.Connection` (and the installer, when there is one)."""
     command, configured = find_command(link.settings)
-    from . import installer as inst
-    from . import remote
+    from ..install import installer as inst
+    from ..link import remote
 
     wheel = installer.wheel if installer is not None else inst.bundled_wheel()
     far = bool(getattr(link, "remote", False))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from .qt import QCryptographicHash, QObject, Qt, QTimer, QtWidgets, exec_loop, pyqtSignal, to_bytes
+from ..qt import QCryptographicHash, QObject, Qt, QTimer, QtWidgets, exec_loop, pyqtSignal, to_bytes
 
 MODE, URL, TOKEN, PINS = "connection", "remote_url", "remote_token", "pinned_certificates"
 EXAMPLE_URL = "https://gpu-box.studio.lan:7871"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..qt import QIcon, QPixmap, QSize, Qt, QtWidgets, pyqtSignal
 from .forms import Field, wrap_tooltip
-from .qt import QIcon, QPixmap, QSize, Qt, QtWidgets, pyqtSignal
 
 QWidget = QtWidgets.QWidget
 

@@ -1,16 +1,16 @@
 """The settings dialog and its tabs: the backend (install, update, uninstall), the connection
-(this computer's backend or one on another machine: remote.py), memory, models (folders and
-*Get a model*), and Advanced (the developer's and connection fields). The
-install pane is also the docker's install window. The work is done by ``installer``,
-``backend_options`` and the backend's ``/v1/downloads``."""
+(this computer's backend or one on another machine: link/remote.py), memory, models (folders
+and *Get a model*), and Advanced (the developer's and connection fields). The
+install pane is also the docker's install window. The work is done by ``install.installer``,
+``link.backend_options`` and the backend's ``/v1/downloads``."""
 from __future__ import annotations
 
 from typing import Any
 
-from . import backend_options as bo
-from . import installer as inst
-from . import remote
-from .qt import QTimer, QtWidgets
+from ..install import installer as inst
+from ..link import backend_options as bo
+from ..link import remote
+from ..qt import QTimer, QtWidgets
 from .widgets import set_tip
 
 # where each stage of a download (the backend's /v1/downloads) sits on the bar's 0..1000

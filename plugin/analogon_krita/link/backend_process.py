@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .qt import QIODevice, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
+from ..qt import QIODevice, QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
 SERVER_FILE = "server.json"
 OWNER_FILE = "owner.json"  # {krita_pid}: which Krita started the backend of a private folder
@@ -195,7 +195,7 @@ def default_command() -> str:
     """The backend the docker installed (``installer.venv_dir``), else ``analogon`` on PATH,
     else a virtual environment in a usual place, else plain ``analogon`` (the error message
     then says how to set it)."""
-    from .installer import installed_command
+    from ..install.installer import installed_command
 
     mine = installed_command()
     if mine is not None:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .qt import QByteArray, QImage, image_to_bytes
+from ..qt import QByteArray, QImage, image_to_bytes
 
 ANNOTATION = "analogon/history"
 ANNOTATION_TITLE = "Analogon history (passes, parameters, layer ids)"
@@ -52,7 +52,7 @@ class Pass:
         if thumbnails and self.thumbnail is not None and not self.thumbnail.isNull():
             small = self.thumbnail
             if max(small.width(), small.height()) > THUMB_SIZE:
-                from .qt import Qt
+                from ..qt import Qt
 
                 small = small.scaled(THUMB_SIZE, THUMB_SIZE, Qt.AspectRatioMode.KeepAspectRatio,
                                      Qt.TransformationMode.SmoothTransformation)

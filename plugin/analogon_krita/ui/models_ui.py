@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .qt import Qt, QtWidgets
+from ..qt import Qt, QtWidgets
 
 DEMO = "toy-sd"
 

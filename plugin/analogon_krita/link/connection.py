@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..qt import QObject, QTimer, pyqtSignal
 from . import remote
 from .backend_process import (DEFAULT_URL, BackendProcess, ServerInfo, default_state_dir, log_dir,
                               pid_alive, read_server_info)
 from .client import Client, Response
-from .qt import QObject, QTimer, pyqtSignal
 
 
 class Connection(QObject):
@@ -185,7 +185,7 @@ class Connection(QObject):
             return self.connect()
         if self.process.running:
             return self.connect()
-        from .lead import NOT_INSTALLED, find_command
+        from ..ui.lead import NOT_INSTALLED, find_command
 
         if find_command(self.settings)[0] is None:  # nothing to start: never a riddle about commands
             self.set_state("unreachable", f"{NOT_INSTALLED} Press \u201cInstall backend\u201d in the "
