@@ -103,13 +103,6 @@ class UploadSessions:
     def _meta_path(self, upload_id: str) -> Path:
         return self.folder / f"{upload_id}.json"
 
-    @staticmethod
-    def _unlink(path: Path) -> None:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-
     def _load(self) -> None:
         """The sessions a previous run left: each ``<id>.json`` with its ``<id>.part``.
         Anything else in the folder (half a pair, an unreadable ``.json``, a stray file) is
@@ -131,7 +124,7 @@ class UploadSessions:
                 self._sessions[stem] = s
         for name in names:
             if name.partition(".")[0] not in self._sessions:
-                self._unlink(self.folder / name)
+                (self.folder / name).unlink(missing_ok=True)
                 self.removed_at_start += 1
 
     # -- sessions -------------------------------------------------------------------------
@@ -202,16 +195,16 @@ class UploadSessions:
             if self._sessions.get(s.id) is s:
                 del self._sessions[s.id]
         s.writer += 1  # a PUT still writing stops
-        self._unlink(self._meta_path(s.id))
-        self._unlink(self.part(s))
+        self._meta_path(s.id).unlink(missing_ok=True)
+        self.part(s).unlink(missing_ok=True)
 
     def complete(self, s: Session, result: Any) -> None:
         """The image is stored: the files go, the answer stays for ``DONE_KEEP_S``."""
         s.result = result
         s.offset = s.length
         s.used = time.time()
-        self._unlink(self._meta_path(s.id))
-        self._unlink(self.part(s))
+        self._meta_path(s.id).unlink(missing_ok=True)
+        self.part(s).unlink(missing_ok=True)
 
     def reserved(self, owner: str | None, exclude: Session | None = None) -> int:
         """The bytes ``owner``'s open sessions will keep once stored (they count against a
