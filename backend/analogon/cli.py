@@ -665,9 +665,10 @@ def cmd_demo(args) -> int:
     print(f"demo: model {model} ({bundle.family}, {bundle.device}, loaded in {load_s:.2f} s), "
           f"images {size}x{size}, output {out}")
     rows, table = [], []
-    toy_cases = bundle.spec in ("toy-sd", "toy-sd-64")
+    from .models.toy import TOY_FOLDERS, model_world
+
+    toy_cases = bundle.spec in TOY_FOLDERS
     if toy_cases:
-        from .models.toy import model_world
         from .quality import demo_case
     for m in ms:
         # On toy-sd, a scene from the world it was trained on (the quality suite's first case);

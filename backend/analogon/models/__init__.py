@@ -30,11 +30,12 @@ from typing import Any, Callable, Literal
 import torch
 
 from ..errors import ModelError
+from .toy import TOY_FOLDERS
 
 Family = Literal["sd1", "sd2", "sdxl"]
 
 NATIVE_SIZE: dict[str, int] = {"sd1": 512, "sd2": 768, "sdxl": 1024}
-EMBEDDED = ("tiny-sd", "tiny-sdxl", "toy-sd", "toy-sd-64")
+EMBEDDED = ("tiny-sd", "tiny-sdxl", *TOY_FOLDERS)
 DEFAULT_MODEL = "tiny-sd"
 
 
@@ -313,7 +314,7 @@ def load_bundle(spec: str, options: LoadOptions | None = None) -> ModelBundle:
         builder, family = TINY_BUILDERS[spec]
         pipe = builder(torch.float32)
         source, key, variant, prediction = "embedded", spec, family, {}
-    elif spec in ("toy-sd", "toy-sd-64"):
+    elif spec in TOY_FOLDERS:
         from .toy import toy_path
 
         path = toy_path(spec)
@@ -498,7 +499,7 @@ class ModelManager:
         out = []
         for name in EMBEDDED:
             fam = "sdxl" if name == "tiny-sdxl" else "sd1"
-            if name.startswith("toy-sd"):
+            if name in TOY_FOLDERS:
                 from .toy import toy_available
 
                 if not toy_available(name):

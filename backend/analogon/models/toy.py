@@ -81,7 +81,12 @@ def folder_world(folder: str | Path) -> str:
         world = _known_world((_read_json(folder / name) or {}).get("world"))
         if world:
             return world
-    size = (_read_json(folder / "vae" / "config.json") or {}).get("sample_size")
+    return sample_size_world((_read_json(folder / "vae" / "config.json") or {}).get("sample_size"))
+
+
+def sample_size_world(size) -> str:
+    """The toy world whose images a VAE of this ``sample_size`` (an int or a pair) makes:
+    128 is toy128, 64 toy64, anything else toy64."""
     if isinstance(size, (list, tuple)) and size:
         size = size[0]
     return _SAMPLE_SIZE_WORLDS.get(size, DEFAULT_WORLD) if isinstance(size, int) else DEFAULT_WORLD

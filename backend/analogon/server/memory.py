@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import AnalogonError
 from ..memory import device_available, host_available
+from ..models.toy import TOY_FOLDERS
 
 MiB = 1024**2
 GiB = 1024**3
@@ -42,7 +43,7 @@ WEIGHT_BYTES = {"tiny": 16 * MiB, "sd1": int(2.0 * GiB), "sd2": int(2.4 * GiB), 
 FAMILY_TITLES = {"tiny": "tiny", "sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # methods that run several branches at once or train (Difference Inversion's DIFF tokens)
 METHOD_WORK_FACTOR = {"pixels": 1.0, "appearance": 2.0, "dia": 1.0, "difference": 3.0}
-EMBEDDED_TINY = ("tiny-sd", "tiny-sdxl", "toy-sd", "toy-sd-64")
+EMBEDDED_TINY = ("tiny-sd", "tiny-sdxl", *TOY_FOLDERS)
 
 
 @dataclass(frozen=True)

@@ -96,46 +96,44 @@ def img2img(pipe, images: list[np.ndarray], prompts: list[str], seed: int = 0,
 
 def score(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> dict[str, float]:
     """toy64: per scene; toy128: per object (:func:`score_objects`), with the held-out
-    (first) object's shape and colour together as ``shape_and_colour``."""
+    (first) object's shape and colour together as ``shape_and_colour``. Each image is read
+    once."""
     if scenes and world_of(scenes[0]).name != "toy64":
-        out = score_objects(images, scenes)
-        both = [a["objects"][0]["shape"] and a["objects"][0]["colour"]
-                for a in (agreement_all(read(img, world_of(s)), s) for img, s in
-                          zip(images, scenes))]
+        agreements = _agreements(images, scenes)
+        out = _object_scores(agreements)
+        both = [a["objects"][0]["shape"] and a["objects"][0]["colour"] for a in agreements]
         out["shape_and_colour"] = float(np.mean(both)) if both else float("nan")
         return out
-    hits = {k: 0 for k in ATTRS}
-    for img, s in zip(images, scenes):
-        r = read(img)
-        for k in ATTRS:
-            hits[k] += int(r[k] == s[k])
+    reads = [read(img) for img in images]
     n = max(1, len(scenes))
-    out = {k: hits[k] / n for k in ATTRS}
-    out["shape_and_colour"] = sum(
-        int(read(img)["shape"] == s["shape"] and read(img)["colour"] == s["colour"])
-        for img, s in zip(images, scenes)) / n
+    out = {k: sum(int(r[k] == s[k]) for r, s in zip(reads, scenes)) / n for k in ATTRS}
+    out["shape_and_colour"] = sum(int(r["shape"] == s["shape"] and r["colour"] == s["colour"])
+                                  for r, s in zip(reads, scenes)) / n
     return out
 
 
 OBJECT_ATTRS = ("shape", "colour", "size", "texture")
 
 
+def _agreements(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each image read in its scene's world and paired with the scene (reader.agreement_all)."""
+    return [agreement_all(read(img, world_of(s)), s, OBJECT_ATTRS)
+            for img, s in zip(images, scenes)]
+
+
+def _object_scores(agreements: list[dict[str, Any]]) -> dict[str, float]:
+    obj = {k: [o[k] for a in agreements for o in a["objects"]] for k in OBJECT_ATTRS}
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in obj.items()}
+    out.update({k: float(np.mean([a[k] for a in agreements])) if agreements else float("nan")
+                for k in ("background", "backdrop", "count")})
+    out["objects"] = len(obj["shape"])
+    return out
+
+
 def score_objects(images: list[np.ndarray], scenes: list[dict[str, Any]]) -> dict[str, float]:
     """Per-object accuracy (every object of every scene counts once) of each object
     attribute, plus background, backdrop and the object count per scene; for any world."""
-    obj = {k: [] for k in OBJECT_ATTRS}
-    scene_hits = {"background": [], "backdrop": [], "count": []}
-    for img, s in zip(images, scenes):
-        agree = agreement_all(read(img, world_of(s)), s, OBJECT_ATTRS)
-        for o in agree["objects"]:
-            for k in OBJECT_ATTRS:
-                obj[k].append(o[k])
-        for k in scene_hits:
-            scene_hits[k].append(agree[k])
-    out = {k: float(np.mean(v)) if v else float("nan") for k, v in obj.items()}
-    out.update({k: float(np.mean(v)) if v else float("nan") for k, v in scene_hits.items()})
-    out["objects"] = len(obj["shape"])
-    return out
+    return _object_scores(_agreements(images, scenes))
 
 
 def vae_round_trip(vae, scenes: list[dict[str, Any]], batch: int = 8) -> list[np.ndarray]:
@@ -156,10 +154,11 @@ def vae_round_trip(vae, scenes: list[dict[str, Any]], batch: int = 8) -> list[np
 
 
 def model_world_of(pipe) -> str:
-    """The world a loaded toy pipeline draws: toy128 where its VAE makes 128-px images
-    from the 16x16 latent its UNet was built for."""
-    size = int(pipe.unet.config.sample_size) * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return "toy128" if size >= 128 else "toy64"
+    """The world a loaded toy pipeline draws, told by its VAE's sample size as for a folder
+    (:func:`analogon.models.toy.sample_size_world`)."""
+    from ..models.toy import sample_size_world
+
+    return sample_size_world(pipe.vae.config.sample_size)
 
 
 def measure(pipe, n: int = 60, seed: int = 0, steps: int = DEFAULT_STEPS,

@@ -439,10 +439,9 @@ WORD_ORDER = ("size", "colour", "texture", "shape")  # an object's words, as cap
 
 
 def _word_values(world: str) -> dict[str, tuple[str, ...]]:
-    from .world import COLOURS, SHAPES, SIZES, world_of
+    from .world import world_of
 
-    return {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES,
-            "texture": world_of(world).textures}
+    return world_of(world).object_attributes
 
 
 def _words_modules(args, clip) -> dict:
