@@ -154,3 +154,23 @@ def test_set_overrides_reach_the_measured_methods_only(monkeypatch):
     assert qc.METHODS["pixels"].params == {"steps": 2, "strength": 0.5}  # the registry unchanged
     out_rc = main(["--methods", "pixels", "--set", "oops"])
     assert out_rc == 2
+
+
+def test_rows_carry_bootstrap_intervals_of_their_cases():
+    from analogon.quality import _aggregate, interval
+
+    # all alike: no spread; a half-and-half set: an interval around 0.5 inside [0, 1]
+    assert interval([1.0] * 10) == [1.0, 1.0]
+    lo, hi = interval([0.0, 1.0] * 15)
+    assert 0.25 < lo < 0.5 < hi < 0.75
+    assert interval([0.0, 1.0] * 15) == [lo, hi]  # seeded: the same cases, the same interval
+    wide, narrow = interval([0.0, 1.0] * 5), interval([0.0, 1.0] * 50)
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]
+    row = _aggregate([{"change": c, "keep": 1.0} for c in (0.0, 1.0, 1.0, 0.0)])
+    assert row["interval"]["keep"] == [1.0, 1.0] and row["interval"]["change"][0] < 0.5
+    rep = run_quality(methods=["no-such-method"], kinds=["analogy"], n=6, seed=2)
+    table = format_table(rep)
+    # the trivial answers' keep varies from case to case: its interval is printed
+    a_back = next(r for r in rep["rows"] if r["method"] == "A′ returned")
+    assert a_back["interval"]["keep"][0] <= a_back["keep"] <= a_back["interval"]["keep"][1]
+    assert "95% A′ returned" in table and "95% ground truth" not in table

@@ -145,14 +145,32 @@ def score_case(case: Case, result: np.ndarray) -> dict[str, Any]:
     return out
 
 
+INTERVAL_RESAMPLES = 2000
+
+
+def interval(values: list[float], level: float = 0.95) -> list[float]:
+    """The ``level`` percentile-bootstrap interval of the mean of ``values`` (cases
+    resampled with replacement, a fixed generator: the same cases give the same interval)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return [float(v.mean()), float(v.mean())] if len(v) else [float("nan")] * 2
+    rng = np.random.default_rng(0)
+    means = v[rng.integers(0, len(v), (INTERVAL_RESAMPLES, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
     if not scores:
         return {"cases": 0}
     out: dict[str, Any] = {"cases": len(scores)}
+    intervals: dict[str, list[float]] = {}
     for k in ("change", "keep", "adopt", "all", "dist", "outside"):
         vals = [s[k] for s in scores if k in s]
         if vals:
             out[k] = float(np.mean(vals))
+            intervals[k] = interval(vals)
+    out["interval"] = intervals
     # adoption rate of each changed attribute (an appearance case changes two), and how
     # often each kept attribute was kept
     for key in ("change_by", "keep_by"):
@@ -393,6 +411,18 @@ def format_row(row: dict[str, Any]) -> str:
     return " ".join(cells)
 
 
+def format_intervals(rows: list[dict[str, Any]]) -> list[str]:
+    """Each measured row's 95 % bootstrap intervals over its cases, one line per row (rows
+    whose cases all score alike, such as the ground truth, are left out)."""
+    lines = []
+    for r in rows:
+        iv = {k: v for k, v in r.get("interval", {}).items() if v[0] != v[1]}
+        if iv:
+            lines.append(f"{'  95% ' + r['method']:<36s}" + "  ".join(
+                f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in iv.items()))
+    return lines
+
+
 def format_change_by(rows: list[dict[str, Any]]) -> list[str]:
     """The change rate of each attribute, one line per row, for a kind whose cases change
     more than one attribute in all; [] otherwise."""
@@ -417,6 +447,7 @@ def format_table(report: dict[str, Any]) -> str:
     for kind in dict.fromkeys(r["kind"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["kind"] == kind]
         lines += [format_row(r) for r in rows]
+        lines += format_intervals(rows)
         lines += format_change_by(rows)
         lines.append("")
     for n in report.get("notes", []):
