@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analogon.models.toy import TOY_NATIVE_SIZE, toy_available, toy_path
+from analogon.models.toy import toy_available, toy_path
 from analogon.toyworld import evaluate, world
 from analogon.toyworld.reader import read
 
@@ -24,7 +24,7 @@ def toy():
 
 def test_loads_offline_as_sd1_in_fp32(toy):
     assert toy.family == "sd1" and toy.source == "embedded"
-    assert toy.native_size == TOY_NATIVE_SIZE == 64 and toy.vae_scale_factor == 8
+    assert toy.native_size == 64 and toy.vae_scale_factor == 8
     for m in (toy.unet, toy.vae, toy.text_encoder, toy.pipe.image_encoder):
         assert all(p.dtype == torch.float32 for p in m.parameters())
     # decoder self-attention and cross-attention at two resolutions

@@ -130,6 +130,7 @@ def test_release_zip_carries_the_backend_wheel(release, pk):
     assert requires == {str(Requirement(d)) for d in declared}
     wnames = w.namelist()
     assert "analogon/cli.py" in wnames and "analogon/models/toy_sd/model_index.json" in wnames
+    assert "analogon/models/toy_sd_128/model_index.json" in wnames
     assert "analogon/models/configs/sd15/unet/config.json" in wnames
     entry = w.read(f"analogon-{pk.backend_version()}.dist-info/entry_points.txt").decode()
     assert "analogon = analogon.cli:main" in entry

@@ -11,15 +11,13 @@ from pathlib import Path
 
 from ..errors import ModelError
 
-TOY_NATIVE_SIZE = 64
 _ROOT = Path(__file__).parent
 
 # The embedded toy models and their folders in the package. ``toy-sd`` is the model the
 # project measures on and the docker's demo; ``toy-sd-64`` is always the first, 64x64
 # world's model (the fast one the test suite uses where it needs speed, never offered to a
 # painter).
-TOY_FOLDERS = {"toy-sd": "toy_sd", "toy-sd-64": "toy_sd"}
-_HERE = _ROOT / TOY_FOLDERS["toy-sd"]
+TOY_FOLDERS = {"toy-sd": "toy_sd_128", "toy-sd-64": "toy_sd"}
 
 
 def model_dir(world: str) -> Path:
