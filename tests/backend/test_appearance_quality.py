@@ -79,13 +79,18 @@ def test_beats_plain_img2img_on_toy_sd():
     ours, img2img = rows["appearance"], rows["img2img, same prompt"]
     assert not ours.get("errors") and not img2img.get("errors"), report["notes"]
     assert ours["change"] > img2img["change"], (ours, img2img)
-    # measured 0.75 (6 of 8 attributes) against 0.50; the bound leaves one attribute of margin
-    assert ours["change"] >= 0.625, ours
+    # Measured on toy-sd (128 px), these four cases: with automatic masks the colour is taken
+    # in 3 of 4 (texture in none: change 3 of 8), against none for img2img with the same
+    # prompt; the bounds leave one case of margin. (Automatic masks lose the shape in 3 of 4
+    # and the background in 2: docs/benchmarks-appearance.md, the 128-px figures.)
+    assert ours["change"] >= 2 / 8, ours
+    assert ours["change_by"]["colour"] >= 2 / 4, ours
     assert ours["change_by"]["colour"] > img2img["change_by"]["colour"], (ours, img2img)
-    assert ours["keep"] > rows["appearance returned"]["keep"], ours
-    # with the objects' masks, AdaIN matches colour on the object alone and the shape holds:
-    # measured keep 0.917 (11 of 12 attributes) against 0.583 with automatic masks, change 0.625
+    # With the objects' masks, AdaIN matches colour on the object alone and the structure
+    # holds: measured keep 13 of 16 attributes (shape 3 of 4) against 10 of 16 (shape 1 of 4)
+    # with automatic masks and 9 of 16 (shape 0) for the appearance image returned; change 5 of 8.
     masked = rows["appearance, masks given"]
     assert not masked.get("errors"), report["notes"]
-    assert masked["keep"] >= 10 / 12 and masked["keep"] > ours["keep"], (masked, ours)
-    assert masked["change"] >= 0.5, masked
+    assert masked["keep"] >= 12 / 16 and masked["keep"] > ours["keep"], (masked, ours)
+    assert masked["keep_by"]["shape"] >= 2 / 4 > rows["appearance returned"]["keep_by"]["shape"]
+    assert masked["change"] >= 4 / 8, masked
