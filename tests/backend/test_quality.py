@@ -67,9 +67,14 @@ def test_registry_accepts_new_kinds_and_methods(monkeypatch):
         qc.Case(kind="same", name=f"same-{i}", slots={"x": c.slots["b"]}, truth=c.info["b"],
                 changed={}, kept=("shape", "colour"), baselines={"x back": "x"}, target="x")
         for i, c in enumerate(qc.build("analogy", n, seed))])
-    rep = run_quality(methods=["nothing"], kinds=["same"], n=3)
+    # a builder that takes no world= draws toy64 cases: measured there, skipped with a note
+    # in the world of toy-sd (toy128)
+    rep = run_quality(methods=["nothing"], kinds=["same"], n=3, world="toy64")
     row = next(r for r in rep["rows"] if r["method"] == "x back")
     assert row["cases"] == 3 and row["keep"] == 1.0
+    rep = run_quality(methods=["nothing"], kinds=["same"], n=3)
+    assert rep["world"] == "toy128" and not any(r["method"] == "x back" for r in rep["rows"])
+    assert any(n.startswith("same: skipped") and "toy64 cases only" in n for n in rep["notes"])
 
 
 def test_main_writes_json_and_prints_table(tmp_path, capsys):
