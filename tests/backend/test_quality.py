@@ -179,3 +179,22 @@ def test_rows_carry_bootstrap_intervals_of_their_cases():
     a_back = next(r for r in rep["rows"] if r["method"] == "A′ returned")
     assert a_back["interval"]["keep"][0] <= a_back["keep"] <= a_back["interval"]["keep"][1]
     assert "95% A′ returned" in table and "95% ground truth" not in table
+
+
+def test_mask_iou_scores_a_methods_automatic_masks_against_the_objects():
+    from analogon.quality import _aggregate, mask_iou
+
+    truth = np.zeros((8, 8), np.uint8)
+    truth[:4, :4] = 255  # the object: the top-left quarter
+    case = qc.Case(kind="appearance", name="c", slots={"structure_object": truth},
+                   truth={}, changed={}, kept=(), baselines={}, target="structure")
+    exact = {"auto_masks": {"structure": [[1, 0], [0, 0]]}}
+    assert mask_iou(case, exact) == {"structure": 1.0}
+    half = {"auto_masks": {"structure": ["11", "00"]}}  # rows as the methods write them
+    assert mask_iou(case, half) == {"structure": 0.5}
+    # no mask found: the method used the whole image, which the IoU counts as such
+    assert mask_iou(case, {"adain_masks": {"structure": "whole"}}) == {"structure": 0.25}
+    # masks the painter gave, or a role the case has no object for, are not scored
+    assert mask_iou(case, {"adain_masks": {"structure": "user", "appearance": "whole"}}) == {}
+    row = _aggregate([{"mask_iou": {"structure": 1.0}}, {"mask_iou": {"structure": 0.25}}])
+    assert row["mask_iou"] == {"structure": 0.625} and row["mask_iou_half"] == {"structure": 0.5}

@@ -449,6 +449,7 @@ class AppearanceTransfer(Method):
             m_s = map_to_grid(s_mask, (latent_hw[1], latent_hw[0]), device=dev) if s_mask is not None else None
             m_a = map_to_grid(a_mask, (latent_hw[1], latent_hw[0]), device=dev) if a_mask is not None else None
             mask_source = {"structure": s_src, "appearance": a_src}
+            auto_masks: dict[str, list[str]] = {}
             masks_ready = p.adain != "masked" or (m_s is not None and m_a is not None)
             if p.adain == "whole":
                 m_s = m_a = None
@@ -472,6 +473,9 @@ class AppearanceTransfer(Method):
                     for name, cur, got in (("structure", m_s, auto[0]), ("appearance", m_a, auto[1])):
                         if cur is None:
                             mask_source[name] = "auto" if got is not None else "whole"
+                            if got is not None:  # reported: the latent grid, a "0"/"1" string a row
+                                auto_masks[name] = ["".join("1" if v > 0.5 else "0" for v in row)
+                                                    for row in got[0, 0].tolist()]
                             if got is None:
                                 notes.append(f"No object found in the {name} image for the colour "
                                              "matching; used the whole image.")
@@ -537,6 +541,7 @@ class AppearanceTransfer(Method):
             "unet_calls": calls,
             "unet_batch_elements": elements,
             "adain_masks": mask_source if p.adain != "off" else None,
+            **({"auto_masks": auto_masks} if auto_masks else {}),
             "inversion_cached": {"structure": hit_s, "appearance": hit_a},
         }
         if notes:

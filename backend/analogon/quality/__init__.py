@@ -10,6 +10,9 @@ table shows
   exemplar's colour and texture (cases with an edit map: PIXELS' exemplar kinds),
 - dist: mean absolute pixel difference to the ground-truth render (0..1, lower is better),
 - outside: mean absolute difference to the target outside the edit region (exemplar cases),
+- mask IoU (printed under the table): where a method reports the masks it made itself
+  (appearance's automatic AdaIN masks, ``info["auto_masks"]``), their intersection over union
+  with the world's object masks, and the share of cases at 0.5 or more,
 next to baselines that need no model (the target returned unchanged, the example returned)
 and the ground truth itself (the reader's ceiling); under each kind, the change rate of each
 attribute. Methods that are not installed are skipped with a note. Jobs run through the same
@@ -118,6 +121,31 @@ def adopts(case: Case, result: np.ndarray) -> float | None:
     return float(got["colour"] == case.truth["colour"] and got["texture"] == case.truth["texture"])
 
 
+def mask_iou(case: Case, info: dict[str, Any]) -> dict[str, float]:
+    """Intersection over union of each automatic mask a method reports (``info["auto_masks"]``:
+    ``{role: rows of 0/1 on a grid}``, a row a list or a "0"/"1" string, e.g. appearance's AdaIN masks on the latent grid, or the
+    whole image where it found none: ``info["adain_masks"][role] == "whole"``) with the world's
+    object mask in the case's ``<role>_object`` slot; {} when the case has no such slot or the
+    method made no mask."""
+    out: dict[str, float] = {}
+    grids = dict(info.get("auto_masks") or {})
+    for role, source in (info.get("adain_masks") or {}).items():
+        if source == "whole" and role not in grids:
+            grids[role] = [[1]]
+    for role, grid in grids.items():
+        truth = case.slots.get(f"{role}_object")
+        if truth is None:
+            continue
+        t = np.asarray(truth) > 127
+        g = np.array([[c == "1" for c in r] if isinstance(r, str) else r for r in grid], dtype=bool)
+        rows = (np.arange(t.shape[0]) * g.shape[0]) // t.shape[0]
+        cols = (np.arange(t.shape[1]) * g.shape[1]) // t.shape[1]
+        m = g[rows][:, cols]  # the grid at the case's size, nearest
+        union = int((m | t).sum())
+        out[role] = float((m & t).sum() / union) if union else 1.0
+    return out
+
+
 def score_case(case: Case, result: np.ndarray) -> dict[str, Any]:
     """Reader-based scores of one result image against the case's truth, in the case's
     world."""
@@ -173,6 +201,13 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
     out["interval"] = intervals
     # adoption rate of each changed attribute (an appearance case changes two), and how
     # often each kept attribute was kept
+    ious: dict[str, list[float]] = {}
+    for s in scores:
+        for k, v in s.get("mask_iou", {}).items():
+            ious.setdefault(k, []).append(v)
+    if ious:
+        out["mask_iou"] = {k: float(np.mean(v)) for k, v in ious.items()}
+        out["mask_iou_half"] = {k: float(np.mean([x >= 0.5 for x in v])) for k, v in ious.items()}
     for key in ("change_by", "keep_by"):
         by: dict[str, list[float]] = {}
         for s in scores:
@@ -203,6 +238,7 @@ class _Runner:
         images, source = case_images(method_id, roles, case)
         job = prepare(method_id, params, images, self.model, seed, self.model, source)
         res = execute(job, source=source, models=self.models, cache=self.cache)
+        self.last_info = res.info
         return res.images[0].rgba
 
     def close(self) -> None:
@@ -331,6 +367,9 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 errors.append(f"{c.name}: {type(e).__name__}: {e}")
                 continue
             s = score_case(c, out)
+            iou = mask_iou(c, getattr(runner, "last_info", None) or {})
+            if iou:
+                s["mask_iou"] = iou
             scores.append(s)
             details.append({"method": name, "kind": kind, "case": c.name, "changed": c.changed,
                             "truth": _truth_summary(c), **s,
@@ -411,6 +450,14 @@ def format_row(row: dict[str, Any]) -> str:
     return " ".join(cells)
 
 
+def format_mask_iou(rows: list[dict[str, Any]]) -> list[str]:
+    """The automatic masks' IoU with the objects (mean, and the share of cases ≥ 0.5), one
+    line per row that made masks."""
+    return [f"{'  mask IoU ' + r['method']:<36s}" + "  ".join(
+        f"{k} {v:.2f} (≥0.5 in {r['mask_iou_half'][k]:.2f})" for k, v in r["mask_iou"].items())
+        for r in rows if r.get("mask_iou")]
+
+
 def format_intervals(rows: list[dict[str, Any]]) -> list[str]:
     """Each measured row's 95 % bootstrap intervals over its cases, one line per row (rows
     whose cases all score alike, such as the ground truth, are left out)."""
@@ -448,6 +495,7 @@ def format_table(report: dict[str, Any]) -> str:
         rows = [r for r in report["rows"] if r["kind"] == kind]
         lines += [format_row(r) for r in rows]
         lines += format_intervals(rows)
+        lines += format_mask_iou(rows)
         lines += format_change_by(rows)
         lines.append("")
     for n in report.get("notes", []):
