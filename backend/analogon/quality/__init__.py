@@ -122,11 +122,12 @@ def adopts(case: Case, result: np.ndarray) -> float | None:
 
 
 def mask_iou(case: Case, info: dict[str, Any]) -> dict[str, float]:
-    """Intersection over union of each automatic mask a method reports (``info["auto_masks"]``:
-    ``{role: rows of 0/1 on a grid}``, a row a list or a "0"/"1" string, e.g. appearance's AdaIN masks on the latent grid, or the
-    whole image where it found none: ``info["adain_masks"][role] == "whole"``) with the world's
-    object mask in the case's ``<role>_object`` slot; {} when the case has no such slot or the
-    method made no mask."""
+    """Intersection over union of each automatic mask a method reports with the world's object
+    mask in the case's ``<role>_object`` slot. The masks: ``info["auto_masks"]``, ``{role: rows
+    of 0/1 on a grid}`` (a row a list or a "0"/"1" string; appearance's AdaIN masks on the
+    latent grid), or the whole image where the method found none
+    (``info["adain_masks"][role] == "whole"``). {} when the case has no such slot or the method
+    made no mask."""
     out: dict[str, float] = {}
     grids = dict(info.get("auto_masks") or {})
     for role, source in (info.get("adain_masks") or {}).items():
@@ -199,8 +200,7 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
             out[k] = float(np.mean(vals))
             intervals[k] = interval(vals)
     out["interval"] = intervals
-    # adoption rate of each changed attribute (an appearance case changes two), and how
-    # often each kept attribute was kept
+    # the automatic masks' IoU (methods that report masks), mean and share at 0.5 or more
     ious: dict[str, list[float]] = {}
     for s in scores:
         for k, v in s.get("mask_iou", {}).items():
@@ -208,6 +208,8 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
     if ious:
         out["mask_iou"] = {k: float(np.mean(v)) for k, v in ious.items()}
         out["mask_iou_half"] = {k: float(np.mean([x >= 0.5 for x in v])) for k, v in ious.items()}
+    # adoption rate of each changed attribute (an appearance case changes two), and how
+    # often each kept attribute was kept
     for key in ("change_by", "keep_by"):
         by: dict[str, list[float]] = {}
         for s in scores:
@@ -230,6 +232,7 @@ class _Runner:
         self.tmp = tempfile.TemporaryDirectory(prefix="analogon-quality-")
         self.cache = Cache(Path(self.tmp.name) / "cache")
         self.models = ModelManager(capacity=1, options=LoadOptions(device=device))
+        self.last_info: dict[str, Any] = {}  # the info of the last job run
 
     def run(self, method_id: str, roles: dict[str, str], params: dict[str, Any], case: Case,
             seed: int) -> np.ndarray:
@@ -367,7 +370,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 errors.append(f"{c.name}: {type(e).__name__}: {e}")
                 continue
             s = score_case(c, out)
-            iou = mask_iou(c, getattr(runner, "last_info", None) or {})
+            iou = mask_iou(c, runner.last_info)
             if iou:
                 s["mask_iou"] = iou
             scores.append(s)
