@@ -155,6 +155,39 @@ def test_object_mask_picks_the_noun_segment():
     assert up.shape == (1, 1, 16, 16) and set(up.unique().tolist()) <= {0.0, 1.0}
 
 
+def _segments_map(labels: torch.Tensor) -> torch.Tensor:
+    """A self-attention map in which every cell attends evenly to the cells of its own label."""
+    flat = labels.reshape(-1)
+    feats = (flat[:, None] == flat[None, :]).float()
+    return feats / feats.sum(1, keepdim=True)
+
+
+def test_object_mask_rules_use_the_border_and_the_noun():
+    # a backdrop (0) around a subject (1) whose lower part (2) is cut by the frame's bottom edge
+    labels = torch.zeros(8, 8, dtype=torch.long)
+    labels[2:5, 2:6] = 1
+    labels[5:, 2:6] = 2
+    feats = _segments_map(labels)
+    subject = (labels > 0).float()
+    good_noun = subject.reshape(-1) * 0.8 + 0.1
+    bad_noun = (labels == 0).float().reshape(-1)  # a word the encoder does not know: the backdrop
+    # the paper's rule follows the noun, right or wrong
+    assert torch.equal(object_mask(feats, (8, 8), good_noun, k=3, rule="noun"), subject)
+    assert torch.equal(object_mask(feats, (8, 8), bad_noun, k=3, rule="noun"), (labels == 0).float())
+    # the boundary prior alone: only the part off the border
+    inner = (labels == 1).float()
+    assert torch.equal(object_mask(feats, (8, 8), bad_noun, k=3, rule="border"), inner)
+    # auto: the part off the border, plus the cut part where the noun picks it, never the backdrop
+    assert torch.equal(object_mask(feats, (8, 8), good_noun, k=3, rule="auto"), subject)
+    assert torch.equal(object_mask(feats, (8, 8), bad_noun, k=3, rule="auto"), inner)
+    assert torch.equal(object_mask(feats, (8, 8), None, k=3, rule="auto"), inner)
+    # every segment on the border (left | right halves): auto is the noun rule
+    feats2, left = _two_blobs()
+    assert torch.equal(object_mask(feats2, (8, 8), left.reshape(-1), k=2, rule="auto"), left)
+    with pytest.raises(ValueError):
+        object_mask(feats, (8, 8), good_noun, k=3, rule="nearest")
+
+
 def test_token_positions(tiny_sd):
     pos = token_positions(tiny_sd.tokenizer, "A photo of a cat", "cat")
     ids = tiny_sd.tokenizer("A photo of a cat").input_ids

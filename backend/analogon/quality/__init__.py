@@ -222,15 +222,17 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
 # -- running methods ----------------------------------------------------------------------
 
 class _Runner:
-    """Runs jobs through the engine with one warm model and a private cache."""
+    """Runs jobs through the engine with one warm model and a cache: a private one, or the
+    folder given (so that a run that changes only sampling settings reuses the inversions
+    of an earlier one: they are keyed by content and the settings they depend on)."""
 
-    def __init__(self, model: str, device: str | None):
+    def __init__(self, model: str, device: str | None, cache_dir: Path | None = None):
         from ..core.cache import Cache
         from ..models import LoadOptions, ModelManager
 
         self.model = model
         self.tmp = tempfile.TemporaryDirectory(prefix="analogon-quality-")
-        self.cache = Cache(Path(self.tmp.name) / "cache")
+        self.cache = Cache(Path(cache_dir) if cache_dir else Path(self.tmp.name) / "cache")
         self.models = ModelManager(capacity=1, options=LoadOptions(device=device))
         self.last_info: dict[str, Any] = {}  # the info of the last job run
 
@@ -311,12 +313,14 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 seed: int = 0, model: str = "toy-sd", device: str | None = None,
                 params_mode: str = "default", baselines: bool = True,
                 log=print, overrides: dict[str, Any] | None = None,
-                variants: bool = True, world: str | None = None) -> dict[str, Any]:
+                variants: bool = True, world: str | None = None,
+                cache_dir: Path | None = None) -> dict[str, Any]:
     """Run the suite; returns the JSON-able report (rows, per-case details, notes).
     ``overrides`` are set on top of every measured method's parameters (not the baselines');
     ``variants`` adds each method's variant rows (the same parameters, more inputs);
     ``world``: the toy world the cases are drawn in (default: the model's,
-    :func:`analogon.models.toy.model_world`)."""
+    :func:`analogon.models.toy.model_world`); ``cache_dir``: a cache folder kept between runs
+    (default: a private one, removed at the end)."""
     from ..errors import AnalogonError
     from ..methods import UNAVAILABLE, all_methods
     from ..models.toy import model_world
@@ -351,7 +355,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
         """Load the model once; False (with a note) when it cannot be loaded."""
         nonlocal runner
         if runner is None:
-            runner = _Runner(model, device)
+            runner = _Runner(model, device, cache_dir)
         try:
             runner.models.get(model)
         except AnalogonError as e:
@@ -550,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-quality", action="store_true",
                     help="also measure toy-sd itself: held-out generation and img2img")
     ap.add_argument("--model-quality-n", type=int, default=60)
+    ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                    help="a cache folder kept between runs: a run that changes only sampling "
+                         "settings reuses the inversions of an earlier one (default: a private "
+                         "cache, removed at the end)")
     ap.add_argument("--json", type=Path, default=Path("quality.json"),
                     help="where to write the report (default quality.json)")
     ap.add_argument("--list", action="store_true", help="list kinds and registered methods")
@@ -574,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     report = run_quality(methods, kinds, args.cases, args.seed, args.model, args.device,
                          args.params, not args.no_baselines, log=lambda s: print(s, flush=True),
-                         overrides=overrides, variants=not args.no_variants, world=args.world)
+                         overrides=overrides, variants=not args.no_variants, world=args.world,
+                         cache_dir=args.cache)
     if args.model_quality:
         from ..models import LoadOptions, load_bundle
         from ..toyworld.evaluate import measure
