@@ -81,11 +81,14 @@ class PixelsParams(MethodParams):
                     "the cost.",
         title="Steps")
     strength: float = Field(
-        0.4, ge=0.0, le=1.0,
+        0.25, ge=0.0, le=1.0,
         description="Start strength: how much a fully white map pixel may change (the loop runs the "
-                    "last steps × strength timesteps; greyer pixels start later). 0.4 = the "
-                    "authors' denoising start 0.6. Raise it when the exemplar is far from the "
-                    "source (paper Fig. 6).",
+                    "last steps × strength timesteps; greyer pixels start later). The authors run "
+                    "0.4 (denoising start 0.6); 0.25 is the largest strength at which the white "
+                    "area keeps the exemplar's colour and texture as often as any lower one "
+                    "(toy-sd, 30 cases: 73 % at 0.4, 83 % at 0.3, 93 % at 0.25 and 0.2; "
+                    "docs/benchmarks-pixels.md); the grey of the map is where the scene blends. "
+                    "Raise it when the exemplar is far from the source (paper Fig. 6).",
         title="Strength")
     guidance: float = Field(
         7.5, ge=0.0, le=30.0,
