@@ -79,24 +79,25 @@ def test_beats_plain_img2img_on_toy_sd():
     ours, img2img = rows["appearance"], rows["img2img, same prompt"]
     assert not ours.get("errors") and not img2img.get("errors"), report["notes"]
     assert ours["change"] > img2img["change"], (ours, img2img)
-    # Measured on toy-sd (128 px), these four cases: with automatic masks the colour is taken
-    # in 3 of 4 (texture in none: change 3 of 8), against none for img2img with the same
-    # prompt; the bounds leave one case of margin. (Automatic masks lose the shape in 3 of 4
-    # and the background in 2: docs/benchmarks-appearance.md, the 128-px figures.)
-    assert ours["change"] >= 2 / 8, ours
-    assert ours["change_by"]["colour"] >= 2 / 4, ours
+    # Measured on toy-sd (128 px), these four cases, with the automatic masks' "auto" rule: the
+    # colour taken in 4 of 4 (texture in 1: change 5 of 8) against none for img2img with the
+    # same prompt; the structure kept in 15 of 16 attributes (shape 4 of 4); every mask found
+    # the object (IoU 0.76-0.89). The paper's noun rule picked the outline or the background
+    # here (shape kept in 1 of 4, IoU 0.11-0.19). Bounds: one case of margin.
+    assert ours["change"] >= 4 / 8, ours
+    assert ours["change_by"]["colour"] >= 3 / 4, ours
     assert ours["change_by"]["colour"] > img2img["change_by"]["colour"], (ours, img2img)
-    # With the objects' masks, AdaIN matches colour on the object alone and the structure
-    # holds: measured keep 13 of 16 attributes (shape 3 of 4) against 10 of 16 (shape 1 of 4)
-    # with automatic masks and 9 of 16 (shape 0) for the appearance image returned; change 5 of 8.
+    assert ours["keep"] >= 11 / 16 and ours["keep_by"]["shape"] >= 3 / 4, ours
+    assert set(ours["mask_iou"]) == {"structure", "appearance"}, ours
+    assert all(v >= 0.6 for v in ours["mask_iou"].values()), ours
+    assert all(v >= 3 / 4 for v in ours["mask_iou_half"].values()), ours
+    # With the objects' masks given the structure holds as well: measured keep 13 of 16
+    # (shape 3 of 4) against 9 of 16 (shape 0) for the appearance image returned; change 5 of 8.
     masked = rows["appearance, masks given"]
     assert not masked.get("errors"), report["notes"]
-    assert masked["keep"] >= 12 / 16 and masked["keep"] > ours["keep"], (masked, ours)
+    assert masked["keep"] >= 12 / 16, masked
     assert masked["keep_by"]["shape"] >= 2 / 4 > rows["appearance returned"]["keep_by"]["shape"]
     assert masked["change"] >= 4 / 8, masked
-    # the automatic masks are scored against the objects (docs: IoU 0.11-0.19 on 30 cases);
-    # masks the case gives are not
-    assert set(ours["mask_iou"]) == {"structure", "appearance"}, ours
-    assert all(0.0 <= v <= 1.0 for v in ours["mask_iou"].values()), ours
+    # masks the case gives are not scored
     assert "mask_iou" not in masked, masked
     assert "mask IoU appearance " in format_table(report)
