@@ -20,11 +20,15 @@ def test_exemplar_attribute_is_adopted_inside_and_the_rest_is_kept():
     for c in cases:
         assert c["outside"] == 0.0, c["case"]  # outside the map: the source's own bytes
         assert c["read"]["background"] == c["truth"]["background"], c["case"]
-    # Rates on toy-sd (128 px; measured, these eight cases: the object's shape kept in 8 of
-    # 8, the exemplar's colour and texture adopted in 7 of 8; one case of margin each). A
-    # broken paste or schedule (exemplar ignored, source wiped) drops these to about 0.
+    # Rates on toy-sd (128 px, default strength 0.25; measured, these eight cases: the
+    # object's shape kept in 8 of 8, the changed attribute read back in 8 of 8, and inside the
+    # white of the map alone the exemplar's colour and texture both in 8 of 8 — at the authors'
+    # 0.4 the attribute came back in 7; one case of margin each). A broken paste or schedule
+    # (exemplar ignored, source wiped) drops these to about 0.
     kept_shape = np.mean([c["read"]["shape"] == c["truth"]["shape"] for c in cases])
-    adopted = np.mean([c["change"] for c in cases])
+    changed = np.mean([c["change"] for c in cases])
+    adopted = np.mean([c["adopt"] for c in cases])
     detail = [(c["case"], c["read"]) for c in cases]
     assert kept_shape >= 7 / 8, detail
-    assert adopted >= 6 / 8, detail
+    assert changed >= 7 / 8, detail
+    assert adopted >= 7 / 8, detail
