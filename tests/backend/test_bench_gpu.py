@@ -21,9 +21,12 @@ def test_the_gpu_suite_runs_every_comparison_and_writes_json_and_markdown(tmp_pa
                           ("dia", "diffusers txt2img"), ("dia", "DIA cache hit, as shipped"),
                           ("appearance", "authors-like"), ("appearance", "ours, as shipped")]
     img2img, pixels = rows["pixels", "diffusers img2img"], rows["pixels", "PIXELS, as shipped"]
-    # the same denoising as the pipeline: 4 of 10 steps at the shipped strength 0.4, guided
-    assert pixels["steps_run"] == img2img["steps_run"] == 4
-    assert (pixels["unet_calls"], pixels["unet_elems"]) == (img2img["unet_calls"], img2img["unet_elems"]) == (4, 8)
+    # the same denoising as the pipeline: int(10 × the shipped strength) of 10 steps, guided
+    from analogon.methods.pixels import PixelsParams
+
+    run = int(10 * PixelsParams().strength)
+    assert run >= 2 and pixels["steps_run"] == img2img["steps_run"] == run
+    assert (pixels["unet_calls"], pixels["unet_elems"]) == (img2img["unet_calls"], img2img["unet_elems"]) == (run, 2 * run)
     assert (pixels["vae_enc"], pixels["vae_dec"]) == (1, 1) and pixels["previews"] >= 1
     txt, hit = rows["dia", "diffusers txt2img"], rows["dia", "DIA cache hit, as shipped"]
     assert (hit["unet_calls"], hit["unet_elems"], hit["vae_enc"]) == (txt["unet_calls"], txt["unet_elems"], 0)

@@ -8,7 +8,7 @@ loaded once (fp16 on CUDA, fp32 on a CPU, SDPA), its preview fit made (as at loa
 at its native size (``--size`` overrides) in three comparisons, each run interleaved (A B A B …,
 after one warm-up round; medians):
 
-- ``pixels``: PIXELS as shipped (50 Euler steps at strength 0.4: 20 run, CFG 7.5) with an edit map
+- ``pixels``: PIXELS as shipped (50 Euler steps at strength 0.25: 12 run, CFG 7.5) with an edit map
   over the whole image, against ``StableDiffusion(XL)Img2ImgPipeline`` built with ``from_pipe`` on
   the same components, the same prompt, steps, strength, guidance and scheduler;
 - ``dia``: a DIA cache hit (every inversion cached: sampling only, 10 DDIM steps at CFG 3 as
@@ -64,7 +64,7 @@ def _add_arguments(p) -> None:
                    help="working size (square side) of every comparison (default: each model's native size)")
     g.add_argument("--gpu-parts", default=",".join(PARTS), help=f"comparisons to run (default {','.join(PARTS)})")
     g.add_argument("--gpu-pixels-steps", type=int, default=None,
-                   help="PIXELS / img2img steps of the full schedule (default: shipped, 50; strength 0.4)")
+                   help="PIXELS / img2img steps of the full schedule (default: shipped, 50; strength 0.25)")
     g.add_argument("--gpu-appearance-steps", type=int, default=None,
                    help="appearance schedule (default 30 with 10 skipped; --quick 8)")
     g.add_argument("--gpu-out", default="out/bench-gpu",
