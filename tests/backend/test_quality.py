@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from analogon.quality import cases as qc
 from analogon.quality import format_table, main, run_quality, score_case
@@ -159,6 +160,32 @@ def test_set_overrides_reach_the_measured_methods_only(monkeypatch):
     assert qc.METHODS["pixels"].params == {"steps": 2, "strength": 0.5}  # the registry unchanged
     out_rc = main(["--methods", "pixels", "--set", "oops"])
     assert out_rc == 2
+
+
+def test_a_cache_folder_given_is_used_and_kept(monkeypatch, tmp_path):
+    """`--cache DIR`: the jobs run with that folder as their cache, and it outlives the run (a
+    later run that changes only sampling settings reuses the inversions); without it the cache
+    is private and removed at the end."""
+    from analogon.quality import _Runner
+
+    used = []
+
+    def fake_run(self, method_id, roles, params, case, seed):
+        self.cache.put(self.cache.key("probe", case.name), {"x": torch.zeros(1)}, {})
+        used.append(self.cache.folder)
+        return case.slots[case.target]
+
+    monkeypatch.setattr(_Runner, "run", fake_run)
+    monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(
+        ("exemplar",), {"source": "source"}, {"steps": 2}, note="Why."))
+    keep = tmp_path / "kept"
+    assert main(["--methods", "pixels", "--kinds", "exemplar", "-n", "1", "--model", "tiny-sd",
+                 "--no-baselines", "--cache", str(keep), "--json", str(tmp_path / "q.json")]) == 0
+    assert used == [keep] and any(keep.rglob("*.safetensors"))
+    run_quality(methods=["pixels"], kinds=["exemplar"], n=1, seed=0, model="tiny-sd",
+                device="cpu", baselines=False, log=lambda s: None)
+    private = used[-1]
+    assert private != keep and not private.exists()
 
 
 def test_rows_carry_bootstrap_intervals_of_their_cases():
