@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..toyworld.world import (ATTRIBUTES, OBJECT_SLOTS, SUPERSAMPLE, WORLD64, WORLDS, World,
-                              background_image, change, layout_ok, objects, random_scene,
+                              background_image, change, grow_by, layout_ok, objects, random_scene,
                               render, visible_masks, world_of)
 
 SIZE = 64  # toy64's native size (the size of its cases)
@@ -343,14 +343,7 @@ def _object_mask(scene: dict[str, Any], grow: int = 1) -> np.ndarray:
         side = w.size
         vis = visible_masks(scene, side * SUPERSAMPLE)[0]
         m = vis.reshape(side, SUPERSAMPLE, side, SUPERSAMPLE).mean(axis=(1, 3)) >= COVERAGE
-    for _ in range(grow):
-        g = m.copy()
-        g[1:] |= m[:-1]
-        g[:-1] |= m[1:]
-        g[:, 1:] |= m[:, :-1]
-        g[:, :-1] |= m[:, 1:]
-        m = g
-    return m
+    return grow_by(m, grow)
 
 
 def _silhouette(scene: dict[str, Any]) -> np.ndarray:

@@ -37,6 +37,10 @@ is not read), each with ``shape``, ``colour``, ``size``, ``texture``, ``x``, ``y
 diagnostic scores; the first object's attributes are repeated at the top level for
 convenience and are ``None`` when no object is found. :func:`match_objects` pairs read
 objects with a scene's, :func:`agreement_all` says which attributes agree.
+
+:func:`read_fine_texture` reads the texture of one area of a document larger than the world
+whose textures keep the world's own period (``render(..., texture_scale=1)``): at 1:1, window
+by window.
 """
 from __future__ import annotations
 
@@ -474,6 +478,53 @@ def _read_layered(a: np.ndarray, world: World) -> dict[str, Any]:
                         **{f"tex_{k}": v for k, v in tex_scores.items()}})
     objects.sort(key=lambda o: -o["area"])
     return {"background": background, "backdrop": backdrop, "objects": objects}
+
+
+# -- texture at 1:1 (a document larger than the world) ------------------------------------
+
+FINE_WINDOW = 32  # px: the side of one window of a 1:1 texture read (2.7 periods of 12 px)
+FINE_MATCH = 0.75  # a window's best texture must agree on this share of its pixels
+
+
+def read_fine_texture(img: Any, region: np.ndarray, colour: str, world: str | World = "toy128",
+                      window: int = FINE_WINDOW, min_match: float = FINE_MATCH
+                      ) -> tuple[str | None, list[str | None]]:
+    """The texture of an area of ``colour`` at 1:1: its periods in the image's own pixels are
+    the world's native ones (``render(..., texture_scale=1)``), whatever the image's size.
+
+    The area ``region`` (bool, the image's shape; the caller keeps it off outlines and seams)
+    is cut into ``window`` px squares on a grid; each square wholly inside it is read on its
+    own (ink: darker than halfway from the colour to its ink; matched against every texture's
+    ink at every phase, as :func:`read` does at the world's size; plain: no ink), so textures
+    drawn tile by tile with different phases still read. A square whose best match is below
+    ``min_match`` reads None: a pattern of another period (the model's texture drawn at the
+    working scale, 4-8x too coarse) agrees with the right one on only 50-60 % of its pixels.
+    Returns (the texture most squares read, None where none or where None wins; each
+    square's reading)."""
+    a = _as_rgb(img).astype(np.float64)
+    w = world_of(world)
+    c = _COL_RGB[_COL_NAMES.index(colour)]
+    tiles = _texture_tiles(w, w.size)  # the world's own scale: 1:1
+    reads: list[str | None] = []
+    h, wd = region.shape
+    for y in range(0, h - window + 1, window):
+        for x in range(0, wd - window + 1, window):
+            if not region[y:y + window, x:x + window].all():
+                continue
+            ys, xs = np.mgrid[y:y + window, x:x + window].reshape(2, -1)
+            ink = a[ys, xs] @ c / (c @ c) < (1.0 + SHADE) / 2
+            scores = {"plain": float((~ink).mean())}
+            for tex, tile in tiles.items():
+                scores[tex] = _phase_match(ink, ys, xs, tile)
+            best = max(scores, key=scores.get)
+            reads.append(best if scores[best] >= min_match else None)
+    if not reads:
+        return None, reads
+    counts: dict[str | None, int] = {}
+    for r in reads:
+        counts[r] = counts.get(r, 0) + 1
+    top = max(counts, key=lambda k: counts[k])
+    return top, reads
 
 
 # -- comparing a reading with its scene ---------------------------------------------------

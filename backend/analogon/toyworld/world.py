@@ -419,10 +419,12 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, side: int) -> Image.
 
 
 @functools.lru_cache(maxsize=64)
-def _texture_ink(texture: str, side: int, world: str = "toy64") -> np.ndarray:
+def _texture_ink(texture: str, side: int, world: str = "toy64",
+                 scale: float | None = None) -> np.ndarray:
     """Boolean (side, side): where the texture's dark ink is, on the global grid (read-only).
-    ``side`` is the side being drawn (supersampled or not) of an image of the world's scale."""
-    ink = _texture_ink_uncached(texture, side, WORLDS[world])
+    ``side`` is the side being drawn (supersampled or not) of an image of the world's scale;
+    ``scale``: drawn pixels per native texture pixel instead (None: side / the world's size)."""
+    ink = _texture_ink_uncached(texture, side, WORLDS[world], scale)
     ink.setflags(write=False)
     return ink
 
@@ -435,12 +437,14 @@ GRAIN_TILE = np.array([[1, 0, 0, 0],
 GRAIN_TILE.setflags(write=False)
 
 
-def _texture_ink_uncached(texture: str, side: int, world: World = WORLD64) -> np.ndarray:
+def _texture_ink_uncached(texture: str, side: int, world: World = WORLD64,
+                          scale: float | None = None) -> np.ndarray:
     if texture == "plain":
         return np.zeros((side, side), bool)
     if texture not in world.periods:
         raise ValueError(texture)
-    scale = side / world.size  # drawn pixels per native pixel
+    if scale is None:
+        scale = side / world.size  # drawn pixels per native pixel
     period = world.periods[texture] * scale
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float64) + 0.5
     if texture == "striped":
@@ -479,11 +483,29 @@ def _erode_by(mask: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def _paint_object(canvas: np.ndarray, o: dict[str, Any], side: int, world: World) -> None:
+def grow_by(mask: np.ndarray, n: int) -> np.ndarray:
+    """``mask`` dilated by ``n`` pixels, 4-connected (the counterpart of ``_erode_by``)."""
+    m = mask.copy()
+    for _ in range(n):
+        g = m.copy()
+        g[1:] |= m[:-1]
+        g[:-1] |= m[1:]
+        g[:, 1:] |= m[:, :-1]
+        g[:, :-1] |= m[:, 1:]
+        m = g
+    return m
+
+
+def _paint_object(canvas: np.ndarray, o: dict[str, Any], side: int, world: World,
+                  texture_scale: float | None = None) -> None:
     r = world.radius[o["size"]] * side
     mask = np.asarray(_shape_mask(o["shape"], o["x"] * side, o["y"] * side, r, side)) > 127
     base = np.array(COLOURS[o["colour"]], np.float64)
-    ink = _texture_ink(o["texture"], side, world.name).copy()
+    if texture_scale is None:
+        ink = _texture_ink(o["texture"], side, world.name).copy()
+    else:  # drawn pixels per native texture pixel: the supersampling times the scale asked
+        ink = _texture_ink(o["texture"], side, world.name,
+                           float(texture_scale) * SUPERSAMPLE).copy()
     if world.outline:
         # The outline: the shape's border, `outline` native pixels wide, in the ink colour.
         width = int(round(world.outline * side / world.size))
@@ -521,18 +543,27 @@ def background_image(scene: dict[str, Any], size: int | None = None) -> np.ndarr
 
 
 def render(scene: dict[str, Any], size: int | None = None, *,
-           objects_drawn: bool = True) -> np.ndarray:
+           objects_drawn: bool = True, texture_scale: float | None = None) -> np.ndarray:
     """The scene as an RGB uint8 array (size, size, 3), at the world's native size unless
-    told. Deterministic."""
+    told. Deterministic.
+
+    Everything scales with ``size`` (shapes, outlines, backdrop lines, textures) unless
+    ``texture_scale`` is given: then the objects' textures are drawn at that many image pixels
+    per native pixel whatever the size. ``texture_scale=1`` on a document k × the world's size
+    gives k × larger objects whose textures keep the period the model draws at its own size
+    (12 px on toy128): the model's own fine texture at 1:1, which the high-resolution pass is
+    measured on (``bench hires-texture``)."""
     validate(scene)
     w = world_of(scene)
     size = size or w.size
+    if texture_scale is not None and not texture_scale > 0:
+        raise ValueError(f"texture_scale must be above 0; got {texture_scale!r}")
     side = size * SUPERSAMPLE
     canvas = np.empty((side, side, 3), np.float64)
     _paint_background(canvas, scene, side, w)
     if objects_drawn:
         for o in objects(scene):
-            _paint_object(canvas, o, side, w)
+            _paint_object(canvas, o, side, w, texture_scale)
     # Box-filter down: anti-aliased edges, exact flat colours inside.
     small = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
