@@ -270,12 +270,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     off = {(r["k"], r["case"]): r for r in rows if r["mode"] == "off"}
     out = []
-    keys = []
-    for r in rows:
-        for group in (group_of(r), "all"):
-            key = (r["k"], r["mode"], group)
-            if key not in keys:
-                keys.append(key)
+    keys = dict.fromkeys((r["k"], r["mode"], group) for r in rows for group in (group_of(r), "all"))
     for k, mode, group in sorted(keys, key=lambda t: (t[0], MODES.index(t[1]) if t[1] in MODES else 9,
                                                        GROUPS.index(t[2]))):
         sel = [r for r in rows if r["k"] == k and r["mode"] == mode and group in (group_of(r), "all")]

@@ -64,7 +64,7 @@ from ..core.diffusion import encode_prompt, make_scheduler, vae_decode, vae_enco
 from ..core.editmap import THRESHOLD_KINDS, EditSchedule
 from ..core.freeu import FREEU_OPERATORS, freeu
 from ..core.previews import every, preview_latents
-from ..core.selfseg import object_mask, to_latent, token_positions
+from ..core.selfseg import RULES as MASK_RULES, object_mask, to_latent, token_positions
 from ..errors import InputError
 from . import register
 from .base import Inputs, JobContext, Method, MethodParams, MethodResult, ResultImage, Role
@@ -170,7 +170,7 @@ class AppearanceParams(MethodParams):
     segments: int = Field(5, ge=2, le=12, description="k of the k-means self-segmentation for "
                           "automatic masks (authors' code: 5).",
         title="Segments of automatic masks", json_schema_extra={"advanced": True})
-    mask_rule: Literal["auto", "noun", "border"] = Field(
+    mask_rule: Literal[MASK_RULES] = Field(  # type: ignore[valid-type]
         "auto",
         description="Which segments of the automatic masks are the object. 'noun' (paper): those "
         "the domain word's cross-attention picks; 'border': those that do not touch the image's "
@@ -378,7 +378,7 @@ class AppearanceTransfer(Method):
     # -- automatic masks ------------------------------------------------------------------------
     def _auto_masks(self, ctx, ctl: SwapController, sched, xs: list[torch.Tensor], t, cond,
                     latent_hw, factors: list[int], prompt: str, noun: str, k: int,
-                    rule: str = "auto") -> list[torch.Tensor | None]:
+                    rule: str) -> list[torch.Tensor | None]:
         bundle = ctx.model
         ctl.clear_capture()
         ctl.capture = tuple(range(len(xs)))
@@ -487,7 +487,7 @@ class AppearanceTransfer(Method):
                             if got is not None:  # reported: the latent grid, a "0"/"1" string a row
                                 auto_masks[name] = ["".join("1" if v > 0.5 else "0" for v in row)
                                                     for row in got[0, 0].tolist()]
-                            if got is None:
+                            else:
                                 notes.append(f"No object found in the {name} image for the colour "
                                              "matching; used the whole image.")
                     m_s = m_s if m_s is not None else auto[0]

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
@@ -520,11 +520,7 @@ def read_fine_texture(img: Any, region: np.ndarray, colour: str, world: str | Wo
             reads.append(best if scores[best] >= min_match else None)
     if not reads:
         return None, reads
-    counts: dict[str | None, int] = {}
-    for r in reads:
-        counts[r] = counts.get(r, 0) + 1
-    top = max(counts, key=lambda k: counts[k])
-    return top, reads
+    return Counter(reads).most_common(1)[0][0], reads
 
 
 # -- comparing a reading with its scene ---------------------------------------------------
