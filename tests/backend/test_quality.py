@@ -3,6 +3,7 @@ table and the JSON report. Methods themselves are exercised on toy-sd in test_to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +226,52 @@ def test_mask_iou_scores_a_methods_automatic_masks_against_the_objects():
     assert mask_iou(case, {"adain_masks": {"structure": "user", "appearance": "whole"}}) == {}
     row = _aggregate([{"mask_iou": {"structure": 1.0}}, {"mask_iou": {"structure": 0.25}}])
     assert row["mask_iou"] == {"structure": 0.625} and row["mask_iou_half"] == {"structure": 0.5}
+
+
+def test_shards_of_a_run_merge_into_the_whole_run(monkeypatch, tmp_path):
+    """`--shard K/N` runs the model on cases K, K + N, … with each case's own seed; `--merge`
+    puts the shards together into the report the whole run writes (rows re-aggregated over all
+    cases, intervals included); shards of different runs, or a shard missing, are refused."""
+    from analogon.quality import _Runner
+
+    ran = []
+
+    def fake_run(self, method_id, roles, params, case, seed):
+        ran.append((case.name, seed))
+        # some cases right, some left unchanged: rows whose means and intervals differ by case
+        return case.truth_image if seed % 3 else case.slots[case.target]
+
+    monkeypatch.setattr(_Runner, "run", fake_run)
+    monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(
+        ("exemplar",), {"source": "source"}, {"steps": 2}, note="Why."))
+    monkeypatch.setattr(qc, "MODEL_BASELINES", {})
+    common = ["--methods", "pixels", "--kinds", "exemplar", "-n", "7", "--seed", "3",
+              "--model", "tiny-sd"]
+    assert main([*common, "--json", str(tmp_path / "all.json")]) == 0
+    whole_runs = sorted(ran)
+    ran.clear()
+    for k in range(3):
+        assert main([*common, "--shard", f"{k}/3", "--json", str(tmp_path / f"s{k}.json")]) == 0
+    assert sorted(ran) == whole_runs  # every case once, with the whole run's seed
+    s1 = json.loads((tmp_path / "s1.json").read_text())
+    assert s1["shard"] == [1, 3] and [d["index"] for d in s1["cases"]] == [1, 4]
+    shards = [str(tmp_path / f"s{k}.json") for k in range(3)]
+    assert main(["--merge", *shards, "--json", str(tmp_path / "merged.json")]) == 0
+    whole = json.loads((tmp_path / "all.json").read_text())
+    merged = json.loads((tmp_path / "merged.json").read_text())
+
+    def drop_seconds(rows):
+        return [{k: v for k, v in r.items() if k != "seconds_per_case"} for r in rows]
+
+    assert drop_seconds(merged["rows"]) == drop_seconds(whole["rows"])
+    assert merged["cases"] == whole["cases"]
+    assert 0 < next(r for r in merged["rows"] if r["method"] == "pixels")["change"] < 1
+    # a missing shard, a shard twice, a shard of another run: refused, nothing written
+    assert main(["--merge", *shards[:2], "--json", str(tmp_path / "m2.json")]) == 2
+    assert main(["--merge", shards[0], *shards[:2], "--json", str(tmp_path / "m3.json")]) == 2
+    other = json.loads(Path(shards[2]).read_text()) | {"seed": 4}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["--merge", *shards[:2], str(tmp_path / "other.json"),
+                 "--json", str(tmp_path / "m4.json")]) == 2
+    assert not any((tmp_path / f"m{i}.json").exists() for i in (2, 3, 4))
+    assert main([*common, "--shard", "3/3"]) == 2

@@ -314,18 +314,24 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 params_mode: str = "default", baselines: bool = True,
                 log=print, overrides: dict[str, Any] | None = None,
                 variants: bool = True, world: str | None = None,
-                cache_dir: Path | None = None) -> dict[str, Any]:
+                cache_dir: Path | None = None,
+                shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Run the suite; returns the JSON-able report (rows, per-case details, notes).
     ``overrides`` are set on top of every measured method's parameters (not the baselines');
     ``variants`` adds each method's variant rows (the same parameters, more inputs);
     ``world``: the toy world the cases are drawn in (default: the model's,
     :func:`analogon.models.toy.model_world`); ``cache_dir``: a cache folder kept between runs
-    (default: a private one, removed at the end)."""
+    (default: a private one, removed at the end); ``shard`` (k, N): run the model on the cases
+    whose index is k modulo N only (each case keeps its index's seed), so that a long run can be
+    split over processes or sessions and put together with :func:`merge_reports`."""
     from ..errors import AnalogonError
     from ..methods import UNAVAILABLE, all_methods
     from ..models.toy import model_world
 
     world = world_of(world or model_world(model)).name
+    k_shard, n_shards = shard
+    if not 0 <= k_shard < n_shards:
+        raise ValueError(f"shard {k_shard}/{n_shards}: k must be 0 to N - 1")
 
     registered = {m.id for m in all_methods()}
     wanted = methods or list(METHODS)
@@ -367,7 +373,8 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                 params_of, extra: dict[str, Any]) -> None:
         scores, errors = [], []
         t0 = time.time()
-        for i, c in enumerate(built[kind]):
+        mine = [(i, c) for i, c in enumerate(built[kind]) if i % n_shards == k_shard]
+        for i, c in mine:
             try:
                 out = runner.run(method_id, roles, params_of(c), c, seed + i)
             except Exception as e:  # one broken case must not hide the others
@@ -378,13 +385,14 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
             if iou:
                 s["mask_iou"] = iou
             scores.append(s)
-            details.append({"method": name, "kind": kind, "case": c.name, "changed": c.changed,
+            details.append({"method": name, "kind": kind, "index": i, "case": c.name,
+                            "changed": c.changed,
                             "truth": _truth_summary(c), **s,
                             **({"transition": list(c.info["transition"])}
                                if "transition" in c.info else {})})
         secs = time.time() - t0
         row = {"method": name, "kind": kind, **_aggregate(scores),
-               "seconds_per_case": round(secs / max(1, len(built[kind])), 2), **extra}
+               "seconds_per_case": round(secs / max(1, len(mine)), 2), **extra}
         if errors:
             row["errors"] = len(errors)
             notes.append(f"{name}/{kind}: {len(errors)} case(s) failed, e.g. {errors[0]}")
@@ -392,8 +400,11 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
         log(format_row(row))
 
     def result() -> dict[str, Any]:
-        return {"model": model, "world": world, "seed": seed, "n": n, "params_mode": params_mode,
-                "overrides": overrides or {}, "rows": rows, "notes": notes, "cases": details}
+        out = {"model": model, "world": world, "seed": seed, "n": n, "params_mode": params_mode,
+               "overrides": overrides or {}, "rows": rows, "notes": notes, "cases": details}
+        if n_shards > 1:
+            out["shard"] = [k_shard, n_shards]
+        return out
 
     try:
         if baselines:
@@ -435,6 +446,52 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
         if runner is not None:
             runner.close()
     return result()
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from the shards of one run (:func:`run_quality`'s ``shard``): every shard
+    0 … N − 1 once, the same model, world, seed, cases and settings. The measured rows are
+    re-aggregated from the shards' cases (means and intervals over all of them; seconds per
+    case weighted by each shard's cases); rows that ran no model are the same in every shard
+    and are taken from the first."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    same = ("model", "world", "seed", "n", "params_mode", "overrides")
+    first = reports[0]
+    for r in reports[1:]:
+        for k in same:
+            if r.get(k) != first.get(k):
+                raise ValueError(f"the reports are not shards of one run: {k} differs "
+                                 f"({first.get(k)!r} against {r.get(k)!r})")
+    shards = sorted(tuple(r.get("shard", (0, 1))) for r in reports)
+    n_shards = shards[0][1]
+    if shards != [(k, n_shards) for k in range(n_shards)]:
+        raise ValueError(f"shards {['%d/%d' % s for s in shards]} are not each of 0 … "
+                         f"{n_shards - 1} out of {n_shards} once")
+    details = sorted((d for r in reports for d in r["cases"]),
+                     key=lambda d: (d["method"], d["kind"], d["index"]))
+    rows: list[dict[str, Any]] = []
+    for row in first["rows"]:
+        if "seconds_per_case" not in row:  # no model ran: the same in every shard
+            rows.append(row)
+            continue
+        mine = [d for d in details if d["method"] == row["method"] and d["kind"] == row["kind"]]
+        parts = [r2 for r in reports for r2 in r["rows"]
+                 if r2["method"] == row["method"] and r2["kind"] == row["kind"]]
+        counted = sum(p.get("cases", 0) + p.get("errors", 0) for p in parts)
+        secs = sum(p["seconds_per_case"] * (p.get("cases", 0) + p.get("errors", 0)) for p in parts)
+        extra = {k: v for k, v in row.items()
+                 if k not in ("cases", "interval", "mask_iou", "mask_iou_half", "errors",
+                              "seconds_per_case", *COLUMNS)}
+        merged = {**extra, **_aggregate(mine),
+                  "seconds_per_case": round(secs / max(1, counted), 2)}
+        errors = sum(p.get("errors", 0) for p in parts)
+        if errors:
+            merged["errors"] = errors
+        rows.append(merged)
+    notes = list(dict.fromkeys(n for r in reports for n in r["notes"]))
+    return {**{k: first[k] for k in same}, "rows": rows, "notes": notes, "cases": details,
+            "merged_from": len(reports)}
 
 
 # -- output -------------------------------------------------------------------------------
@@ -558,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="a cache folder kept between runs: a run that changes only sampling "
                          "settings reuses the inversions of an earlier one (default: a private "
                          "cache, removed at the end)")
+    ap.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="run the model on every N-th case only, from case K (0-based): a long run "
+                         "split over processes or sessions, put together again with --merge")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="put the reports of one run's shards together into --json (runs nothing)")
     ap.add_argument("--json", type=Path, default=Path("quality.json"),
                     help="where to write the report (default quality.json)")
     ap.add_argument("--list", action="store_true", help="list kinds and registered methods")
@@ -568,6 +630,20 @@ def main(argv: list[str] | None = None) -> int:
         for mid, spec in METHODS.items():
             print(f"{mid}: {', '.join(spec.kinds)}")
         return 0
+    if args.merge:
+        try:
+            report = merge_reports([json.loads(p.read_text()) for p in args.merge])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"Cannot merge: {e}", file=sys.stderr)
+            return 2
+        return _write(report, args.json)
+    try:
+        k_shard, n_shards = (int(x) for x in args.shard.split("/"))
+        if not 0 <= k_shard < n_shards:
+            raise ValueError
+    except ValueError:
+        print(f"--shard {args.shard!r}: give K/N with 0 <= K < N, e.g. 0/2", file=sys.stderr)
+        return 2
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] or None
     try:
@@ -583,16 +659,20 @@ def main(argv: list[str] | None = None) -> int:
     report = run_quality(methods, kinds, args.cases, args.seed, args.model, args.device,
                          args.params, not args.no_baselines, log=lambda s: print(s, flush=True),
                          overrides=overrides, variants=not args.no_variants, world=args.world,
-                         cache_dir=args.cache)
+                         cache_dir=args.cache, shard=(k_shard, n_shards))
     if args.model_quality:
         from ..models import LoadOptions, load_bundle
         from ..toyworld.evaluate import measure
 
         bundle = load_bundle(args.model, LoadOptions(device=args.device))
         report["model_quality"] = measure(bundle.pipe, n=args.model_quality_n, seed=args.seed)
+    return _write(report, args.json)
+
+
+def _write(report: dict[str, Any], path: Path) -> int:
     print()
     print(format_table(report))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
-    print(f"\nwrote {args.json}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {path}")
     return 0
