@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analogon.quality import cases as qc
-from analogon.quality import format_table, main, run_quality, score_case
+from analogon.quality import compare_reports, format_table, main, run_quality, score_case
 from analogon.toyworld import world
 
 
@@ -275,3 +275,31 @@ def test_shards_of_a_run_merge_into_the_whole_run(monkeypatch, tmp_path):
                  "--json", str(tmp_path / "m4.json")]) == 2
     assert not any((tmp_path / f"m{i}.json").exists() for i in (2, 3, 4))
     assert main([*common, "--shard", "3/3"]) == 2
+
+
+def test_compare_gives_paired_differences_over_the_shared_cases(tmp_path, capsys):
+    """`--compare FIRST SECOND`: per row both reports have, the mean of SECOND − FIRST over the
+    cases both measured (matched by name) with a bootstrap interval of those differences; reports
+    of other cases are refused."""
+    def report(seed, vals):
+        return {"world": "toy128", "seed": seed, "rows": [], "cases": [
+            {"method": "dia", "kind": "analogy", "case": f"c{i}", "change": v, "keep": 1.0,
+             "all": v, "dist": 0.1 - v / 10} for i, v in enumerate(vals)]}
+
+    # the first run misses 3 of 20 cases that the second makes; case c20 only in the second
+    a = report(0, [1.0] * 10 + [0.0] * 10)
+    b = report(0, [1.0] * 13 + [0.0] * 7 + [1.0])
+    (row,) = compare_reports(a, b)
+    assert (row["method"], row["kind"], row["cases"]) == ("dia", "analogy", 20)
+    assert row["change"] == pytest.approx(0.15) and row["keep"] == 0.0
+    lo, hi = row["change_95"]
+    assert 0.0 <= lo < 0.15 < hi <= 0.35 and row["dist"] == pytest.approx(-0.015)
+    assert "adopt" not in row
+    with pytest.raises(ValueError):
+        compare_reports(a, report(1, [1.0] * 20))
+    fa, fb = tmp_path / "a.json", tmp_path / "b.json"
+    fa.write_text(json.dumps(a))
+    fb.write_text(json.dumps(b))
+    assert main(["--compare", str(fa), str(fb), "--json", str(tmp_path / "c.json")]) == 0
+    assert "+0.150" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == [row]

@@ -494,6 +494,50 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "merged_from": len(reports)}
 
 
+def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paired differences ``b − a`` per measured row that both reports have (same method and
+    kind), over the cases both measured (matched by name: the same seed and cases): for each
+    column the mean difference and its 95 % bootstrap interval over those cases — far narrower
+    than two runs' own intervals side by side, because each case is compared with itself."""
+    if (a.get("world"), a.get("seed")) != (b.get("world"), b.get("seed")):
+        raise ValueError("the reports are of different cases (world or seed differ)")
+
+    def by_case(rep):
+        out: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for d in rep["cases"]:
+            out.setdefault((d["method"], d["kind"]), {})[d["case"]] = d
+        return out
+
+    ca, cb = by_case(a), by_case(b)
+    rows = []
+    for key in (k for k in cb if k in ca):
+        names = [n for n in cb[key] if n in ca[key]]
+        row: dict[str, Any] = {"method": key[0], "kind": key[1], "cases": len(names)}
+        for col in ("change", "keep", "adopt", "all", "dist"):
+            diffs = [cb[key][n][col] - ca[key][n][col] for n in names
+                     if col in cb[key][n] and col in ca[key][n]]
+            if diffs:
+                row[col] = float(np.mean(diffs))
+                row[f"{col}_95"] = interval(diffs)
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'paired difference (second − first)':<36s}cases  " + "  ".join(
+        f"{c:>20s}" for c in ("change", "keep", "adopt", "all", "dist"))]
+    for r in rows:
+        cells = []
+        for c in ("change", "keep", "adopt", "all", "dist"):
+            if c in r:
+                lo, hi = r[f"{c}_95"]
+                cells.append(f"{r[c]:+.3f} ({lo:+.2f}…{hi:+.2f})".rjust(20))
+            else:
+                cells.append(f"{'-':>20s}")
+        lines.append(f"{r['method'] + ' / ' + r['kind']:<36s}{r['cases']:>5d}  " + "  ".join(cells))
+    return lines
+
+
 # -- output -------------------------------------------------------------------------------
 
 COLUMNS = ("cases", "change", "keep", "adopt", "all", "dist", "outside")
@@ -620,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
                          "split over processes or sessions, put together again with --merge")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="put the reports of one run's shards together into --json (runs nothing)")
-    ap.add_argument("--json", type=Path, default=Path("quality.json"),
+    ap.add_argument("--compare", type=Path, nargs=2, default=None, metavar=("FIRST", "SECOND"),
+                    help="paired differences SECOND − FIRST of two reports on the same cases, with "
+                         "95 %% intervals over the cases (runs nothing; with --json, written there)")
+    ap.add_argument("--json", type=Path, default=None,
                     help="where to write the report (default quality.json)")
     ap.add_argument("--list", action="store_true", help="list kinds and registered methods")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
@@ -630,6 +677,20 @@ def main(argv: list[str] | None = None) -> int:
         for mid, spec in METHODS.items():
             print(f"{mid}: {', '.join(spec.kinds)}")
         return 0
+    if args.compare:
+        try:
+            rows = compare_reports(*(json.loads(p.read_text()) for p in args.compare))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"Cannot compare: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(format_comparison(rows)))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"first": str(args.compare[0]),
+                                             "second": str(args.compare[1]), "rows": rows},
+                                            indent=2))
+        return 0
+    args.json = args.json or Path("quality.json")
     if args.merge:
         try:
             report = merge_reports([json.loads(p.read_text()) for p in args.merge])
