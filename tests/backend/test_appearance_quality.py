@@ -51,7 +51,9 @@ def test_appearance_cases_carry_the_img2img_baselines():
     from analogon.quality import cases as cases_mod
     from analogon.quality.cases_appearance import PARAMS
 
-    baselines = cases_mod.MODEL_BASELINES["appearance"]
+    baselines = dict(cases_mod.MODEL_BASELINES["appearance"])
+    round_trip = baselines.pop("structure through the autoencoder")
+    assert (round_trip.method, round_trip.roles) == (cases_mod.AUTOENCODER, {"image": "structure"})
     assert set(baselines) == {"img2img, same prompt", "img2img, look in words"}
     case = cases_mod.build("appearance", 1, 0)[0]
     for b in baselines.values():

@@ -303,3 +303,41 @@ def test_compare_gives_paired_differences_over_the_shared_cases(tmp_path, capsys
     assert main(["--compare", str(fa), str(fb), "--json", str(tmp_path / "c.json")]) == 0
     assert "+0.150" in capsys.readouterr().out
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == [row]
+
+
+def test_the_autoencoder_baseline_is_the_slot_encoded_and_decoded(monkeypatch):
+    """Whole-image kinds carry a baseline that is their source through the model's autoencoder
+    alone (the distance any method that redraws the image starts from); it is measured next to
+    the methods, from exactly one encode and decode at the working size."""
+    from analogon.core import images as im
+    from analogon.core.diffusion import vae_decode, vae_encode
+    from analogon.quality import _Runner
+
+    real_run = _Runner.run
+    bundles = []
+
+    def fake_run(self, method_id, roles, params, case, seed):
+        if method_id == qc.AUTOENCODER:
+            bundles.append(self.models.get(self.model))
+            return real_run(self, method_id, roles, params, case, seed)
+        return case.slots[case.target]
+
+    monkeypatch.setattr(_Runner, "run", fake_run)
+    monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(("analogy",), {"source": "b"}, {}))
+    rep = run_quality(methods=["pixels"], kinds=["analogy"], n=2, seed=0, model="tiny-sd",
+                      device="cpu", log=lambda s: None)
+    row = next(r for r in rep["rows"] if r["method"] == "B through the autoencoder")
+    assert row["baseline"] and row["cases"] == 2 and "errors" not in row
+    bundle = bundles[0]
+    for c in qc.build("analogy", 2, 0, world=rep["world"]):
+        b = c.slots["b"]
+        size = im.native_size((b.shape[1], b.shape[0]), bundle.native_size, bundle.vae_scale_factor)
+        with torch.no_grad():
+            rt = im.from_tensor(vae_decode(bundle, vae_encode(
+                bundle, im.to_tensor(im.as_rgba(b), size, bundle.device, bundle.vae.dtype))))
+        if size != (b.shape[1], b.shape[0]):
+            rt = im.resize_rgba(im.rgb_to_rgba(rt), (b.shape[1], b.shape[0]))[..., :3]
+        got = next(d for d in rep["cases"]
+                   if d["method"] == "B through the autoencoder" and d["case"] == c.name)
+        assert got["dist"] == pytest.approx(score_case(c, rt)["dist"], abs=1e-9)
+        assert got["dist"] != score_case(c, b)["dist"]  # not B itself

@@ -240,11 +240,31 @@ class _Runner:
             seed: int) -> np.ndarray:
         from ..engine import execute, prepare
 
+        if method_id == cases_mod.AUTOENCODER:
+            self.last_info = {}
+            return self.round_trip(case.slots[roles["image"]])
         images, source = case_images(method_id, roles, case)
         job = prepare(method_id, params, images, self.model, seed, self.model, source)
         res = execute(job, source=source, models=self.models, cache=self.cache)
         self.last_info = res.info
         return res.images[0].rgba
+
+    def round_trip(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb`` encoded and decoded by the model's autoencoder at the size the methods work
+        at (its native size), back at the image's size."""
+        import torch
+
+        from ..core import images as im
+        from ..core.diffusion import vae_decode, vae_encode
+
+        bundle = self.models.get(self.model)
+        h, w = rgb.shape[:2]
+        size = im.native_size((w, h), bundle.native_size, bundle.vae_scale_factor)
+        rgba = im.as_rgba(rgb)
+        with torch.no_grad():
+            z = vae_encode(bundle, im.to_tensor(rgba, size, bundle.device, bundle.vae.dtype))
+            out = im.rgb_to_rgba(im.from_tensor(vae_decode(bundle, z)))
+        return out if size == (w, h) else im.resize_rgba(out, (w, h))
 
     def close(self) -> None:
         self.tmp.cleanup()
@@ -413,7 +433,7 @@ def run_quality(methods: list[str] | None = None, kinds: list[str] | None = None
                         for k in METHODS[m].kinds}
             for kind in (k for k in built if k in measured):
                 for name, b in cases_mod.MODEL_BASELINES.get(kind, {}).items():
-                    if b.method not in registered:
+                    if b.method not in registered and b.method != cases_mod.AUTOENCODER:
                         notes.append(f"{name}: skipped ({b.method} is not installed)")
                         continue
                     if not warm_runner():

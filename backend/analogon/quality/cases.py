@@ -138,6 +138,16 @@ def register_baseline(kind: str, name: str, method_id: str, roles: dict[str, str
                                                                dict(params or {}), params_for)
 
 
+# the "method" of a baseline that is the model's autoencoder alone: its ``image`` slot encoded
+# and decoded at the working size, the floor of any method that redraws the whole image
+AUTOENCODER = "autoencoder"
+
+
+def register_round_trip(kind: str, name: str, slot: str) -> None:
+    """A baseline that is ``slot`` through the autoencoder and nothing else."""
+    register_baseline(kind, name, AUTOENCODER, {"image": slot})
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 def _other(rng: random.Random, attribute: str, value: str, world: World = WORLD64) -> str:
@@ -220,6 +230,12 @@ def value_of(scene: dict[str, Any], key: str) -> Any:
 
 
 # -- kinds --------------------------------------------------------------------------------
+
+# whole-image methods redraw B (or the structure) through the autoencoder: "unchanged" that has
+# been through it is the distance any of them starts from
+register_round_trip("analogy", "B through the autoencoder", "b")
+register_round_trip("appearance", "structure through the autoencoder", "structure")
+
 
 @register_kind("analogy")
 def analogy_cases(n: int, seed: int, world: str = "toy64") -> list[Case]:
