@@ -245,6 +245,8 @@ def test_shards_of_a_run_merge_into_the_whole_run(monkeypatch, tmp_path):
     monkeypatch.setitem(qc.METHODS, "pixels", qc.MethodCases(
         ("exemplar",), {"source": "source"}, {"steps": 2}, note="Why."))
     monkeypatch.setattr(qc, "MODEL_BASELINES", {})
+    # a model baseline measured before the method: the merged cases keep the measured order
+    qc.register_baseline("exemplar", "z baseline", "pixels", {"source": "source"}, {"steps": 3})
     common = ["--methods", "pixels", "--kinds", "exemplar", "-n", "7", "--seed", "3",
               "--model", "tiny-sd"]
     assert main([*common, "--json", str(tmp_path / "all.json")]) == 0
@@ -254,7 +256,7 @@ def test_shards_of_a_run_merge_into_the_whole_run(monkeypatch, tmp_path):
         assert main([*common, "--shard", f"{k}/3", "--json", str(tmp_path / f"s{k}.json")]) == 0
     assert sorted(ran) == whole_runs  # every case once, with the whole run's seed
     s1 = json.loads((tmp_path / "s1.json").read_text())
-    assert s1["shard"] == [1, 3] and [d["index"] for d in s1["cases"]] == [1, 4]
+    assert s1["shard"] == [1, 3] and [d["index"] for d in s1["cases"]] == [1, 4, 1, 4]
     shards = [str(tmp_path / f"s{k}.json") for k in range(3)]
     assert main(["--merge", *shards, "--json", str(tmp_path / "merged.json")]) == 0
     whole = json.loads((tmp_path / "all.json").read_text())

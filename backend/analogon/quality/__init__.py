@@ -488,8 +488,9 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     if shards != [(k, n_shards) for k in range(n_shards)]:
         raise ValueError(f"shards {['%d/%d' % s for s in shards]} are not each of 0 … "
                          f"{n_shards - 1} out of {n_shards} once")
+    order = {(r["method"], r["kind"]): i for i, r in enumerate(first["rows"])}  # as measured
     details = sorted((d for r in reports for d in r["cases"]),
-                     key=lambda d: (d["method"], d["kind"], d["index"]))
+                     key=lambda d: (order.get((d["method"], d["kind"]), len(order)), d["index"]))
     rows: list[dict[str, Any]] = []
     for row in first["rows"]:
         if "seconds_per_case" not in row:  # no model ran: the same in every shard
