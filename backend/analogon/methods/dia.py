@@ -103,10 +103,12 @@ class Params(MethodParams):
                     "conditioning text-like and the difference A′ − A zero in that row.",
         json_schema_extra={"advanced": True})
     token_iterations: int = Field(
-        200, ge=1, le=5000, title="Token iterations",
+        50, ge=1, le=5000, title="Token iterations",
         description="AdamW iterations of the conditioning inversion (per image, cached). The authors' "
                     "released config runs 10; the paper's ≈8 min per image on an A100 is several "
-                    "hundred. Default 200; it stops early at loss 8e-4.",
+                    "hundred. Default 50 (5× the authors'): 200 gave the same analogies within "
+                    "their intervals (docs/benchmarks-dia.md) at twice the time per job. Stops "
+                    "early at loss 8e-4.",
         json_schema_extra={"advanced": True})
     token_lr: float = Field(
         0.01, gt=0.0, le=1.0, title="Token learning rate",
