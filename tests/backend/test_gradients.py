@@ -75,14 +75,16 @@ def test_fp16_gradients_match_fp32(bundles, gradient):
 
 def test_without_loss_scaling_fp16_loses_the_gradient():
     """What the scaling is for, on the trained toy model (the tiny model's random weights keep
-    their gradients large): plain fp16 loses about a fifth of the token gradient's norm to
-    underflow; scaled, it keeps it."""
+    their gradients large): plain fp16 loses part of the token gradient's norm to underflow
+    (about a fifth with emulated fp16 kernels, a tenth on CPUs with native fp16 arithmetic,
+    AVX512-FP16); scaled, it keeps it, many times closer than plain."""
     toy = {dt: load_bundle("toy-sd-64", LoadOptions(device="cpu", dtype=dt)) for dt in ("float32", "float16")}
     ref = token_gradient(toy["float32"], None)
     plain = token_gradient(toy["float16"], None)
     scaled = token_gradient(toy["float16"], LossScaler.for_bundle(toy["float16"]))
-    assert float(plain.norm() / ref.norm()) < 0.9
-    assert abs(float(scaled.norm() / ref.norm()) - 1) < 0.05
+    lost = 1 - float(plain.norm() / ref.norm())
+    off = abs(float(scaled.norm() / ref.norm()) - 1)
+    assert lost > 0.05 and off < 0.05 and off < lost / 5
 
 
 def test_scaler_skips_an_overflow_and_halves_then_grows():
