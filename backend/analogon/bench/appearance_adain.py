@@ -90,10 +90,10 @@ def run(opts) -> list[dict[str, Any]]:
 
         z_s, z_a = encode("structure"), encode("appearance")
         grid = tuple(z_s.shape[-2:])
+        masks = {inner: [latent_mask(c.slots[f"{role}_object"], grid, inner).to(z_s.device)
+                         for role in ("structure", "appearance")] for inner in (False, True)}
         for path in PATHS:
-            interior = path == "adain-interior"
-            m_s = latent_mask(c.slots["structure_object"], grid, interior).to(z_s.device)
-            m_a = latent_mask(c.slots["appearance_object"], grid, interior).to(z_s.device)
+            m_s, m_a = masks[path == "adain-interior"]
             with torch.no_grad():
                 rgb = im.from_tensor(vae_decode(bundle, transfer(z_s, z_a, m_s, m_a, path)))
             scores[path].append(score_case(c, np.asarray(rgb)[..., :3]))

@@ -515,6 +515,9 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             "merged_from": len(reports)}
 
 
+PAIRED = ("change", "keep", "adopt", "all", "dist")  # the columns compared case by case
+
+
 def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     """Paired differences ``b − a`` per measured row that both reports have (same method and
     kind), over the cases both measured (matched by name: the same seed and cases): for each
@@ -534,7 +537,7 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]
     for key in (k for k in cb if k in ca):
         names = [n for n in cb[key] if n in ca[key]]
         row: dict[str, Any] = {"method": key[0], "kind": key[1], "cases": len(names)}
-        for col in ("change", "keep", "adopt", "all", "dist"):
+        for col in PAIRED:
             diffs = [cb[key][n][col] - ca[key][n][col] for n in names
                      if col in cb[key][n] and col in ca[key][n]]
             if diffs:
@@ -546,10 +549,10 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]
 
 def format_comparison(rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"{'paired difference (second − first)':<36s}cases  " + "  ".join(
-        f"{c:>20s}" for c in ("change", "keep", "adopt", "all", "dist"))]
+        f"{c:>20s}" for c in PAIRED)]
     for r in rows:
         cells = []
-        for c in ("change", "keep", "adopt", "all", "dist"):
+        for c in PAIRED:
             if c in r:
                 lo, hi = r[f"{c}_95"]
                 cells.append(f"{r[c]:+.3f} ({lo:+.2f}…{hi:+.2f})".rjust(20))
